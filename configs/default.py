@@ -1,0 +1,55 @@
+"""Defaults shared by every experiment: the PMG reference hyper-parameters (ResNet50, 550 -> 448)."""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # seeds initialisation, jigsaw permutations, data order and augmentation
+
+    c.dataset = ml_collections.ConfigDict()
+    c.dataset.name = "cub"  # which source: demo | cub | ... (see pmg_jax/data/sources.py)
+    c.dataset.data_dir = ""  # where the dataset lives (folder or TFDS data_dir)
+    c.dataset.num_classes = 200  # must match the dataset's class count
+    c.dataset.demo_image_size = 128  # demo only: side of the generated images
+    c.dataset.demo_seed = 0  # demo only: generator seed
+    c.dataset.demo_train_size = 2000  # demo only: training images
+    c.dataset.demo_test_size = 500  # demo only: test images
+
+    c.data = ml_collections.ConfigDict()
+    c.data.resize_size = 550  # images are resized to this square first (aspect ignored)
+    c.data.crop_size = 448  # network input side: random crop (train) / centre crop (eval)
+    c.data.pad = 8  # zero padding before the random crop
+    c.data.hflip = True  # random horizontal flip in training
+    c.data.mean = (0.5, 0.5, 0.5)  # per-channel normalisation mean (after scaling to [0, 1])
+    c.data.std = (0.5, 0.5, 0.5)  # per-channel normalisation std
+    c.data.workers = 0  # Grain worker processes for decoding/augmentation (0: in-process)
+    c.data.prefetch = 4  # batches buffered per worker
+
+    c.model = ml_collections.ConfigDict()
+    c.model.backbone = "resnet50"  # resnet18 | resnet34 | resnet50 | resnet101 | resnet152
+    c.model.width = 64  # base width of the ResNet (64 = torchvision); small values for tiny models
+    c.model.stage_sizes = ()  # blocks per stage; empty = the backbone's standard counts
+    c.model.feature_size = 512  # channels of each block's 1x1 conv (its output has twice this)
+    c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
+
+    c.jigsaw = ml_collections.ConfigDict()
+    c.jigsaw.granularities = (8, 4, 2)  # jigsaw grid n of the passes for head1, head2, head3
+    c.jigsaw.mode = "cycle"  # cycle: reference single cycle shared by the batch; uniform: per image
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr_new = 0.002  # learning rate of the blocks and heads (epoch-cosine decayed)
+    c.optim.lr_backbone = 0.0002  # learning rate of the ResNet trunk
+    c.optim.momentum = 0.9  # SGD momentum (no Nesterov)
+    c.optim.weight_decay = 5e-4  # added to the gradient of every parameter
+
+    c.concat_loss_weight = 2.0  # the concat pass trains on 2 x cross-entropy
+    c.batch_size = 16  # global batch (all devices and hosts together)
+    c.eval_batch_size = 16  # global eval batch; the last one is padded and masked
+    c.num_epochs = 200  # epochs; also the period of the cosine schedule
+    c.eval_every_epochs = 1  # evaluate on the test split every this many epochs
+    c.log_every_steps = 10  # fetch metrics to the host every this many steps
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.keep = 3  # keep the latest N checkpoints (plus the best)
+    return c

@@ -1,0 +1,86 @@
+"""Orbax checkpoints: train state, run metadata (epoch, best accuracy, class names, data position) and config.
+
+Layout: <workdir>/checkpoints/<step>/{state, meta, config}. Orbax writes each
+checkpoint to a temporary directory and renames it when complete, so a kill at
+any moment leaves the previous checkpoints intact and a partial one is never
+listed. The latest `keep` checkpoints and the best one (highest combined
+accuracy) are kept.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+
+class Checkpoints:
+    """A CheckpointManager over one run's checkpoint directory."""
+
+    def __init__(self, directory: str, keep: int = 3, read_only: bool = False):
+        self.directory = os.path.abspath(directory)
+        policy = pp.AnyPreservationPolicy([
+            pp.LatestN(n=keep),
+            pp.BestN(get_metric_fn=lambda m: m["combined"], reverse=True, n=1,
+                     keep_checkpoints_without_metrics=False),
+        ])
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=policy, create=not read_only, read_only=read_only, cleanup_tmp_directories=True,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=("state", "meta", "config"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def best_step(self) -> int | None:
+        return self.manager.best_step()
+
+    def save(self, step: int, state: Any, meta: dict, config: dict, metric: float | None = None) -> None:
+        """Write asynchronously; `metric` (combined accuracy) ranks the checkpoint for 'best'."""
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta),
+                                    config=ocp.args.JsonSave(config)),
+            metrics=None if metric is None else {"combined": float(metric)},
+            force=True,
+        )
+
+    def restore(self, abstract_state: Any | None = None, step: int | None = None, sharding=None) -> tuple[Any, dict]:
+        """(state, meta) of `step` (default latest). Without `abstract_state` the state comes back as nested dicts."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        if abstract_state is not None and sharding is not None:
+            abstract_state = jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract_state)
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()),
+        )
+        return restored["state"], restored["meta"]
+
+    def config(self, step: int | None = None) -> dict:
+        step = self.latest_step() if step is None else step
+        return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def find_run(path: str) -> str:
+    """The run directory for `path`: a run (has checkpoints/), or a folder of runs (the most recent one)."""
+    path = os.path.abspath(path)
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        return path
+    runs = [os.path.dirname(d.rstrip("/")) for d in glob.glob(os.path.join(path, "*", "checkpoints/"))]
+    if not runs:
+        raise FileNotFoundError(f"{path}: no checkpoints found (expected {path}/checkpoints or {path}/<run>/checkpoints)")
+    return max(runs, key=lambda r: os.path.getmtime(os.path.join(r, "checkpoints")))

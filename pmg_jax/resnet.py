@@ -1,0 +1,109 @@
+"""torchvision-compatible ResNet (v1.5) in Flax Linen, returning the four stage maps.
+
+Submodule names mirror torchvision's attribute names (`conv1`, `bn1`, `layer3_2`,
+`downsample_0`, ...) so that a PyTorch state dict maps onto the parameters by a
+purely mechanical rename (see `pmg_jax.convert`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from pmg_jax.layers import BatchNorm, Conv
+
+STAGE_SIZES: dict[str, tuple[int, ...]] = {
+    "resnet18": (2, 2, 2, 2),
+    "resnet34": (3, 4, 6, 3),
+    "resnet50": (3, 4, 6, 3),
+    "resnet101": (3, 4, 23, 3),
+    "resnet152": (3, 8, 36, 3),
+}
+BOTTLENECK = {"resnet18": False, "resnet34": False, "resnet50": True, "resnet101": True, "resnet152": True}
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs (ResNet18/34)."""
+
+    planes: int
+    strides: int
+    downsample: bool
+    dtype: Any = jnp.float32
+    expansion = 1
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        bn = lambda name: BatchNorm(momentum=0.1, dtype=self.dtype, name=name)
+        y = Conv(self.planes, 3, self.strides, 1, dtype=self.dtype, name="conv1")(x)
+        y = nn.relu(bn("bn1")(y, train))
+        y = Conv(self.planes, 3, 1, 1, dtype=self.dtype, name="conv2")(y)
+        y = bn("bn2")(y, train)
+        if self.downsample:
+            x = Conv(self.planes, 1, self.strides, dtype=self.dtype, name="downsample_0")(x)
+            x = bn("downsample_1")(x, train)
+        return nn.relu(y + x)
+
+
+class Bottleneck(nn.Module):
+    """1x1 -> 3x3 (carrying the stride, torchvision v1.5) -> 1x1 x4 (ResNet50+)."""
+
+    planes: int
+    strides: int
+    downsample: bool
+    dtype: Any = jnp.float32
+    expansion = 4
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        bn = lambda name: BatchNorm(momentum=0.1, dtype=self.dtype, name=name)
+        y = Conv(self.planes, 1, dtype=self.dtype, name="conv1")(x)
+        y = nn.relu(bn("bn1")(y, train))
+        y = Conv(self.planes, 3, self.strides, 1, dtype=self.dtype, name="conv2")(y)
+        y = nn.relu(bn("bn2")(y, train))
+        y = Conv(self.planes * 4, 1, dtype=self.dtype, name="conv3")(y)
+        y = bn("bn3")(y, train)
+        if self.downsample:
+            x = Conv(self.planes * 4, 1, self.strides, dtype=self.dtype, name="downsample_0")(x)
+            x = bn("downsample_1")(x, train)
+        return nn.relu(y + x)
+
+
+class ResNet(nn.Module):
+    """ResNet trunk; returns (layer1, layer2, layer3, layer4) NHWC maps.
+
+    `width` is the stem/first-stage width (64 in torchvision; small values give tiny
+    test models), `stage_sizes` overrides the blocks per stage of `arch`.
+    """
+
+    arch: str = "resnet50"
+    width: int = 64
+    stage_sizes: Sequence[int] | None = None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, ...]:
+        block = Bottleneck if BOTTLENECK[self.arch] else BasicBlock
+        sizes = tuple(self.stage_sizes or STAGE_SIZES[self.arch])
+        x = Conv(self.width, 7, 2, 3, dtype=self.dtype, name="conv1")(x)
+        x = nn.relu(BatchNorm(momentum=0.1, dtype=self.dtype, name="bn1")(x, train))
+        x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+        stages = []
+        in_ch = self.width
+        for i, n_blocks in enumerate(sizes):
+            planes = self.width * 2**i
+            for j in range(n_blocks):
+                strides = 2 if (i > 0 and j == 0) else 1
+                downsample = j == 0 and (strides != 1 or in_ch != planes * block.expansion)
+                x = block(planes, strides, downsample, dtype=self.dtype, name=f"layer{i + 1}_{j}")(x, train)
+                in_ch = planes * block.expansion
+            stages.append(x)
+        return tuple(stages)
+
+
+def stage_channels(name: str, width: int = 64) -> tuple[int, ...]:
+    """Output channels of the four stages of a backbone."""
+    expansion = 4 if BOTTLENECK[name] else 1
+    return tuple(width * 2**i * expansion for i in range(4))

@@ -1,0 +1,312 @@
+"""Train state, the progressive training step, evaluation, and the training loop."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any, Callable, Iterator
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from pmg_jax import checkpoint as ckpt_lib
+from pmg_jax import jigsaw as jigsaw_lib
+from pmg_jax import parallel
+from pmg_jax.data import pipeline, sources
+from pmg_jax.model import PMG
+from pmg_jax.optim import make_optimizer
+
+log = logging.getLogger(__name__)
+
+HEAD_NAMES = ("head1", "head2", "head3", "concat", "combined")
+LOSS_NAMES = ("loss1", "loss2", "loss3", "loss_concat")
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a training step reads and writes (all replicated over the mesh)."""
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+def create_model(config: ml_collections.ConfigDict, num_classes: int | None = None) -> PMG:
+    """The PMG module a config describes."""
+    m = config.model
+    return PMG(
+        num_classes=num_classes or config.dataset.num_classes,
+        backbone=m.backbone,
+        feature_size=m.feature_size,
+        width=m.width,
+        stage_sizes=tuple(m.stage_sizes) if m.stage_sizes else None,
+        dtype=jnp.dtype(m.dtype),
+    )
+
+
+def init_variables(model: PMG, key: jax.Array, image_size: int) -> dict:
+    """params and batch_stats (float32), without the CAM-only collections."""
+    variables = model.init(key, jnp.zeros((1, image_size, image_size, 3), jnp.float32), train=False)
+    return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+
+
+def create_state(model: PMG, tx: optax.GradientTransformation, seed: int, image_size: int) -> TrainState:
+    """A fresh state: PyTorch-style initialisation, zero momentum, step 0."""
+    init_key, rng = jax.random.split(jax.random.PRNGKey(seed))
+    variables = init_variables(model, init_key, image_size)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        opt_state=tx.init(variables["params"]),
+        rng=rng,
+    )
+
+
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def make_train_step(
+    model: PMG,
+    tx: optax.GradientTransformation,
+    *,
+    granularities: tuple[int, ...] = (8, 4, 2),
+    jigsaw_mode: str = "cycle",
+    concat_weight: float = 2.0,
+    permutations: dict[int, jax.Array] | None = None,
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """One whole PMG iteration: a jigsaw pass per granularity and one pass on the originals.
+
+    Pass k shuffles the batch into n_k x n_k blocks and trains head k; the last pass
+    trains the concat head on the unshuffled images with weight `concat_weight`.
+    Each pass runs the whole network in train mode (every BN updates its running
+    statistics) and is followed by its own optimizer update. If any loss or gradient
+    is non-finite the state is returned unchanged and metrics['nonfinite_pass'] names
+    the first bad pass (1-based; 0 when all are finite). `permutations` fixes the
+    jigsaw per granularity (tests); otherwise they are drawn from the state's RNG.
+    """
+
+    def cross_entropy(logits, labels):
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        images, labels = batch["image"], batch["label"]
+        key = jax.random.fold_in(state.rng, state.step)
+        params, stats, opt_state = state.params, state.batch_stats, state.opt_state
+        passes = [(n, k, 1.0) for k, n in enumerate(granularities)] + [(None, 3, concat_weight)]
+        metrics, bad_pass = {}, jnp.zeros((), jnp.int32)
+        for i, (n, head, weight) in enumerate(passes):
+            if n is None:
+                x = images
+            elif permutations is not None:
+                x = jigsaw_lib.shuffle_blocks(images, n, permutations[n])
+            else:
+                x = jigsaw_lib.jigsaw(jax.random.fold_in(key, i), images, n, jigsaw_mode)
+
+            def loss_fn(p, x=x, head=head, weight=weight):
+                logits, updated = model.apply(
+                    {"params": p, "batch_stats": stats}, x, train=True, mutable=["batch_stats"]
+                )
+                return weight * cross_entropy(logits[head], labels), (updated["batch_stats"], logits[head])
+
+            (loss, (stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+            finite = jnp.isfinite(loss) & _all_finite(grads)
+            bad_pass = jnp.where((bad_pass == 0) & ~finite, i + 1, bad_pass)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
+            metrics[LOSS_NAMES[head]] = loss
+        metrics["accuracy"] = jnp.mean(jnp.argmax(logits, -1) == labels)
+        metrics["nonfinite_pass"] = bad_pass
+        new_state = state.replace(step=state.step + 1, params=params, batch_stats=stats, opt_state=opt_state)
+        ok = bad_pass == 0
+        new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(model: PMG) -> Callable[[TrainState, dict], jax.Array]:
+    """Correct-prediction counts of head1..3, concat and combined (sum of the four logits), masked."""
+
+    def eval_step(state: TrainState, batch: dict) -> jax.Array:
+        logits = model.apply({"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False)
+        preds = [*logits, sum(logits)]
+        hits = [jnp.sum((jnp.argmax(p, -1) == batch["label"]) * batch["mask"]) for p in preds]
+        return jnp.stack([*hits, jnp.sum(batch["mask"])])
+
+    return eval_step
+
+
+def compile_steps(model, tx, config, mesh):
+    """jit the train and eval steps over the mesh: batch sharded on 'data', state replicated and donated."""
+    rep, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    train_step = make_train_step(
+        model, tx,
+        granularities=tuple(config.jigsaw.granularities),
+        jigsaw_mode=config.jigsaw.mode,
+        concat_weight=config.concat_loss_weight,
+    )
+    p_train = jax.jit(train_step, in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=0)
+    p_eval = jax.jit(make_eval_step(model), in_shardings=(rep, data), out_shardings=rep)
+    return p_train, p_eval
+
+
+def evaluate(p_eval, state: TrainState, batches: Iterator[dict], sharding, num_batches: int) -> dict[str, float]:
+    """Accuracy (%) of every head, concat and combined over a whole split, each example counted once."""
+    totals = np.zeros(len(HEAD_NAMES) + 1, np.float64)
+    for batch in pipeline.prefetch_to_device(batches, sharding):
+        totals += np.asarray(jax.device_get(p_eval(state, batch)), np.float64)
+    count = totals[-1]
+    result = {name: 100.0 * totals[i] / max(count, 1) for i, name in enumerate(HEAD_NAMES)}
+    result["count"] = int(count)
+    return result
+
+
+def format_eval_table(epoch: int, result: dict[str, float]) -> str:
+    """A small aligned table of per-head accuracies."""
+    head = " | ".join(f"{n:>8}" for n in HEAD_NAMES)
+    vals = " | ".join(f"{result[n]:8.2f}" for n in HEAD_NAMES)
+    return f"eval epoch {epoch} on {result['count']} images (top-1 %)\n  {head}\n  {vals}"
+
+
+class MetricsLog:
+    """metrics.jsonl plus TensorBoard events in the workdir (process 0 only)."""
+
+    def __init__(self, workdir: str):
+        self.enabled = jax.process_index() == 0
+        if not self.enabled:
+            return
+        from tensorboardX import SummaryWriter
+
+        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, kind: str, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, "kind": kind, **values}) + "\n")
+        self.jsonl.flush()
+        for k, v in values.items():
+            if isinstance(v, (int, float)):
+                self.tb.add_scalar(f"{kind}/{k}", v, step)
+        self.tb.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            self.tb.close()
+
+
+def transform_spec(config: ml_collections.ConfigDict) -> pipeline.TransformSpec:
+    d = config.data
+    return pipeline.TransformSpec(d.resize_size, d.crop_size, d.pad, d.hflip, tuple(d.mean), tuple(d.std))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Train by the progressive schedule, evaluating and checkpointing every epoch; resumes from `workdir`."""
+    from tqdm import tqdm
+
+    os.makedirs(workdir, exist_ok=True)
+    mesh = parallel.make_mesh()
+    log.info("%s", parallel.describe(mesh))
+    if config.batch_size % mesh.devices.size:
+        raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the {mesh.devices.size} devices")
+    train_src = sources.make_source(config, "train")
+    test_src = sources.make_source(config, "test")
+    class_names = list(train_src.class_names)
+    spec = transform_spec(config)
+    layout = pipeline.host_layout(config.batch_size)
+    eval_layout = pipeline.host_layout(config.eval_batch_size)
+    steps_per_epoch = len(train_src) // config.batch_size
+    total_steps = steps_per_epoch * config.num_epochs
+
+    model = create_model(config, len(class_names))
+    tx = make_optimizer(
+        lr_new=config.optim.lr_new, lr_backbone=config.optim.lr_backbone, num_epochs=config.num_epochs,
+        steps_per_epoch=steps_per_epoch, momentum=config.optim.momentum, weight_decay=config.optim.weight_decay,
+    )
+    rep, data_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    checkpoints = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep)
+    abstract = jax.eval_shape(lambda: create_state(model, tx, config.seed, config.data.crop_size))
+    best = {"combined": -1.0, "epoch": -1}
+    if checkpoints.latest_step() is not None:
+        state, meta = checkpoints.restore(abstract, sharding=rep)
+        best = meta.get("best", best)
+        print(f"resuming from {checkpoints.directory} at step {int(state.step)} (epoch {int(state.step) // steps_per_epoch})")
+    else:
+        state = jax.device_put(create_state(model, tx, config.seed, config.data.crop_size), rep)
+    p_train, p_eval = compile_steps(model, tx, config, mesh)
+
+    start_step = int(state.step)
+    _, batches = pipeline.train_batches(
+        train_src, spec, layout, seed=config.seed, num_epochs=config.num_epochs, start_step=start_step,
+        workers=config.data.workers, prefetch=config.data.prefetch,
+    )
+    device_batches = pipeline.prefetch_to_device(batches, data_sharding)
+    metrics_log = MetricsLog(workdir)
+    print(f"training {config.model.backbone} PMG on {config.dataset.name} ({len(train_src)} train / "
+          f"{len(test_src)} test images, {len(class_names)} classes): {steps_per_epoch} steps x "
+          f"{config.num_epochs} epochs, global batch {config.batch_size}")
+
+    def save(step: int, epoch_done: int, result: dict | None = None):
+        meta = {"epoch": epoch_done, "step": step, "best": best, "class_names": class_names,
+                "data_state": {"step": step}, "eval": result}
+        checkpoints.save(step, state, meta, config.to_dict(), metric=None if result is None else result["combined"])
+
+    step = start_step
+    while step < total_steps:
+        epoch = step // steps_per_epoch
+        epoch_end = (epoch + 1) * steps_per_epoch
+        bar = tqdm(total=steps_per_epoch, initial=step - epoch * steps_per_epoch, desc=f"epoch {epoch + 1}/{config.num_epochs}",
+                   dynamic_ncols=True, disable=jax.process_index() != 0)
+        sums, n, t0 = {}, 0, time.perf_counter()
+        while step < epoch_end:
+            state, metrics = p_train(state, next(device_batches))
+            step += 1
+            if step % config.log_every_steps == 0 or step == epoch_end:
+                m = jax.device_get(metrics)
+                if int(m["nonfinite_pass"]):
+                    checkpoints.wait()
+                    raise FloatingPointError(
+                        f"non-finite loss or gradient at iteration {step} in the pass for "
+                        f"{['head1', 'head2', 'head3', 'concat'][int(m['nonfinite_pass']) - 1]}; the step was not "
+                        f"applied and the latest checkpoint in {checkpoints.directory} is the last good one"
+                    )
+                for k in (*LOSS_NAMES, "accuracy"):
+                    sums[k] = sums.get(k, 0.0) + float(m[k])
+                n += 1
+                rate = bar.format_dict["rate"]
+                bar.set_postfix({**{k: f"{sums[k] / n:.3f}" for k in LOSS_NAMES},
+                                 "acc": f"{100 * sums['accuracy'] / n:.1f}",
+                                 "img/s": f"{(rate or 0) * config.batch_size:.1f}"})
+                metrics_log.write(step, "train", {k: float(m[k]) for k in (*LOSS_NAMES, "accuracy")})
+            bar.update(1)
+        bar.close()
+        elapsed = time.perf_counter() - t0
+        epoch_done = epoch + 1
+        result = None
+        if epoch_done % config.eval_every_epochs == 0 or epoch_done == config.num_epochs:
+            n_eval, eval_it = pipeline.eval_batches(test_src, spec, eval_layout, workers=config.data.workers)
+            result = evaluate(p_eval, state, eval_it, data_sharding, n_eval)
+            if result["combined"] > best["combined"]:
+                best = {"combined": result["combined"], "concat": result["concat"], "epoch": epoch_done, "step": step}
+            print(format_eval_table(epoch_done, result))
+            metrics_log.write(step, "eval", {k: v for k, v in result.items()})
+        metrics_log.write(step, "epoch", {"epoch": epoch_done, "seconds": elapsed,
+                                          "images_per_s": steps_per_epoch * config.batch_size / max(elapsed, 1e-9)})
+        save(step, epoch_done, result)
+    checkpoints.wait()
+    metrics_log.close()
+    if best["epoch"] >= 0:
+        print(f"best: combined {best['combined']:.2f}% (concat {best['concat']:.2f}%) at epoch {best['epoch']}; "
+              f"checkpoints in {checkpoints.directory}")
+    return best
