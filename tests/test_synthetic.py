@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import time
 
 import numpy as np
 import pytest
@@ -126,12 +125,3 @@ def test_source_matches_make_example() -> None:
         ex = source[i]
         assert ex["image"].tobytes() == make_example(SPEC, "test", int(i))["image"].tobytes()
     assert source[-1]["image"].tobytes() == source[19]["image"].tobytes()
-
-
-def test_generation_is_fast() -> None:
-    """Generating a 128x128 example takes well under the 2 ms budget (loose bound for CI noise)."""
-    make_example(SPEC, "train", 0)
-    start = time.perf_counter()
-    for i in range(200):
-        make_example(SPEC, "train", i)
-    assert (time.perf_counter() - start) / 200 < 10e-3
