@@ -4,35 +4,87 @@ train: resize to resize x resize (bilinear, aspect ignored), zero-pad `pad`, ran
 crop `crop`, horizontal flip with p = 0.5, scale to [0, 1], normalise (x - mean) / std.
 eval: resize, centre crop, normalise. Images are RGB uint8 HxWx3 in, float32 out.
 Boxes are [x0, y0, x1, y1] in pixels.
+
+Resizing: the reference resizes PIL images, i.e. PIL's bilinear filter, which is
+antialiased (its support widens with the downscaling factor). backend 'opencv'
+uses cv2 INTER_LINEAR unless both sides shrink: when no side shrinks that is
+PIL's filter (within 1 grey level, rounding only); when one side shrinks, PIL
+antialiases that side and OpenCV does not. When both shrink it uses INTER_AREA,
+another antialiasing filter. Where PIL and OpenCV differ it is by about 1 level
+on average and up to a few tens at sharp edges (tests/test_transforms.py states
+the bounds). Backend 'pil' calls PIL itself: the reference's resize bit for bit, at
+several times the cost of INTER_LINEAR.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import cv2
 import numpy as np
 
+RESIZE_BACKENDS = ("opencv", "pil")
 
-def resize(image: np.ndarray, size: int) -> np.ndarray:
-    """Bilinear resize to size x size, aspect ratio ignored (like torchvision Resize((s, s)))."""
+
+@dataclasses.dataclass(frozen=True)
+class CropParams:
+    """The random choices of one train transform: crop corner in the padded image and flip."""
+
+    top: int
+    left: int
+    flip: bool
+
+
+def resize(image: np.ndarray, size: int, backend: str = "opencv") -> np.ndarray:
+    """Bilinear resize to size x size, aspect ratio ignored (torchvision Resize((s, s)) on a PIL image)."""
+    if backend == "pil":
+        from PIL import Image
+
+        return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+    if backend != "opencv":
+        raise ValueError(f"resize backend {backend!r} is not one of {RESIZE_BACKENDS}")
     h, w = image.shape[:2]
-    interp = cv2.INTER_AREA if (h > size and w > size) else cv2.INTER_LINEAR
+    interp = cv2.INTER_AREA if min(h, w) > size else cv2.INTER_LINEAR
     return cv2.resize(image, (size, size), interpolation=interp)
 
 
 def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     """uint8 -> float32 in [0, 1] -> (x - mean) / std per channel."""
-    x = image.astype(np.float32) * (1.0 / 255.0)
-    return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    scale = np.float32(1.0 / 255.0) / np.asarray(std, np.float32)
+    return image.astype(np.float32) * scale - np.asarray(mean, np.float32) / np.asarray(std, np.float32)
 
 
-def _scale_box(box: np.ndarray, h: int, w: int, size: int) -> np.ndarray:
-    return box * np.array([size / w, size / h, size / w, size / h], np.float32)
+def sample_crop(rng: np.random.Generator, *, resize_size: int, crop_size: int, pad: int, hflip: bool) -> CropParams:
+    """Draw the crop corner (uniform over every position in the padded image) and the flip (p = 0.5)."""
+    span = resize_size + 2 * pad - crop_size
+    if span < 0:
+        raise ValueError(f"crop {crop_size} is larger than the padded image {resize_size} + 2 x {pad}")
+    top, left = (int(v) for v in rng.integers(0, span + 1, size=2))
+    return CropParams(top, left, hflip and bool(rng.random() < 0.5))
 
 
-def _clip_box(box: np.ndarray, size: int) -> np.ndarray:
-    return np.clip(box, 0, size).astype(np.float32)
+def scale_box(box: np.ndarray, height: int, width: int, size: int) -> np.ndarray:
+    """A box in an HxW image -> the same box after resizing the image to size x size."""
+    return np.asarray(box, np.float32) * np.array([size / width, size / height] * 2, np.float32)
+
+
+def crop_box(box: np.ndarray, top: float, left: float, crop_size: int, flip: bool = False) -> np.ndarray:
+    """A box in a resized (and padded) image -> the box in its crop, mirrored if flipped, clipped to the crop."""
+    box = box - np.array([left, top, left, top], np.float32)
+    if flip:
+        box = np.array([crop_size - box[2], box[1], crop_size - box[0], box[3]], np.float32)
+    return np.clip(box, 0, crop_size).astype(np.float32)
+
+
+def train_crop(image: np.ndarray, params: CropParams, *, resize_size: int, crop_size: int, pad: int,
+               backend: str = "opencv") -> np.ndarray:
+    """Resize, zero-pad, crop at params and flip: the uint8 part of the train transform."""
+    x = resize(image, resize_size, backend)
+    if pad:
+        x = cv2.copyMakeBorder(x, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=(0, 0, 0))
+    x = x[params.top : params.top + crop_size, params.left : params.left + crop_size]
+    return x[:, ::-1] if params.flip else x
 
 
 def train_transform(
@@ -46,25 +98,20 @@ def train_transform(
     std: Sequence[float],
     hflip: bool = True,
     box: np.ndarray | None = None,
+    backend: str = "opencv",
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Reference train transform; returns the normalised crop and the transformed box."""
-    h, w = image.shape[:2]
-    x = resize(image, resize_size)
-    if pad:
-        x = np.pad(x, ((pad, pad), (pad, pad), (0, 0)))
-    span = resize_size + 2 * pad - crop_size
-    top, left = (int(v) for v in rng.integers(0, span + 1, size=2))
-    x = x[top : top + crop_size, left : left + crop_size]
-    flip = hflip and bool(rng.random() < 0.5)
-    if flip:
-        x = x[:, ::-1]
+    params = sample_crop(rng, resize_size=resize_size, crop_size=crop_size, pad=pad, hflip=hflip)
+    x = train_crop(image, params, resize_size=resize_size, crop_size=crop_size, pad=pad, backend=backend)
     if box is not None:
-        box = _scale_box(np.asarray(box, np.float32), h, w, resize_size) + np.float32(pad)
-        box = box - np.array([left, top, left, top], np.float32)
-        if flip:
-            box = np.array([crop_size - box[2], box[1], crop_size - box[0], box[3]], np.float32)
-        box = _clip_box(box, crop_size)
+        h, w = image.shape[:2]
+        box = crop_box(scale_box(box, h, w, resize_size), params.top - pad, params.left - pad, crop_size, params.flip)
     return normalize(x, mean, std), box
+
+
+def center_offset(resize_size: int, crop_size: int) -> int:
+    """Top-left offset of the centre crop, rounded as torchvision CenterCrop does."""
+    return int(round((resize_size - crop_size) / 2.0))
 
 
 def eval_transform(
@@ -75,13 +122,12 @@ def eval_transform(
     mean: Sequence[float],
     std: Sequence[float],
     box: np.ndarray | None = None,
+    backend: str = "opencv",
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Reference test transform: resize, centre crop, normalise; returns image and box."""
     h, w = image.shape[:2]
-    x = resize(image, resize_size)
-    off = int(round((resize_size - crop_size) / 2.0))  # as torchvision CenterCrop
-    x = x[off : off + crop_size, off : off + crop_size]
+    off = center_offset(resize_size, crop_size)
+    x = resize(image, resize_size, backend)[off : off + crop_size, off : off + crop_size]
     if box is not None:
-        box = _scale_box(np.asarray(box, np.float32), h, w, resize_size) - np.float32(off)
-        box = _clip_box(box, crop_size)
+        box = crop_box(scale_box(box, h, w, resize_size), off, off, crop_size)
     return normalize(x, mean, std), box

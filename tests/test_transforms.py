@@ -1,0 +1,198 @@
+"""The reference transforms against an independent PIL + torch computation, and their box geometry.
+
+The reference is torchvision's Compose on a PIL image: Resize((550, 550)) (PIL
+bilinear, antialiased), RandomCrop(448, padding=8), RandomHorizontalFlip,
+ToTensor, Normalize(0.5, 0.5). torchvision itself is not installed; its maths is
+spelled out below with PIL and torch. Tolerances, in grey levels of the uint8
+image (one level is 2/255 after normalising with std 0.5):
+- backend 'pil': identical up to float rounding (1e-6).
+- backend 'opencv', no side shrinking (CUB: ~500x375 -> 550): at most 1 level.
+- backend 'opencv', a side shrinking (Cars, Aircraft): mean at most 1 level,
+  max at most 32 (at sharp edges; PIL antialiases with a wider triangle filter).
+  Measured on these images: mean 0.2-0.85, max 6-24.
+"""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from PIL import Image
+
+from pmg_jax.data import synthetic, transforms
+
+MEAN = STD = (0.5, 0.5, 0.5)
+LEVEL = 2.0 / 255.0  # one grey level after normalisation
+
+
+def photo(height: int, width: int) -> np.ndarray:
+    """A natural-looking test image (anti-aliased shapes, clutter, sensor noise) of the given size."""
+    image = synthetic.make_example(synthetic.DemoSpec(image_size=1024), "test", 7)["image"]
+    return np.asarray(Image.fromarray(image).resize((width, height), Image.LANCZOS))
+
+
+def torchvision_train(image: np.ndarray, params: transforms.CropParams, resize: int, crop: int, pad: int) -> np.ndarray:
+    """Resize((r, r)) -> RandomCrop(crop, padding=pad) at params -> flip -> ToTensor -> Normalize, as HWC."""
+    pil = Image.fromarray(image).resize((resize, resize), Image.BILINEAR)
+    t = torch.from_numpy(np.array(pil)).permute(2, 0, 1)
+    t = torch.nn.functional.pad(t, (pad, pad, pad, pad), value=0)
+    t = t[:, params.top : params.top + crop, params.left : params.left + crop]
+    if params.flip:
+        t = t.flip(-1)
+    x = (t.float() / 255.0 - 0.5) / 0.5
+    return x.permute(1, 2, 0).numpy()
+
+
+def torchvision_eval(image: np.ndarray, resize: int, crop: int) -> np.ndarray:
+    """Resize((r, r)) -> CenterCrop(crop) -> ToTensor -> Normalize, as HWC."""
+    pil = Image.fromarray(image).resize((resize, resize), Image.BILINEAR)
+    top = int(round((resize - crop) / 2.0))
+    pil = pil.crop((top, top, top + crop, top + crop))
+    t = torch.from_numpy(np.array(pil)).permute(2, 0, 1)
+    return ((t.float() / 255.0 - 0.5) / 0.5).permute(1, 2, 0).numpy()
+
+
+def ours_train(image, rng_seed, backend, resize=550, crop=448, pad=8):
+    """(our output, the crop parameters it drew)."""
+    params = transforms.sample_crop(np.random.default_rng(rng_seed), resize_size=resize, crop_size=crop, pad=pad,
+                                    hflip=True)
+    out, _ = transforms.train_transform(image, np.random.default_rng(rng_seed), resize_size=resize, crop_size=crop,
+                                        pad=pad, mean=MEAN, std=STD, backend=backend)
+    return out, params
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize("size", [(375, 500), (500, 332), (820, 1200), (400, 700)])
+def test_train_transform_with_pil_backend_is_the_reference(size, seed):
+    image = photo(*size)
+    out, params = ours_train(image, seed, "pil")
+    np.testing.assert_allclose(out, torchvision_train(image, params, 550, 448, 8), atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [(375, 500), (500, 375), (550, 550), (120, 90)])
+def test_opencv_matches_the_reference_within_one_level_when_upscaling(size):
+    image = photo(*size)
+    for seed in range(4):
+        out, params = ours_train(image, seed, "opencv")
+        assert np.abs(out - torchvision_train(image, params, 550, 448, 8)).max() <= LEVEL + 1e-6
+    assert np.abs(transforms.eval_transform(image, resize_size=550, crop_size=448, mean=MEAN, std=STD)[0]
+                  - torchvision_eval(image, 550, 448)).max() <= LEVEL + 1e-6
+
+
+@pytest.mark.parametrize("size", [(768, 1024), (1067, 1600), (400, 700), (700, 400), (580, 600)])
+def test_opencv_matches_the_reference_within_stated_bounds_when_downscaling(size):
+    image = photo(*size)
+    out, params = ours_train(image, 5, "opencv")
+    diff = np.abs(out - torchvision_train(image, params, 550, 448, 8)) / LEVEL
+    assert diff.mean() <= 1.0 and diff.max() <= 32, (diff.mean(), diff.max())
+    diff = np.abs(transforms.eval_transform(image, resize_size=550, crop_size=448, mean=MEAN, std=STD)[0]
+                  - torchvision_eval(image, 550, 448)) / LEVEL
+    assert diff.mean() <= 1.0 and diff.max() <= 32, (diff.mean(), diff.max())
+
+
+def test_eval_transform_with_pil_backend_is_the_reference():
+    image = photo(333, 500)
+    out, _ = transforms.eval_transform(image, resize_size=550, crop_size=448, mean=MEAN, std=STD, backend="pil")
+    np.testing.assert_allclose(out, torchvision_eval(image, 550, 448), atol=1e-6)
+
+
+def test_zero_padding_becomes_minus_one_and_crops_reach_every_offset():
+    image = np.full((60, 60, 3), 255, np.uint8)
+    out = transforms.train_crop(image, transforms.CropParams(0, 0, False), resize_size=60, crop_size=48, pad=8)
+    assert (out[:8] == 0).all() and (out[:, :8] == 0).all() and (out[8:, 8:] == 255).all()
+    assert transforms.normalize(out, MEAN, STD)[0, 0, 0] == -1.0
+    draws = [transforms.sample_crop(np.random.default_rng(s), resize_size=60, crop_size=48, pad=8, hflip=True)
+             for s in range(1000)]
+    assert {p.top for p in draws} == {p.left for p in draws} == set(range(29))
+    assert 0.4 < np.mean([p.flip for p in draws]) < 0.6
+
+
+def test_unknown_resize_backend_is_refused():
+    with pytest.raises(ValueError, match="resize backend"):
+        transforms.resize(np.zeros((4, 4, 3), np.uint8), 8, "cv3")
+
+
+sizes = st.integers(1, 96)
+
+
+@st.composite
+def image_and_box(draw):
+    """An image with a white rectangle on black, and that rectangle's pixel box."""
+    h, w = draw(sizes), draw(sizes)
+    x0, x1 = sorted(draw(st.lists(st.integers(0, w), min_size=2, max_size=2)))
+    y0, y1 = sorted(draw(st.lists(st.integers(0, h), min_size=2, max_size=2)))
+    image = np.zeros((h, w, 3), np.uint8)
+    image[y0:y1, x0:x1] = 255
+    return image, np.array([x0, y0, x1, y1], np.float32)
+
+
+@st.composite
+def geometry(draw):
+    crop = draw(st.integers(4, 64))
+    pad = draw(st.integers(0, 8))
+    resize = draw(st.integers(max(1, crop - 2 * pad), crop + 40))
+    return resize, crop, pad
+
+
+@settings(max_examples=150, deadline=None)
+@given(image_and_box(), geometry(), st.integers(0, 2**32 - 1))
+def test_train_box_stays_inside_the_crop(data, geom, seed):
+    image, box = data
+    resize, crop, pad = geom
+    out, out_box = transforms.train_transform(image, np.random.default_rng(seed), resize_size=resize, crop_size=crop,
+                                              pad=pad, mean=MEAN, std=STD, box=box)
+    assert out.shape == (crop, crop, 3) and out.dtype == np.float32
+    assert np.all(out_box >= 0) and np.all(out_box <= crop)
+    assert out_box[0] <= out_box[2] and out_box[1] <= out_box[3]
+
+
+@settings(max_examples=150, deadline=None)
+@given(image_and_box(), geometry(), st.integers(0, 2**32 - 1))
+def test_train_box_follows_the_pixels(data, geom, seed):
+    """The box of the bright pixels after the transform is the transformed box, within the blur of one pixel."""
+    image, box = data
+    resize, crop, pad = geom
+    h, w = image.shape[:2]
+    params = transforms.sample_crop(np.random.default_rng(seed), resize_size=resize, crop_size=crop, pad=pad,
+                                    hflip=True)
+    out = transforms.train_crop(image, params, resize_size=resize, crop_size=crop, pad=pad)
+    expected = transforms.crop_box(transforms.scale_box(box, h, w, resize), params.top - pad, params.left - pad, crop,
+                                   params.flip)
+    tol = 1.0 + max(resize / w, resize / h, 1.0)  # bilinear spreads an edge over one source pixel
+    if min(expected[2] - expected[0], expected[3] - expected[1]) > 2 * tol:
+        ys, xs = np.nonzero(out[..., 0] >= 128)
+        found = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32)
+        np.testing.assert_allclose(found, expected, atol=tol)
+
+
+@settings(max_examples=100, deadline=None)
+@given(image_and_box(), geometry(), st.integers(0, 2**32 - 1))
+def test_flip_is_an_involution(data, geom, seed):
+    image, box = data
+    resize, crop, pad = geom
+    params = transforms.sample_crop(np.random.default_rng(seed), resize_size=resize, crop_size=crop, pad=pad,
+                                    hflip=True)
+    kw = dict(resize_size=resize, crop_size=crop, pad=pad)
+    flipped = transforms.train_crop(image, transforms.CropParams(params.top, params.left, True), **kw)
+    plain = transforms.train_crop(image, transforms.CropParams(params.top, params.left, False), **kw)
+    np.testing.assert_array_equal(flipped[:, ::-1], plain)
+    inside = transforms.crop_box(box, 0, 0, crop)
+    twice = transforms.crop_box(transforms.crop_box(inside, 0, 0, crop, True), 0, 0, crop, True)
+    np.testing.assert_allclose(twice, inside, atol=1e-5)
+
+
+@settings(max_examples=100, deadline=None)
+@given(image_and_box(), geometry())
+def test_eval_box_and_normalisation_round_trip(data, geom):
+    image, box = data
+    resize, crop, _ = geom
+    if crop > resize:
+        return
+    out, out_box = transforms.eval_transform(image, resize_size=resize, crop_size=crop, mean=(0.4, 0.5, 0.6),
+                                             std=(0.2, 0.25, 0.3), box=box)
+    h, w = image.shape[:2]
+    off = transforms.center_offset(resize, crop)
+    expected = np.clip(transforms.scale_box(box, h, w, resize) - off, 0, crop)
+    np.testing.assert_allclose(out_box, expected, atol=1e-4)
+    restored = (out * np.float32([0.2, 0.25, 0.3]) + np.float32([0.4, 0.5, 0.6])) * 255.0
+    pixels = transforms.resize(image, resize)[off : off + crop, off : off + crop]
+    np.testing.assert_allclose(restored, pixels, atol=1e-3)
