@@ -8,9 +8,15 @@ def get_config() -> ml_collections.ConfigDict:
     c.seed = 0  # seeds initialisation, jigsaw permutations, data order and augmentation
 
     c.dataset = ml_collections.ConfigDict()
-    c.dataset.name = "cub"  # which source: demo | cub | ... (see pmg_jax/data/sources.py)
-    c.dataset.data_dir = ""  # where the dataset lives (folder or TFDS data_dir)
-    c.dataset.num_classes = 200  # must match the dataset's class count
+    c.dataset.name = "cub"  # demo | cub | cars | aircraft | dogs | imagefolder | any TFDS builder (source='tfds')
+    c.dataset.source = "folder"  # folder: an extracted download or ImageFolder; tfds: a prepared TFDS data_dir
+    c.dataset.data_dir = ""  # the dataset's folder, or the TFDS data_dir (local or a bucket; '' = TFDS default)
+    c.dataset.num_classes = 200  # must match the dataset's class count (checked when the data is opened)
+    c.dataset.train_split = "train"  # split to train on (aircraft: trainval; imagefolder: a folder; TFDS: any split)
+    c.dataset.test_split = "test"  # split to evaluate on
+    c.dataset.tfds_name = ""  # TFDS builder; '' = caltech_birds2011 / cars196 / stanford_dogs for cub / cars / dogs
+    c.dataset.tfds_image_key = "image"  # TFDS feature holding the image
+    c.dataset.tfds_label_key = "label"  # TFDS feature holding the class label
     c.dataset.demo_image_size = 128  # demo only: side of the generated images
     c.dataset.demo_seed = 0  # demo only: generator seed
     c.dataset.demo_train_size = 2000  # demo only: training images
@@ -23,6 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.hflip = True  # random horizontal flip in training
     c.data.mean = (0.5, 0.5, 0.5)  # per-channel normalisation mean (after scaling to [0, 1])
     c.data.std = (0.5, 0.5, 0.5)  # per-channel normalisation std
+    c.data.resize_backend = "opencv"  # opencv (fast) | pil (the reference's antialiased bilinear, bit for bit)
     c.data.workers = 0  # Grain worker processes for decoding/augmentation (0: in-process)
     c.data.prefetch = 4  # batches buffered per worker
 

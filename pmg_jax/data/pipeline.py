@@ -6,23 +6,36 @@ through a per-epoch permutation seeded by (seed, e), and its augmentation draws 
 numpy's Generator seeded by (seed, position). So the batches depend only on the
 seed and the step, not on worker counts, hosts or restarts: the data-iterator state
 is the step number, and resuming at step k yields exactly batch k.
+
+Records are decoded in the workers. An unreadable image in training is replaced by
+the next readable record in source order (so batches stay full and still depend
+only on seed and step); in evaluation it is masked out. The main process reports
+each such file once, with its path, and keeps the count (`Batches.unreadable`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from typing import Iterator, Protocol, Sequence
 
 import grain
+from absl import flags
 import jax
+import ml_collections
 import numpy as np
 
-from pmg_jax.data import transforms
+from pmg_jax.data import decode, transforms
+
+log = logging.getLogger(__name__)
+
+# Per-example marks from the workers, stripped in the main process by `Batches`.
+_INDEX, _SKIPPED = "_source_index", "_skipped"
 
 
 class Source(Protocol):
-    """Random-access examples: dicts with 'image' (RGB uint8 HxWx3, encoded bytes or a path) and 'label'."""
+    """Random-access records: dicts with 'image' (a path, encoded bytes or an RGB array), 'label', maybe a box."""
 
     def __len__(self) -> int: ...
 
@@ -39,6 +52,13 @@ class TransformSpec:
     hflip: bool = True
     mean: Sequence[float] = (0.5, 0.5, 0.5)
     std: Sequence[float] = (0.5, 0.5, 0.5)
+    resize_backend: str = "opencv"
+
+    @classmethod
+    def from_config(cls, data: ml_collections.ConfigDict) -> TransformSpec:
+        """The spec a config's `data` section describes."""
+        return cls(data.resize_size, data.crop_size, data.pad, data.hflip, tuple(data.mean), tuple(data.std),
+                   data.resize_backend)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,12 +87,18 @@ def _epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch, 0x5EED]).permutation(n)
 
 
-def _image_of(example: dict) -> np.ndarray:
-    """RGB uint8 HxWx3 from an in-memory array (sources that decode themselves)."""
-    image = example["image"]
-    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"source returned an image that is not RGB HxWx3: {getattr(image, 'shape', type(image))}")
-    return image
+def first_readable(source: Source, index: int) -> tuple[dict, int]:
+    """(decoded example, skipped): example `index`, or the next readable one in source order if it is unreadable.
+
+    The substitute depends only on the data, so batches stay full and deterministic.
+    """
+    n = len(source)
+    for skipped in range(n):
+        try:
+            return decode.load_example(source[(index + skipped) % n]), skipped
+        except decode.UnreadableImage:
+            continue
+    raise decode.UnreadableImage(f"none of the {n} images of the source can be decoded")
 
 
 class _TrainExample:
@@ -84,44 +110,106 @@ class _TrainExample:
     def __call__(self, position: int) -> dict:
         epoch, k = divmod(int(position), self.per_epoch)
         index = int(_epoch_permutation(self.seed, epoch, len(self.source))[k])
-        example = self.source[index]
+        example, skipped = first_readable(self.source, index)
         rng = np.random.default_rng([self.seed, int(position)])
         s = self.spec
         image, _ = transforms.train_transform(
-            _image_of(example), rng, resize_size=s.resize_size, crop_size=s.crop_size, pad=s.pad,
-            mean=s.mean, std=s.std, hflip=s.hflip,
+            example["image"], rng, resize_size=s.resize_size, crop_size=s.crop_size, pad=s.pad,
+            mean=s.mean, std=s.std, hflip=s.hflip, backend=s.resize_backend,
         )
-        return {"image": image, "label": np.int32(example["label"])}
+        return {"image": image, "label": np.int32(example["label"]),
+                _INDEX: np.int32(index), _SKIPPED: np.int32(skipped)}
 
 
 class _EvalExample:
-    """Position -> transformed example, or a masked zero example past the end (padding)."""
+    """Position -> transformed example; past the end (padding) or unreadable, a zero example with mask 0."""
 
     def __init__(self, source: Source, spec: TransformSpec, with_box: bool):
         self.source, self.spec, self.with_box = source, spec, with_box
 
-    def __call__(self, position: int) -> dict:
+    def _masked(self, index: int, skipped: int) -> dict:
         s = self.spec
+        out = {"image": np.zeros((s.crop_size, s.crop_size, 3), np.float32), "label": np.int32(0),
+               "mask": np.float32(0), _INDEX: np.int32(index), _SKIPPED: np.int32(skipped)}
+        if self.with_box:
+            out["box"] = np.zeros(4, np.float32)
+        return out
+
+    def __call__(self, position: int) -> dict:
+        position = int(position)
         if position >= len(self.source):
-            out = {"image": np.zeros((s.crop_size, s.crop_size, 3), np.float32), "label": np.int32(0),
-                   "mask": np.float32(0)}
-            if self.with_box:
-                out["box"] = np.zeros(4, np.float32)
-            return out
-        example = self.source[int(position)]
-        box = example.get("box") if self.with_box else None
+            return self._masked(position, 0)
+        try:
+            example = decode.load_example(self.source[position])
+        except decode.UnreadableImage:
+            return self._masked(position, 1)
+        s = self.spec
         image, box = transforms.eval_transform(
-            _image_of(example), resize_size=s.resize_size, crop_size=s.crop_size, mean=s.mean, std=s.std, box=box
+            example["image"], resize_size=s.resize_size, crop_size=s.crop_size, mean=s.mean, std=s.std,
+            box=example["box"] if self.with_box else None, backend=s.resize_backend,
         )
-        out = {"image": image, "label": np.int32(example["label"]), "mask": np.float32(1)}
+        out = {"image": image, "label": np.int32(example["label"]), "mask": np.float32(1),
+               _INDEX: np.int32(position), _SKIPPED: np.int32(0)}
         if self.with_box:
             out["box"] = box if box is not None else np.zeros(4, np.float32)
         return out
 
 
+class UnreadableLog:
+    """Main-process side of skipping: reports each unreadable image once, with its path, and counts them."""
+
+    def __init__(self, source: Source):
+        self.source = source
+        self.indices: set[int] = set()
+
+    def note(self, index: int, count: int) -> None:
+        """Record that `count` images from source `index` on (wrapping) were skipped."""
+        for i in ((index + j) % len(self.source) for j in range(count)):
+            if i in self.indices:
+                continue
+            self.indices.add(i)
+            record = self.source[i]
+            try:
+                decode.load_example(record)
+                reason = f"{decode.record_name(record)}: unreadable in an input worker, readable now"
+            except decode.UnreadableImage as e:
+                reason = str(e)
+            log.warning("skipping unreadable image %s (%d skipped so far)", reason, len(self.indices))
+
+
+class Batches:
+    """Iterator over host batches that reports unreadable images as they are skipped.
+
+    The workers mark each example with its source index and the number of images
+    skipped to fill it; this strips those marks and feeds them to `unreadable`.
+    """
+
+    def __init__(self, batches: Iterator[dict], source: Source):
+        self._batches = batches
+        self.unreadable = UnreadableLog(source)
+
+    def __iter__(self) -> Batches:
+        return self
+
+    def __next__(self) -> dict:
+        try:
+            batch = next(self._batches)
+        except StopIteration:
+            if self.unreadable.indices:
+                log.warning("%d unreadable images were skipped", len(self.unreadable.indices))
+            raise
+        indices, skipped = batch.pop(_INDEX), batch.pop(_SKIPPED)
+        for i in np.flatnonzero(skipped):
+            self.unreadable.note(int(indices[i]), int(skipped[i]))
+        return batch
+
+
 def _iterate(ds: grain.MapDataset, workers: int, prefetch: int) -> Iterator[dict]:
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0 if workers else 2, prefetch_buffer_size=prefetch))
     if workers:
+        if not flags.FLAGS.is_parsed():
+            # Grain's worker start reads an absl flag, which fails outside absl.app (google/grain#1355).
+            flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=prefetch))
     return iter(it)
 
@@ -136,7 +224,7 @@ def train_batches(
     start_step: int = 0,
     workers: int = 0,
     prefetch: int = 2,
-) -> tuple[int, Iterator[dict]]:
+) -> tuple[int, Batches]:
     """(steps_per_epoch, iterator of this host's batches from `start_step` to the end of training).
 
     Each epoch is a fresh permutation of the source; its last incomplete batch is
@@ -154,7 +242,7 @@ def train_batches(
         .map(lambda i: fn(layout.global_position(i // local, i % local)))
         .batch(local, drop_remainder=True)
     )
-    return steps_per_epoch, _iterate(ds[start_step:], workers, prefetch)
+    return steps_per_epoch, Batches(_iterate(ds[start_step:], workers, prefetch), source)
 
 
 def eval_batches(
@@ -165,7 +253,7 @@ def eval_batches(
     workers: int = 0,
     prefetch: int = 2,
     with_box: bool = False,
-) -> tuple[int, Iterator[dict]]:
+) -> tuple[int, Batches]:
     """(num_batches, iterator) over every example exactly once; the last batch is padded, 'mask' marks real ones."""
     num_batches = -(-len(source) // layout.global_batch)
     local = layout.local_batch
@@ -175,7 +263,7 @@ def eval_batches(
         .map(lambda i: fn(layout.global_position(i // local, i % local)))
         .batch(local, drop_remainder=True)
     )
-    return num_batches, _iterate(ds, workers, prefetch)
+    return num_batches, Batches(_iterate(ds, workers, prefetch), source)
 
 
 def to_global(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:

@@ -1,0 +1,105 @@
+"""Decoding source records into RGB pixels, in the input workers.
+
+Sources hand out cheap records: the image as a file path, encoded bytes or an
+in-memory array, a label, and optionally a box in pixels ('box') or in
+fractions of the image size ('rel_box', as TFDS stores it). `load_example`
+turns one into {'image': RGB uint8 HxWx3, 'label', 'box'}. Greyscale, CMYK,
+16-bit and alpha images are converted (alpha is dropped); a file that yields no
+pixels raises `UnreadableImage`, which the pipeline turns into a skip.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import cv2
+import numpy as np
+
+# PIL, and so the reference's torchvision loader, ignores EXIF orientation; the
+# datasets' boxes refer to the stored pixel grid, so OpenCV must ignore it too.
+_IMREAD = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+
+
+class UnreadableImage(ValueError):
+    """An image that cannot be decoded into pixels (corrupt, truncated, empty or not an image)."""
+
+
+def _truncated_jpeg(data: bytes) -> bool:
+    """True for a JPEG whose last scan has no end-of-image marker after it.
+
+    Some OpenCV builds decode such files without error and fill the missing
+    rows with grey. Inside entropy-coded data 0xFF is always stuffed, so the
+    last start-of-scan marker is real and the end marker must follow it.
+    """
+    if not data.startswith(b"\xff\xd8"):
+        return False
+    return data.find(b"\xff\xd9", data.rfind(b"\xff\xda")) < 0
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Encoded image bytes (any format OpenCV reads) -> RGB uint8 HxWx3."""
+    if not data:
+        raise UnreadableImage("empty file")
+    if _truncated_jpeg(data):
+        raise UnreadableImage("truncated JPEG (no end-of-image marker)")
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), _IMREAD)
+    if bgr is None:
+        raise UnreadableImage("corrupt or not an image OpenCV can decode")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def as_rgb(image: np.ndarray) -> np.ndarray:
+    """An in-memory uint8 image, HxW or HxWx{1,3,4}, as RGB HxWx3 (alpha dropped)."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim not in (2, 3) or image.size == 0:
+        raise UnreadableImage(f"array of shape {image.shape} and dtype {image.dtype} is not a uint8 image")
+    if image.ndim == 2:
+        image = image[..., None]
+    channels = image.shape[2]
+    if channels == 1:
+        return np.repeat(image, 3, axis=2)
+    if channels in (3, 4):
+        return image[..., :3]
+    raise UnreadableImage(f"image with {channels} channels")
+
+
+def read_image(image: str | bytes | np.ndarray) -> np.ndarray:
+    """A record's image (file path, encoded bytes or array) -> RGB uint8 HxWx3."""
+    if isinstance(image, str):
+        try:
+            with open(image, "rb") as f:
+                image = f.read()
+        except OSError as e:
+            raise UnreadableImage(f"cannot read: {e.strerror}") from e
+    if isinstance(image, (bytes, np.bytes_)):
+        return decode_image(bytes(image))
+    return as_rgb(image)
+
+
+def record_name(record: Mapping) -> str:
+    """How messages name a record: its 'name', else its path, else its label."""
+    if "name" in record:
+        return str(record["name"])
+    if isinstance(record["image"], str):
+        return record["image"]
+    return f"in-memory image of label {record['label']}"
+
+
+def load_example(record: Mapping) -> dict:
+    """A source record -> {'image': RGB uint8 HxWx3, 'label': int, 'box': float32 pixel box or None}.
+
+    Raises UnreadableImage naming the record when its image has no pixels.
+    """
+    try:
+        image = read_image(record["image"])
+    except UnreadableImage as e:
+        raise UnreadableImage(f"{record_name(record)}: {e}") from e
+    box = record.get("box")
+    if record.get("rel_box") is not None:
+        h, w = image.shape[:2]
+        box = np.asarray(record["rel_box"], np.float32) * np.array([w, h, w, h], np.float32)
+    return {
+        "image": image,
+        "label": int(record["label"]),
+        "box": None if box is None else np.asarray(box, np.float32),
+    }
