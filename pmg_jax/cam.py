@@ -1,0 +1,278 @@
+"""The Grad-CAM family over PMG's own activations: a whole batch and every map in one jitted pass.
+
+Activations are the maps the model `sow`s under 'intermediates'; their gradients come from
+reverse-mode autodiff through the model's `perturb` points (zeros added to each map), so there
+is no second, hand-written forward. BatchNorm runs in inference mode.
+
+Which logit drives a map: block k and layer(k+1) are explained by head k (block k feeds only
+head k and the concat head; layer(k+1) is block k's input), and the concat map is either the
+seed's sum of the three block maps ('seed') or the concat head's gradient through each block
+('head'). Every map is ReLU'd, divided by its maximum (an all-zero map stays zero) and resized
+bilinearly to the input size, so it lies in [0, 1].
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, NamedTuple, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pmg_jax.data import transforms
+
+MAP_NAMES = ("block1", "block2", "block3", "concat", "layer2", "layer3", "layer4")
+METHODS = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "eigencam")
+TARGETS = ("predicted", "class", "seed")
+CONCAT_MODES = ("seed", "head")
+BLOCKS = ("block1", "block2", "block3")
+CONCAT_HEAD = 3
+# Index (into the model's (head1, head2, head3, concat) logits) of the head that explains each map.
+HEAD_OF = {"block1": 0, "layer2": 0, "block2": 1, "layer3": 1, "block3": 2, "layer4": 2, "concat": CONCAT_HEAD}
+_EPS = 1e-7
+
+Request = tuple[str, int]  # (map name, head index) whose gradient is wanted
+
+
+class Captured(NamedTuple):
+    """Activations (B, h, w, C) by map name, gradients by (map name, head), and the four logits."""
+
+    acts: dict[str, jax.Array]
+    grads: dict[Request, jax.Array]
+    logits: tuple[jax.Array, ...]
+
+
+class Explanation(NamedTuple):
+    """Maps (B, H, W) float32 in [0, 1] at the input resolution, the four logits, and the class each head explains (B, 4)."""
+
+    maps: dict[str, jax.Array]
+    logits: tuple[jax.Array, ...]
+    targets: jax.Array
+
+
+def prepare(image: np.ndarray, size: int, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """The seed's CAM input: the whole RGB image resized to size x size (no crop), then normalised."""
+    return transforms.normalize(transforms.resize(image, size), mean, std)
+
+
+def target_score(logits: jax.Array, target: str, classes: jax.Array | None = None) -> jax.Array:
+    """Per-image score (B,) whose gradient a map explains: a class's logit, or the seed's 0.5 * sum_c z_c^2."""
+    if target == "seed":
+        return 0.5 * jnp.sum(jnp.square(logits), axis=-1)
+    return jnp.take_along_axis(logits, explained_class(logits, target, classes)[:, None], axis=-1)[:, 0]
+
+
+def explained_class(logits: jax.Array, target: str, classes: jax.Array | None = None) -> jax.Array:
+    """The class (B,) a head's map is about: the given one for 'class', else the head's prediction."""
+    if target == "class":
+        return jnp.broadcast_to(jnp.asarray(classes, jnp.int32), logits.shape[:1])
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+def _variables(variables: dict) -> dict:
+    """Only the collections inference needs (drops e.g. 'perturbations' from `init`)."""
+    return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+
+
+def _perturbation_zeros(model: nn.Module, variables: dict, images: jax.Array) -> dict[str, jax.Array]:
+    """Zero perturbations shaped for this very batch (via `jax.eval_shape`, nothing is computed)."""
+    shapes = jax.eval_shape(
+        lambda v, x: model.apply(v, x, train=False, mutable=["perturbations"])[1]["perturbations"], variables, images)
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def forward(model: nn.Module, variables: dict, images: jax.Array) -> tuple[tuple[jax.Array, ...], dict[str, jax.Array]]:
+    """Inference logits and every sown map, without gradients."""
+    logits, state = model.apply(_variables(variables), images, train=False, mutable=["intermediates"])
+    return logits, {name: value[0] for name, value in state["intermediates"].items()}
+
+
+def capture(
+    model: nn.Module,
+    variables: dict,
+    images: jax.Array,
+    requests: Sequence[Request],
+    target: str = "predicted",
+    classes: jax.Array | None = None,
+) -> Captured:
+    """One forward pass, and for each (map, head) request the gradient of that head's summed target score.
+
+    The backward pass is the reverse-mode Jacobian of one scalar per distinct head, so gradients
+    driven by different heads never mix (layer2 feeds all three heads); only the requested maps
+    are differentiated, so nothing below them is back-propagated.
+    """
+    variables = _variables(variables)
+    zeros = _perturbation_zeros(model, variables, images)
+    names = sorted({name for name, _ in requests})
+    heads = sorted({head for _, head in requests})
+
+    def scores(perturbed: dict[str, jax.Array]):
+        logits, state = model.apply({**variables, "perturbations": {**zeros, **perturbed}}, images, train=False,
+                                    mutable=["intermediates"])
+        per_head = jnp.stack([jnp.sum(target_score(logits[h], target, classes)) for h in heads])
+        return per_head, (logits, state["intermediates"])
+
+    jacobian, (logits, sown) = jax.jacrev(scores, has_aux=True)({name: zeros[name] for name in names})
+    acts = {name: sown[name][0] for name in names}
+    grads = {(name, head): jacobian[name][heads.index(head)] for name, head in requests}
+    return Captured(acts, grads, logits)
+
+
+def _spatial_sum(x: jax.Array) -> jax.Array:
+    return jnp.sum(x, axis=(1, 2), keepdims=True)
+
+
+def _weighted(weights: jax.Array, a: jax.Array) -> jax.Array:
+    """sum_c w_c A_c for per-image channel weights (B, 1, 1, C)."""
+    return jnp.sum(weights * a, axis=-1)
+
+
+def _gradcam(a: jax.Array, g: jax.Array) -> jax.Array:
+    """Grad-CAM (Selvaraju et al. 2017): channel weights are the spatial mean of the gradient."""
+    return _weighted(jnp.mean(g, axis=(1, 2), keepdims=True), a)
+
+
+def _gradcam_pp(a: jax.Array, g: jax.Array) -> jax.Array:
+    """Grad-CAM++ (Chattopadhay et al. 2018), closed form for an exponential score: alpha = g^2 / (2 g^2 + sum(A) g^3)."""
+    g2 = jnp.square(g)
+    denominator = 2.0 * g2 + _spatial_sum(a) * g2 * g
+    alpha = jnp.where(denominator != 0, g2 / jnp.where(denominator != 0, denominator, 1.0), 0.0)
+    return _weighted(_spatial_sum(alpha * nn.relu(g)), a)
+
+
+def _xgradcam(a: jax.Array, g: jax.Array) -> jax.Array:
+    """XGrad-CAM (Fu et al. 2020): weights sum(A * g) / sum(A) per channel."""
+    return _weighted(_spatial_sum(a * g) / (_spatial_sum(a) + _EPS), a)
+
+
+def _layercam(a: jax.Array, g: jax.Array) -> jax.Array:
+    """LayerCAM (Jiang et al. 2021): positive gradients weight each location."""
+    return jnp.sum(nn.relu(g) * a, axis=-1)
+
+
+def _hirescam(a: jax.Array, g: jax.Array) -> jax.Array:
+    """HiResCAM (Draelos & Carin 2020): gradient times activation, summed over channels."""
+    return jnp.sum(g * a, axis=-1)
+
+
+def _eigencam_one(a: jax.Array) -> jax.Array:
+    """Projection of one image's centred (h*w, C) activations on their first principal direction."""
+    h, w, c = a.shape
+    flat = a.reshape(h * w, c)
+    centred = flat - jnp.mean(flat, axis=0)
+    _, _, vt = jnp.linalg.svd(centred, full_matrices=False)
+    projection = centred @ vt[0]
+    # The SVD's sign is arbitrary: orient the map to agree with the total activation.
+    sign = jnp.where(jnp.dot(projection, jnp.sum(flat, axis=-1)) < 0, -1.0, 1.0)
+    return (sign * projection).reshape(h, w)
+
+
+def _eigencam(a: jax.Array, g: jax.Array | None = None) -> jax.Array:
+    """Eigen-CAM (Muhammad & Yeasin 2020): first principal component of the activations, no gradient."""
+    return jax.vmap(_eigencam_one)(a)
+
+
+_METHOD_FNS: dict[str, Callable[..., jax.Array]] = {
+    "gradcam": _gradcam,
+    "gradcam++": _gradcam_pp,
+    "xgradcam": _xgradcam,
+    "layercam": _layercam,
+    "hirescam": _hirescam,
+    "eigencam": _eigencam,
+}
+
+
+def raw_map(method: str, acts: jax.Array, grads: jax.Array | None = None) -> jax.Array:
+    """A method's map (B, h, w) before ReLU and normalisation, computed in float32."""
+    a = acts.astype(jnp.float32)
+    g = None if grads is None else grads.astype(jnp.float32)
+    return _METHOD_FNS[method](a, g)
+
+
+def normalize(m: jax.Array) -> jax.Array:
+    """ReLU, then divide each map by its maximum; an all-zero map stays zero (no NaN)."""
+    m = nn.relu(m)
+    peak = jnp.max(m, axis=(1, 2), keepdims=True)
+    return m / jnp.where(peak > 0, peak, 1.0)
+
+
+def upsample(m: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """Bilinear resize of (B, h, w) maps to (B, *size), half-pixel centres like cv2.resize."""
+    return jax.image.resize(m, (m.shape[0], *size), method="bilinear")
+
+
+def requests_for(maps: Sequence[str], concat: str = "seed") -> tuple[Request, ...]:
+    """The (map, head) gradients the given maps need."""
+    out = set()
+    for name in maps:
+        if name == "concat":
+            out |= {(b, CONCAT_HEAD if concat == "head" else HEAD_OF[b]) for b in BLOCKS}
+        else:
+            out.add((name, HEAD_OF[name]))
+    return tuple(sorted(out))
+
+
+def maps_from_capture(
+    captured: Captured, method: str, maps: Sequence[str], size: tuple[int, int], concat: str = "seed"
+) -> dict[str, jax.Array]:
+    """Final maps at `size`; 'concat' is ReLU + normalise of the sum of the upsampled raw block maps."""
+    raw = {(name, head): raw_map(method, captured.acts[name], captured.grads.get((name, head)))
+           for name, head in requests_for(maps, concat)}
+    out = {}
+    for name in maps:
+        if name == "concat":
+            parts = [raw[(b, CONCAT_HEAD if concat == "head" else HEAD_OF[b])] for b in BLOCKS]
+            out[name] = normalize(sum(upsample(p, size) for p in parts))
+        else:
+            out[name] = upsample(normalize(raw[(name, HEAD_OF[name])]), size)
+    return out
+
+
+def check_options(maps: Sequence[str], method: str, target: str, concat: str) -> None:
+    """Raise ValueError for an unknown map, method, target kind or concat mode."""
+    for value, allowed, what in ((method, METHODS, "method"), (target, TARGETS, "target"),
+                                 (concat, CONCAT_MODES, "concat mode")):
+        if value not in allowed:
+            raise ValueError(f"unknown {what} {value!r}; expected one of {', '.join(allowed)}")
+    unknown = [m for m in maps if m not in MAP_NAMES]
+    if unknown or not maps:
+        raise ValueError(f"maps must be a non-empty subset of {', '.join(MAP_NAMES)}; got {list(maps)}")
+
+
+def explain(
+    model: nn.Module,
+    variables: dict,
+    images: jax.Array,
+    classes: jax.Array | None = None,
+    *,
+    maps: Sequence[str] = ("block1", "block2", "block3", "concat"),
+    method: str = "gradcam",
+    target: str = "predicted",
+    concat: str = "seed",
+) -> Explanation:
+    """Maps of a batch of normalised NHWC images; `classes` (B,) are the targets when target='class'."""
+    check_options(maps, method, target, concat)
+    if target == "class" and classes is None:
+        raise ValueError("target='class' needs `classes` (one class id per image)")
+    if method == "eigencam":
+        logits, sown = forward(model, variables, images)
+        captured = Captured({name: sown[name] for name, _ in requests_for(maps, concat)}, {}, logits)
+    else:
+        captured = capture(model, variables, images, requests_for(maps, concat), target, classes)
+    out = maps_from_capture(captured, method, maps, images.shape[1:3], concat)
+    targets = jnp.stack([explained_class(z, target, classes) for z in captured.logits], axis=-1)
+    return Explanation(out, captured.logits, targets)
+
+
+def make_explainer(
+    model: nn.Module,
+    maps: Sequence[str] = ("block1", "block2", "block3", "concat"),
+    method: str = "gradcam",
+    target: str = "predicted",
+    concat: str = "seed",
+) -> Callable[..., Explanation]:
+    """`explain` jitted for fixed options: fn(variables, images, classes=None) -> Explanation."""
+    check_options(maps, method, target, concat)
+    return jax.jit(functools.partial(explain, model, maps=tuple(maps), method=method, target=target, concat=concat))

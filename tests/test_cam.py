@@ -1,0 +1,241 @@
+"""Grad-CAM maps against PyTorch autograd on the same weights, and against the seed's formulas.
+
+Tolerances: activations agree to 1e-4 and gradients to 1e-5 (absolute; activations are O(1-10),
+gradients O(0.1-1)); maps, which are in [0, 1], to 1e-4 at every pixel.
+"""
+
+import functools
+
+import cv2
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pmg_jax import cam
+from pmg_jax.data import synthetic
+from pmg_jax.model import PMG
+from test_parity import flax_variables, nhwc, torch_pmg
+
+GRADIENT_METHODS = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam")
+ACT_TOL, GRAD_TOL, MAP_TOL = 1e-4, 1e-5, 1e-4
+TINY = dict(backbone="resnet50", width=8, stage_sizes=(1, 1, 1, 1), feature_size=16, num_classes=5)
+TINY_SIZE = 64
+
+
+# ---- an independent computation: PyTorch autograd through forward hooks, CAM formulas in torch ----
+
+def torch_modules(model) -> dict:
+    """The torch modules whose outputs are the maps of cam.MAP_NAMES (concat aside)."""
+    return {**{f"block{k}": getattr(model, f"conv_block{k}") for k in (1, 2, 3)},
+            **{f"layer{k}": getattr(model.features, f"layer{k}") for k in (2, 3, 4)}}
+
+
+def torch_score(z: torch.Tensor, target: str, classes=None) -> torch.Tensor:
+    if target == "seed":
+        return 0.5 * (z ** 2).sum()
+    idx = z.argmax(1) if target == "predicted" else torch.as_tensor(classes)
+    return z.gather(1, idx[:, None]).sum()
+
+
+def torch_capture(model, x: torch.Tensor, requests, target="predicted", classes=None):
+    """Activations (NHWC numpy) and d(head score)/d(map) for (map, head) requests, by torch autograd."""
+    acts, handles = {}, []
+    for name, module in torch_modules(model).items():
+        handles.append(module.register_forward_hook(lambda m, i, o, name=name: acts.__setitem__(name, o)))
+    model.eval()
+    logits = model(x)
+    for h in handles:
+        h.remove()
+    grads = {(name, head): torch.autograd.grad(torch_score(logits[head], target, classes), acts[name],
+                                               retain_graph=True)[0]
+             for name, head in requests}
+    return acts, grads
+
+
+def torch_raw(method: str, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Pre-ReLU maps (B, h, w) from NCHW activations and gradients."""
+    s = lambda t: t.sum((2, 3), keepdim=True)
+    if method == "gradcam":
+        w = g.mean((2, 3), keepdim=True)
+    elif method == "gradcam++":
+        denom = 2 * g ** 2 + s(a) * g ** 3
+        alpha = torch.where(denom != 0, g ** 2 / torch.where(denom != 0, denom, torch.ones_like(denom)), 0.0)
+        w = s(alpha * F.relu(g))
+    elif method == "xgradcam":
+        w = s(a * g) / (s(a) + 1e-7)
+    elif method == "layercam":
+        return (F.relu(g) * a).sum(1)
+    elif method == "hirescam":
+        return (g * a).sum(1)
+    return (w * a).sum(1)
+
+
+def torch_finish(raw: torch.Tensor, size: int) -> torch.Tensor:
+    m = F.relu(raw)
+    peak = m.amax((1, 2), keepdim=True)
+    m = m / torch.where(peak > 0, peak, torch.ones_like(peak))
+    return F.interpolate(m[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+
+
+def torch_maps(model, x, maps, method, target="predicted", classes=None, concat="seed") -> dict[str, np.ndarray]:
+    """The maps explain() should produce, computed in PyTorch."""
+    acts, grads = torch_capture(model, x, cam.requests_for(maps, concat), target, classes)
+    size = x.shape[-1]
+    raw = {req: torch_raw(method, acts[req[0]], g) for req, g in grads.items()}
+    out = {}
+    for name in maps:
+        if name == "concat":
+            parts = [raw[(b, 3 if concat == "head" else cam.HEAD_OF[b])] for b in cam.BLOCKS]
+            up = sum(F.interpolate(p[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+                     for p in parts)
+            m = F.relu(up)
+            out[name] = m / torch.where(m.amax((1, 2), keepdim=True) > 0, m.amax((1, 2), keepdim=True), 1.0)
+        else:
+            out[name] = torch_finish(raw[(name, cam.HEAD_OF[name])], size)
+    return {k: v.detach().numpy() for k, v in out.items()}
+
+
+# ---- fixtures ----
+
+@pytest.fixture(scope="module")
+def tiny_pair():
+    model_t = torch_pmg(TINY["backbone"], TINY["width"], TINY["stage_sizes"], TINY["feature_size"],
+                        TINY["num_classes"], seed=5, size=TINY_SIZE)
+    model_j = PMG(**TINY)
+    x = torch.randn(3, 3, TINY_SIZE, TINY_SIZE, generator=torch.Generator().manual_seed(2))
+    return model_t, model_j, flax_variables(model_t, model_j, TINY_SIZE), x
+
+
+def nchw_to_nhwc(t: torch.Tensor) -> np.ndarray:
+    return t.detach().permute(0, 2, 3, 1).numpy()
+
+
+# ---- tests ----
+
+def test_resnet50_gradients_and_maps_match_pytorch():
+    """Full ResNet50 PMG at 224, batch 2: activations, gradients and five methods' maps at every block."""
+    model_t = torch_pmg("resnet50", 64, None, 512, 200, seed=0, size=224)
+    model_j = PMG(num_classes=200)
+    variables = flax_variables(model_t, model_j, 224)
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    requests = cam.requests_for(cam.BLOCKS)
+
+    acts_t, grads_t = torch_capture(model_t, x, requests)
+    captured = jax.jit(lambda v, x: cam.capture(model_j, v, x, requests))(variables, nhwc(x))
+    for name, head in requests:
+        np.testing.assert_allclose(captured.acts[name], nchw_to_nhwc(acts_t[name]), atol=ACT_TOL, rtol=0, err_msg=name)
+        np.testing.assert_allclose(captured.grads[(name, head)], nchw_to_nhwc(grads_t[(name, head)]), atol=GRAD_TOL,
+                                   rtol=0, err_msg=name)
+    finish = jax.jit(cam.maps_from_capture, static_argnames=("method", "maps", "size"))
+    for method in GRADIENT_METHODS:
+        got = finish(captured, method=method, maps=cam.BLOCKS, size=(224, 224))
+        for name, head in requests:
+            want = torch_finish(torch_raw(method, acts_t[name], grads_t[(name, head)]), 224).detach().numpy()
+            assert want.max(axis=(1, 2)).min() > 0.5, (method, name)  # every image has a real, non-trivial map
+            np.testing.assert_allclose(got[name], want, atol=MAP_TOL, rtol=0, err_msg=f"{method} {name}")
+
+
+@pytest.mark.parametrize("method", GRADIENT_METHODS)
+def test_every_map_matches_pytorch(tiny_pair, method):
+    """Blocks, backbone stages and the seed concat, each explained by its own head only."""
+    model_t, model_j, variables, x = tiny_pair
+    want = torch_maps(model_t, x, cam.MAP_NAMES, method)
+    got = cam.make_explainer(model_j, cam.MAP_NAMES, method)(variables, nhwc(x))
+    for name in cam.MAP_NAMES:
+        assert got.maps[name].shape == (3, TINY_SIZE, TINY_SIZE)
+        np.testing.assert_allclose(got.maps[name], want[name], atol=MAP_TOL, rtol=0, err_msg=name)
+
+
+@pytest.mark.parametrize("target,concat", [("class", "head"), ("seed", "seed"), ("seed", "head")])
+def test_targets_and_concat_head_match_pytorch(tiny_pair, target, concat):
+    model_t, model_j, variables, x = tiny_pair
+    classes = np.array([4, 0, 2], np.int32)
+    want = torch_maps(model_t, x, cam.MAP_NAMES, "gradcam", target, classes, concat)
+    got = cam.make_explainer(model_j, cam.MAP_NAMES, "gradcam", target, concat)(variables, nhwc(x), classes)
+    for name in cam.MAP_NAMES:
+        np.testing.assert_allclose(got.maps[name], want[name], atol=MAP_TOL, rtol=0, err_msg=name)
+    if target == "class":
+        np.testing.assert_array_equal(got.targets, np.repeat(classes[:, None], 4, axis=1))
+
+
+def test_seed_target_and_concat_reproduce_the_seed(tiny_pair):
+    """The seed's way on a test image: one block per backward of 0.5 * sum z^2, numpy/cv2 post-processing."""
+    model_t, model_j, variables, _ = tiny_pair
+    image = synthetic.make_example(synthetic.DemoSpec(num_classes=5, image_size=90), "test", 0)["image"]
+    x = cam.prepare(image, TINY_SIZE, (0.5,) * 3, (0.5,) * 3)
+    raw = {}
+    for k in (1, 2, 3):  # the seed: a fresh forward and backward for each block
+        acts, grads = torch_capture(model_t, torch.from_numpy(x.transpose(2, 0, 1)[None].copy()),
+                                    [(f"block{k}", k - 1)], target="seed")
+        a = acts[f"block{k}"][0].detach().numpy()
+        g = grads[(f"block{k}", k - 1)][0].numpy()
+        raw[k] = np.tensordot(g.mean(axis=(1, 2)), a, axes=1)  # sum_c w_c A_c, w_c = spatial mean of dS/dA_c
+    seed = {}
+    for k in (1, 2, 3):
+        m = np.maximum(raw[k], 0)
+        seed[f"block{k}"] = cv2.resize(m / m.max(), (TINY_SIZE, TINY_SIZE))
+    total = np.maximum(sum(cv2.resize(raw[k], (TINY_SIZE, TINY_SIZE)) for k in (1, 2, 3)), 0)
+    seed["concat"] = total / total.max()
+
+    got = cam.make_explainer(model_j, ("block1", "block2", "block3", "concat"), target="seed")(variables, x[None])
+    for name, want in seed.items():
+        np.testing.assert_allclose(got.maps[name][0], want, atol=MAP_TOL, rtol=0, err_msg=name)
+
+
+def test_any_batch_size_gives_per_image_maps(tiny_pair):
+    _, model_j, variables, x = tiny_pair
+    explainer = cam.make_explainer(model_j, cam.MAP_NAMES)
+    batch = explainer(variables, nhwc(x))
+    for i in range(3):
+        single = explainer(variables, nhwc(x[i:i + 1]))
+        for name in cam.MAP_NAMES:
+            np.testing.assert_allclose(single.maps[name][0], batch.maps[name][i], atol=1e-5, err_msg=name)
+
+
+def test_a_dead_block_gives_zero_maps_not_nan(tiny_pair):
+    """A block whose output is all zero (ReLU of a very negative BN bias) explains nothing, without NaN."""
+    _, model_j, variables, x = tiny_pair
+    dead = jax.tree.map(lambda a: a, variables)
+    bn = dead["params"]["conv_block3_1"]["bn"]
+    bn["bias"] = jnp.full_like(bn["bias"], -1e4)
+    for method in cam.METHODS:
+        out = cam.make_explainer(model_j, cam.MAP_NAMES, method)(dead, nhwc(x))
+        for name, m in out.maps.items():
+            assert np.all(np.isfinite(m)) and m.min() >= 0 and m.max() <= 1, (method, name)
+        assert np.all(out.maps["block3"] == 0), method
+
+
+def test_eigencam_is_the_first_principal_component(tiny_pair):
+    _, model_j, variables, x = tiny_pair
+    _, sown = cam.forward(model_j, variables, nhwc(x))
+    got = cam.make_explainer(model_j, ("block2",), "eigencam")(variables, nhwc(x)).maps["block2"]
+    for i in range(3):
+        a = np.asarray(sown["block2"][i], np.float64)
+        flat = a.reshape(-1, a.shape[-1])
+        centred = flat - flat.mean(0)
+        proj = centred @ np.linalg.svd(centred, full_matrices=False)[2][0]
+        proj *= np.sign(proj @ flat.sum(1))
+        m = np.maximum(proj, 0).reshape(a.shape[:2])
+        want = cv2.resize((m / m.max()).astype(np.float32), (TINY_SIZE, TINY_SIZE))
+        np.testing.assert_allclose(got[i], want, atol=MAP_TOL)
+
+
+def test_bfloat16_model_gives_valid_maps(tiny_pair):
+    _, _, variables, x = tiny_pair
+    model = PMG(**TINY, dtype=jnp.bfloat16)
+    out = cam.make_explainer(model, cam.MAP_NAMES)(variables, nhwc(x))
+    for name, m in out.maps.items():
+        assert m.dtype == jnp.float32 and np.all(np.isfinite(m)) and 0 <= m.min() and m.max() <= 1, name
+
+
+def test_options_are_checked():
+    model = PMG(**TINY)
+    for kwargs in ({"method": "gradcam+"}, {"target": "label"}, {"concat": "sum"}, {"maps": ("block4",)},
+                   {"maps": ()}):
+        with pytest.raises(ValueError):
+            cam.make_explainer(model, **kwargs)
+    with pytest.raises(ValueError, match="classes"):
+        cam.explain(model, {"params": {}, "batch_stats": {}}, jnp.zeros((1, 64, 64, 3)), target="class")
