@@ -30,6 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.mean = (0.5, 0.5, 0.5)  # per-channel normalisation mean (after scaling to [0, 1])
     c.data.std = (0.5, 0.5, 0.5)  # per-channel normalisation std
     c.data.resize_backend = "opencv"  # opencv (fast) | pil (the reference's antialiased bilinear, bit for bit)
+    c.data.normalize_on_device = False  # ship uint8 crops, normalise in the step (the step must call it; see pipeline)
     c.data.workers = 0  # Grain worker processes for decoding/augmentation (0: in-process)
     c.data.prefetch = 4  # batches buffered per worker
 
@@ -51,6 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.weight_decay = 5e-4  # added to the gradient of every parameter
 
     c.concat_loss_weight = 2.0  # the concat pass trains on 2 x cross-entropy
+    c.bn_stats = "all"  # all: every pass updates every BN's running stats (reference); used: only those feeding its loss (faster)
     c.batch_size = 16  # global batch (all devices and hosts together)
     c.eval_batch_size = 16  # global eval batch; the last one is padded and masked
     c.num_epochs = 200  # epochs; also the period of the cosine schedule

@@ -1,10 +1,12 @@
 """The Grain pipeline: determinism, resumption, host sharding, eval coverage, and bad images."""
 
+import dataclasses
 import io
 import logging
 import os
 
 import cv2
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -65,6 +67,18 @@ def test_hosts_load_disjoint_shares_of_the_global_batch():
     for step, batch in enumerate(whole):
         for k in batch:
             np.testing.assert_array_equal(np.concatenate([s[step][k] for s in shares]), batch[k])
+
+
+def test_uint8_batches_normalised_on_device_equal_the_host_normalised_ones():
+    layout = pipeline.Layout(8)
+    host = take(pipeline.train_batches(demo(), SPEC, layout, seed=5, num_epochs=1)[1], 2)
+    spec = dataclasses.replace(SPEC, normalize_on_device=True)
+    raw = take(pipeline.train_batches(demo(), spec, layout, seed=5, num_epochs=1)[1], 2)
+    normalize = jax.jit(pipeline.normalize_on_device, static_argnums=1)
+    for h, r in zip(host, raw):
+        assert r["image"].dtype == np.uint8
+        np.testing.assert_allclose(np.asarray(normalize(r["image"], spec)), h["image"], atol=1e-6)
+    np.testing.assert_array_equal(normalize(host[0]["image"], spec), host[0]["image"])
 
 
 def test_eval_covers_every_example_once_with_padding_masked():

