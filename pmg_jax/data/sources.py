@@ -75,6 +75,7 @@ class FileSource:
 
 
 def _not_found(dataset: str, data_dir: str, expected: str) -> DatasetNotFound:
+    """The error for `dataset` missing in data_dir: what was expected there and how to get it."""
     return DatasetNotFound(f"{dataset} dataset not found in config.dataset.data_dir={data_dir!r}: expected "
                            f"{expected}. {_HOW[dataset]}")
 
@@ -111,6 +112,7 @@ def _rows(path: str) -> list[list[str]]:
 
 
 def _check_split(dataset: str, split: str, splits: Iterable[str]) -> None:
+    """ValueError unless `split` is one of the dataset's splits."""
     if split not in splits:
         raise ValueError(f"{dataset} has no split {split!r} (it has {', '.join(splits)}); "
                          "set config.dataset.train_split / test_split")
@@ -179,10 +181,12 @@ def _mat_strings(path: str, key: str) -> list[str]:
 
 
 def _box_columns(fields: dict[str, np.ndarray]) -> np.ndarray:
+    """[x1, y1, x2, y2] boxes from the Stanford Cars annotation fields."""
     return np.stack([fields[k].astype(np.float32) for k in ("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2")], axis=1)
 
 
 def _first_dir(root: str, candidates: Sequence[str]) -> str | None:
+    """root/<candidate> for the first candidate that is a folder, or None."""
     return next((os.path.join(root, c) for c in candidates if os.path.isdir(os.path.join(root, c))), None)
 
 
@@ -274,7 +278,9 @@ def dogs_source(data_dir: str, split: str) -> FileSource:
     mat = sio.loadmat(os.path.join(lists, listing), squeeze_me=True)
     files = [str(f) for f in np.atleast_1d(mat["file_list"])]
     labels = np.atleast_1d(mat["labels"]).astype(np.int32) - 1
-    names = {int(label): f.split("/")[0].split("-", 1)[-1] for f, label in zip(files, labels)}
+    breeds = sorted(e.name for e in os.scandir(os.path.join(root, "Images")) if e.is_dir())
+    if any(label >= len(breeds) or f.split("/")[0] != breeds[label] for f, label in zip(files, labels)):
+        raise _not_found("dogs", data_dir, f"the labels of {listing} to number the sorted Images/ folders from 1")
     paths = [os.path.join(root, "Images", f) for f in files]
     _check_files("dogs", data_dir, paths)
     annotations = [os.path.join(root, "Annotation", os.path.splitext(f)[0]) for f in files]
@@ -282,7 +288,7 @@ def dogs_source(data_dir: str, split: str) -> FileSource:
     return FileSource(
         paths=paths,
         labels=labels,
-        class_names=[names.get(k, str(k)) for k in range(max(names) + 1)],
+        class_names=[b.split("-", 1)[-1] for b in breeds],
         boxes=np.array([_voc_box(a) for a in annotations], np.float32) if has_boxes else None,
     )
 
@@ -357,6 +363,7 @@ class TfdsSource:
 
 
 def _text(value: str | bytes) -> str:
+    """A TFDS text feature as str."""
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
