@@ -94,7 +94,8 @@ def _find_root(dataset: str, data_dir: str, markers: Sequence[str], subdirs: Seq
     for root in (data_dir, *(os.path.join(data_dir, s) for s in subdirs)):
         if all(os.path.exists(os.path.join(root, m)) for m in markers):
             return root
-    raise _not_found(dataset, data_dir, ", ".join(markers))
+    where = f" (there or in its {' or '.join(d + '/' for d in subdirs)})" if subdirs else ""
+    raise _not_found(dataset, data_dir, ", ".join(markers) + where)
 
 
 def _check_files(dataset: str, data_dir: str, paths: Sequence[str]) -> None:
@@ -338,8 +339,9 @@ class TfdsSource:
             raise DatasetNotFound(
                 f"TFDS dataset {name!r} is not prepared as array_record in config.dataset.data_dir="
                 f"{data_dir or '(TFDS default)'!r}. Prepare it once, with TensorFlow installed: "
-                f"`tfds build {name} --data_dir DATA_DIR --file_format array_record` (add --manual_dir DIR holding "
-                f"the downloaded archives when its download URL is dead, as for cars196); see README, Datasets."
+                f"`tfds build {name} --data_dir {data_dir or '~/tensorflow_datasets'} --file_format array_record` "
+                f"(add --manual_dir DIR holding the downloaded archives when its download URL is dead, as for "
+                f"cars196); see docs/datasets.md."
             ) from e
         features = builder.info.features
         self.class_names = list(features[label_key].names)
