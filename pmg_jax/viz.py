@@ -1,0 +1,124 @@
+"""Pictures of CAMs: the seed's JET overlays and file names, titled grids, and an index.html gallery."""
+
+from __future__ import annotations
+
+import html
+import os
+from typing import Sequence
+
+import cv2
+import numpy as np
+
+TILE_HEIGHT = 224
+_FONT = cv2.FONT_HERSHEY_SIMPLEX
+_LINE_HEIGHT = 18
+_MAX_FONT_SCALE = 0.5
+_MIN_FONT_SCALE = 0.3
+
+
+def write_image(path: str, image: np.ndarray) -> None:
+    """Write an RGB uint8 image; the format follows the extension (.jpg, .png, ...)."""
+    if not cv2.imwrite(path, cv2.cvtColor(image, cv2.COLOR_RGB2BGR)):
+        raise OSError(f"could not write {path}")
+
+
+def map_label(name: str) -> str:
+    """The seed's name of a map: conv_block{k}, conv_block_concat; backbone maps keep theirs (layer{k})."""
+    if name.startswith("block"):
+        return f"conv_{name}"
+    return "conv_block_concat" if name == "concat" else name
+
+
+def map_file_stem(name: str, tag: str) -> str:
+    """The seed's file names: conv_block{k}_<tag>, conv_block_concat_<tag> (and layer{k}_<tag>)."""
+    return f"{map_label(name)}_{tag}"
+
+
+def overlay(image: np.ndarray, cam: np.ndarray) -> np.ndarray:
+    """The seed's picture: JET colour map of `cam` (in [0, 1]) resized to the image, 0.3 x heatmap + 0.5 x image."""
+    h, w = image.shape[:2]
+    cam = cv2.resize(np.asarray(cam, np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+    heat = cv2.applyColorMap(np.uint8(255 * np.clip(cam, 0.0, 1.0)), cv2.COLORMAP_JET)
+    blend = 0.3 * cv2.cvtColor(heat, cv2.COLOR_BGR2RGB).astype(np.float32) + 0.5 * image.astype(np.float32)
+    return np.clip(np.rint(blend), 0, 255).astype(np.uint8)
+
+
+def _fit_text(text: str, width: int) -> tuple[str, float]:
+    """The largest font scale (within limits) at which `text` fits `width`, shortening it with '...' if needed."""
+    for scale in np.arange(_MAX_FONT_SCALE, _MIN_FONT_SCALE - 1e-9, -0.05):
+        if cv2.getTextSize(text, _FONT, scale, 1)[0][0] <= width:
+            return text, float(scale)
+    while len(text) > 1 and cv2.getTextSize(text + "...", _FONT, _MIN_FONT_SCALE, 1)[0][0] > width:
+        text = text[:-1]
+    return text + "...", _MIN_FONT_SCALE
+
+
+def titled(tile: np.ndarray, lines: Sequence[str]) -> np.ndarray:
+    """`tile` under a white band holding one text line per entry of `lines`."""
+    w = tile.shape[1]
+    band = np.full((_LINE_HEIGHT * len(lines) + 6, w, 3), 255, np.uint8)
+    for i, line in enumerate(lines):
+        text, scale = _fit_text(line, w - 8)
+        cv2.putText(band, text, (4, _LINE_HEIGHT * (i + 1)), _FONT, scale, (0, 0, 0), 1, cv2.LINE_AA)
+    return np.concatenate([band, tile], axis=0)
+
+
+def grid(tiles: Sequence[tuple[np.ndarray, Sequence[str]]], height: int = TILE_HEIGHT, gap: int = 4) -> np.ndarray:
+    """One row of RGB images, each scaled to `height` (aspect kept) and titled with its lines."""
+    n_lines = max(len(lines) for _, lines in tiles)
+    row = []
+    for image, lines in tiles:
+        w = max(1, round(image.shape[1] * height / image.shape[0]))
+        scaled = cv2.resize(image, (w, height), interpolation=cv2.INTER_AREA if image.shape[0] > height else cv2.INTER_LINEAR)
+        row.append(titled(scaled, [*lines, *[""] * (n_lines - len(lines))]))
+        row.append(np.full((row[-1].shape[0], gap, 3), 255, np.uint8))
+    return np.concatenate(row[:-1], axis=1)
+
+
+def top_k(probs: np.ndarray, class_names: Sequence[str], k: int = 5) -> list[tuple[str, float]]:
+    """The k most probable (class name, probability) pairs of one probability vector."""
+    order = np.argsort(-np.asarray(probs), kind="stable")[:k]
+    return [(class_names[i], float(probs[i])) for i in order]
+
+
+def save_explanation(
+    out_dir: str,
+    tag: str,
+    image: np.ndarray,
+    maps: dict[str, np.ndarray],
+    titles: dict[str, Sequence[str]],
+    save_npy: bool = False,
+) -> str:
+    """Write the seed-named overlays (.jpg, and .npy maps if asked) and a grid PNG; return the grid's file name.
+
+    `image` is the original RGB image; `maps` are in [0, 1] at the network's input size;
+    `titles` holds the grid title lines of the original ('input') and of every map.
+    """
+    tiles = [(image, titles["input"])]
+    for name, m in maps.items():
+        stem = os.path.join(out_dir, map_file_stem(name, tag))
+        picture = overlay(image, m)
+        write_image(stem + ".jpg", picture)
+        if save_npy:
+            np.save(stem + ".npy", np.asarray(m, np.float32))
+        tiles.append((picture, titles[name]))
+    grid_name = f"grid_{tag}.png"
+    write_image(os.path.join(out_dir, grid_name), grid(tiles))
+    return grid_name
+
+
+def write_index(path: str, entries: Sequence[tuple[str, Sequence[str]]], title: str) -> None:
+    """An HTML gallery: one figure per (image file relative to `path`, caption lines)."""
+    figures = "\n".join(
+        f'<figure><a href="{html.escape(src)}"><img src="{html.escape(src)}" loading="lazy"></a>'
+        f"<figcaption>{'<br>'.join(html.escape(line) for line in caption)}</figcaption></figure>"
+        for src, caption in entries)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:sans-serif;margin:1em}} figure{{margin:0 0 1.5em 0}}
+img{{max-width:100%;border:1px solid #ccc}} figcaption{{font-size:0.9em;color:#333}}</style></head>
+<body><h1>{html.escape(title)}</h1>
+{figures}
+</body></html>
+""")

@@ -1,0 +1,143 @@
+"""explain.py end to end on the tiny demo run: seed-named overlays, maps, grids, index.html, bad inputs."""
+
+import json
+import os
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+import explain
+from conftest import ROOT
+from pmg_jax import viz
+from pmg_jax.data import synthetic
+
+SEED_STEMS = ("conv_block1", "conv_block2", "conv_block3", "conv_block_concat")
+
+
+def write_demo_images(folder, config, n: int = 3) -> list[str]:
+    """Demo test images as files of different formats and sizes; returns their stems."""
+    os.makedirs(folder, exist_ok=True)
+    spec = synthetic.DemoSpec(config.dataset.num_classes, config.dataset.demo_image_size, config.dataset.demo_seed)
+    stems = []
+    for i in range(n):
+        image = synthetic.make_example(spec, "test", i)["image"]
+        if i == 1:
+            image = cv2.resize(image, (150, 100))  # not square, not the input size
+        name = f"bird{i}.{'png' if i % 2 else 'jpg'}"
+        cv2.imwrite(os.path.join(folder, name), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+        stems.append(f"bird{i}")
+    return stems
+
+
+def test_command_line_writes_seed_files_grids_and_gallery(demo_run, tmp_path):
+    """`python explain.py --ckpt <demo workdir> --block all --images <dir>`, as the README shows it."""
+    workdir, config, _ = demo_run
+    stems = write_demo_images(tmp_path / "images", config)
+    result = subprocess.run(
+        [sys.executable, "explain.py", "--ckpt", workdir, "--block", "all", "--images", str(tmp_path / "images"),
+         "--save-npy"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    out = os.path.join(workdir, "explain")  # default: inside the run
+    names = synthetic.class_names(config.dataset.num_classes)
+    for stem in stems:
+        original = cv2.imread(str(tmp_path / "images" / f"{stem}.{'png' if stem == 'bird1' else 'jpg'}"))
+        peaks = []
+        for prefix in SEED_STEMS:
+            overlay = cv2.imread(os.path.join(out, f"{prefix}_{stem}.jpg"))
+            assert overlay.shape == original.shape, (prefix, stem)  # on the original image at its own size
+            m = np.load(os.path.join(out, f"{prefix}_{stem}.npy"))
+            assert m.shape == (config.data.crop_size,) * 2 and m.dtype == np.float32
+            assert 0.0 <= m.min() and m.max() <= 1.0
+            peaks.append(m.max())
+        assert max(peaks) > 0.5  # (a single map may be all zero: no positive evidence at that block)
+        assert os.path.isfile(os.path.join(out, f"grid_{stem}.png"))
+        assert stem in result.stdout
+    index = open(os.path.join(out, "index.html")).read()
+    assert all(f'src="grid_{stem}.png"' in index for stem in stems)
+    top5 = [line for line in result.stdout.splitlines() if line.strip().startswith(("head1", "concat"))]
+    assert len(top5) == 2 * len(stems)
+    assert all(sum(name in line for name in names) == 5 for line in top5)  # five classes, by name
+
+
+def test_bad_inputs_are_reported_and_skipped(demo_run, tmp_path, capsys):
+    workdir, config, _ = demo_run
+    write_demo_images(tmp_path / "good", config, n=1)
+    (tmp_path / "notes.jpg").write_text("not an image")
+    (tmp_path / "empty").mkdir()
+    bad = [str(tmp_path / "missing.png"), str(tmp_path / "notes.jpg"), str(tmp_path / "empty"),
+           str(tmp_path / "nothing*.png")]
+    rc = explain.main(["--ckpt", workdir, "--block", "3", "--out", str(tmp_path / "out"),
+                       "--images", str(tmp_path / "good" / "bird0.jpg"), *bad])
+    err = capsys.readouterr().err
+    assert rc == 0
+    skipped = [line for line in err.splitlines() if "skipping " in line]
+    assert len(skipped) == len(bad) and all(any(b in line for line in skipped) for b in bad)
+    assert sorted(os.listdir(tmp_path / "out")) == ["conv_block3_bird0.jpg", "grid_bird0.png", "index.html"]
+
+    rc = explain.main(["--ckpt", workdir, "--out", str(tmp_path / "out2"), "--images", *bad])
+    assert rc == 1 and "none of the" in capsys.readouterr().err
+
+
+def test_ckpt_forms_methods_and_class_targets(demo_run, tmp_path, capsys):
+    """A folder of runs and a checkpoint step dir; two methods write a subfolder each."""
+    workdir, config, _ = demo_run
+    write_demo_images(tmp_path / "images", config, n=1)
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    os.symlink(workdir, runs / "demo")
+    step = max(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
+    for i, ckpt in enumerate((str(runs), os.path.join(workdir, "checkpoints", str(step)))):
+        out = tmp_path / f"out{i}"
+        rc = explain.main(["--ckpt", ckpt, "--block", "2", "--block", "concat", "--method", "gradcam",
+                           "--method", "eigencam", "--target", "3", "--images", str(tmp_path / "images"),
+                           "--out", str(out)])
+        assert rc == 0
+        assert f"checkpoint {step}" in capsys.readouterr().out
+        for method in ("gradcam", "eigencam"):
+            assert {"conv_block2_bird0.jpg", "conv_block_concat_bird0.jpg", "index.html"} <= set(
+                os.listdir(out / method))
+
+
+def test_evaluate_prints_tables_and_saves_json(demo_run, tmp_path, capsys):
+    workdir, _, _ = demo_run
+    rc = explain.main(["--evaluate", "--ckpt", workdir, "--split", "test", "--block", "1", "--block", "concat",
+                       "--max-images", "20", "--auc-steps", "2", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "MaxBoxAccV2" in out and "Pointing" in out and "centre guess" in out
+    report = json.load(open(tmp_path / "localization_test.json"))
+    assert report["count"] == 20 and report["target"] == "label"
+    assert set(report["results"]["gradcam"]) == {"block1", "concat"}
+    assert 0.0 <= report["results"]["gradcam"]["block1"]["Insertion"] <= 1.0
+
+
+@pytest.mark.parametrize("argv", [["--target", "label", "--images", "a.jpg"], ["--target", "big", "--images", "a"],
+                                  ["--block", "4", "--images", "a.jpg"], []])
+def test_bad_arguments_are_usage_errors(argv):
+    with pytest.raises(SystemExit) as e:
+        explain.parse_args(["--ckpt", "runs/x", *argv])
+    assert e.value.code == 2
+
+
+def test_overlay_is_the_seeds_blend(tmp_path):
+    """cv2.imread, JET of the map resized to the image, heatmap * 0.3 + img * 0.5, as the seed writes it."""
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    m = rng.random((12, 12)).astype(np.float32)
+    cv2.imwrite(str(tmp_path / "x.png"), image)
+    img = cv2.imread(str(tmp_path / "x.png"))
+    heatmap = cv2.applyColorMap(np.uint8(255 * cv2.resize(m, (53, 37))), cv2.COLORMAP_JET)
+    seed = np.clip(np.rint(heatmap * 0.3 + img * 0.5), 0, 255).astype(np.uint8)
+    got = viz.overlay(cv2.cvtColor(img, cv2.COLOR_BGR2RGB), m)
+    np.testing.assert_array_equal(cv2.cvtColor(got, cv2.COLOR_RGB2BGR), seed)
+
+
+def test_grid_titles_fit_and_unique_tags():
+    tiles = [(np.zeros((50, 80, 3), np.uint8), ["a very long class name " * 4, "93%"]),
+             (np.zeros((100, 100, 3), np.uint8), ["block1"])]
+    g = viz.grid(tiles, height=64)
+    assert g.shape[0] > 64 and g.shape[1] == round(80 * 64 / 50) + 4 + 64
+    assert explain.unique_tags(["a/x.jpg", "b/x.png", "c/y.jpg", "d/x.jpg"]) == ["x", "x_2", "y", "x_3"]
