@@ -72,7 +72,7 @@ class BatchNorm(nn.Module):
 
     Normalises with the biased batch variance but updates the running variance with
     the unbiased one, as torch.nn.BatchNorm does; `momentum` is PyTorch's (weight of
-    the new batch). Statistics are computed in float32 whatever the compute dtype.
+    the new batch). Statistics are computed in at least float32 whatever the compute dtype.
     Under jit over a sharded batch the reductions are global (synchronised BN).
     """
 
@@ -89,7 +89,7 @@ class BatchNorm(nn.Module):
         ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
         axes: Sequence[int] = tuple(range(x.ndim - 1))
         if train:
-            xf = x.astype(jnp.float32)
+            xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # bf16 -> f32; f64 stays f64
             mean = jnp.mean(xf, axes)
             var = jnp.mean(jnp.square(xf - mean), axes)  # two-pass: exact enough for parity
             if not self.is_initializing():

@@ -43,7 +43,8 @@ def _head(parent_prefix: str, x: jax.Array, feature_size: int, num_classes: int,
     x = Linear(feature_size, dtype=dtype, name=f"{parent_prefix}_1")(x)
     x = BatchNorm(momentum=0.1, dtype=dtype, name=f"{parent_prefix}_2")(x, train)
     x = nn.elu(x)
-    return Linear(num_classes, dtype=dtype, name=f"{parent_prefix}_4")(x).astype(jnp.float32)
+    logits = Linear(num_classes, dtype=dtype, name=f"{parent_prefix}_4")(x)
+    return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))  # bf16 -> f32 for the loss
 
 
 class PMG(nn.Module):
