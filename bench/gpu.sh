@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The prepared GPU benchmark (an H100/H200 box with JAX+CUDA, flax, optax, orbax and PyTorch; no internet).
+# Within 8 minutes: ours, training and evaluation at 448 with batch 16 and 64 in float32 and bfloat16,
+# and the PyTorch reference training at batch 16 in float32 and autocast bfloat16, most telling first;
+# runs that would not start in time are skipped and named. JSON lines (images/s, MFU from the analytic
+# FLOP count, peak memory) are appended to OUT_FILE, then printed as a table.
+#
+#   bench/gpu.sh [OUT_FILE]          default OUT_FILE: bench/gpu_results.jsonl
+#   bench/gpu.sh --tiny [OUT_FILE]   a tiny model at 64 px, one batch, on any machine (CPU: ~2 min); or PMG_BENCH_TINY=1
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+tiny="${PMG_BENCH_TINY:-0}"
+if [[ "${1:-}" == "--tiny" ]]; then tiny=1; shift; fi
+out="${1:-bench/gpu_results.jsonl}"
+budget_s="${PMG_BENCH_BUDGET_S:-480}"  # wall-clock cap of all runs together
+
+if [[ "$tiny" == 1 ]]; then
+  shared=(--size 64 --backbone resnet18 --width 8 --feature-size 16 --stage-sizes 1,1,1,1 --classes 5 --steps 2 --warmup 1)
+  small=2 large=2
+else
+  shared=(--size 448 --steps 5 --warmup 2)
+  small=16 large=64
+fi
+export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}"
+
+runs=(
+  "train --batch $small --dtype bfloat16"
+  "torch_bench --mode train --batch $small --dtype float32"
+  "torch_bench --mode train --batch $small --dtype bfloat16"
+  "train --batch $small --dtype float32"
+  "eval --batch $small --dtype bfloat16"
+  "eval --batch $large --dtype bfloat16"
+  "train --batch $large --dtype bfloat16"
+  "eval --batch $small --dtype float32"
+  "eval --batch $large --dtype float32"
+  "train --batch $large --dtype float32"
+)
+
+date -u +"# %Y-%m-%dT%H:%M:%SZ bench/gpu.sh tiny=$tiny" >&2
+: > "$out"
+declare -A seen
+failed=0
+for run in "${runs[@]}"; do
+  [[ -n "${seen[$run]:-}" ]] && continue
+  seen[$run]=1
+  left=$((budget_s - SECONDS))
+  if ((left < 30)); then
+    echo "skipped, out of time: $run" >&2
+    continue
+  fi
+  read -r script args <<<"$run"
+  # shellcheck disable=SC2086  # args is a word list on purpose
+  if ! timeout "$left" python -m "bench.$script" "${shared[@]}" $args >>"$out"; then
+    echo "failed or timed out: $run" >&2
+    failed=1
+  fi
+  tail -n 1 "$out"
+done
+python -m bench.report "$out"
+exit "$failed"

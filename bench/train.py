@@ -1,0 +1,64 @@
+"""Benchmark whole PMG training iterations (four passes, four updates) on synthetic data.
+
+    python -m bench.train --size 448 --batch 16 --dtype bfloat16 --steps 5 [--bn-stats used]
+
+The step is the one training runs: `train_lib.compile_steps` (jit over the mesh,
+state donated). Prints one JSON line per measurement, the headline last.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import ml_collections
+
+from bench import common, flops
+from pmg_jax import parallel, train_lib
+from pmg_jax.optim import make_optimizer
+
+
+def prepare(config: ml_collections.ConfigDict) -> common.Prepared:
+    """Compile the training step of `config` for one synthetic batch; `run` does one iteration."""
+    size, batch = config.data.crop_size, config.batch_size
+    model = train_lib.create_model(config)
+    o = config.optim
+    tx = make_optimizer(lr_new=o.lr_new, lr_backbone=o.lr_backbone, num_epochs=config.num_epochs,
+                        steps_per_epoch=1000, momentum=o.momentum, weight_decay=o.weight_decay)
+    mesh = parallel.make_mesh()
+    state = jax.device_put(train_lib.create_state(model, tx, config.seed, size), parallel.replicated(mesh))
+    data = common.synthetic_batch(size, batch, config.dataset.num_classes)
+    data = jax.device_put({k: data[k] for k in ("image", "label")}, parallel.batch_sharding(mesh))
+    p_train, _ = train_lib.compile_steps(model, tx, config, mesh)
+    compiled = None
+
+    def compile_step() -> None:
+        nonlocal compiled
+        compiled = p_train.lower(state, data).compile()
+
+    compile_s = common.timed(compile_step)
+
+    def run() -> None:
+        nonlocal state
+        state, metrics = compiled(state, data)
+        jax.block_until_ready((state, metrics))
+
+    return common.Prepared(run, compile_s)
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = common.add_model_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    parser.add_argument("--bn-stats", choices=("all", "used"), default="all", help="config.bn_stats")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark; returns the headline record."""
+    args = parse(argv)
+    prepared = prepare(common.make_config(args, bn_stats=args.bn_stats))
+    model_flops = flops.train_iteration_flops(args.batch, size=args.size, **common.model_kwargs(args))
+    return common.measure("train", prepared, args, model_flops, bn_stats=args.bn_stats, threads=common.cpu_threads())
+
+
+if __name__ == "__main__":
+    main()
