@@ -83,6 +83,7 @@ def make_train_step(
     jigsaw_mode: str = "cycle",
     concat_weight: float = 2.0,
     permutations: dict[int, jax.Array] | None = None,
+    bn_stats: str = "all",
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """One whole PMG iteration: a jigsaw pass per granularity and one pass on the originals.
 
@@ -93,10 +94,30 @@ def make_train_step(
     is non-finite the state is returned unchanged and metrics['nonfinite_pass'] names
     the first bad pass (1-based; 0 when all are finite). `permutations` fixes the
     jigsaw per granularity (tests); otherwise they are drawn from the state's RNG.
+    bn_stats='used' keeps only the running statistics of the modules that feed the
+    pass's head (trunk up to its stage, its block, its classifier; everything but
+    classifiers 1-3 for concat): XLA then drops the forward of the rest as dead code.
     """
+    if bn_stats not in ("all", "used"):
+        raise ValueError(f"bn_stats must be 'all' or 'used', got {bn_stats!r}")
 
     def cross_entropy(logits, labels):
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    def feeds(head: int, path: tuple[str, ...]) -> bool:
+        """Whether the module at `path` lies on the way to head `head` (3 = concat)."""
+        top = path[0]
+        if top == "features":
+            stage = int(path[1][len("layer")]) if path[1].startswith("layer") else 0
+            return head == 3 or stage <= head + 2
+        if top.startswith("conv_block"):
+            return head == 3 or top.startswith(f"conv_block{head + 1}_")
+        return top.startswith(f"classifier{head + 1}_" if head < 3 else "classifier_concat_")
+
+    def keep_used(head: int, new: Any, old: Any) -> Any:
+        """`new` statistics where they feed `head`, `old` elsewhere."""
+        return jax.tree_util.tree_map_with_path(
+            lambda path, n, o: n if feeds(head, tuple(k.key for k in path)) else o, new, old)
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         images, labels = batch["image"], batch["label"]
@@ -116,7 +137,10 @@ def make_train_step(
                 logits, updated = model.apply(
                     {"params": p, "batch_stats": stats}, x, train=True, mutable=["batch_stats"]
                 )
-                return weight * cross_entropy(logits[head], labels), (updated["batch_stats"], logits[head])
+                new_stats = updated["batch_stats"]
+                if bn_stats == "used":
+                    new_stats = keep_used(head, new_stats, stats)
+                return weight * cross_entropy(logits[head], labels), (new_stats, logits[head])
 
             (loss, (stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
             finite = jnp.isfinite(loss) & _all_finite(grads)
@@ -154,9 +178,17 @@ def compile_steps(model, tx, config, mesh):
         granularities=tuple(config.jigsaw.granularities),
         jigsaw_mode=config.jigsaw.mode,
         concat_weight=config.concat_loss_weight,
+        bn_stats=config.bn_stats,
     )
-    p_train = jax.jit(train_step, in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=0)
-    p_eval = jax.jit(make_eval_step(model), in_shardings=(rep, data), out_shardings=rep)
+    spec = transform_spec(config)
+
+    def on_model_inputs(step):
+        """Normalise uint8 batches on the device (config.data.normalize_on_device); float ones pass."""
+        return lambda state, batch: step(state, {**batch, "image": pipeline.normalize_on_device(batch["image"], spec)})
+
+    p_train = jax.jit(on_model_inputs(train_step), in_shardings=(rep, data), out_shardings=(rep, rep),
+                      donate_argnums=0)
+    p_eval = jax.jit(on_model_inputs(make_eval_step(model)), in_shardings=(rep, data), out_shardings=rep)
     return p_train, p_eval
 
 
@@ -207,8 +239,7 @@ class MetricsLog:
 
 
 def transform_spec(config: ml_collections.ConfigDict) -> pipeline.TransformSpec:
-    d = config.data
-    return pipeline.TransformSpec(d.resize_size, d.crop_size, d.pad, d.hflip, tuple(d.mean), tuple(d.std))
+    return pipeline.TransformSpec.from_config(config.data)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

@@ -2,12 +2,25 @@
 
 import os
 import sys
+import tempfile
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# One persistent XLA compilation cache for the whole session, subprocesses included (set before
+# jax is imported): the many tiny end-to-end runs compile the same programs, so only the first pays.
+_CACHE_DIR = tempfile.mkdtemp(prefix="pmg_jax_xla_cache_")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE_DIR)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+@pytest.fixture(scope="session")
+def compile_cache() -> str:
+    """The session's persistent compilation cache directory."""
+    return os.environ["JAX_COMPILATION_CACHE_DIR"]
 
 
 def tiny_demo_config(**overrides):

@@ -2,7 +2,7 @@
 
 All miniatures have 3 classes, 12 train and 6 test images, so the tiny model of
 every end-to-end run compiles to the same programs (a persistent compilation
-cache makes all but the first run take seconds).
+cache, set up in conftest, makes all but the first run take seconds).
 """
 
 import json
@@ -15,7 +15,6 @@ import cv2
 import jax
 import numpy as np
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 from scipy import io as sio
 
 from conftest import ROOT, tiny_demo_config
@@ -321,22 +320,6 @@ def test_config_errors_are_specific(tmp_path):
         sources.make_source(config_for("flowers", root), "train")
 
 
-@pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-    """A persistent compilation cache, so the end-to-end runs after the first reuse its compiled steps."""
-    path = str(tmp_path_factory.mktemp("jax_cache"))
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    saved = {n: getattr(jax.config, n) for n in names}
-    for n, v in zip(names, (path, 0.0, 0)):
-        jax.config.update(n, v)
-    compilation_cache.reset_cache()  # JAX decides on first use whether to cache; let it decide again
-    yield path
-    for n, v in saved.items():
-        jax.config.update(n, v)
-    compilation_cache.reset_cache()
-
-
 def check_run(workdir: str, best: dict) -> None:
     """One epoch trained and every test image evaluated once."""
     assert best["epoch"] == 1
@@ -368,8 +351,7 @@ def test_train_py_on_the_cub_folder(tmp_path, compile_cache):
         ("model.width", 8), ("model.stage_sizes", "(1,1,1,1)"), ("model.feature_size", 16), ("batch_size", 8),
         ("eval_batch_size", 8), ("log_every_steps", 1), ("optim.lr_new", tiny.optim.lr_new),
         ("optim.lr_backbone", tiny.optim.lr_backbone))]
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=compile_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    env = dict(os.environ)
     workdir = str(tmp_path / "run")
     done = subprocess.run([sys.executable, "train.py", "--config", "configs/cub.py", "--workdir", workdir, *flags],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
