@@ -61,4 +61,10 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.keep = 3  # keep the latest N checkpoints (plus the best)
+    c.checkpoint.every_steps = 0  # also checkpoint every N steps within an epoch (0: at epoch ends only)
+
+    c.init = ml_collections.ConfigDict()
+    c.init.backbone = ""  # ResNet weights to start from (.pth/.safetensors/.npz, torchvision or timm names)
+    c.init.checkpoint = ""  # a run or checkpoint whose weights start training, or that eval_only evaluates
+    c.eval_only = False  # evaluate init.checkpoint (or the workdir's latest) on the test split and stop
     return c

@@ -84,3 +84,21 @@ def find_run(path: str) -> str:
     if not runs:
         raise FileNotFoundError(f"{path}: no checkpoints found (expected {path}/checkpoints or {path}/<run>/checkpoints)")
     return max(runs, key=lambda r: os.path.getmtime(os.path.join(r, "checkpoints")))
+
+
+def resolve(path: str, which: str = "latest") -> tuple[str, int]:
+    """(run dir, step) for a run dir, a folder of runs, a run's checkpoints/ dir or one checkpoint's dir.
+
+    `which` picks the latest or the best (highest combined accuracy) checkpoint of a run;
+    a checkpoint's own directory names its step.
+    """
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    if os.path.basename(path).isdigit() and os.path.basename(parent) == "checkpoints":
+        return os.path.dirname(parent), int(os.path.basename(path))
+    run = parent if os.path.basename(path) == "checkpoints" else find_run(path)
+    ckpts = Checkpoints(os.path.join(run, "checkpoints"), read_only=True)
+    step = (ckpts.best_step() if which == "best" else None) or ckpts.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"{run}: no complete checkpoint in {run}/checkpoints")
+    return run, step

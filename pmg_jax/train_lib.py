@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import time
 from typing import Any, Callable, Iterator
 
@@ -17,7 +18,7 @@ import optax
 
 from pmg_jax import checkpoint as ckpt_lib
 from pmg_jax import jigsaw as jigsaw_lib
-from pmg_jax import parallel
+from pmg_jax import parallel, validate
 from pmg_jax.data import pipeline, sources
 from pmg_jax.model import PMG
 from pmg_jax.optim import make_optimizer
@@ -186,9 +187,19 @@ def compile_steps(model, tx, config, mesh):
         """Normalise uint8 batches on the device (config.data.normalize_on_device); float ones pass."""
         return lambda state, batch: step(state, {**batch, "image": pipeline.normalize_on_device(batch["image"], spec)})
 
+    options = None
+    if mesh.devices.flat[0].platform == "cpu":
+        # XLA:CPU's default YNNPACK convolutions run these steps slower than its Eigen ones, the
+        # weight gradients several times so (bench/RESULTS.md); an empty YNN fusion list selects Eigen.
+        options = {"xla_cpu_experimental_ynn_fusion_type": ""}
+        try:
+            jax.jit(lambda: 0, compiler_options=options).lower().compile()
+        except jax.errors.JaxRuntimeError:  # an XLA without the option: nothing to switch off
+            options = None
     p_train = jax.jit(on_model_inputs(train_step), in_shardings=(rep, data), out_shardings=(rep, rep),
-                      donate_argnums=0)
-    p_eval = jax.jit(on_model_inputs(make_eval_step(model)), in_shardings=(rep, data), out_shardings=rep)
+                      donate_argnums=0, compiler_options=options)
+    p_eval = jax.jit(on_model_inputs(make_eval_step(model)), in_shardings=(rep, data), out_shardings=rep,
+                     compiler_options=options)
     return p_train, p_eval
 
 
@@ -242,22 +253,109 @@ def transform_spec(config: ml_collections.ConfigDict) -> pipeline.TransformSpec:
     return pipeline.TransformSpec.from_config(config.data)
 
 
+class Stop:
+    """SIGTERM/SIGINT while training: finish the iteration, checkpoint, exit cleanly."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "Stop":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._note)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _note(self, signum, frame) -> None:
+        self.signal = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _raise_if_nonfinite(step: int, metrics: dict, checkpoints: ckpt_lib.Checkpoints) -> None:
+    bad = int(metrics["nonfinite_pass"])
+    if bad:
+        checkpoints.wait()
+        raise FloatingPointError(
+            f"non-finite loss or gradient at iteration {step} in the pass for {('head1', 'head2', 'head3', 'concat')[bad - 1]}"
+            f"; the step was not applied, the latest checkpoint in {checkpoints.directory} is the last good one")
+
+
+def _initial_state(config, model, tx, checkpoints: ckpt_lib.Checkpoints, rep) -> tuple[TrainState, dict]:
+    """Resume from the workdir, else start from init.checkpoint / init.backbone weights, else from scratch."""
+    abstract = jax.eval_shape(lambda: create_state(model, tx, config.seed, config.data.crop_size))
+    if checkpoints.latest_step() is not None:
+        validate.check_compatible(checkpoints.config(), config, checkpoints.directory)
+        state, meta = checkpoints.restore(abstract, sharding=rep)
+        return state, meta
+    state = create_state(model, tx, config.seed, config.data.crop_size)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    if config.init.checkpoint:
+        variables = load_variables(config.init.checkpoint, config)
+    if config.init.backbone:
+        from pmg_jax import convert
+
+        variables = convert.load_backbone(config.init.backbone, variables)
+        print(f"backbone initialised from {config.init.backbone}")
+    state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"],
+                          opt_state=tx.init(variables["params"]))
+    return jax.device_put(state, rep), {}
+
+
+def load_variables(path: str, config: ml_collections.ConfigDict | None = None, which: str = "latest") -> dict:
+    """params and batch_stats of a run or checkpoint (see checkpoint.resolve); checked against `config`."""
+    run, step = ckpt_lib.resolve(path, which)
+    ckpts = ckpt_lib.Checkpoints(os.path.join(run, "checkpoints"), read_only=True)
+    if config is not None:
+        validate.check_compatible(ckpts.config(step), config, path)
+    state, _ = ckpts.restore(step=step)
+    print(f"weights from {run} at step {step}")
+    return {"params": state["params"], "batch_stats": state["batch_stats"]}
+
+
+def evaluate_only(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Accuracy of init.checkpoint (or the workdir's latest checkpoint) on the test split."""
+    mesh = parallel.make_mesh()
+    test_src = sources.make_source(config, "test")
+    model = create_model(config, len(test_src.class_names))
+    variables = load_variables(config.init.checkpoint or workdir, config)
+    rep, data_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    state = jax.device_put(TrainState(step=jnp.zeros((), jnp.int32), opt_state=None, rng=jax.random.PRNGKey(0),
+                                      **variables), rep)
+    _, p_eval = compile_steps(model, None, config, mesh)
+    n_eval, it = pipeline.eval_batches(test_src, transform_spec(config), pipeline.host_layout(config.eval_batch_size),
+                                       workers=config.data.workers)
+    result = evaluate(p_eval, state, it, data_sharding, n_eval)
+    print(format_eval_table(0, result).replace("eval epoch 0", f"eval of {config.init.checkpoint or workdir}"))
+    return result
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Train by the progressive schedule, evaluating and checkpointing every epoch; resumes from `workdir`."""
+    """Train by the progressive schedule, evaluating and checkpointing every epoch; resumes from `workdir`.
+
+    Returns the best evaluation ({'combined', 'concat', 'epoch', 'step'}), plus
+    'stopped_by' when a signal ended the run early (after checkpointing it).
+    """
+    mesh = parallel.make_mesh()
+    validate.check(config, mesh.devices.size, jax.process_count())
+    if config.eval_only:
+        return evaluate_only(config, workdir)
     from tqdm import tqdm
 
     os.makedirs(workdir, exist_ok=True)
-    mesh = parallel.make_mesh()
-    log.info("%s", parallel.describe(mesh))
-    if config.batch_size % mesh.devices.size:
-        raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the {mesh.devices.size} devices")
+    print(parallel.describe(mesh))
     train_src = sources.make_source(config, "train")
     test_src = sources.make_source(config, "test")
     class_names = list(train_src.class_names)
     spec = transform_spec(config)
-    layout = pipeline.host_layout(config.batch_size)
-    eval_layout = pipeline.host_layout(config.eval_batch_size)
     steps_per_epoch = len(train_src) // config.batch_size
+    if steps_per_epoch == 0:
+        raise validate.ConfigError(f"config.batch_size={config.batch_size} is larger than the {len(train_src)} "
+                                   f"training images")
     total_steps = steps_per_epoch * config.num_epochs
 
     model = create_model(config, len(class_names))
@@ -267,20 +365,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
     rep, data_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
     checkpoints = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep)
-    abstract = jax.eval_shape(lambda: create_state(model, tx, config.seed, config.data.crop_size))
-    best = {"combined": -1.0, "epoch": -1}
-    if checkpoints.latest_step() is not None:
-        state, meta = checkpoints.restore(abstract, sharding=rep)
-        best = meta.get("best", best)
-        print(f"resuming from {checkpoints.directory} at step {int(state.step)} (epoch {int(state.step) // steps_per_epoch})")
-    else:
-        state = jax.device_put(create_state(model, tx, config.seed, config.data.crop_size), rep)
+    state, meta = _initial_state(config, model, tx, checkpoints, rep)
+    best = meta.get("best", {"combined": -1.0, "epoch": -1})
+    start_step = int(state.step)
+    if meta:
+        print(f"resuming from {checkpoints.directory} at step {start_step} (epoch {start_step // steps_per_epoch})")
     p_train, p_eval = compile_steps(model, tx, config, mesh)
 
-    start_step = int(state.step)
     _, batches = pipeline.train_batches(
-        train_src, spec, layout, seed=config.seed, num_epochs=config.num_epochs, start_step=start_step,
-        workers=config.data.workers, prefetch=config.data.prefetch,
+        train_src, spec, pipeline.host_layout(config.batch_size), seed=config.seed, num_epochs=config.num_epochs,
+        start_step=start_step, workers=config.data.workers, prefetch=config.data.prefetch,
     )
     device_batches = pipeline.prefetch_to_device(batches, data_sharding)
     metrics_log = MetricsLog(workdir)
@@ -288,53 +382,67 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           f"{len(test_src)} test images, {len(class_names)} classes): {steps_per_epoch} steps x "
           f"{config.num_epochs} epochs, global batch {config.batch_size}")
 
-    def save(step: int, epoch_done: int, result: dict | None = None):
-        meta = {"epoch": epoch_done, "step": step, "best": best, "class_names": class_names,
-                "data_state": {"step": step}, "eval": result}
+    def save(step: int, result: dict | None = None) -> None:
+        meta = {"epoch": step // steps_per_epoch, "step": step, "best": best, "class_names": class_names,
+                "data_state": {"step": step, "seed": config.seed}, "eval": result}
         checkpoints.save(step, state, meta, config.to_dict(), metric=None if result is None else result["combined"])
 
     step = start_step
-    while step < total_steps:
-        epoch = step // steps_per_epoch
-        epoch_end = (epoch + 1) * steps_per_epoch
-        bar = tqdm(total=steps_per_epoch, initial=step - epoch * steps_per_epoch, desc=f"epoch {epoch + 1}/{config.num_epochs}",
-                   dynamic_ncols=True, disable=jax.process_index() != 0)
-        sums, n, t0 = {}, 0, time.perf_counter()
-        while step < epoch_end:
-            state, metrics = p_train(state, next(device_batches))
-            step += 1
-            if step % config.log_every_steps == 0 or step == epoch_end:
-                m = jax.device_get(metrics)
-                if int(m["nonfinite_pass"]):
-                    checkpoints.wait()
-                    raise FloatingPointError(
-                        f"non-finite loss or gradient at iteration {step} in the pass for "
-                        f"{['head1', 'head2', 'head3', 'concat'][int(m['nonfinite_pass']) - 1]}; the step was not "
-                        f"applied and the latest checkpoint in {checkpoints.directory} is the last good one"
-                    )
-                for k in (*LOSS_NAMES, "accuracy"):
-                    sums[k] = sums.get(k, 0.0) + float(m[k])
-                n += 1
-                rate = bar.format_dict["rate"]
-                bar.set_postfix({**{k: f"{sums[k] / n:.3f}" for k in LOSS_NAMES},
-                                 "acc": f"{100 * sums['accuracy'] / n:.1f}",
-                                 "img/s": f"{(rate or 0) * config.batch_size:.1f}"})
-                metrics_log.write(step, "train", {k: float(m[k]) for k in (*LOSS_NAMES, "accuracy")})
-            bar.update(1)
-        bar.close()
-        elapsed = time.perf_counter() - t0
-        epoch_done = epoch + 1
-        result = None
-        if epoch_done % config.eval_every_epochs == 0 or epoch_done == config.num_epochs:
-            n_eval, eval_it = pipeline.eval_batches(test_src, spec, eval_layout, workers=config.data.workers)
-            result = evaluate(p_eval, state, eval_it, data_sharding, n_eval)
-            if result["combined"] > best["combined"]:
-                best = {"combined": result["combined"], "concat": result["concat"], "epoch": epoch_done, "step": step}
-            print(format_eval_table(epoch_done, result))
-            metrics_log.write(step, "eval", {k: v for k, v in result.items()})
-        metrics_log.write(step, "epoch", {"epoch": epoch_done, "seconds": elapsed,
-                                          "images_per_s": steps_per_epoch * config.batch_size / max(elapsed, 1e-9)})
-        save(step, epoch_done, result)
+    with Stop() as stop:
+        while step < total_steps and stop.signal is None:
+            epoch = step // steps_per_epoch
+            epoch_end = (epoch + 1) * steps_per_epoch
+            bar = tqdm(total=steps_per_epoch, initial=step - epoch * steps_per_epoch,
+                       desc=f"epoch {epoch + 1}/{config.num_epochs}", dynamic_ncols=True,
+                       disable=jax.process_index() != 0)
+            sums, n, t0, first = {}, 0, time.perf_counter(), step
+            pending = None  # the previous step's metrics, checked one step late so the device never waits
+            while step < epoch_end and stop.signal is None:
+                state, metrics = p_train(state, next(device_batches))
+                step += 1
+                if pending is not None:
+                    _raise_if_nonfinite(step - 1, pending, checkpoints)
+                pending = metrics
+                if step % config.log_every_steps == 0 or step == epoch_end:
+                    m = jax.device_get(metrics)
+                    _raise_if_nonfinite(step, m, checkpoints)
+                    for k in (*LOSS_NAMES, "accuracy"):
+                        sums[k] = sums.get(k, 0.0) + float(m[k])
+                    n += 1
+                    rate = (step - first) * config.batch_size / max(time.perf_counter() - t0, 1e-9)
+                    bar.set_postfix({**{k: f"{sums[k] / n:.3f}" for k in LOSS_NAMES},
+                                     "acc": f"{100 * sums['accuracy'] / n:.1f}", "img/s": f"{rate:.1f}"})
+                    metrics_log.write(step, "train", {k: float(m[k]) for k in (*LOSS_NAMES, "accuracy")})
+                if config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0 and step < epoch_end:
+                    save(step)
+                bar.update(1)
+            bar.close()
+            _raise_if_nonfinite(step, jax.device_get(pending), checkpoints)
+            if step < epoch_end:  # stopped by a signal mid-epoch
+                break
+            elapsed = time.perf_counter() - t0
+            result = None
+            if (epoch + 1) % config.eval_every_epochs == 0 or epoch + 1 == config.num_epochs:
+                n_eval, eval_it = pipeline.eval_batches(test_src, spec, pipeline.host_layout(config.eval_batch_size),
+                                                        workers=config.data.workers)
+                result = evaluate(p_eval, state, eval_it, data_sharding, n_eval)
+                if result["combined"] > best["combined"]:
+                    best = {"combined": result["combined"], "concat": result["concat"], "epoch": epoch + 1,
+                            "step": step}
+                print(format_eval_table(epoch + 1, result))
+                metrics_log.write(step, "eval", result)
+            metrics_log.write(step, "epoch", {"epoch": epoch + 1, "seconds": elapsed,
+                                              "images_per_s": (step - first) * config.batch_size / max(elapsed, 1e-9),
+                                              "unreadable_images": len(batches.unreadable.indices)})
+            save(step, result)
+        if stop.signal is not None:
+            if checkpoints.latest_step() != step:
+                save(step)
+            checkpoints.wait()
+            metrics_log.close()
+            print(f"stopped by signal {stop.signal} at iteration {step}: checkpoint written to "
+                  f"{checkpoints.directory}; run the same command again to resume")
+            return {**best, "stopped_by": int(stop.signal)}
     checkpoints.wait()
     metrics_log.close()
     if best["epoch"] >= 0:
