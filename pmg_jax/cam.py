@@ -76,7 +76,7 @@ def _variables(variables: dict) -> dict:
     return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
 
 
-def _perturbation_zeros(model: nn.Module, variables: dict, images: jax.Array) -> dict[str, jax.Array]:
+def perturbation_zeros(model: nn.Module, variables: dict, images: jax.Array) -> dict[str, jax.Array]:
     """Zero perturbations shaped for this very batch (via `jax.eval_shape`, nothing is computed)."""
     shapes = jax.eval_shape(
         lambda v, x: model.apply(v, x, train=False, mutable=["perturbations"])[1]["perturbations"], variables, images)
@@ -104,7 +104,7 @@ def capture(
     are differentiated, so nothing below them is back-propagated.
     """
     variables = _variables(variables)
-    zeros = _perturbation_zeros(model, variables, images)
+    zeros = perturbation_zeros(model, variables, images)
     names = sorted({name for name, _ in requests})
     heads = sorted({head for _, head in requests})
 
