@@ -61,25 +61,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--target must be predicted, seed, label or a class id, not {args.target!r}")
     if args.target == "label" and not args.evaluate:
         p.error("--target label needs known labels: use it with --evaluate")
+    if args.target.isdigit() and args.evaluate:
+        p.error("--evaluate explains the label, the prediction or the seed target, not a fixed class")
     if not args.evaluate and not args.images:
         p.error("give --images (or --evaluate)")
     if args.batch_size < 1:
         p.error("--batch-size must be positive")
     return args
-
-
-def resolve_checkpoint(path: str, which: str) -> tuple[str, int]:
-    """(run dir, step) for a run dir, a folder of runs, a run's checkpoints/ dir or a checkpoint step dir."""
-    path = os.path.abspath(path)
-    parent = os.path.dirname(path)
-    if os.path.basename(path).isdigit() and os.path.basename(parent) == "checkpoints":
-        return os.path.dirname(parent), int(os.path.basename(path))
-    run = parent if os.path.basename(path) == "checkpoints" else ckpt_lib.find_run(path)
-    ckpts = ckpt_lib.Checkpoints(os.path.join(run, "checkpoints"), read_only=True)
-    step = (ckpts.best_step() if which == "best" else None) or ckpts.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"{run}: no checkpoint")
-    return run, step
 
 
 def load(run: str, step: int):
@@ -222,14 +210,11 @@ def evaluate(args, run: str, model, variables, config) -> int:
         return 2
     if args.max_images:
         source = _Prefix(source, args.max_images)
-    n, batches = pipeline.eval_batches(source, train_lib.transform_spec(config),
-                                       pipeline.host_layout(args.batch_size), with_box=True)
+    spec = train_lib.transform_spec(config)
+    _, batches = pipeline.eval_batches(source, spec, pipeline.host_layout(args.batch_size), with_box=True)
     target = {"label": "class"}.get(args.target, args.target)
-    if target.isdigit():
-        print("--evaluate explains the label, the prediction or the seed target, not a fixed class", file=sys.stderr)
-        return 2
     with tqdm(total=len(source), unit="image", desc=f"evaluate {args.split}", dynamic_ncols=True) as bar:
-        report = localization.evaluate(model, variables, batches, maps=args.maps, methods=args.method, target=target,
+        report = localization.evaluate(model, variables, batches, spec, maps=args.maps, methods=args.method, target=target,
                                        concat=args.concat, auc_steps=args.auc_steps, progress=bar.update)
     print(localization.format_tables(report, f" on {config.dataset.name} {args.split} (target {args.target})"))
     out_dir = args.out or os.path.join(run, "explain")
@@ -245,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.getLogger("absl").setLevel(logging.ERROR)
     try:
-        run, step = resolve_checkpoint(args.ckpt, args.checkpoint)
+        run, step = ckpt_lib.resolve(args.ckpt, args.checkpoint)
         model, variables, config, class_names, meta = load(run, step)
     except (FileNotFoundError, ValueError) as e:
         print(f"explain.py: cannot load a checkpoint from {args.ckpt}: {e}", file=sys.stderr)

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pmg_jax import cam
+from pmg_jax.data import pipeline
 
 THRESHOLDS = np.arange(100) / 100.0
 CAM_THRESHOLD_INDEX = 20  # THRESHOLDS[20] = 0.2, the CAM paper's fixed threshold
@@ -163,6 +164,7 @@ def evaluate(
     model: nn.Module,
     variables: dict,
     batches: Iterable[dict],
+    spec: pipeline.TransformSpec,
     *,
     maps: Sequence[str] = ("block1", "block2", "block3", "concat"),
     methods: Sequence[str] = ("gradcam",),
@@ -171,7 +173,7 @@ def evaluate(
     auc_steps: int = 16,
     progress: Callable[[int], Any] | None = None,
 ) -> dict:
-    """Localisation metrics per method and map over batches {'image', 'label', 'box', 'mask'}.
+    """Localisation metrics per method and map over eval batches {'image', 'label', 'box', 'mask'} made with `spec`.
 
     target='class' explains the true label (the WSOL protocol); auc_steps=0 skips the (costly:
     2 x (auc_steps + 1) forward passes per map) deletion and insertion curves. Returns {'count', 'centre_pointing',
@@ -183,7 +185,8 @@ def evaluate(
     centre, count = [], 0
     for batch in batches:
         keep = np.asarray(batch["mask"]) > 0
-        images, labels, boxes = (np.asarray(batch[k]) for k in ("image", "label", "box"))
+        images = np.asarray(pipeline.normalize_on_device(batch["image"], spec))  # uint8 crops or normalised
+        labels, boxes = np.asarray(batch["label"]), np.asarray(batch["box"])
         blurred = blur(images) if auc_steps else None
         centre.append(centre_baseline(boxes[keep], images.shape[1:3]))
         for method, explainer in explainers.items():

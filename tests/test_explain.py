@@ -115,7 +115,7 @@ def test_evaluate_prints_tables_and_saves_json(demo_run, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv", [["--target", "label", "--images", "a.jpg"], ["--target", "big", "--images", "a"],
-                                  ["--block", "4", "--images", "a.jpg"], []])
+                                  ["--block", "4", "--images", "a.jpg"], ["--evaluate", "--target", "3"], []])
 def test_bad_arguments_are_usage_errors(argv):
     with pytest.raises(SystemExit) as e:
         explain.parse_args(["--ckpt", "runs/x", *argv])

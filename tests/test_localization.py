@@ -99,9 +99,9 @@ def test_demo_cams_point_at_the_wing_patch(demo_run):
     model = train_lib.create_model(config, len(meta["class_names"]))
     variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
     source = sources.make_source(config, "test")
-    _, batches = pipeline.eval_batches(source, train_lib.transform_spec(config), pipeline.host_layout(64),
-                                       with_box=True)
-    report = loc.evaluate(model, variables, batches, maps=("block1", "block2", "block3", "concat"),
+    spec = train_lib.transform_spec(config)
+    _, batches = pipeline.eval_batches(source, spec, pipeline.host_layout(64), with_box=True)
+    report = loc.evaluate(model, variables, batches, spec, maps=("block1", "block2", "block3", "concat"),
                           target="class", auc_steps=0)
     print(loc.format_tables(report))
     results = report["results"]["gradcam"]
