@@ -1,6 +1,7 @@
 """Bringing PyTorch weights in: torchvision ResNets, reference PMG state dicts and pickled models, checkpoints, errors."""
 
 import importlib
+import os
 import subprocess
 import sys
 
@@ -259,3 +260,34 @@ def test_infer_architecture_reads_torchvision_timm_and_reference_names(prefix):
     resnet = ref.make_resnet("resnet101", width=8)
     assert convert.infer_architecture({prefix + k: v for k, v in resnet.state_dict().items()}) == \
         convert.Architecture("resnet101", 8, (), None, None)
+
+
+def test_converted_checkpoint_runs_through_evaluation_and_explain(tmp_path, capsys):
+    """A reference-format PMG for the demo's 8 classes: convert, evaluate with train.py's eval_only, explain."""
+    import cv2
+
+    import explain
+    from conftest import tiny_demo_config
+    from pmg_jax import train_lib
+    from pmg_jax.data import synthetic
+
+    model_t = torch_pmg("resnet50", 8, (1, 1, 1, 1), 16, 8, seed=2, size=64)
+    src = str(tmp_path / "model.pth")
+    torch.save(model_t.state_dict(), src)
+    out = str(tmp_path / "converted")
+    convert.main([src, "--out", out, "--dataset", "demo"])
+
+    config = tiny_demo_config(**{"eval_only": True, "init.checkpoint": out, "model.width": 8,
+                                 "model.feature_size": 16, "dataset.demo_test_size": 12})
+    result = train_lib.train_and_evaluate(config, str(tmp_path / "unused"))
+    assert result["count"] == 12 and 0 <= result["combined"] <= 100
+    assert f"eval of {out}" in capsys.readouterr().out
+
+    image = synthetic.make_example(synthetic.DemoSpec(8, 112), "test", 0)["image"]
+    cv2.imwrite(str(tmp_path / "bird.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    assert explain.main(["--ckpt", out, "--block", "all", "--images", str(tmp_path / "bird.png"),
+                         "--out", str(tmp_path / "explained")]) == 0
+    written = set(os.listdir(tmp_path / "explained"))
+    assert {"conv_block1_bird.jpg", "conv_block3_bird.jpg", "conv_block_concat_bird.jpg", "index.html"} <= written
+    printed = capsys.readouterr().out
+    assert sum(printed.count(name) for name in synthetic.class_names(8)) >= 4 * 5  # top-5 of each head, named
