@@ -33,6 +33,7 @@ HEAD_NAMES = ("head1", "head2", "head3", "concat")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, checked; adds `maps` (in model order) and resolves the default target."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="run dir, folder of runs, or checkpoint step dir")
     p.add_argument("--checkpoint", choices=("latest", "best"), default="latest",
@@ -70,7 +71,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def load(run: str, step: int):
+def load(run: str, step: int) -> tuple:
     """(model, variables, config, class names, meta) of one checkpoint."""
     ckpts = ckpt_lib.Checkpoints(os.path.join(run, "checkpoints"), read_only=True)
     state, meta = ckpts.restore(step=step)
@@ -192,13 +193,16 @@ def explain_images(args, run: str, model, variables, config, class_names: list[s
 class _Prefix:
     """The first n examples of a random-access source."""
 
-    def __init__(self, source, n: int):
+    def __init__(self, source: pipeline.Source, n: int):
+        """Wrap `source`, keeping at most `n` examples."""
         self.source, self.n = source, min(n, len(source))
 
     def __len__(self) -> int:
+        """Number of examples kept."""
         return self.n
 
     def __getitem__(self, index: int) -> dict:
+        """The source's record `index`."""
         return self.source[index]
 
 
@@ -214,8 +218,9 @@ def evaluate(args, run: str, model, variables, config) -> int:
     _, batches = pipeline.eval_batches(source, spec, pipeline.host_layout(args.batch_size), with_box=True)
     target = {"label": "class"}.get(args.target, args.target)
     with tqdm(total=len(source), unit="image", desc=f"evaluate {args.split}", dynamic_ncols=True) as bar:
-        report = localization.evaluate(model, variables, batches, spec, maps=args.maps, methods=args.method, target=target,
-                                       concat=args.concat, auc_steps=args.auc_steps, progress=bar.update)
+        report = localization.evaluate(model, variables, batches, spec, maps=args.maps, methods=args.method,
+                                       target=target, concat=args.concat, auc_steps=args.auc_steps,
+                                       progress=bar.update)
     print(localization.format_tables(report, f" on {config.dataset.name} {args.split} (target {args.target})"))
     out_dir = args.out or os.path.join(run, "explain")
     os.makedirs(out_dir, exist_ok=True)
@@ -227,6 +232,7 @@ def evaluate(args, run: str, model, variables, config) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command; returns the exit status."""
     args = parse_args(argv)
     logging.getLogger("absl").setLevel(logging.ERROR)
     try:

@@ -119,6 +119,7 @@ def measure(name: str, runner: tuple[Callable, float], args: argparse.Namespace,
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Run the three modes on one synthetic batch; returns the headline record."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", type=int, default=448, help="input side (divisible by 32)")
     p.add_argument("--batch", type=int, default=8, help="images per one-pass call")

@@ -45,7 +45,7 @@ class Captured(NamedTuple):
 
 
 class Explanation(NamedTuple):
-    """Maps (B, H, W) float32 in [0, 1] at the input resolution, the four logits, and the class each head explains (B, 4)."""
+    """Maps (B, H, W) float32 in [0, 1] at input resolution, the four logits, the class each head explains (B, 4)."""
 
     maps: dict[str, jax.Array]
     logits: tuple[jax.Array, ...]
@@ -109,6 +109,7 @@ def capture(
     heads = sorted({head for _, head in requests})
 
     def scores(perturbed: dict[str, jax.Array]):
+        """Summed target score per requested head, with the logits and sown maps as aux."""
         logits, state = model.apply({**variables, "perturbations": {**zeros, **perturbed}}, images, train=False,
                                     mutable=["intermediates"])
         per_head = jnp.stack([jnp.sum(target_score(logits[h], target, classes)) for h in heads])
@@ -121,6 +122,7 @@ def capture(
 
 
 def _spatial_sum(x: jax.Array) -> jax.Array:
+    """Sum over the two spatial axes of (B, h, w, C), kept for broadcasting."""
     return jnp.sum(x, axis=(1, 2), keepdims=True)
 
 
@@ -135,7 +137,7 @@ def _gradcam(a: jax.Array, g: jax.Array) -> jax.Array:
 
 
 def _gradcam_pp(a: jax.Array, g: jax.Array) -> jax.Array:
-    """Grad-CAM++ (Chattopadhay et al. 2018), closed form for an exponential score: alpha = g^2 / (2 g^2 + sum(A) g^3)."""
+    """Grad-CAM++ (Chattopadhay et al. 2018), exponential-score closed form: alpha = g^2 / (2 g^2 + sum(A) g^3)."""
     g2 = jnp.square(g)
     denominator = 2.0 * g2 + _spatial_sum(a) * g2 * g
     alpha = jnp.where(denominator != 0, g2 / jnp.where(denominator != 0, denominator, 1.0), 0.0)

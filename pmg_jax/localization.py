@@ -127,6 +127,7 @@ def deletion_insertion(
     variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
 
     def probabilities(count: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The class probabilities with the `count` most salient pixels deleted, and inserted."""
         salient = ranks < count
         x = jnp.concatenate([jnp.where(salient, 0.0, images), jnp.where(salient, images, blurred)])
         logits = jnp.stack(model.apply(variables, x, train=False))[head]
@@ -232,6 +233,7 @@ def format_tables(report: dict, title: str = "") -> str:
         rows = [[name, *(_cell(k, v) for k, v in metrics.items())] for name, metrics in per_map.items()]
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
         for r in [header, *rows]:
-            lines.append("  " + "  ".join(c.rjust(wd) if i else c.ljust(wd) for i, (c, wd) in enumerate(zip(r, widths))))
+            cells = (c.rjust(wd) if i else c.ljust(wd) for i, (c, wd) in enumerate(zip(r, widths)))
+            lines.append("  " + "  ".join(cells))
         lines.append("")
     return "\n".join(lines).rstrip()

@@ -69,7 +69,8 @@ def grid(tiles: Sequence[tuple[np.ndarray, Sequence[str]]], height: int = TILE_H
     row = []
     for image, lines in tiles:
         w = max(1, round(image.shape[1] * height / image.shape[0]))
-        scaled = cv2.resize(image, (w, height), interpolation=cv2.INTER_AREA if image.shape[0] > height else cv2.INTER_LINEAR)
+        shrink = image.shape[0] > height
+        scaled = cv2.resize(image, (w, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
         row.append(titled(scaled, [*lines, *[""] * (n_lines - len(lines))]))
         row.append(np.full((row[-1].shape[0], gap, 3), 255, np.uint8))
     return np.concatenate(row[:-1], axis=1)

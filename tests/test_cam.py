@@ -4,7 +4,6 @@ Tolerances: activations agree to 1e-4 and gradients to 1e-5 (absolute; activatio
 gradients O(0.1-1)); maps, which are in [0, 1], to 1e-4 at every pixel.
 """
 
-import functools
 
 import cv2
 import jax

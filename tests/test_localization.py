@@ -3,9 +3,7 @@
 import os
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
