@@ -392,31 +392,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         while step < total_steps and stop.signal is None:
             epoch = step // steps_per_epoch
             epoch_end = (epoch + 1) * steps_per_epoch
-            bar = tqdm(total=steps_per_epoch, initial=step - epoch * steps_per_epoch,
-                       desc=f"epoch {epoch + 1}/{config.num_epochs}", dynamic_ncols=True,
-                       disable=jax.process_index() != 0)
-            sums, n, t0, first = {}, 0, time.perf_counter(), step
-            pending = None  # the previous step's metrics, checked one step late so the device never waits
-            while step < epoch_end and stop.signal is None:
-                state, metrics = p_train(state, next(device_batches))
-                step += 1
-                if pending is not None:
-                    _raise_if_nonfinite(step - 1, pending, checkpoints)
-                pending = metrics
-                if step % config.log_every_steps == 0 or step == epoch_end:
-                    m = jax.device_get(metrics)
-                    _raise_if_nonfinite(step, m, checkpoints)
-                    for k in (*LOSS_NAMES, "accuracy"):
-                        sums[k] = sums.get(k, 0.0) + float(m[k])
-                    n += 1
-                    rate = (step - first) * config.batch_size / max(time.perf_counter() - t0, 1e-9)
-                    bar.set_postfix({**{k: f"{sums[k] / n:.3f}" for k in LOSS_NAMES},
-                                     "acc": f"{100 * sums['accuracy'] / n:.1f}", "img/s": f"{rate:.1f}"})
-                    metrics_log.write(step, "train", {k: float(m[k]) for k in (*LOSS_NAMES, "accuracy")})
-                if config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0 and step < epoch_end:
-                    save(step)
-                bar.update(1)
-            bar.close()
+            progress = tqdm(total=steps_per_epoch, initial=step - epoch * steps_per_epoch,
+                            desc=f"epoch {epoch + 1}/{config.num_epochs}", dynamic_ncols=True,
+                            disable=jax.process_index() != 0)
+            with progress as bar:  # closed before any error propagates, so the error is the last line
+                sums, n, t0, first = {}, 0, time.perf_counter(), step
+                pending = None  # the previous step's metrics, checked one step late so the device never waits
+                while step < epoch_end and stop.signal is None:
+                    state, metrics = p_train(state, next(device_batches))
+                    step += 1
+                    if pending is not None:
+                        _raise_if_nonfinite(step - 1, pending, checkpoints)
+                    pending = metrics
+                    if step % config.log_every_steps == 0 or step == epoch_end:
+                        m = jax.device_get(metrics)
+                        _raise_if_nonfinite(step, m, checkpoints)
+                        for k in (*LOSS_NAMES, "accuracy"):
+                            sums[k] = sums.get(k, 0.0) + float(m[k])
+                        n += 1
+                        rate = (step - first) * config.batch_size / max(time.perf_counter() - t0, 1e-9)
+                        bar.set_postfix({**{k: f"{sums[k] / n:.3f}" for k in LOSS_NAMES},
+                                         "acc": f"{100 * sums['accuracy'] / n:.1f}", "img/s": f"{rate:.1f}"})
+                        metrics_log.write(step, "train", {k: float(m[k]) for k in (*LOSS_NAMES, "accuracy")})
+                    if config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0 and step < epoch_end:
+                        _raise_if_nonfinite(step, jax.device_get(metrics), checkpoints)  # never save after a bad step
+                        save(step)
+                    bar.update(1)
             _raise_if_nonfinite(step, jax.device_get(pending), checkpoints)
             if step < epoch_end:  # stopped by a signal mid-epoch
                 break

@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 
 from pmg_jax.data import synthetic
+from pmg_jax.validate import ConfigError
 
 # Extensions of the formats OpenCV decodes (cv2.imread's documentation).
 IMAGE_EXTENSIONS = frozenset({
@@ -115,7 +116,7 @@ def _rows(path: str) -> list[list[str]]:
 def _check_split(dataset: str, split: str, splits: Iterable[str]) -> None:
     """ValueError unless `split` is one of the dataset's splits."""
     if split not in splits:
-        raise ValueError(f"{dataset} has no split {split!r} (it has {', '.join(splits)}); "
+        raise ConfigError(f"{dataset} has no split {split!r} (it has {', '.join(splits)}); "
                          "set config.dataset.train_split / test_split")
 
 
@@ -373,6 +374,9 @@ def make_source(config: ml_collections.ConfigDict, split: str):
     """The source of `split` ('train' or 'test') for the configured dataset."""
     d = config.dataset
     if d.name == "demo":
+        if not 1 <= d.num_classes <= synthetic.MAX_CLASSES:
+            raise ConfigError(f"config.dataset.num_classes={d.num_classes}: the demo dataset has 1 to "
+                              f"{synthetic.MAX_CLASSES} classes")
         spec = synthetic.DemoSpec(num_classes=d.num_classes, image_size=d.demo_image_size, seed=d.demo_seed)
         size = d.demo_train_size if split == "train" else d.demo_test_size
         return synthetic.DemoSource(spec, split, size)
@@ -384,15 +388,15 @@ def make_source(config: ml_collections.ConfigDict, split: str):
         readers = {"cub": cub_source, "aircraft": aircraft_source, "cars": cars_source, "dogs": dogs_source,
                    "imagefolder": lambda root, s: image_folder_source(root, s, d.train_split)}
         if d.name not in readers:
-            raise ValueError(f"config.dataset.name={d.name!r} has no folder reader (known: demo, "
+            raise ConfigError(f"config.dataset.name={d.name!r} has no folder reader (known: demo, "
                              f"{', '.join(readers)}); for a TFDS dataset set config.dataset.source='tfds'")
         if not d.data_dir:
             raise DatasetNotFound(f"config.dataset.data_dir is empty. {_HOW[d.name]}")
         source = readers[d.name](os.path.expanduser(d.data_dir), split_name)
     else:
-        raise ValueError(f"config.dataset.source={d.source!r} is not 'folder' or 'tfds'")
+        raise ConfigError(f"config.dataset.source={d.source!r} is not 'folder' or 'tfds'")
     if d.num_classes != len(source.class_names):
-        raise ValueError(f"config.dataset.num_classes={d.num_classes} but {d.name} ({d.source}) has "
+        raise ConfigError(f"config.dataset.num_classes={d.num_classes} but {d.name} ({d.source}) has "
                          f"{len(source.class_names)} classes; set --config.dataset.num_classes="
                          f"{len(source.class_names)}")
     return source
