@@ -18,7 +18,6 @@ import os
 import sys
 
 import jax
-import ml_collections
 import numpy as np
 from tqdm import tqdm
 
@@ -75,7 +74,7 @@ def load(run: str, step: int) -> tuple:
     """(model, variables, config, class names, meta) of one checkpoint."""
     ckpts = ckpt_lib.Checkpoints(os.path.join(run, "checkpoints"), read_only=True)
     state, meta = ckpts.restore(step=step)
-    config = ml_collections.ConfigDict(ckpts.config(step))
+    config = ckpts.config(step)
     class_names = list(meta["class_names"])
     model = train_lib.create_model(config, len(class_names))
     return model, {"params": state["params"], "batch_stats": state["batch_stats"]}, config, class_names, meta

@@ -14,6 +14,7 @@ import os
 from typing import Any
 
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
@@ -64,9 +65,15 @@ class Checkpoints:
         )
         return restored["state"], restored["meta"]
 
-    def config(self, step: int | None = None) -> dict:
+    def config(self, step: int | None = None) -> ml_collections.ConfigDict:
+        """The run's config, over today's defaults so that fields added since it was saved have values."""
+        from configs import default
+
         step = self.latest_step() if step is None else step
-        return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+        saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+        config = default.get_config()
+        config.update(saved)
+        return config
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

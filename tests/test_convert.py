@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 import safetensors.numpy
@@ -155,7 +154,7 @@ def test_reference_pmg_state_dict_becomes_a_restorable_run(reference_resnet50_pm
     assert "PMG resnet50 (width 64, feature size 512, 200 classes)" in printed
     assert "class names: generic class_0..class_199 (cub:" in printed  # no CUB class list here
     checkpoints = Checkpoints(str(tmp_path / "run" / "checkpoints"), read_only=True)
-    config = ml_collections.ConfigDict(checkpoints.config())
+    config = checkpoints.config()
     assert config.dataset.name == "cub" and config.dataset.num_classes == 200
     state, meta = checkpoints.restore()
     assert meta["class_names"][199] == "class_199" and meta["converted_from"] == str(src)

@@ -12,7 +12,6 @@ import sys
 import xml.etree.ElementTree as ElementTree
 
 import cv2
-import jax
 import numpy as np
 import pytest
 from scipy import io as sio
