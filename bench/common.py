@@ -104,6 +104,14 @@ class Prepared:
     compile_s: float
     memory: Callable[[], dict[str, Any]] = peak_memory
     device: dict[str, Any] = dataclasses.field(default_factory=device_info)
+    xla_flops: float | None = None  # XLA's own count for the compiled step, where it gives one
+
+
+def xla_flops(compiled: jax.stages.Compiled) -> float | None:
+    """FLOPs of a compiled executable by XLA's cost analysis (after dead-code elimination)."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return cost.get("flops") if cost else None
 
 
 def measure(bench: str, prepared: Prepared, args: argparse.Namespace, flops_per_step: int,
@@ -124,6 +132,7 @@ def measure(bench: str, prepared: Prepared, args: argparse.Namespace, flops_per_
     headline = {**tags, "kind": "headline", "images_per_s": args.batch / median, "step_s_median": median,
                 "step_s_min": min(seconds), "step_s_max": max(seconds), "steps": args.steps,
                 "compile_s": prepared.compile_s, "warmup_s": warmup_s, "model_tflops_per_step": flops_per_step / 1e12,
+                "xla_tflops_per_step": prepared.xla_flops / 1e12 if prepared.xla_flops else None,
                 "model_tflop_per_s": achieved / 1e12, "mfu": achieved / peak if peak else None,
                 **prepared.memory(), **prepared.device}
     emit(headline)

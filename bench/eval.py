@@ -34,7 +34,8 @@ def prepare(config: ml_collections.ConfigDict) -> common.Prepared:
         compiled = p_eval.lower(state, data).compile()
 
     compile_s = common.timed(compile_step)
-    return common.Prepared(lambda: jax.block_until_ready(compiled(state, data)), compile_s)
+    return common.Prepared(lambda: jax.block_until_ready(compiled(state, data)), compile_s,
+                           xla_flops=common.xla_flops(compiled))
 
 
 def main(argv: list[str] | None = None) -> dict:

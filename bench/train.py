@@ -43,7 +43,7 @@ def prepare(config: ml_collections.ConfigDict) -> common.Prepared:
         state, metrics = compiled(state, data)
         jax.block_until_ready((state, metrics))
 
-    return common.Prepared(run, compile_s)
+    return common.Prepared(run, compile_s, xla_flops=common.xla_flops(compiled))
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:

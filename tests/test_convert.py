@@ -242,7 +242,7 @@ def test_bad_inputs_give_one_line_and_a_nonzero_exit(tiny_files, tmp_path, file,
         convert.main([str(d / file), "--out", str(tmp_path / "run"), *flags])
     message = exit_info.value.code
     assert isinstance(message, str) and "\n" not in message, message  # a string code exits with status 1
-    assert message.startswith(f"pmg_jax.convert: error: ") and expected in message, message
+    assert message.startswith("pmg_jax.convert: error: ") and expected in message, message
     assert not (tmp_path / "run" / "checkpoints" / "0").exists()
 
 
