@@ -22,7 +22,6 @@ import numpy as np
 from tqdm import tqdm
 
 from pmg_jax import cam, localization, train_lib, viz
-from pmg_jax import checkpoint as ckpt_lib
 from pmg_jax.data import decode, pipeline, sources
 
 BLOCK_CHOICES = {"1": ("block1",), "2": ("block2",), "3": ("block3",), "concat": ("concat",),
@@ -68,16 +67,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.batch_size < 1:
         p.error("--batch-size must be positive")
     return args
-
-
-def load(run: str, step: int) -> tuple:
-    """(model, variables, config, class names, meta) of one checkpoint."""
-    ckpts = ckpt_lib.Checkpoints(os.path.join(run, "checkpoints"), read_only=True)
-    state, meta = ckpts.restore(step=step)
-    config = ckpts.config(step)
-    class_names = list(meta["class_names"])
-    model = train_lib.create_model(config, len(class_names))
-    return model, {"params": state["params"], "batch_stats": state["batch_stats"]}, config, class_names, meta
 
 
 def collect_images(specs: list[str]) -> tuple[list[str], list[str]]:
@@ -235,16 +224,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.getLogger("absl").setLevel(logging.ERROR)
     try:
-        run, step = ckpt_lib.resolve(args.ckpt, args.checkpoint)
-        model, variables, config, class_names, meta = load(run, step)
+        r = train_lib.restore(args.ckpt, args.checkpoint)
     except (FileNotFoundError, ValueError) as e:
         print(f"explain.py: cannot load a checkpoint from {args.ckpt}: {e}", file=sys.stderr)
         return 2
-    print(f"using {run} checkpoint {step} (epoch {meta.get('epoch')}, {config.model.backbone}, "
-          f"{len(class_names)} classes, input {config.data.crop_size}px)")
+    print(f"using {r.run} checkpoint {r.step} (epoch {r.meta.get('epoch')}, {r.config.model.backbone}, "
+          f"{len(r.class_names)} classes, input {r.config.data.crop_size}px)")
     if args.evaluate:
-        return evaluate(args, run, model, variables, config)
-    return explain_images(args, run, model, variables, config, class_names)
+        return evaluate(args, r.run, r.model, r.variables, r.config)
+    return explain_images(args, r.run, r.model, r.variables, r.config, r.class_names)
 
 
 if __name__ == "__main__":

@@ -306,15 +306,38 @@ def _initial_state(config, model, tx, checkpoints: ckpt_lib.Checkpoints, rep) ->
     return jax.device_put(state, rep), {}
 
 
-def load_variables(path: str, config: ml_collections.ConfigDict | None = None, which: str = "latest") -> dict:
-    """params and batch_stats of a run or checkpoint (see checkpoint.resolve); checked against `config`."""
+@flax.struct.dataclass
+class Restored:
+    """A checkpoint ready for inference: its model, weights, config and metadata."""
+
+    run: str = flax.struct.field(pytree_node=False)
+    step: int = flax.struct.field(pytree_node=False)
+    model: PMG = flax.struct.field(pytree_node=False)
+    variables: dict
+    config: ml_collections.ConfigDict = flax.struct.field(pytree_node=False)
+    meta: dict = flax.struct.field(pytree_node=False)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.meta["class_names"])
+
+
+def restore(path: str, which: str = "latest") -> Restored:
+    """The checkpoint at `path`: a run, a folder of runs (the newest), or one checkpoint (see checkpoint.resolve)."""
     run, step = ckpt_lib.resolve(path, which)
     ckpts = ckpt_lib.Checkpoints(os.path.join(run, "checkpoints"), read_only=True)
-    if config is not None:
-        validate.check_compatible(ckpts.config(step), config, path)
-    state, _ = ckpts.restore(step=step)
-    print(f"weights from {run} at step {step}")
-    return {"params": state["params"], "batch_stats": state["batch_stats"]}
+    state, meta = ckpts.restore(step=step)
+    config = ckpts.config(step)
+    variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+    return Restored(run, step, create_model(config, len(meta["class_names"])), variables, config, meta)
+
+
+def load_variables(path: str, config: ml_collections.ConfigDict) -> dict:
+    """params and batch_stats of a run or checkpoint, refused unless its model is the configured one."""
+    restored = restore(path)
+    validate.check_compatible(restored.config, config, path)
+    print(f"weights from {restored.run} at step {restored.step}")
+    return restored.variables
 
 
 def evaluate_only(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
