@@ -12,9 +12,12 @@ import time
 from typing import Any, Callable
 
 import jax
+import ml_collections
 import numpy as np
 
 from bench import flops
+from configs import default
+from pmg_jax.optim import make_optimizer
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -42,10 +45,8 @@ def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             "feature_size": args.feature_size, "stage_sizes": args.stage_sizes}
 
 
-def make_config(args: argparse.Namespace, **top_level: Any):
+def make_config(args: argparse.Namespace, **top_level: Any) -> ml_collections.ConfigDict:
     """configs/default.py with the model and batch of `args` (top-level fields such as bn_stats too)."""
-    from configs import default
-
     c = default.get_config()
     c.dataset.num_classes = args.classes
     c.data.crop_size = args.size
@@ -57,6 +58,13 @@ def make_config(args: argparse.Namespace, **top_level: Any):
     c.batch_size = c.eval_batch_size = args.batch
     c.update(top_level)
     return c
+
+
+def make_tx(config: ml_collections.ConfigDict):
+    """The training optimizer of `config` (a long epoch: the learning rate stays at its first value)."""
+    o = config.optim
+    return make_optimizer(lr_new=o.lr_new, lr_backbone=o.lr_backbone, num_epochs=config.num_epochs,
+                          steps_per_epoch=10_000, momentum=o.momentum, weight_decay=o.weight_decay)
 
 
 def synthetic_batch(size: int, batch: int, num_classes: int, seed: int = 0) -> dict[str, np.ndarray]:

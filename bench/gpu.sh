@@ -24,6 +24,17 @@ else
 fi
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}"
 
+# pmg_jax also needs grain, ml_collections and tqdm, which such a box may lack: carry them as wheels.
+wheels="${PMG_WHEELS:-wheels}"
+if ! python -c "import grain, ml_collections, tqdm" 2>/dev/null; then
+  if [[ -d "$wheels" ]]; then
+    python -m pip install -q --no-index --find-links "$wheels" grain ml-collections tqdm || exit 1
+  else
+    echo "missing grain/ml_collections/tqdm and no wheel folder $wheels (pip download -d $wheels grain ml-collections tqdm)" >&2
+    exit 1
+  fi
+fi
+
 runs=(
   "train --batch $small --dtype bfloat16"
   "torch_bench --mode train --batch $small --dtype float32"
