@@ -285,7 +285,7 @@ def _raise_if_nonfinite(step: int, metrics: dict, checkpoints: ckpt_lib.Checkpoi
             f"; the step was not applied, the latest checkpoint in {checkpoints.directory} is the last good one")
 
 
-def _initial_state(config, model, tx, checkpoints: ckpt_lib.Checkpoints, rep) -> tuple[TrainState, dict]:
+def initial_state(config, model, tx, checkpoints: ckpt_lib.Checkpoints, rep) -> tuple[TrainState, dict]:
     """Resume from the workdir, else start from init.checkpoint / init.backbone weights, else from scratch."""
     abstract = jax.eval_shape(lambda: create_state(model, tx, config.seed, config.data.crop_size))
     if checkpoints.latest_step() is not None:
@@ -388,7 +388,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
     rep, data_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
     checkpoints = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep)
-    state, meta = _initial_state(config, model, tx, checkpoints, rep)
+    state, meta = initial_state(config, model, tx, checkpoints, rep)
     best = meta.get("best", {"combined": -1.0, "epoch": -1})
     start_step = int(state.step)
     if meta:

@@ -23,7 +23,7 @@ def main(out: str, coordinator: str | None = None, num_processes: int = 1, proce
     from pmg_jax.data import pipeline, sources
     from pmg_jax.optim import make_optimizer
 
-    config = tiny_demo_config(batch_size=16, **{"model.dtype": "float64"})
+    config = tiny_demo_config(batch_size=16, **{"model.dtype": "float64", "data.crop_size": 64, "data.resize_size": 72})
     model = train_lib.create_model(config)
     tx = make_optimizer(lr_new=0.002, lr_backbone=0.0002, num_epochs=2, steps_per_epoch=10)
     mesh = parallel.make_mesh()

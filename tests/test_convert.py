@@ -11,6 +11,8 @@ import pytest
 import safetensors.numpy
 import torch
 
+from flax.traverse_util import flatten_dict
+
 from bench import torch_reference as ref
 from conftest import ROOT
 from pmg_jax import convert, train_lib
@@ -290,3 +292,31 @@ def test_converted_checkpoint_runs_through_evaluation_and_explain(tmp_path, caps
     assert {"conv_block1_bird.jpg", "conv_block3_bird.jpg", "conv_block_concat_bird.jpg", "index.html"} <= written
     printed = capsys.readouterr().out
     assert sum(printed.count(name) for name in synthetic.class_names(8)) >= 4 * 5  # top-5 of each head, named
+
+
+def test_training_starts_from_a_torchvision_backbone(tmp_path):
+    """config.init.backbone loads the ResNet weights and BN statistics before training; heads stay fresh."""
+    from conftest import tiny_demo_config
+    from pmg_jax import checkpoint as ckpt_lib
+    from pmg_jax import parallel, train_lib
+    from pmg_jax.optim import make_optimizer
+
+    resnet = ref.make_resnet("resnet50", 8, (1, 1, 1, 1))
+    path = str(tmp_path / "resnet.pth")
+    torch.save(resnet.state_dict(), path)  # torchvision names, fc included
+    config = tiny_demo_config(**{"init.backbone": path, "model.width": 8, "model.feature_size": 16})
+    model = train_lib.create_model(config)
+    tx = make_optimizer(lr_new=0.1, lr_backbone=0.1, num_epochs=1, steps_per_epoch=1)
+    checkpoints = ckpt_lib.Checkpoints(str(tmp_path / "checkpoints"))
+    mesh = parallel.make_mesh()
+    state, meta = train_lib.initial_state(config, model, tx, checkpoints, parallel.replicated(mesh))
+    assert meta == {} and int(state.step) == 0
+    want = convert.variables_from_torch(resnet.state_dict())
+    for collection in ("params", "batch_stats"):
+        got = flatten_dict(jax.device_get(getattr(state, collection))["features"])
+        expected = flatten_dict(want[collection]["features"])
+        assert got.keys() == expected.keys()
+        for k in got:
+            np.testing.assert_array_equal(got[k], expected[k], err_msg="/".join(k))
+    fresh = train_lib.create_state(model, tx, config.seed, config.data.crop_size)
+    np.testing.assert_array_equal(state.params["classifier1_4"]["kernel"], fresh.params["classifier1_4"]["kernel"])

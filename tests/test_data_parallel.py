@@ -19,7 +19,7 @@ SCRIPT = textwrap.dedent("""
     from pmg_jax.optim import make_optimizer
 
     assert jax.device_count() == 4, jax.devices()
-    config = tiny_demo_config(batch_size=16, **{"model.dtype": "float64"})
+    config = tiny_demo_config(batch_size=16, **{"model.dtype": "float64", "data.crop_size": 64, "data.resize_size": 72})
     f64 = lambda t: jax.tree.map(
         lambda a: np.asarray(a, np.float64) if np.issubdtype(np.asarray(a).dtype, np.floating) else np.asarray(a), t)
     model = train_lib.create_model(config)
