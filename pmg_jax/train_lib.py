@@ -203,7 +203,7 @@ def compile_steps(model, tx, config, mesh):
     return p_train, p_eval
 
 
-def evaluate(p_eval, state: TrainState, batches: Iterator[dict], sharding, num_batches: int) -> dict[str, float]:
+def evaluate(p_eval, state: TrainState, batches: Iterator[dict], sharding) -> dict[str, float]:
     """Accuracy (%) of every head, concat and combined over a whole split, each example counted once."""
     totals = np.zeros(len(HEAD_NAMES) + 1, np.float64)
     for batch in pipeline.prefetch_to_device(batches, sharding):
@@ -352,7 +352,7 @@ def evaluate_only(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
     _, p_eval = compile_steps(model, None, config, mesh)
     n_eval, it = pipeline.eval_batches(test_src, transform_spec(config), pipeline.host_layout(config.eval_batch_size),
                                        workers=config.data.workers)
-    result = evaluate(p_eval, state, it, data_sharding, n_eval)
+    result = evaluate(p_eval, state, it, data_sharding)
     print(format_eval_table(0, result).replace("eval epoch 0", f"eval of {config.init.checkpoint or workdir}"))
     return result
 
@@ -449,7 +449,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if (epoch + 1) % config.eval_every_epochs == 0 or epoch + 1 == config.num_epochs:
                 n_eval, eval_it = pipeline.eval_batches(test_src, spec, pipeline.host_layout(config.eval_batch_size),
                                                         workers=config.data.workers)
-                result = evaluate(p_eval, state, eval_it, data_sharding, n_eval)
+                result = evaluate(p_eval, state, eval_it, data_sharding)
                 if result["combined"] > best["combined"]:
                     best = {"combined": result["combined"], "concat": result["concat"], "epoch": epoch + 1,
                             "step": step}

@@ -56,6 +56,6 @@ def test_evaluation_counts_every_example_once(demo_run):
     results = {}
     for batch_size in (7, len(src)):
         n, it = pipeline.eval_batches(src, spec, pipeline.host_layout(batch_size))
-        results[batch_size] = train_lib.evaluate(p_eval, state, it, parallel.batch_sharding(mesh), n)
+        results[batch_size] = train_lib.evaluate(p_eval, state, it, parallel.batch_sharding(mesh))
         assert results[batch_size]["count"] == len(src)
     np.testing.assert_allclose(results[7]["combined"], results[len(src)]["combined"])
