@@ -1,9 +1,11 @@
-"""Layers that behave like their PyTorch counterparts (init, BatchNorm statistics)."""
+"""Layers that behave like their PyTorch counterparts (init, BatchNorm statistics, max-pool
+gradients), with gradients written for XLA:CPU speed where its own are slow."""
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +28,140 @@ def torch_default_uniform(fan_in: int):
 kaiming_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
+def conv2d(x: jax.Array, kernel: jax.Array, strides: int = 1, padding: int = 0) -> jax.Array:
+    """NHWC x HWIO convolution with symmetric zero padding (PyTorch's `padding=`).
+
+    An unpadded 1x1 convolution (ResNet's bottleneck and downsample convolutions, the
+    granularity blocks' first layer) goes through `pointwise_conv`, whose gradients are
+    GEMMs; every other one is `lax.conv_general_dilated`. The values are the same.
+    """
+    if kernel.shape[:2] == (1, 1) and padding == 0:
+        return pointwise_conv(x, kernel, strides)
+    p = padding
+    return jax.lax.conv_general_dilated(
+        x, kernel,
+        window_strides=(strides, strides),
+        padding=((p, p), (p, p)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+
+
+def _contract_rows(a: jax.Array, b: jax.Array, acc) -> jax.Array:
+    """a^T b over every axis but the last: (..., C) x (..., D) -> (C, D), as one 2-d GEMM.
+
+    Written on 2-d views because XLA:CPU hands a 2-d dot that contracts the leading axis
+    straight to Eigen, whereas a dot that contracts several axes is first rewritten around
+    a physical transpose of both operands.
+    """
+    a2, b2 = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+    return jax.lax.dot_general(a2, b2, (((0,), (0,)), ((), ())), preferred_element_type=acc)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def pointwise_conv(x: jax.Array, kernel: jax.Array, strides: int = 1) -> jax.Array:
+    """A 1x1 convolution (kernel (1, 1, C, D)) with stride `strides`, as a matmul.
+
+    The custom gradient exists for speed, not for different values: autodiff of a
+    convolution gives XLA:CPU a kernel-gradient convolution for which it first transposes
+    both activations into (C, H, W, N) order, fused into the BatchNorm backward, at a
+    fraction of memory speed. Here the kernel gradient is one GEMM that contracts the
+    leading axis of 2-d views of the NHWC activations, which needs no transpose.
+    """
+    xs = x[:, ::strides, ::strides, :] if strides > 1 else x
+    return jnp.einsum("bhwc,cd->bhwd", xs, kernel[0, 0])
+
+
+def _pointwise_fwd(x, kernel, strides):
+    return pointwise_conv(x, kernel, strides), (x, kernel)
+
+
+def _pointwise_bwd(strides, res, g):
+    x, kernel = res
+    xs = x[:, ::strides, ::strides, :] if strides > 1 else x
+    acc = jnp.promote_types(g.dtype, jnp.float32)
+    d_kernel = _contract_rows(xs, g, acc).astype(kernel.dtype)[None, None]
+    d_xs = jnp.einsum("bhwd,cd->bhwc", g, kernel[0, 0]).astype(x.dtype)
+    if strides > 1:  # scatter back to the strided positions: interior zero padding
+        pads = [(0, 0, 0)]
+        for full, taken in ((x.shape[1], d_xs.shape[1]), (x.shape[2], d_xs.shape[2])):
+            pads.append((0, full - (taken + (taken - 1) * (strides - 1)), strides - 1))
+        d_xs = jax.lax.pad(d_xs, jnp.zeros((), d_xs.dtype), pads + [(0, 0, 0)])
+    return d_xs, d_kernel
+
+
+pointwise_conv.defvjp(_pointwise_fwd, _pointwise_bwd)
+
+
+def _sum_rows(a: jax.Array) -> jax.Array:
+    return jnp.dot(jnp.ones((a.shape[0],), a.dtype), a, precision=jax.lax.Precision.HIGHEST)
+
+
+def channel_sum(a: jax.Array) -> jax.Array:
+    """Sum of `a` (..., C) over every axis but the last, as matrix-vector products.
+
+    XLA:CPU lowers a reduction over the leading axes of an NHWC activation as a tree of
+    reduce-windows that runs 10-20x slower than reading the array once; a GEMV with a
+    vector of ones reads it once, at memory speed. A 4-d array is summed in two levels,
+    over (N, H) for every (W, C) and then over W, so that each sum adds about sqrt(N*H*W)
+    terms rather than all of them: float32 rounding stays close to a pairwise tree's.
+    """
+    if a.ndim == 4:
+        partial = _sum_rows(a.reshape(a.shape[0] * a.shape[1], a.shape[2] * a.shape[3]))
+        return _sum_rows(partial.reshape(a.shape[2], a.shape[3]))
+    return _sum_rows(a.reshape(-1, a.shape[-1]))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def batch_norm_train(x, scale, bias, epsilon: float, out_dtype):
+    """Train-mode batch normalisation of `x` over every axis but the last.
+
+    Returns (y, mean, var): the normalised output in `out_dtype` and the batch mean and
+    biased variance in at least float32. Every reduction, forward and backward, is a
+    `channel_sum`; the backward is the closed-form BatchNorm gradient.
+    """
+    y, mean, var, _ = _bn_forward(x, scale, bias, epsilon, out_dtype)
+    return y, mean, var
+
+
+def _bn_forward(x, scale, bias, epsilon, out_dtype):
+    acc = jnp.promote_types(x.dtype, jnp.float32)  # bf16 -> f32; f64 stays f64
+    xf = x.astype(acc)
+    n = math.prod(x.shape[:-1])
+    mean = channel_sum(xf) / n
+    var = channel_sum(jnp.square(xf - mean)) / n  # two-pass: exact enough for parity
+    rstd = jax.lax.rsqrt(var + epsilon)
+    mul = scale.astype(acc) * rstd
+    shift = bias.astype(acc) - mean * mul
+    y = (x * mul.astype(x.dtype) + shift.astype(x.dtype)).astype(out_dtype)
+    return y, mean, var, rstd
+
+
+def _bn_fwd(x, scale, bias, epsilon, out_dtype):
+    y, mean, var, rstd = _bn_forward(x, scale, bias, epsilon, out_dtype)
+    return (y, mean, var), (x, scale, mean, rstd)
+
+
+def _bn_bwd(epsilon, out_dtype, res, cotangents):
+    x, scale, mean, rstd = res
+    g, g_mean, g_var = cotangents
+    acc = mean.dtype
+    centred = x.astype(acc) - mean
+    gf = g.astype(acc)
+    n = math.prod(x.shape[:-1])
+    d_bias = channel_sum(gf)
+    d_scale = channel_sum(gf * centred) * rstd  # sum of g * x_hat
+    mul = scale.astype(acc) * rstd
+    # dx = mul * (g - mean(g) - x_hat * mean(g * x_hat)) plus the paths through the
+    # returned statistics: d mean / dx = 1/n, d var / dx = 2 (x - mean) / n.
+    coef = (2.0 * g_var - mul * rstd * d_scale) / n
+    const = (g_mean - mul * d_bias) / n
+    dx = gf * mul + centred * coef + const
+    return dx.astype(x.dtype), d_scale.astype(scale.dtype), d_bias.astype(scale.dtype)
+
+
+batch_norm_train.defvjp(_bn_fwd, _bn_bwd)
+
+
 class Conv(nn.Module):
     """Bias-free conv with explicit symmetric padding (PyTorch semantics), NHWC."""
 
@@ -42,14 +178,7 @@ class Conv(nn.Module):
         fan_in = x.shape[-1] * k * k
         init = torch_default_uniform(fan_in) if self.torch_default_init else kaiming_fan_out
         kernel = self.param("kernel", init, (k, k, x.shape[-1], self.features))
-        p = self.padding
-        return jax.lax.conv_general_dilated(
-            x.astype(self.dtype),
-            kernel.astype(self.dtype),
-            window_strides=(self.strides, self.strides),
-            padding=((p, p), (p, p)),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        )
+        return conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, self.padding)
 
 
 class Linear(nn.Module):
@@ -87,19 +216,74 @@ class BatchNorm(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (c,))
         ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
         ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
-        axes: Sequence[int] = tuple(range(x.ndim - 1))
         if train:
-            xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # bf16 -> f32; f64 stays f64
-            mean = jnp.mean(xf, axes)
-            var = jnp.mean(jnp.square(xf - mean), axes)  # two-pass: exact enough for parity
+            y, mean, var = batch_norm_train(x, scale, bias, self.epsilon, jnp.dtype(self.dtype))
             if not self.is_initializing():
-                n = math.prod(x.shape[a] for a in axes)
+                n = math.prod(x.shape[:-1])
                 unbiased = var * (n / max(n - 1, 1))
                 m = self.momentum
                 ra_mean.value = (1 - m) * ra_mean.value + m * mean
                 ra_var.value = (1 - m) * ra_var.value + m * unbiased
-        else:
-            mean, var = ra_mean.value, ra_var.value
-        mul = scale * jax.lax.rsqrt(var + self.epsilon)
-        shift = bias - mean * mul
+            return y
+        mul = scale * jax.lax.rsqrt(ra_var.value + self.epsilon)
+        shift = bias - ra_mean.value * mul
         return (x * mul.astype(x.dtype) + shift.astype(x.dtype)).astype(self.dtype)
+
+
+def _pool_taps(x: jax.Array, window: int, strides: int, padding: int):
+    """The window*window strided views of `x` (NHWC, padded with -inf) that a max pool compares."""
+    p, s = padding, strides
+    lowest = jnp.array(-jnp.inf, x.dtype)
+    xp = jax.lax.pad(x, lowest, [(0, 0, 0), (p, p, 0), (p, p, 0), (0, 0, 0)])
+    ho = (x.shape[1] + 2 * p - window) // s + 1
+    wo = (x.shape[2] + 2 * p - window) // s + 1
+    taps = []
+    for i in range(window):
+        for j in range(window):
+            taps.append(jax.lax.slice(
+                xp, (0, i, j, 0), (xp.shape[0], i + (ho - 1) * s + 1, j + (wo - 1) * s + 1, xp.shape[3]),
+                (1, s, s, 1)))
+    return taps
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def max_pool(x: jax.Array, window: int = 3, strides: int = 2, padding: int = 1) -> jax.Array:
+    """Max pooling over square windows of NHWC `x`, padded with -inf (torch.nn.MaxPool2d).
+
+    Written as an elementwise maximum of strided views, with a backward that sends each
+    output's gradient to the first maximum of its window in row-major order, as PyTorch
+    does. XLA:CPU's own max-pool gradient (select-and-scatter with index iotas the size
+    of the input) costs several times more at ResNet's stem.
+    """
+    out = None
+    for tap in _pool_taps(x, window, strides, padding):
+        out = tap if out is None else jnp.maximum(out, tap)
+    return out
+
+
+def _max_pool_fwd(x, window, strides, padding):
+    out = max_pool(x, window, strides, padding)
+    return out, (x, out)
+
+
+def _max_pool_bwd(window, strides, padding, res, g):
+    x, out = res
+    p, s = padding, strides
+    taken = jnp.zeros(out.shape, bool)
+    zero = jnp.zeros((), g.dtype)
+    dx = None
+    for t, tap in enumerate(_pool_taps(x, window, strides, padding)):
+        first = (tap == out) & ~taken
+        taken = taken | first
+        i, j = divmod(t, window)
+        # place the output-grid values back on the padded input grid, then crop the padding
+        part = jax.lax.pad(jnp.where(first, g, zero), zero, [
+            (0, 0, 0),
+            (i, x.shape[1] + 2 * p - i - ((out.shape[1] - 1) * s + 1), s - 1),
+            (j, x.shape[2] + 2 * p - j - ((out.shape[2] - 1) * s + 1), s - 1),
+            (0, 0, 0)])
+        dx = part if dx is None else dx + part
+    return (dx[:, p:p + x.shape[1], p:p + x.shape[2], :],)
+
+
+max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)

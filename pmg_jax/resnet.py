@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from pmg_jax.layers import BatchNorm, Conv
+from pmg_jax.layers import BatchNorm, Conv, max_pool
 
 STAGE_SIZES: dict[str, tuple[int, ...]] = {
     "resnet18": (2, 2, 2, 2),
@@ -89,7 +89,7 @@ class ResNet(nn.Module):
         sizes = tuple(self.stage_sizes or STAGE_SIZES[self.arch])
         x = Conv(self.width, 7, 2, 3, dtype=self.dtype, name="conv1")(x)
         x = nn.relu(BatchNorm(momentum=0.1, dtype=self.dtype, name="bn1")(x, train))
-        x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+        x = max_pool(x, 3, 2, 1)
         stages = []
         in_ch = self.width
         for i, n_blocks in enumerate(sizes):
