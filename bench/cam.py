@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench import common
 from pmg_jax import cam
 from pmg_jax.model import PMG
 
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     headline = {**tags, "kind": "headline", **{f"{k}_images_per_s": v for k, v in rates.items()},
                 "images_per_s": rates["one_pass"], "ratio": rates["one_pass"] / rates["seed_way"],
-                "ratio_vs_per_image_block": rates["one_pass"] / rates["per_image_block"]}
+                "ratio_vs_per_image_block": rates["one_pass"] / rates["per_image_block"], **common.peak_memory()}
     emit(headline)
     return headline
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The prepared GPU benchmark (an H100/H200 box with JAX+CUDA, flax, optax, orbax and PyTorch; no internet).
 # Within 8 minutes: ours, training and evaluation at 448 with batch 16 and 64 in float32 and bfloat16,
-# and the PyTorch reference training at batch 16 in float32 and autocast bfloat16, most telling first;
+# the PyTorch reference training at batch 16 in float32 and autocast bfloat16, and Grad-CAM of all four
+# maps for a batch of 16 in bfloat16 (one jitted pass vs one image and block at a time), most telling first;
 # runs that would not start in time are skipped and named. JSON lines (images/s, MFU from the analytic
 # FLOP count, peak memory) are appended to OUT_FILE, then printed as a table.
 #
@@ -18,9 +19,11 @@ budget_s="${PMG_BENCH_BUDGET_S:-480}"  # wall-clock cap of all runs together
 if [[ "$tiny" == 1 ]]; then
   shared=(--size 64 --backbone resnet18 --width 8 --feature-size 16 --stage-sizes 1,1,1,1 --classes 5 --steps 2 --warmup 1)
   small=2 large=2
+  cam_args=(--size 64 --backbone resnet18 --width 8 --feature-size 16 --stage-sizes 1,1,1,1 --steps 2)
 else
   shared=(--size 448 --steps 5 --warmup 2)
   small=16 large=64
+  cam_args=(--size 448 --steps 3)
 fi
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}"
 
@@ -41,6 +44,7 @@ runs=(
   "torch_bench --mode train --batch $small --dtype bfloat16"
   "train --batch $small --dtype float32"
   "eval --batch $small --dtype bfloat16"
+  "cam --batch $small --dtype bfloat16"
   "eval --batch $large --dtype bfloat16"
   "train --batch $large --dtype bfloat16"
   "eval --batch $small --dtype float32"
@@ -61,8 +65,10 @@ for run in "${runs[@]}"; do
     continue
   fi
   read -r script args <<<"$run"
+  common=("${shared[@]}")
+  [[ "$script" == cam ]] && common=("${cam_args[@]}")  # cam.py has no --warmup/--classes
   # shellcheck disable=SC2086  # args is a word list on purpose
-  if ! timeout "$left" python -m "bench.$script" "${shared[@]}" $args >>"$out"; then
+  if ! timeout "$left" python -m "bench.$script" "${common[@]}" $args >>"$out"; then
     echo "failed or timed out: $run" >&2
     failed=1
   fi
