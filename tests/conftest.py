@@ -1,6 +1,8 @@
 """Shared test setup: repo root importable, and one tiny trained demo run reused by many tests."""
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 
@@ -11,8 +13,12 @@ sys.path.insert(0, ROOT)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # One persistent XLA compilation cache for the whole session, subprocesses included (set before
 # jax is imported): the many tiny end-to-end runs compile the same programs, so only the first pays.
-_CACHE_DIR = tempfile.mkdtemp(prefix="pmg_jax_xla_cache_")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE_DIR)
+# Under pytest-xdist the workers inherit the controller's directory and share it; whoever made
+# it removes it at exit.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _CACHE_DIR = tempfile.mkdtemp(prefix="pmg_jax_xla_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_DIR
+    atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
@@ -30,7 +36,7 @@ def tiny_demo_config(**overrides):
     c = demo.get_config()
     c.dataset.demo_train_size = 512
     c.dataset.demo_test_size = 128
-    c.num_epochs = 4
+    c.num_epochs = 6
     c.log_every_steps = 4
     for key, value in overrides.items():
         node = c
@@ -43,7 +49,11 @@ def tiny_demo_config(**overrides):
 
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory):
-    """(workdir, config, best) of a tiny demo training run, made once per test session."""
+    """(workdir, config, best) of a tiny demo training run, made once per test session.
+
+    Its users are marked `xdist_group("demo_run")` so that pytest-xdist runs them on one worker
+    and the run is made once, not once per worker.
+    """
     from pmg_jax import train_lib
 
     workdir = str(tmp_path_factory.mktemp("demo_run"))

@@ -14,6 +14,8 @@ from conftest import ROOT
 from pmg_jax import viz
 from pmg_jax.data import synthetic
 
+pytestmark = pytest.mark.xdist_group("demo_run")  # share one demo_run fixture (conftest)
+
 SEED_STEMS = ("conv_block1", "conv_block2", "conv_block3", "conv_block_concat")
 
 

@@ -11,6 +11,8 @@ from pmg_jax import cam, localization as loc, train_lib
 from pmg_jax import checkpoint as ckpt_lib
 from pmg_jax.data import pipeline, sources
 
+pytestmark = pytest.mark.xdist_group("demo_run")  # share one demo_run fixture (conftest)
+
 
 def box_map(size: int, *boxes, values=None) -> np.ndarray:
     """A map that is `value` inside each half-open box and 0 elsewhere."""

@@ -16,6 +16,8 @@ from pmg_jax import checkpoint as ckpt_lib
 from pmg_jax import train_lib
 from pmg_jax.data import pipeline, sources
 
+pytestmark = pytest.mark.xdist_group("bf16_demo")  # one bf16 run (module fixture) on one worker
+
 # bf16 keeps 8 bits of mantissa (relative rounding 2^-9 per op); through ~20 layers the
 # logits of the trained demo net moved by 0.5-0.8% of their largest magnitude (bench/RESULTS.md).
 LOGIT_TOL = 0.05  # max |bf16 - f32| over max |f32|, per head
@@ -26,7 +28,7 @@ AGREEMENT = 0.95  # share of test images whose combined prediction is unchanged
 def bf16_run(tmp_path_factory):
     """(config, restored state) of the tiny demo trained in bfloat16, and its best eval."""
     workdir = str(tmp_path_factory.mktemp("bf16_run"))
-    config = tiny_demo_config(**{"model.dtype": "bfloat16"})
+    config = tiny_demo_config(num_epochs=4, **{"model.dtype": "bfloat16"})  # 4 of the 6: enough to learn
     best = train_lib.train_and_evaluate(config, workdir)
     state, _ = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"), read_only=True).restore()
     return config, state, best

@@ -4,10 +4,13 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 from conftest import tiny_demo_config
 from pmg_jax import checkpoint as ckpt_lib
 from pmg_jax import train_lib
+
+pytestmark = pytest.mark.xdist_group("demo_run")  # share one demo_run fixture (conftest)
 
 
 def test_demo_run_learns_and_checkpoints(demo_run):
