@@ -5,7 +5,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 
 import jax
 import jax.extend.core as jcore
