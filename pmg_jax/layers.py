@@ -57,6 +57,21 @@ def _contract_rows(a: jax.Array, b: jax.Array, acc) -> jax.Array:
     return jax.lax.dot_general(a2, b2, (((0,), (0,)), ((), ())), preferred_element_type=acc)
 
 
+def _subsample(x: jax.Array, strides: int) -> jax.Array:
+    """Every `strides`-th row and column of NHWC `x` from the first: the grid a stride samples."""
+    return x[:, ::strides, ::strides, :] if strides > 1 else x
+
+
+def _onto_grid(values: jax.Array, height: int, width: int, offset: tuple[int, int], strides: int) -> jax.Array:
+    """Transpose of strided sampling: NHWC `values` placed every `strides` rows and columns,
+    from `offset`, on a zero (height, width) grid (interior and edge padding, no scatter)."""
+    zero = jnp.zeros((), values.dtype)
+    config = [(0, 0, 0)]
+    for full, taken, start in ((height, values.shape[1], offset[0]), (width, values.shape[2], offset[1])):
+        config.append((start, full - start - ((taken - 1) * strides + 1), strides - 1))
+    return jax.lax.pad(values, zero, config + [(0, 0, 0)])
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def pointwise_conv(x: jax.Array, kernel: jax.Array, strides: int = 1) -> jax.Array:
     """A 1x1 convolution (kernel (1, 1, C, D)) with stride `strides`, as a matmul.
@@ -67,8 +82,7 @@ def pointwise_conv(x: jax.Array, kernel: jax.Array, strides: int = 1) -> jax.Arr
     fraction of memory speed. Here the kernel gradient is one GEMM that contracts the
     leading axis of 2-d views of the NHWC activations, which needs no transpose.
     """
-    xs = x[:, ::strides, ::strides, :] if strides > 1 else x
-    return jnp.einsum("bhwc,cd->bhwd", xs, kernel[0, 0])
+    return jnp.einsum("bhwc,cd->bhwd", _subsample(x, strides), kernel[0, 0])
 
 
 def _pointwise_fwd(x, kernel, strides):
@@ -77,15 +91,11 @@ def _pointwise_fwd(x, kernel, strides):
 
 def _pointwise_bwd(strides, res, g):
     x, kernel = res
-    xs = x[:, ::strides, ::strides, :] if strides > 1 else x
     acc = jnp.promote_types(g.dtype, jnp.float32)
-    d_kernel = _contract_rows(xs, g, acc).astype(kernel.dtype)[None, None]
+    d_kernel = _contract_rows(_subsample(x, strides), g, acc).astype(kernel.dtype)[None, None]
     d_xs = jnp.einsum("bhwd,cd->bhwc", g, kernel[0, 0]).astype(x.dtype)
-    if strides > 1:  # scatter back to the strided positions: interior zero padding
-        pads = [(0, 0, 0)]
-        for full, taken in ((x.shape[1], d_xs.shape[1]), (x.shape[2], d_xs.shape[2])):
-            pads.append((0, full - (taken + (taken - 1) * (strides - 1)), strides - 1))
-        d_xs = jax.lax.pad(d_xs, jnp.zeros((), d_xs.dtype), pads + [(0, 0, 0)])
+    if strides > 1:
+        d_xs = _onto_grid(d_xs, x.shape[1], x.shape[2], (0, 0), strides)
     return d_xs, d_kernel
 
 
@@ -268,20 +278,15 @@ def _max_pool_fwd(x, window, strides, padding):
 
 def _max_pool_bwd(window, strides, padding, res, g):
     x, out = res
-    p, s = padding, strides
+    p = padding
     taken = jnp.zeros(out.shape, bool)
-    zero = jnp.zeros((), g.dtype)
     dx = None
     for t, tap in enumerate(_pool_taps(x, window, strides, padding)):
         first = (tap == out) & ~taken
         taken = taken | first
-        i, j = divmod(t, window)
         # place the output-grid values back on the padded input grid, then crop the padding
-        part = jax.lax.pad(jnp.where(first, g, zero), zero, [
-            (0, 0, 0),
-            (i, x.shape[1] + 2 * p - i - ((out.shape[1] - 1) * s + 1), s - 1),
-            (j, x.shape[2] + 2 * p - j - ((out.shape[2] - 1) * s + 1), s - 1),
-            (0, 0, 0)])
+        part = _onto_grid(jnp.where(first, g, jnp.zeros((), g.dtype)), x.shape[1] + 2 * p, x.shape[2] + 2 * p,
+                          divmod(t, window), strides)
         dx = part if dx is None else dx + part
     return (dx[:, p:p + x.shape[1], p:p + x.shape[2], :],)
 

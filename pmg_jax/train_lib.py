@@ -80,7 +80,7 @@ def _all_finite(tree) -> jax.Array:
     reads each leaf once, where XLA:CPU's elementwise-check-and-reduce of every
     parameter-sized gradient costs a tree of slow reduce-windows.
     """
-    sums = [layers.channel_sum(x.reshape(-1, x.shape[-1] if x.ndim else 1)) for x in jax.tree.leaves(tree)]
+    sums = [layers.channel_sum(jnp.atleast_1d(x)) for x in jax.tree.leaves(tree)]
     return jnp.isfinite(jnp.sum(jnp.concatenate(sums)))
 
 
