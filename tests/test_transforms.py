@@ -196,3 +196,22 @@ def test_eval_box_and_normalisation_round_trip(data, geom):
     restored = (out * np.float32([0.2, 0.25, 0.3]) + np.float32([0.4, 0.5, 0.6])) * 255.0
     pixels = transforms.resize(image, resize)[off : off + crop, off : off + crop]
     np.testing.assert_allclose(restored, pixels, atol=1e-3)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 40), st.integers(1, 48), st.integers(0, 10), st.integers(0, 2**32 - 1),
+       st.booleans())
+def test_crop_without_padding_equals_cropping_the_padded_image(h, w, crop, pad, seed, flip):
+    """place_crop never builds the padded image; it must give exactly what padding, slicing and mirroring give."""
+    image = np.random.default_rng(seed).integers(1, 256, (h, w, 3), dtype=np.uint8)  # no zeros: padding shows
+    padded = np.zeros((h + 2 * pad + 2 * crop, w + 2 * pad + 2 * crop, 3), np.uint8)
+    padded[pad + crop : pad + crop + h, pad + crop : pad + crop + w] = image
+    rng = np.random.default_rng(seed + 1)
+    # every corner from "entirely above/left of the image" to "entirely below/right of it"
+    top, left = int(rng.integers(-crop - pad, h + pad + 1)), int(rng.integers(-crop - pad, w + pad + 1))
+    want = padded[top + pad + crop : top + pad + 2 * crop, left + pad + crop : left + pad + 2 * crop]
+    want = want[:, ::-1] if flip else want
+    out = np.full((crop, crop, 3), 7, np.uint8)  # stale contents must be overwritten
+    got = transforms.place_crop(image, top, left, crop, flip, out)
+    assert got is out
+    np.testing.assert_array_equal(got, want)

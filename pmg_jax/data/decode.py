@@ -18,6 +18,8 @@ import numpy as np
 # PIL, and so the reference's torchvision loader, ignores EXIF orientation; the
 # datasets' boxes refer to the stored pixel grid, so OpenCV must ignore it too.
 _IMREAD = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+# OpenCV >= 4.10 can have the decoder write RGB directly, which saves a conversion pass.
+_IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
 
 
 class UnreadableImage(ValueError):
@@ -42,7 +44,13 @@ def decode_image(data: bytes) -> np.ndarray:
         raise UnreadableImage("empty file")
     if _truncated_jpeg(data):
         raise UnreadableImage("truncated JPEG (no end-of-image marker)")
-    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), _IMREAD)
+    buffer = np.frombuffer(data, np.uint8)
+    if _IMREAD_RGB is not None:
+        rgb = cv2.imdecode(buffer, _IMREAD_RGB | cv2.IMREAD_IGNORE_ORIENTATION)
+        if rgb is None:
+            raise UnreadableImage("corrupt or not an image OpenCV can decode")
+        return rgb
+    bgr = cv2.imdecode(buffer, _IMREAD)
     if bgr is None:
         raise UnreadableImage("corrupt or not an image OpenCV can decode")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)

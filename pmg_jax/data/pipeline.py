@@ -18,8 +18,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from typing import Iterator, Protocol, Sequence
+import os
+import threading
+from typing import Callable, Iterator, Protocol, Sequence
 
+import cv2
 import grain
 from absl import flags
 import jax
@@ -27,12 +30,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from pmg_jax.data import decode, transforms
+from pmg_jax.data import decode, slots, transforms
 
 log = logging.getLogger(__name__)
 
 # Per-example marks from the workers, stripped in the main process by `Batches`.
 _INDEX, _SKIPPED = "_source_index", "_skipped"
+# In place of the images, when a worker process wrote them into a SlotRing: the step they belong to.
+_STEP = "_step"
 
 
 class Source(Protocol):
@@ -61,10 +66,6 @@ class TransformSpec:
         """The spec a config's `data` section describes."""
         return cls(data.resize_size, data.crop_size, data.pad, data.hflip, tuple(data.mean), tuple(data.std),
                    data.resize_backend, data.normalize_on_device)
-
-    def finish(self, crop: np.ndarray) -> np.ndarray:
-        """A batch's image from a uint8 crop: normalised float32, or the crop itself when the device normalises."""
-        return crop if self.normalize_on_device else transforms.normalize(crop, self.mean, self.std)
 
 
 def normalize_on_device(images: jax.Array, spec: TransformSpec) -> jax.Array:
@@ -115,57 +116,129 @@ def first_readable(source: Source, index: int) -> tuple[dict, int]:
     raise decode.UnreadableImage(f"none of the {n} images of the source can be decoded")
 
 
-class _TrainExample:
-    """Global position -> transformed example (picklable for Grain worker processes)."""
-
-    def __init__(self, source: Source, spec: TransformSpec, seed: int, examples_per_epoch: int):
-        self.source, self.spec, self.seed, self.per_epoch = source, spec, seed, examples_per_epoch
-
-    def __call__(self, position: int) -> dict:
-        epoch, k = divmod(int(position), self.per_epoch)
-        index = int(_epoch_permutation(self.seed, epoch, len(self.source))[k])
-        example, skipped = first_readable(self.source, index)
-        s = self.spec
-        params = transforms.sample_crop(np.random.default_rng([self.seed, int(position)]), resize_size=s.resize_size,
-                                        crop_size=s.crop_size, pad=s.pad, hflip=s.hflip)
-        crop = transforms.train_crop(example["image"], params, resize_size=s.resize_size, crop_size=s.crop_size,
-                                     pad=s.pad, backend=s.resize_backend)
-        return {"image": s.finish(crop), "label": np.int32(example["label"]),
-                _INDEX: np.int32(index), _SKIPPED: np.int32(skipped)}
+_scratch = threading.local()  # per-thread reusable buffers (Grain's in-process reading runs two threads)
 
 
-class _EvalExample:
-    """Position -> transformed example; past the end (padding) or unreadable, a zero example with mask 0."""
+def _buffer(name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """This thread's uint8 buffer `name` of `shape`, allocated once and reused for every image."""
+    buf = getattr(_scratch, name, None)
+    if buf is None or buf.shape != shape:
+        buf = np.empty(shape, np.uint8)
+        setattr(_scratch, name, buf)
+    return buf
 
-    def __init__(self, source: Source, spec: TransformSpec, with_box: bool):
-        self.source, self.spec, self.with_box = source, spec, with_box
 
-    def _masked(self, index: int, skipped: int) -> dict:
-        s = self.spec
-        out = {"image": s.finish(np.zeros((s.crop_size, s.crop_size, 3), np.uint8)), "label": np.int32(0),
-               "mask": np.float32(0), _INDEX: np.int32(index), _SKIPPED: np.int32(skipped)}
+def image_shape(spec: TransformSpec, layout: Layout) -> tuple[int, int, int, int]:
+    """Shape of a host batch's images."""
+    return (layout.local_batch, spec.crop_size, spec.crop_size, 3)
+
+
+def image_dtype(spec: TransformSpec) -> type:
+    """uint8 crops when the device normalises, else normalised float32."""
+    return np.uint8 if spec.normalize_on_device else np.float32
+
+
+class _BatchMaker:
+    """Writes each transformed image straight into its slot of the batch array.
+
+    In Grain worker processes that array is a slot of a `SlotRing` in shared memory,
+    and the batch handed through Grain carries the step number in its place.
+    """
+
+    def __init__(self, source: Source, spec: TransformSpec, layout: Layout, ring: slots.SlotRing | None):
+        self.source, self.spec, self.layout, self.ring = source, spec, layout, ring
+
+    def _new_images(self, step: int) -> np.ndarray:
+        if self.ring is not None:
+            return self.ring.slot_for(step)
+        return np.empty(image_shape(self.spec, self.layout), image_dtype(self.spec))
+
+    def _pack(self, step: int, images: np.ndarray, batch: dict) -> dict:
+        if self.ring is None:
+            return {"image": images, **batch}
+        return {_STEP: np.int64(step), **batch}
+
+    def _crop_target(self, images: np.ndarray, slot: int) -> np.ndarray:
+        """Where a uint8 crop goes: its slot, or a scratch buffer when the slot holds normalised floats."""
+        if self.spec.normalize_on_device:
+            return images[slot]
+        return _buffer("crop", images.shape[1:])
+
+    def _finish(self, images: np.ndarray, slot: int, crop: np.ndarray) -> None:
+        if not self.spec.normalize_on_device:
+            transforms.normalize(crop, self.spec.mean, self.spec.std, out=images[slot])
+
+    def _resize_buffer(self) -> np.ndarray:
+        return _buffer("resized", (self.spec.resize_size, self.spec.resize_size, 3))
+
+
+class _TrainBatch(_BatchMaker):
+    """Step -> this host's share of that step's batch (picklable for Grain worker processes)."""
+
+    def __init__(self, source: Source, spec: TransformSpec, layout: Layout, seed: int, examples_per_epoch: int,
+                 ring: slots.SlotRing | None = None):
+        super().__init__(source, spec, layout, ring)
+        self.seed, self.per_epoch = seed, examples_per_epoch
+
+    def __call__(self, step: int) -> dict:
+        s, n = self.spec, self.layout.local_batch
+        step = int(step)
+        images = self._new_images(step)
+        labels, indices, skips = (np.zeros(n, np.int32) for _ in range(3))
+        for slot in range(n):
+            position = self.layout.global_position(step, slot)
+            epoch, k = divmod(position, self.per_epoch)
+            indices[slot] = int(_epoch_permutation(self.seed, epoch, len(self.source))[k])
+            example, skips[slot] = first_readable(self.source, int(indices[slot]))
+            labels[slot] = example["label"]
+            params = transforms.sample_crop(np.random.default_rng([self.seed, position]), resize_size=s.resize_size,
+                                            crop_size=s.crop_size, pad=s.pad, hflip=s.hflip)
+            crop = transforms.train_crop(example["image"], params, resize_size=s.resize_size, crop_size=s.crop_size,
+                                         pad=s.pad, backend=s.resize_backend, out=self._crop_target(images, slot),
+                                         scratch=self._resize_buffer())
+            self._finish(images, slot, crop)
+        return self._pack(step, images, {"label": labels, _INDEX: indices, _SKIPPED: skips})
+
+
+class _EvalBatch(_BatchMaker):
+    """Batch number -> this host's share of it; past the end (padding) or unreadable, a zero image with mask 0."""
+
+    def __init__(self, source: Source, spec: TransformSpec, layout: Layout, with_box: bool,
+                 ring: slots.SlotRing | None = None):
+        super().__init__(source, spec, layout, ring)
+        self.with_box = with_box
+
+    def __call__(self, batch: int) -> dict:
+        s, n = self.spec, self.layout.local_batch
+        batch = int(batch)
+        images = self._new_images(batch)
+        labels, indices, skips = (np.zeros(n, np.int32) for _ in range(3))
+        mask, boxes = np.zeros(n, np.float32), np.zeros((n, 4), np.float32)
+        for slot in range(n):
+            position = indices[slot] = self.layout.global_position(batch, slot)
+            example = None
+            if position < len(self.source):
+                try:
+                    example = decode.load_example(self.source[position])
+                except decode.UnreadableImage:
+                    skips[slot] = 1
+            if example is None:
+                blank = self._crop_target(images, slot)
+                blank[...] = 0
+                self._finish(images, slot, blank)
+                continue
+            crop = transforms.eval_crop(example["image"], resize_size=s.resize_size, crop_size=s.crop_size,
+                                        backend=s.resize_backend, out=self._crop_target(images, slot),
+                                        scratch=self._resize_buffer())
+            self._finish(images, slot, crop)
+            labels[slot], mask[slot] = example["label"], 1.0
+            if self.with_box and example["box"] is not None:
+                boxes[slot] = transforms.eval_box(example["box"], example["image"].shape, resize_size=s.resize_size,
+                                                  crop_size=s.crop_size)
+        out = {"label": labels, "mask": mask, _INDEX: indices, _SKIPPED: skips}
         if self.with_box:
-            out["box"] = np.zeros(4, np.float32)
-        return out
-
-    def __call__(self, position: int) -> dict:
-        position = int(position)
-        if position >= len(self.source):
-            return self._masked(position, 0)
-        try:
-            example = decode.load_example(self.source[position])
-        except decode.UnreadableImage:
-            return self._masked(position, 1)
-        s = self.spec
-        crop = transforms.eval_crop(example["image"], resize_size=s.resize_size, crop_size=s.crop_size,
-                                    backend=s.resize_backend)
-        out = {"image": s.finish(crop), "label": np.int32(example["label"]), "mask": np.float32(1),
-               _INDEX: np.int32(position), _SKIPPED: np.int32(0)}
-        if self.with_box:
-            box = example["box"]
-            out["box"] = (np.zeros(4, np.float32) if box is None else transforms.eval_box(
-                box, example["image"].shape, resize_size=s.resize_size, crop_size=s.crop_size))
-        return out
+            out["box"] = boxes
+        return self._pack(batch, images, out)
 
 
 class UnreadableLog:
@@ -194,11 +267,13 @@ class Batches:
     """Iterator over host batches that reports unreadable images as they are skipped.
 
     The workers mark each example with its source index and the number of images
-    skipped to fill it; this strips those marks and feeds them to `unreadable`.
+    skipped to fill it; this strips those marks and feeds them to `unreadable`. When
+    worker processes wrote the images into `ring`, this copies them out.
     """
 
-    def __init__(self, batches: Iterator[dict], source: Source):
-        self._batches = batches
+    def __init__(self, batches: Iterator[dict], source: Source, ring: slots.SlotRing | None = None):
+        self._batches, self._ring = batches, ring
+        self._host = None if ring is None else slots.HostBuffers(ring.shape, ring.dtype)
         self.unreadable = UnreadableLog(source)
 
     def __iter__(self) -> Batches:
@@ -211,20 +286,59 @@ class Batches:
             if self.unreadable.indices:
                 log.warning("%d unreadable images were skipped", len(self.unreadable.indices))
             raise
+        if _STEP in batch:
+            batch = {"image": self._ring.take(int(batch.pop(_STEP)), self._host.get()), **batch}
         indices, skipped = batch.pop(_INDEX), batch.pop(_SKIPPED)
         for i in np.flatnonzero(skipped):
             self.unreadable.note(int(indices[i]), int(skipped[i]))
         return batch
 
+    def close(self) -> None:
+        """Stop the workers and free the shared memory (also done when the iterator is garbage collected)."""
+        ring = getattr(self, "_ring", None)
+        if ring is not None:
+            ring.close()  # first: a worker waiting for a slot would hold up Grain's shutdown
+        close = getattr(getattr(self, "_batches", None), "close", None)
+        if close is not None:
+            close()
 
-def _iterate(ds: grain.MapDataset, workers: int, prefetch: int) -> Iterator[dict]:
+    def __del__(self) -> None:
+        self.close()
+
+    def __enter__(self) -> Batches:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _opencv_threads(workers: int) -> int:
+    """OpenCV threads for each of `workers` input processes: the cores shared out, at least one."""
+    return max(1, len(os.sched_getaffinity(0)) // workers)
+
+
+def _set_opencv_threads(threads: int, worker_index: int, worker_count: int) -> None:
+    cv2.setNumThreads(threads)
+
+
+def _iterate(make: Callable[[slots.SlotRing | None], _BatchMaker], source: Source, spec: TransformSpec,
+             layout: Layout, count: int, start: int, workers: int, prefetch: int) -> Batches:
+    """Batches start..count-1 of make(ring), read in-process (two threads) or by `workers` processes."""
+    ring = None
+    if workers:
+        # Enough slots for every worker to run `prefetch` batches ahead of the one it is making.
+        ring = slots.SlotRing(workers * (prefetch + 1), image_shape(spec, layout), image_dtype(spec), start)
+    ds = grain.MapDataset.range(count).map(make(ring))[start:]
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0 if workers else 2, prefetch_buffer_size=prefetch))
     if workers:
+        # The images travel in `ring`; what Grain carries is a few bytes, cheaper pickled than in new shared memory.
+        it = grain.experimental.WithOptionsIterDataset(it, grain.experimental.DatasetOptions(min_shm_size=1 << 20))
         if not flags.FLAGS.is_parsed():
             # Grain's worker start reads an absl flag, which fails outside absl.app (google/grain#1355).
             flags.FLAGS.mark_as_parsed()
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=prefetch))
-    return iter(it)
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=prefetch),
+                            worker_init_fn=functools.partial(_set_opencv_threads, _opencv_threads(workers)))
+    return Batches(iter(it), source, ring)
 
 
 def train_batches(
@@ -247,15 +361,12 @@ def train_batches(
     if steps_per_epoch == 0:
         raise ValueError(f"the training set has {len(source)} examples, fewer than one batch of {layout.global_batch}")
     examples_per_epoch = steps_per_epoch * layout.global_batch
-    total_steps = steps_per_epoch * num_epochs
-    local = layout.local_batch
-    fn = _TrainExample(source, spec, seed, examples_per_epoch)
-    ds = (
-        grain.MapDataset.range(total_steps * local)
-        .map(lambda i: fn(layout.global_position(i // local, i % local)))
-        .batch(local, drop_remainder=True)
-    )
-    return steps_per_epoch, Batches(_iterate(ds[start_step:], workers, prefetch), source)
+
+    def make(ring: slots.SlotRing | None) -> _TrainBatch:
+        return _TrainBatch(source, spec, layout, seed, examples_per_epoch, ring)
+
+    return steps_per_epoch, _iterate(make, source, spec, layout, steps_per_epoch * num_epochs, start_step, workers,
+                                     prefetch)
 
 
 def eval_batches(
@@ -269,14 +380,11 @@ def eval_batches(
 ) -> tuple[int, Batches]:
     """(num_batches, iterator) over every example exactly once; the last batch is padded, 'mask' marks real ones."""
     num_batches = -(-len(source) // layout.global_batch)
-    local = layout.local_batch
-    fn = _EvalExample(source, spec, with_box)
-    ds = (
-        grain.MapDataset.range(num_batches * local)
-        .map(lambda i: fn(layout.global_position(i // local, i % local)))
-        .batch(local, drop_remainder=True)
-    )
-    return num_batches, Batches(_iterate(ds, workers, prefetch), source)
+
+    def make(ring: slots.SlotRing | None) -> _EvalBatch:
+        return _EvalBatch(source, spec, layout, with_box, ring)
+
+    return num_batches, _iterate(make, source, spec, layout, num_batches, 0, workers, prefetch)
 
 
 def to_global(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:

@@ -37,8 +37,11 @@ class CropParams:
     flip: bool
 
 
-def resize(image: np.ndarray, size: int, backend: str = "opencv") -> np.ndarray:
-    """Bilinear resize to size x size, aspect ratio ignored (torchvision Resize((s, s)) on a PIL image)."""
+def resize(image: np.ndarray, size: int, backend: str = "opencv", out: np.ndarray | None = None) -> np.ndarray:
+    """Bilinear resize to size x size, aspect ratio ignored (torchvision Resize((s, s)) on a PIL image).
+
+    With backend 'opencv', `out` (size x size x 3 uint8) is written and returned instead of a new array.
+    """
     if backend == "pil":
         from PIL import Image
 
@@ -47,7 +50,7 @@ def resize(image: np.ndarray, size: int, backend: str = "opencv") -> np.ndarray:
         raise ValueError(f"resize backend {backend!r} is not one of {RESIZE_BACKENDS}")
     h, w = image.shape[:2]
     interp = cv2.INTER_AREA if min(h, w) > size else cv2.INTER_LINEAR
-    return cv2.resize(image, (size, size), interpolation=interp)
+    return cv2.resize(image, (size, size), dst=out, interpolation=interp)
 
 
 @functools.lru_cache(maxsize=8)
@@ -57,9 +60,17 @@ def _normalize_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndar
     return ((values - np.asarray(mean)) / np.asarray(std)).astype(np.float32).reshape(1, 256, -1)
 
 
-def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """uint8 HxWx3 -> float32 (x / 255 - mean) / std per channel, by table lookup (6x numpy's speed)."""
-    return cv2.LUT(image, _normalize_table(tuple(mean), tuple(std)))
+def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float],
+              out: np.ndarray | None = None) -> np.ndarray:
+    """uint8 HxWx3 -> float32 (x / 255 - mean) / std per channel, by table lookup (6x numpy's speed).
+
+    `out`, a float32 array of the image's shape, receives the result if given.
+    """
+    result = cv2.LUT(image, _normalize_table(tuple(mean), tuple(std)), dst=out)
+    if out is not None and result is not out:
+        out[...] = result  # OpenCV allocated instead of writing into `out`
+        return out
+    return result
 
 
 def sample_crop(rng: np.random.Generator, *, resize_size: int, crop_size: int, pad: int, hflip: bool) -> CropParams:
@@ -84,14 +95,50 @@ def crop_box(box: np.ndarray, top: float, left: float, crop_size: int, flip: boo
     return np.clip(box, 0, crop_size).astype(np.float32)
 
 
+def place_crop(image: np.ndarray, top: int, left: int, size: int, flip: bool, out: np.ndarray) -> np.ndarray:
+    """Write the size x size window of `image` at (top, left), mirrored left-right if `flip`, into `out`.
+
+    The window may reach past any edge (negative top/left included); what lies outside
+    the image is zero. This is cropping a zero-padded image without building it: one
+    copy of the visible part, straight into its destination (a slot of a batch).
+    """
+    h, w = image.shape[:2]
+    r0, r1 = max(top, 0), min(top + size, h)
+    c0, c1 = max(left, 0), min(left + size, w)
+    if r1 <= r0 or c1 <= c0:
+        out[...] = 0
+        return out
+    o0, o1 = r0 - top, r1 - top
+    q0, q1 = (size - (c1 - left), size - (c0 - left)) if flip else (c0 - left, c1 - left)
+    out[:o0] = 0
+    out[o1:] = 0
+    out[o0:o1, :q0] = 0
+    out[o0:o1, q1:] = 0
+    target = out[o0:o1, q0:q1]
+    if flip:
+        written = cv2.flip(image[r0:r1, c0:c1], 1, dst=target)  # a reversed numpy view copies ~10x slower
+        if not np.shares_memory(written, target):
+            target[...] = written
+    else:
+        target[...] = image[r0:r1, c0:c1]
+    return out
+
+
+def _crop_out(image: np.ndarray, crop_size: int, out: np.ndarray | None) -> np.ndarray:
+    return np.empty((crop_size, crop_size) + image.shape[2:], image.dtype) if out is None else out
+
+
 def train_crop(image: np.ndarray, params: CropParams, *, resize_size: int, crop_size: int, pad: int,
-               backend: str = "opencv") -> np.ndarray:
-    """Resize, zero-pad, crop at params and flip: the uint8 part of the train transform."""
-    x = resize(image, resize_size, backend)
-    if pad:
-        x = cv2.copyMakeBorder(x, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=(0, 0, 0))
-    x = x[params.top : params.top + crop_size, params.left : params.left + crop_size]
-    return cv2.flip(x, 1) if params.flip else x  # contiguous: batching a reversed view copies 10x slower
+               backend: str = "opencv", out: np.ndarray | None = None,
+               scratch: np.ndarray | None = None) -> np.ndarray:
+    """Resize, zero-pad `pad`, crop at params and flip: the uint8 part of the train transform.
+
+    The result is written into `out` when given; `scratch` (resize x resize x 3 uint8)
+    takes the resized image. Reusing both keeps the input workers from touching fresh
+    memory for every image.
+    """
+    x = resize(image, resize_size, backend, out=scratch)
+    return place_crop(x, params.top - pad, params.left - pad, crop_size, params.flip, _crop_out(x, crop_size, out))
 
 
 def train_box(box: np.ndarray, shape: Sequence[int], params: CropParams, *, resize_size: int, crop_size: int,
@@ -127,10 +174,12 @@ def center_offset(resize_size: int, crop_size: int) -> int:
     return int(round((resize_size - crop_size) / 2.0))
 
 
-def eval_crop(image: np.ndarray, *, resize_size: int, crop_size: int, backend: str = "opencv") -> np.ndarray:
-    """Resize and centre crop: the uint8 part of the test transform."""
+def eval_crop(image: np.ndarray, *, resize_size: int, crop_size: int, backend: str = "opencv",
+              out: np.ndarray | None = None, scratch: np.ndarray | None = None) -> np.ndarray:
+    """Resize and centre crop: the uint8 part of the test transform (`out` and `scratch` as in train_crop)."""
     off = center_offset(resize_size, crop_size)
-    return resize(image, resize_size, backend)[off : off + crop_size, off : off + crop_size]
+    x = resize(image, resize_size, backend, out=scratch)
+    return place_crop(x, off, off, crop_size, False, _crop_out(x, crop_size, out))
 
 
 def eval_box(box: np.ndarray, shape: Sequence[int], *, resize_size: int, crop_size: int) -> np.ndarray:

@@ -1,0 +1,105 @@
+"""Shared-memory slots between input workers and the main process: hand-over order, reuse and shutdown."""
+
+import multiprocessing
+import os
+import threading
+
+import numpy as np
+import pytest
+
+from pmg_jax.data import pipeline, slots, synthetic
+
+SPEC = pipeline.TransformSpec(resize_size=36, crop_size=32, pad=2, normalize_on_device=True)
+
+
+def demo(size: int = 40) -> synthetic.DemoSource:
+    return synthetic.DemoSource(synthetic.DemoSpec(num_classes=4, image_size=32), "train", size)
+
+
+def shm_exists(name: str) -> bool:
+    return os.path.exists(os.path.join("/dev/shm", name.lstrip("/")))
+
+
+def test_a_slot_is_written_again_only_after_its_last_step_was_taken():
+    ring = slots.SlotRing(2, (3,), np.int64, first_step=5)
+    for step in (5, 6):  # the first round is free
+        ring.slot_for(step)[:] = step
+    written = threading.Event()
+
+    def writer():
+        ring.slot_for(7)[:] = 7  # slot 1 of 2, still holding step 5
+        written.set()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    assert not written.wait(0.3)
+    np.testing.assert_array_equal(ring.take(6), [6, 6, 6])  # the other slot: no effect on the writer
+    assert not written.wait(0.3)
+    np.testing.assert_array_equal(ring.take(5), [5, 5, 5])
+    assert written.wait(10)
+    thread.join()
+    out = np.zeros(3, np.int64)
+    assert ring.take(7, out) is out and out.tolist() == [7, 7, 7]
+    ring.close()
+
+
+def test_closing_wakes_a_waiting_writer_and_frees_the_memory():
+    ring = slots.SlotRing(1, (4,), np.uint8)
+    ring.slot_for(0)
+    errors = []
+
+    def writer():
+        try:
+            ring.slot_for(1)
+        except slots.PipelineClosed as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    assert shm_exists(ring.name)
+    ring.close()
+    thread.join(10)
+    assert not thread.is_alive() and len(errors) == 1
+    assert not shm_exists(ring.name)
+
+
+def test_host_buffers_are_reused_only_when_nothing_holds_them():
+    buffers = slots.HostBuffers((2,), np.uint8, keep=2)
+    a = buffers.get()
+    b = buffers.get()
+    assert a is not b
+    view = a[:1]
+    del a
+    c = buffers.get()  # `a` lives on through its view
+    assert c is not view.base and c is not b
+    del view, c
+    assert buffers.get() is not b  # the first array is free again; `b` is not
+
+
+def test_worker_batches_equal_in_process_ones_whether_kept_or_dropped():
+    """Batches that the caller keeps are never written over; dropped ones are recycled, with the same result."""
+    layout = pipeline.Layout(8)
+    want = list(pipeline.train_batches(demo(), SPEC, layout, seed=4, num_epochs=3)[1])
+    _, batches = pipeline.train_batches(demo(), SPEC, layout, seed=4, num_epochs=3, workers=1, prefetch=1)
+    dropped = [{k: v.copy() for k, v in b.items()} for b in batches]  # each batch freed before the next
+    assert len(dropped) == len(want) == 15  # 15 steps through 2 slots: every slot is reused
+    for got, ref in zip(dropped, want):
+        assert got.keys() == ref.keys()
+        for k in got:
+            np.testing.assert_array_equal(got[k], ref[k])
+
+
+def test_eval_in_workers_masks_padding_and_closing_stops_them():
+    src = demo(13)
+    want = list(pipeline.eval_batches(src, SPEC, pipeline.Layout(2), with_box=True)[1])
+    assert len(want) == 7 and want[-1]["mask"].tolist() == [1, 0]
+    # 4 slots for 7 batches: after two are read, the workers fill the rest and wait
+    _, batches = pipeline.eval_batches(src, SPEC, pipeline.Layout(2), with_box=True, workers=2, prefetch=1)
+    got = [next(batches) for _ in range(2)]
+    for g, w in zip(got, want):
+        for k in w:
+            np.testing.assert_array_equal(g[k], w[k])
+    name = batches._ring.name
+    batches.close()  # two batches are still unread and the workers may wait for slots
+    assert not shm_exists(name)
+    assert not multiprocessing.active_children()
