@@ -1,6 +1,6 @@
 """Train-pipeline throughput at 448 against raw single-process OpenCV, measured in the same run.
 
-python -m bench.input_pipeline [--images 256] [--batch 16] [--batches 24] [--rounds 3]
+python -m bench.input_pipeline [--images 256] [--batch 16] [--batches 64] [--rounds 3]
 
 Writes CUB-like JPEGs (500x375, quality 90) to a temporary folder, then, in each
 round, times (1) a plain loop that reads, decodes (cv2.imdecode), resizes to 550
@@ -87,7 +87,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=256, help="distinct JPEGs written")
     parser.add_argument("--batch", type=int, default=16, help="batch size of the pipeline")
-    parser.add_argument("--batches", type=int, default=24, help="batches timed per pipeline measurement")
+    parser.add_argument("--batches", type=int, default=64, help="batches timed per pipeline measurement")
     parser.add_argument("--rounds", type=int, default=3, help="repetitions; the best of each is reported")
     args = parser.parse_args()
     specs = {output: pipeline.TransformSpec(resize_size=550, crop_size=448, pad=8,

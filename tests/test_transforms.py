@@ -106,6 +106,19 @@ def test_zero_padding_becomes_minus_one_and_crops_reach_every_offset():
     assert 0.4 < np.mean([p.flip for p in draws]) < 0.6
 
 
+def test_position_crops_cover_every_offset_evenly_and_depend_on_seed_and_position():
+    kw = dict(resize_size=60, crop_size=48, pad=8, hflip=True)
+    draws = [transforms.position_crop(3, p, **kw) for p in range(5800)]
+    tops, lefts = np.bincount([d.top for d in draws]), np.bincount([d.left for d in draws])
+    assert len(tops) == len(lefts) == 29 and tops.min() > 100 and lefts.min() > 100  # 200 expected per offset
+    assert abs(np.mean([d.flip for d in draws]) - 0.5) < 0.03
+    assert np.corrcoef([d.top for d in draws], [d.left for d in draws])[0, 1] ** 2 < 0.01
+    assert draws == [transforms.position_crop(3, p, **kw) for p in range(5800)]
+    other = [transforms.position_crop(4, p, **kw) for p in range(200)]
+    assert sum(a == b for a, b in zip(draws, other)) < 10  # 200 / 29**2 / 2 expected by chance
+    assert not any(transforms.position_crop(3, p, **{**kw, "hflip": False}).flip for p in range(100))
+
+
 def test_unknown_resize_backend_is_refused():
     with pytest.raises(ValueError, match="resize backend"):
         transforms.resize(np.zeros((4, 4, 3), np.uint8), 8, "cv3")

@@ -2,8 +2,8 @@
 
 Every example's place in the run is a *global position*: epoch e, batch b, slot j
 (e * steps_per_epoch + b) * global_batch + j. Each position maps to a source index
-through a per-epoch permutation seeded by (seed, e), and its augmentation draws from
-numpy's Generator seeded by (seed, position). So the batches depend only on the
+through a per-epoch permutation seeded by (seed, e), and its augmentation is a hash
+of (seed, position) (`transforms.position_crop`). So the batches depend only on the
 seed and the step, not on worker counts, hosts or restarts: the data-iterator state
 is the step number, and resuming at step k yields exactly batch k.
 
@@ -11,6 +11,10 @@ Records are decoded in the workers. An unreadable image in training is replaced 
 the next readable record in source order (so batches stay full and still depend
 only on seed and step); in evaluation it is masked out. The main process reports
 each such file once, with its path, and keeps the count (`Batches.unreadable`).
+
+Worker processes write each batch's images into a `slots.SlotRing` in shared memory
+that lives as long as the iterator; the main process copies them out (see slots.py
+for why Grain's per-batch shared memory was not kept).
 """
 
 from __future__ import annotations
@@ -191,8 +195,8 @@ class _TrainBatch(_BatchMaker):
             indices[slot] = int(_epoch_permutation(self.seed, epoch, len(self.source))[k])
             example, skips[slot] = first_readable(self.source, int(indices[slot]))
             labels[slot] = example["label"]
-            params = transforms.sample_crop(np.random.default_rng([self.seed, position]), resize_size=s.resize_size,
-                                            crop_size=s.crop_size, pad=s.pad, hflip=s.hflip)
+            params = transforms.position_crop(self.seed, position, resize_size=s.resize_size, crop_size=s.crop_size,
+                                              pad=s.pad, hflip=s.hflip)
             crop = transforms.train_crop(example["image"], params, resize_size=s.resize_size, crop_size=s.crop_size,
                                          pad=s.pad, backend=s.resize_backend, out=self._crop_target(images, slot),
                                          scratch=self._resize_buffer())
