@@ -18,6 +18,7 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
     from pmg_jax import convert, parallel, train_lib, validate
+    from pmg_jax.data import slots
 
     path = config_flags.get_config_filename(FLAGS["config"])
     if not os.path.isfile(path):
@@ -28,7 +29,8 @@ def main(argv):
     try:
         parallel.maybe_initialize_distributed()
         train_lib.train_and_evaluate(config, workdir)
-    except (validate.ConfigError, FloatingPointError, FileNotFoundError, convert.ConversionError) as e:
+    except (validate.ConfigError, FloatingPointError, FileNotFoundError, convert.ConversionError,
+            slots.SharedMemoryTooSmall) as e:
         sys.exit(f"error: {e}")  # one line, exit status 1 (config errors come before any work)
 
 

@@ -19,7 +19,7 @@ import optax
 from pmg_jax import checkpoint as ckpt_lib
 from pmg_jax import jigsaw as jigsaw_lib
 from pmg_jax import layers, parallel, validate
-from pmg_jax.data import pipeline, sources
+from pmg_jax.data import pipeline, slots, sources
 from pmg_jax.model import PMG
 from pmg_jax.optim import make_optimizer
 
@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 HEAD_NAMES = ("head1", "head2", "head3", "concat", "combined")
 LOSS_NAMES = ("loss1", "loss2", "loss3", "loss_concat")
+EVAL_PREFETCH = 2  # batches each input worker buffers during evaluation
 
 
 @flax.struct.dataclass
@@ -377,12 +378,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         return evaluate_only(config, workdir)
     from tqdm import tqdm
 
+    # The train iterator's ring and an eval iterator's exist together; fail now, not after an epoch.
+    spec, workers = transform_spec(config), config.data.workers
+    slots.check_room(
+        pipeline.shared_memory_bytes(spec, pipeline.host_layout(config.batch_size), workers, config.data.prefetch)
+        + pipeline.shared_memory_bytes(spec, pipeline.host_layout(config.eval_batch_size), workers, EVAL_PREFETCH),
+        f"the input pipeline's batch buffers for {workers} workers")
     os.makedirs(workdir, exist_ok=True)
     print(parallel.describe(mesh))
     train_src = sources.make_source(config, "train")
     test_src = sources.make_source(config, "test")
     class_names = list(train_src.class_names)
-    spec = transform_spec(config)
     steps_per_epoch = len(train_src) // config.batch_size
     if steps_per_epoch == 0:
         raise validate.ConfigError(f"config.batch_size={config.batch_size} is larger than the {len(train_src)} "
@@ -456,7 +462,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             result = None
             if (epoch + 1) % config.eval_every_epochs == 0 or epoch + 1 == config.num_epochs:
                 n_eval, eval_it = pipeline.eval_batches(test_src, spec, pipeline.host_layout(config.eval_batch_size),
-                                                        workers=config.data.workers)
+                                                        workers=config.data.workers, prefetch=EVAL_PREFETCH)
                 result = evaluate(p_eval, state, eval_it, data_sharding)
                 if result["combined"] > best["combined"]:
                     best = {"combined": result["combined"], "concat": result["concat"], "epoch": epoch + 1,

@@ -1,5 +1,6 @@
 """Shared-memory slots between input workers and the main process: hand-over order, reuse and shutdown."""
 
+import errno
 import multiprocessing
 import os
 import threading
@@ -63,6 +64,21 @@ def test_closing_wakes_a_waiting_writer_and_frees_the_memory():
     assert not shm_exists(ring.name)
 
 
+def test_too_little_shared_memory_is_one_clear_error_at_the_start(monkeypatch):
+    made = []
+
+    def full(fd, offset, length):
+        made.append(os.readlink(f"/proc/self/fd/{fd}"))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(slots.os, "posix_fallocate", full)
+    message = r"^/dev/shm cannot hold .* 3 batch buffers, No space left on device \(3 MiB\)"
+    with pytest.raises(slots.SharedMemoryTooSmall, match=message) as e:
+        slots.SlotRing(3, (1024, 1024), np.uint8)
+    assert "--shm-size" in str(e.value) and "data.workers" in str(e.value)
+    assert made and not os.path.exists(made[0].removesuffix(" (deleted)"))  # nothing left behind
+
+
 def test_host_buffers_are_reused_only_when_nothing_holds_them():
     buffers = slots.HostBuffers((2,), np.uint8, keep=2)
     a = buffers.get()
@@ -103,3 +119,26 @@ def test_eval_in_workers_masks_padding_and_closing_stops_them():
     batches.close()  # two batches are still unread and the workers may wait for slots
     assert not shm_exists(name)
     assert not multiprocessing.active_children()
+
+
+def test_training_checks_room_for_train_and_eval_buffers_before_any_work(tmp_path, monkeypatch):
+    from conftest import tiny_demo_config
+    from pmg_jax import train_lib
+
+    config = tiny_demo_config(**{"data.workers": 2, "data.prefetch": 1})
+    layout = pipeline.Layout(config.batch_size)
+    spec = train_lib.transform_spec(config)
+    need = pipeline.shared_memory_bytes(spec, layout, 2, 1) + pipeline.shared_memory_bytes(
+        spec, pipeline.Layout(config.eval_batch_size), 2, train_lib.EVAL_PREFETCH)
+    crop = spec.crop_size
+    assert need == slots.ring_bytes(4, (config.batch_size, crop, crop, 3), np.uint8) + slots.ring_bytes(
+        6, (config.eval_batch_size, crop, crop, 3), np.uint8)
+    free = need - 1
+
+    class Stat:
+        f_bavail, f_frsize = free, 1
+
+    monkeypatch.setattr(slots.os, "statvfs", lambda path: Stat)
+    with pytest.raises(slots.SharedMemoryTooSmall, match=r"MiB free"):
+        train_lib.train_and_evaluate(config, str(tmp_path))
+    assert os.listdir(tmp_path) == []  # refused before any work

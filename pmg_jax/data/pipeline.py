@@ -325,13 +325,24 @@ def _set_opencv_threads(threads: int, worker_index: int, worker_count: int) -> N
     cv2.setNumThreads(threads)
 
 
+def ring_slots(workers: int, prefetch: int) -> int:
+    """Slots for every worker to run `prefetch` batches ahead of the one it is making."""
+    return workers * (prefetch + 1)
+
+
+def shared_memory_bytes(spec: TransformSpec, layout: Layout, workers: int, prefetch: int) -> int:
+    """/dev/shm that an iterator with `workers` worker processes takes (none without workers)."""
+    if not workers:
+        return 0
+    return slots.ring_bytes(ring_slots(workers, prefetch), image_shape(spec, layout), image_dtype(spec))
+
+
 def _iterate(make: Callable[[slots.SlotRing | None], _BatchMaker], source: Source, spec: TransformSpec,
              layout: Layout, count: int, start: int, workers: int, prefetch: int) -> Batches:
     """Batches start..count-1 of make(ring), read in-process (two threads) or by `workers` processes."""
     ring = None
     if workers:
-        # Enough slots for every worker to run `prefetch` batches ahead of the one it is making.
-        ring = slots.SlotRing(workers * (prefetch + 1), image_shape(spec, layout), image_dtype(spec), start)
+        ring = slots.SlotRing(ring_slots(workers, prefetch), image_shape(spec, layout), image_dtype(spec), start)
     ds = grain.MapDataset.range(count).map(make(ring))[start:]
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0 if workers else 2, prefetch_buffer_size=prefetch))
     if workers:

@@ -2,9 +2,9 @@
 
 Grain hands a worker's output to the main process in a new shared-memory block per
 element, which the main process unlinks after use. Every batch therefore lands on
-pages the kernel has to find and zero first, and on virtual machines that costs
-more than producing the pixels: a 16 x 448 x 448 x 3 batch took 5.7 ms to copy into
-a fresh block against 0.8 ms into a used one (bench/RESULTS.md). So the main process
+pages the kernel has to find and zero first, which on virtual machines is dear: a
+16 x 448 x 448 x 3 batch took 5.7 ms to copy into a fresh block against 0.8 ms into
+a used one (bench/RESULTS.md), a fifth of the time it takes to decode and crop. So the main process
 makes `slots` image buffers once; the worker that produces step k writes its images
 into slot k % slots as soon as the main process has copied step k - slots out, and
 returns only small arrays and the step through Grain. The main process copies the
@@ -21,6 +21,7 @@ import math
 import mmap
 import os
 import sys
+import threading
 import time
 import weakref
 from multiprocessing import shared_memory
@@ -30,8 +31,27 @@ import numpy as np
 _HEADER = 8  # int64 words before the per-slot words: [closed, unused...]
 
 
+class SharedMemoryTooSmall(RuntimeError):
+    """/dev/shm cannot hold the ring; the message says how much was asked and what to change."""
+
+
 class PipelineClosed(RuntimeError):
     """The main process closed the pipeline while a worker waited for a slot."""
+
+
+_lock = threading.Lock()
+
+
+def _fence() -> None:
+    """A full memory barrier from the standard library: release then acquire of one lock.
+
+    Everything before the release happens before it, everything after the second
+    acquire after that, and the two are ordered on the same lock.
+    """
+    _lock.acquire()
+    _lock.release()
+    _lock.acquire()
+    _lock.release()
 
 
 def _release(shm: shared_memory.SharedMemory, header: np.ndarray) -> None:
@@ -76,6 +96,27 @@ class HostBuffers:
         return array
 
 
+def _too_small(size: int, detail: str) -> SharedMemoryTooSmall:
+    return SharedMemoryTooSmall(
+        f"/dev/shm cannot hold {detail} ({size / 2**20:.0f} MiB): give the machine or container more shared "
+        f"memory (docker run --shm-size), or lower data.workers or the batch size")
+
+
+def ring_bytes(slots: int, shape: tuple[int, ...], dtype: np.dtype | type) -> int:
+    """Shared memory that a SlotRing of `slots` arrays of `shape` and `dtype` takes."""
+    return 8 * (_HEADER + slots) + slots * math.prod(shape) * np.dtype(dtype).itemsize
+
+
+def check_room(size: int, what: str) -> None:
+    """Raise SharedMemoryTooSmall now if /dev/shm has less than `size` bytes free (where there is a /dev/shm)."""
+    try:
+        stat = os.statvfs("/dev/shm")
+    except OSError:
+        return
+    if stat.f_bavail * stat.f_frsize < size:
+        raise _too_small(size, f"{what}: {stat.f_bavail * stat.f_frsize / 2**20:.0f} MiB free")
+
+
 class SlotRing:
     """`slots` arrays of `shape` and `dtype` in one shared-memory block, lent out by step number.
 
@@ -86,7 +127,7 @@ class SlotRing:
     def __init__(self, slots: int, shape: tuple[int, ...], dtype: np.dtype | type, first_step: int = 0):
         self.slots, self.shape, self.dtype = int(slots), tuple(int(d) for d in shape), np.dtype(dtype)
         self._slot_bytes = math.prod(self.shape) * self.dtype.itemsize
-        size = 8 * (_HEADER + self.slots) + self.slots * self._slot_bytes
+        size = ring_bytes(self.slots, self.shape, self.dtype)
         shm = shared_memory.SharedMemory(create=True, size=size)
         try:
             # Reserve every page now: tmpfs that runs out later raises SIGBUS on first touch instead.
@@ -94,10 +135,7 @@ class SlotRing:
         except OSError as e:
             shm.close()
             shm.unlink()
-            raise RuntimeError(
-                f"/dev/shm cannot hold the input pipeline's {self.slots} batch buffers ({size / 2**20:.0f} MiB): "
-                f"{e.strerror}. Give the machine or container more shared memory (docker run --shm-size), or "
-                f"lower data.workers or the batch size") from None
+            raise _too_small(size, f"the input pipeline's {self.slots} batch buffers, {e.strerror}") from None
         self.name = shm.name
         self._attach(_map(shm))
         # Slot k % slots may take step k once step k - slots is consumed; the first round is free.
@@ -139,13 +177,14 @@ class SlotRing:
         return self._arrays[i]
 
     def take(self, step: int, out: np.ndarray | None = None) -> np.ndarray:
-        """(In the main process) step `step`'s images copied into `out` (or a new array); the slot goes to step + slots."""
+        """(Main process) step `step`'s images, copied into `out` or a new array; the slot passes to step + slots."""
         i = step % self.slots
         if out is None:
             images = self._arrays[i].copy()
         else:
             images = out
             np.copyto(images, self._arrays[i])
+        _fence()  # where loads may pass later stores (ARM), the copy must finish before the slot is freed
         self._writable[i] = step + self.slots
         return images
 
