@@ -118,11 +118,14 @@ def main() -> None:
     for output in specs:
         # The goal: 2 workers against twice one process's raw rate on one core (the ideal for two
         # processes on two cores); also against OpenCV's default (multi-threaded) raw rate.
-        ratio = max(rate / (2 * raw1) for rate, raw1, _ in runs[output, 2])
+        rate, raw1 = max(((rate, raw1) for rate, raw1, _ in runs[output, 2]), key=lambda p: p[0] / p[1])
+        ratio = rate / (2 * raw1)
         vs_default = max(rate / raw for rate, _, raw in runs[output, 2])
-        print(json.dumps({"measurement": f"goal_{output}_2_workers_vs_2x_raw_1_thread", "ratio": round(ratio, 3),
-                          "goal": 0.8, "met": bool(ratio >= 0.8),
+        print(json.dumps({"measurement": f"goal_{output}_2_workers_vs_2x_raw_1_thread", "workers": 2,
+                          "images_per_s": round(rate, 1), "raw_1_thread_images_per_s": round(raw1, 1),
+                          "ratio": round(ratio, 3), "goal": 0.8, "met": bool(ratio >= 0.8),
                           "vs_raw_default_threads": round(vs_default, 3)}))
+
 
 if __name__ == "__main__":
     main()

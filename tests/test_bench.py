@@ -1,5 +1,6 @@
 """Benchmarks cannot rot: the FLOP counter agrees with the model's own ops, bn_stats='used' does
-what it says, and bench/gpu.sh --tiny and bench/compare.py run end to end on this CPU."""
+what it says, and bench/gpu.sh --tiny, bench/compare.py and bench/input_pipeline.py run end to
+end on this CPU."""
 
 import json
 import math
@@ -119,3 +120,22 @@ def test_compare_alternates_and_reports_a_ratio(capsys):
     ratio = next(l for l in lines if l.get("kind") == "ratio")
     assert lines[-1] == headline and headline["ratios"] == {"eval:64:2": ratio["ratio"]} and ratio["ratio"] > 0
     assert headline["torch_threads"] == common.cpu_threads()
+
+
+def test_input_pipeline_bench_runs_and_its_goal_follows_from_its_figures():
+    proc = subprocess.run(["python", "-m", "bench.input_pipeline", "--images", "8", "--batch", "4", "--batches", "2",
+                           "--rounds", "1"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    pipes = {(l["measurement"], l["workers"]): l for l in lines if l["measurement"].startswith("pipeline_")}
+    assert set(pipes) == {(f"pipeline_{o}", w) for o in ("float32", "uint8") for w in (0, 1, 2)}
+    assert all(p["images_per_s"] > 0 and p["raw_1_thread_images_per_s_just_before"] > 0 for p in pipes.values())
+    goals = {l["measurement"]: l for l in lines if l["measurement"].startswith("goal_")}
+    for output in ("float32", "uint8"):
+        two = pipes[f"pipeline_{output}", 2]
+        goal = goals[f"goal_{output}_2_workers_vs_2x_raw_1_thread"]
+        assert (goal["images_per_s"], goal["raw_1_thread_images_per_s"]) == (
+            two["images_per_s"], two["raw_1_thread_images_per_s_just_before"])  # one round: the same pair
+        want = goal["images_per_s"] / (2 * goal["raw_1_thread_images_per_s"])
+        assert goal["ratio"] == pytest.approx(want, abs=2e-3) and goal["met"] == (goal["ratio"] >= 0.8)
+    assert lines[-1]["measurement"] == "goal_uint8_2_workers_vs_2x_raw_1_thread"  # the headline last
