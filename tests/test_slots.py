@@ -98,7 +98,7 @@ def test_worker_batches_equal_in_process_ones_whether_kept_or_dropped():
     want = list(pipeline.train_batches(demo(), SPEC, layout, seed=4, num_epochs=3)[1])
     _, batches = pipeline.train_batches(demo(), SPEC, layout, seed=4, num_epochs=3, workers=1, prefetch=1)
     dropped = [{k: v.copy() for k, v in b.items()} for b in batches]  # each batch freed before the next
-    assert len(dropped) == len(want) == 15  # 15 steps through 2 slots: every slot is reused
+    assert len(dropped) == len(want) == 15  # 15 steps through 3 slots: every slot is reused
     for got, ref in zip(dropped, want):
         assert got.keys() == ref.keys()
         for k in got:
@@ -106,17 +106,21 @@ def test_worker_batches_equal_in_process_ones_whether_kept_or_dropped():
 
 
 def test_eval_in_workers_masks_padding_and_closing_stops_them():
-    src = demo(13)
+    src = demo(21)
     want = list(pipeline.eval_batches(src, SPEC, pipeline.Layout(2), with_box=True)[1])
-    assert len(want) == 7 and want[-1]["mask"].tolist() == [1, 0]
-    # 4 slots for 7 batches: after two are read, the workers fill the rest and wait
-    _, batches = pipeline.eval_batches(src, SPEC, pipeline.Layout(2), with_box=True, workers=2, prefetch=1)
-    got = [next(batches) for _ in range(2)]
+    assert len(want) == 11 and want[-1]["mask"].tolist() == [1, 0]
+    # 5 slots for 11 batches: after two are read, the workers fill the ring and wait
+    assert pipeline.ring_slots(2, 1) == 5
+    got = list(pipeline.eval_batches(src, SPEC, pipeline.Layout(2), with_box=True, workers=2, prefetch=1)[1])
+    assert len(got) == len(want)
     for g, w in zip(got, want):
+        assert g.keys() == w.keys()
         for k in w:
             np.testing.assert_array_equal(g[k], w[k])
+    _, batches = pipeline.eval_batches(src, SPEC, pipeline.Layout(2), with_box=True, workers=2, prefetch=1)
+    next(batches), next(batches)
     name = batches._ring.name
-    batches.close()  # two batches are still unread and the workers may wait for slots
+    batches.close()  # nine batches unread: the workers wait for slots
     assert not shm_exists(name)
     assert not multiprocessing.active_children()
 
@@ -131,7 +135,7 @@ def test_training_checks_room_for_train_and_eval_buffers_before_any_work(tmp_pat
     need = pipeline.shared_memory_bytes(spec, layout, 2, 1) + pipeline.shared_memory_bytes(
         spec, pipeline.Layout(config.eval_batch_size), 2, train_lib.EVAL_PREFETCH)
     crop = spec.crop_size
-    assert need == slots.ring_bytes(4, (config.batch_size, crop, crop, 3), np.uint8) + slots.ring_bytes(
+    assert need == slots.ring_bytes(5, (config.batch_size, crop, crop, 3), np.uint8) + slots.ring_bytes(
         6, (config.eval_batch_size, crop, crop, 3), np.uint8)
     free = need - 1
 

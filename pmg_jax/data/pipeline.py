@@ -326,8 +326,12 @@ def _set_opencv_threads(threads: int, worker_index: int, worker_count: int) -> N
 
 
 def ring_slots(workers: int, prefetch: int) -> int:
-    """Slots for every worker to run `prefetch` batches ahead of the one it is making."""
-    return workers * (prefetch + 1)
+    """Ring slots: one for the batch each worker makes, one it has ready, and `prefetch` more.
+
+    Progress never depends on the count (steps are consumed in order); fewer slots only
+    let workers run less far ahead: with workers + prefetch slots the bench ran ~2% slower.
+    """
+    return 2 * workers + prefetch
 
 
 def shared_memory_bytes(spec: TransformSpec, layout: Layout, workers: int, prefetch: int) -> int:
