@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import resource
 import statistics
 import time
 
@@ -54,11 +55,14 @@ def compare_case(args: argparse.Namespace, mode: str, size: int, batch: int) -> 
     times: dict[str, list[float]] = {"ours": [], "reference": []}
     for r in range(args.rounds + args.warmup):
         for impl, prepared in (("ours", ours), ("reference", theirs)):
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             seconds = common.timed(prepared.run)
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
             time.sleep(args.pause)
             kind = "warmup" if r < args.warmup else "step"
+            # Page faults: memory the step touched fresh (on VMs each costs far more than a copy).
             common.emit({**tags, "kind": kind, "impl": impl, "round": r, "seconds": seconds,
-                         "images_per_s": batch / seconds})
+                         "images_per_s": batch / seconds, "minor_page_faults": faults})
             if kind == "step":
                 times[impl].append(seconds)
     ips = {impl: batch / statistics.median(t) for impl, t in times.items()}

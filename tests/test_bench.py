@@ -117,6 +117,7 @@ def test_compare_alternates_and_reports_a_ratio(capsys):
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     steps = [(l["impl"], l["round"]) for l in lines if l.get("kind") == "step"]
     assert steps == [("ours", 1), ("reference", 1), ("ours", 2), ("reference", 2)]
+    assert all(l["minor_page_faults"] >= 0 for l in lines if l.get("kind") == "step")
     ratio = next(l for l in lines if l.get("kind") == "ratio")
     assert lines[-1] == headline and headline["ratios"] == {"eval:64:2": ratio["ratio"]} and ratio["ratio"] > 0
     assert headline["torch_threads"] == common.cpu_threads()
