@@ -3,7 +3,10 @@
 import errno
 import multiprocessing
 import os
+import subprocess
+import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -146,3 +149,45 @@ def test_training_checks_room_for_train_and_eval_buffers_before_any_work(tmp_pat
     with pytest.raises(slots.SharedMemoryTooSmall, match=r"MiB free"):
         train_lib.train_and_evaluate(config, str(tmp_path))
     assert os.listdir(tmp_path) == []  # refused before any work
+
+
+WORKER_SCRIPT = """
+import multiprocessing, sys, time
+sys.path.insert(0, {root!r})
+from pmg_jax.data import pipeline, synthetic
+
+if __name__ == "__main__":
+    src = synthetic.DemoSource(synthetic.DemoSpec(num_classes=4, image_size=32), "train", 40)
+    spec = pipeline.TransformSpec(36, 32, 2, normalize_on_device=True)
+    _, it = pipeline.train_batches(src, spec, pipeline.Layout(4), seed=0, num_epochs=50, workers=2, prefetch=1)
+    next(it)
+    print(it._ring.name, *[p.pid for p in multiprocessing.active_children()], flush=True)
+    time.sleep(600)
+"""
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_killing_the_main_process_ends_its_workers_and_frees_the_shared_memory(tmp_path):
+    """kill -9 of the trainer must not leave input workers spinning or /dev/shm filled."""
+    script = tmp_path / "hold.py"
+    script.write_text(WORKER_SCRIPT.format(root=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        name, *pids = proc.stdout.readline().split()
+        pids = [int(p) for p in pids]
+        assert len(pids) >= 2 and all(alive(p) for p in pids) and shm_exists(name)
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (any(alive(p) for p in pids) or shm_exists(name)):
+        time.sleep(0.2)
+    assert not any(alive(p) for p in pids), "input workers outlived their main process"
+    assert not shm_exists(name), "the ring's shared memory outlived every process using it"
