@@ -152,7 +152,7 @@ def test_training_checks_room_for_train_and_eval_buffers_before_any_work(tmp_pat
 
 
 WORKER_SCRIPT = """
-import multiprocessing, sys, time
+import multiprocessing, sys, threading, time
 sys.path.insert(0, {root!r})
 from pmg_jax.data import pipeline, synthetic
 
@@ -160,7 +160,10 @@ if __name__ == "__main__":
     src = synthetic.DemoSource(synthetic.DemoSpec(num_classes=4, image_size=32), "train", 40)
     spec = pipeline.TransformSpec(36, 32, 2, normalize_on_device=True)
     _, it = pipeline.train_batches(src, spec, pipeline.Layout(4), seed=0, num_epochs=50, workers=2, prefetch=1)
-    next(it)
+    threading.Thread(target=next, args=(it,), daemon=True).start()  # starts the workers
+    while len(multiprocessing.active_children()) < 2:
+        time.sleep(0.01)
+    # the workers are still starting up: the hardest moment to be orphaned
     print(it._ring.name, *[p.pid for p in multiprocessing.active_children()], flush=True)
     time.sleep(600)
 """
@@ -175,7 +178,7 @@ def alive(pid: int) -> bool:
 
 
 def test_killing_the_main_process_ends_its_workers_and_frees_the_shared_memory(tmp_path):
-    """kill -9 of the trainer must not leave input workers spinning or /dev/shm filled."""
+    """kill -9 of the trainer must not leave input workers spinning or /dev/shm filled, even mid-start."""
     script = tmp_path / "hold.py"
     script.write_text(WORKER_SCRIPT.format(root=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)

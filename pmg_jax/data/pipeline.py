@@ -322,18 +322,18 @@ def _opencv_threads(workers: int) -> int:
     return max(1, len(os.sched_getaffinity(0)) // workers)
 
 
-def _init_worker(opencv_threads: int, worker_index: int, worker_count: int) -> None:
+def _init_worker(opencv_threads: int, main_pid: int, worker_index: int, worker_count: int) -> None:
     """In each input worker: its share of OpenCV's threads, and exit once the main process is gone.
 
     Grain's workers outlive a main process that is killed (kill -9, OOM): they block on a
-    full queue forever. A thread here notices the new parent and ends the worker, so the
-    resource tracker can then remove the shared memory.
+    full queue forever. A thread here notices that the worker's parent is no longer the
+    main process (even if that happened while the worker was starting) and ends it, so
+    the resource tracker can then remove the shared memory.
     """
     cv2.setNumThreads(opencv_threads)
-    parent = os.getppid()
 
     def watch() -> None:
-        while os.getppid() == parent:
+        while os.getppid() == main_pid:
             time.sleep(0.5)
         os._exit(1)
 
@@ -371,7 +371,7 @@ def _iterate(make: Callable[[slots.SlotRing | None], _BatchMaker], source: Sourc
             # Grain's worker start reads an absl flag, which fails outside absl.app (google/grain#1355).
             flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=prefetch),
-                            worker_init_fn=functools.partial(_init_worker, _opencv_threads(workers)))
+                            worker_init_fn=functools.partial(_init_worker, _opencv_threads(workers), os.getpid()))
     return Batches(iter(it), source, ring)
 
 
