@@ -17,9 +17,9 @@ import numpy as np
 
 # PIL, and so the reference's torchvision loader, ignores EXIF orientation; the
 # datasets' boxes refer to the stored pixel grid, so OpenCV must ignore it too.
-_IMREAD = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
 # OpenCV >= 4.10 can have the decoder write RGB directly, which saves a conversion pass.
-_IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
+_DECODES_RGB = hasattr(cv2, "IMREAD_COLOR_RGB")
+_IMREAD = (cv2.IMREAD_COLOR_RGB if _DECODES_RGB else cv2.IMREAD_COLOR) | cv2.IMREAD_IGNORE_ORIENTATION
 
 
 class UnreadableImage(ValueError):
@@ -44,16 +44,10 @@ def decode_image(data: bytes) -> np.ndarray:
         raise UnreadableImage("empty file")
     if _truncated_jpeg(data):
         raise UnreadableImage("truncated JPEG (no end-of-image marker)")
-    buffer = np.frombuffer(data, np.uint8)
-    if _IMREAD_RGB is not None:
-        rgb = cv2.imdecode(buffer, _IMREAD_RGB | cv2.IMREAD_IGNORE_ORIENTATION)
-        if rgb is None:
-            raise UnreadableImage("corrupt or not an image OpenCV can decode")
-        return rgb
-    bgr = cv2.imdecode(buffer, _IMREAD)
-    if bgr is None:
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), _IMREAD)
+    if image is None:
         raise UnreadableImage("corrupt or not an image OpenCV can decode")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    return image if _DECODES_RGB else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
 def as_rgb(image: np.ndarray) -> np.ndarray:

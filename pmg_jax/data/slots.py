@@ -141,7 +141,6 @@ class SlotRing:
         # Slot k % slots may take step k once step k - slots is consumed; the first round is free.
         for step in range(first_step, first_step + self.slots):
             self._writable[step % self.slots] = step
-        self._owner_pid = os.getpid()
         self._finalizer = weakref.finalize(self, _release, shm, self._header)
 
     def _attach(self, mapping: mmap.mmap) -> None:
@@ -152,13 +151,12 @@ class SlotRing:
                         for i in range(self.slots)]
 
     def __getstate__(self) -> dict:
-        return {"slots": self.slots, "shape": self.shape, "dtype": self.dtype.str, "name": self.name,
-                "owner_pid": self._owner_pid}
+        return {"slots": self.slots, "shape": self.shape, "dtype": self.dtype.str, "name": self.name}
 
     def __setstate__(self, state: dict) -> None:
         self.slots, self.shape, self.dtype = state["slots"], tuple(state["shape"]), np.dtype(state["dtype"])
         self._slot_bytes = math.prod(self.shape) * self.dtype.itemsize
-        self.name, self._owner_pid = state["name"], state["owner_pid"]
+        self.name = state["name"]
         self._header = None
         self._finalizer = None
 
@@ -170,8 +168,6 @@ class SlotRing:
         while self._writable[i] < step:
             if self._header[0]:
                 raise PipelineClosed("the input pipeline was closed")
-            if os.getppid() != self._owner_pid and os.getpid() != self._owner_pid:
-                raise PipelineClosed("the main process is gone")
             time.sleep(delay)
             delay = min(2 * delay, 0.005)
         return self._arrays[i]
