@@ -27,15 +27,22 @@ else
 fi
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}"
 
-# pmg_jax also needs grain, ml_collections and tqdm, which such a box may lack: carry them as wheels.
+py="${PYTHON:-python3}"
+# pmg_jax also needs grain and ml_collections (and grain's array_record, portpicker), which such a box
+# may lack: carry them as wheels for its Python and they are unpacked into a private folder (no resolver:
+# nothing can be downloaded there). Make the folder with, for a Python 3.12 box:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
+#     --platform manylinux_2_17_x86_64 --platform any -d wheels grain ml_collections array_record portpicker importlib_resources
 wheels="${PMG_WHEELS:-wheels}"
-if ! python -c "import grain, ml_collections, tqdm" 2>/dev/null; then
-  if [[ -d "$wheels" ]]; then
-    python -m pip install -q --no-index --find-links "$wheels" grain ml-collections tqdm || exit 1
-  else
-    echo "missing grain/ml_collections/tqdm and no wheel folder $wheels (pip download -d $wheels grain ml-collections tqdm)" >&2
+if ! "$py" -c "import grain, ml_collections, tqdm" 2>/dev/null; then
+  if [[ ! -d "$wheels" ]]; then
+    echo "bench/gpu.sh: grain/ml_collections/tqdm missing and no wheel folder $wheels (see the comment above)" >&2
     exit 1
   fi
+  site="$(mktemp -d)/site"
+  "$py" -m pip install -q --no-index --no-deps --no-compile --target "$site" "$wheels"/*.whl || exit 1
+  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+  "$py" -c "import grain, ml_collections, tqdm" || { echo "bench/gpu.sh: still missing after installing $wheels" >&2; exit 1; }
 fi
 
 runs=(
@@ -68,11 +75,11 @@ for run in "${runs[@]}"; do
   common=("${shared[@]}")
   [[ "$script" == cam ]] && common=("${cam_args[@]}")  # cam.py has no --warmup/--classes
   # shellcheck disable=SC2086  # args is a word list on purpose
-  if ! timeout "$left" python -m "bench.$script" "${common[@]}" $args >>"$out"; then
+  if ! timeout "$left" "$py" -m "bench.$script" "${common[@]}" $args >>"$out"; then
     echo "failed or timed out: $run" >&2
     failed=1
   fi
   tail -n 1 "$out"
 done
-python -m bench.report "$out"
+"$py" -m bench.report "$out"
 exit "$failed"

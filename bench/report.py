@@ -42,12 +42,29 @@ def table(records: list[dict]) -> str:
     return "\n".join([head, *body])
 
 
+def speedups(records: list[dict]) -> list[str]:
+    """Ours/reference images/s for each of our train and eval headlines that has a reference float32
+    headline of the same bench, device, size and batch (the issue's measure: bf16 ours vs float32 reference)."""
+    reference = {(r["bench"][len("torch_"):], r.get("device_kind"), r.get("size"), r.get("batch")): r
+                 for r in records if r["bench"].startswith("torch_") and r.get("dtype") == "float32"}
+    lines = []
+    for r in records:
+        ref = reference.get((r["bench"], r.get("device_kind"), r.get("size"), r.get("batch")))
+        if ref is not None:
+            lines.append(f"{r['bench']} {r['dtype']} batch {r['batch']} on {r.get('device_kind')}: "
+                         f"{r['images_per_s'] / ref['images_per_s']:.2f}x the reference's float32")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("files", nargs="+")
     args = parser.parse_args(argv)
     lines = [line for path in args.files for line in open(path)]
-    print(table(rows(lines)))
+    records = rows(lines)
+    print(table(records))
+    for line in speedups(records):
+        print(line)
 
 
 if __name__ == "__main__":

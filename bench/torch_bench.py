@@ -72,13 +72,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--mode", choices=("train", "eval"), default="train")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=common.cpu_threads(), help="torch intra-op threads on CPU")
+    parser.add_argument("--no-cudnn-benchmark", dest="cudnn_benchmark", action="store_false",
+                        help="leave cuDNN's algorithm search off (the original code does not turn it on); by "
+                             "default it is on, the reference's fastest usual setting, and the warm-up runs it")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     model = common.model_kwargs(args)
     prepared = prepare(args.mode, args.size, args.batch, args.dtype, args.device, **model)
     count = flops.train_iteration_flops if args.mode == "train" else flops.eval_flops
     return common.measure(f"torch_{args.mode}", prepared, args, count(args.batch, size=args.size, **model),
-                          threads=torch.get_num_threads())
+                          threads=torch.get_num_threads(), cudnn_benchmark=args.cudnn_benchmark)
 
 
 if __name__ == "__main__":
