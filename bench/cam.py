@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench import common
-from pmg_jax import cam
+from pmg_jax import cam, xla_options
 from pmg_jax.model import PMG
 
 MAPS = ("block1", "block2", "block3", "concat")
@@ -66,7 +66,7 @@ def block_pass(model: PMG, block: str, with_param_grads: bool) -> Callable:
         param_grads, g = grads if with_param_grads else (None, grads)
         return cam.raw_map("gradcam", act, g), param_grads  # parameter gradients returned: never dead code
 
-    return jax.jit(run)
+    return xla_options.jit(run)
 
 
 def seed_concat(size: tuple[int, int]) -> Callable:
@@ -76,7 +76,7 @@ def seed_concat(size: tuple[int, int]) -> Callable:
         blocks = [cam.upsample(cam.normalize(r), size) for r in raws]
         return [*blocks, cam.normalize(sum(cam.upsample(r, size) for r in raws))]
 
-    return jax.jit(run)
+    return xla_options.jit(run)
 
 
 def per_image_runner(model: PMG, variables: dict, images: np.ndarray, with_param_grads: bool) -> tuple[Callable, float]:

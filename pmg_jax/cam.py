@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pmg_jax import xla_options
 from pmg_jax.data import transforms
 
 MAP_NAMES = ("block1", "block2", "block3", "concat", "layer2", "layer3", "layer4")
@@ -277,4 +278,4 @@ def make_explainer(
 ) -> Callable[..., Explanation]:
     """`explain` jitted for fixed options: fn(variables, images, classes=None) -> Explanation."""
     check_options(maps, method, target, concat)
-    return jax.jit(functools.partial(explain, model, maps=tuple(maps), method=method, target=target, concat=concat))
+    return xla_options.jit(functools.partial(explain, model, maps=tuple(maps), method=method, target=target, concat=concat))

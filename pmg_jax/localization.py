@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pmg_jax import cam
+from pmg_jax import cam, xla_options
 from pmg_jax.data import pipeline
 
 THRESHOLDS = np.arange(100) / 100.0
@@ -181,7 +181,7 @@ def evaluate(
     'results': {method: {map: {metric: value}}}}; `progress(n)` is called with each batch's real count.
     """
     explainers = {m: cam.make_explainer(model, maps, m, target, concat) for m in methods}
-    curves = jax.jit(functools.partial(deletion_insertion, model, steps=auc_steps))
+    curves = xla_options.jit(functools.partial(deletion_insertion, model, steps=auc_steps))
     records = {(m, name): {} for m in methods for name in maps}
     centre, count = [], 0
     for batch in batches:

@@ -18,7 +18,7 @@ import optax
 
 from pmg_jax import checkpoint as ckpt_lib
 from pmg_jax import jigsaw as jigsaw_lib
-from pmg_jax import layers, parallel, validate
+from pmg_jax import layers, parallel, validate, xla_options
 from pmg_jax.data import pipeline, slots, sources
 from pmg_jax.model import PMG
 from pmg_jax.optim import make_optimizer
@@ -196,15 +196,7 @@ def compile_steps(model, tx, config, mesh):
         """Normalise uint8 batches on the device (config.data.normalize_on_device); float ones pass."""
         return lambda state, batch: step(state, {**batch, "image": pipeline.normalize_on_device(batch["image"], spec)})
 
-    options = None
-    if mesh.devices.flat[0].platform == "cpu":
-        # XLA:CPU's default YNNPACK convolutions run these steps slower than its Eigen ones, the
-        # weight gradients several times so (bench/RESULTS.md); an empty YNN fusion list selects Eigen.
-        options = {"xla_cpu_experimental_ynn_fusion_type": ""}
-        try:
-            jax.jit(lambda: 0, compiler_options=options).lower().compile()
-        except jax.errors.JaxRuntimeError:  # an XLA without the option: nothing to switch off
-            options = None
+    options = xla_options.for_platform(mesh.devices.flat[0].platform)
     p_train = jax.jit(on_model_inputs(train_step), in_shardings=(rep, data), out_shardings=(rep, rep),
                       donate_argnums=0, compiler_options=options)
     p_eval = jax.jit(on_model_inputs(make_eval_step(model)), in_shardings=(rep, data), out_shardings=rep,
