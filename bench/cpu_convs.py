@@ -20,7 +20,13 @@ import torch
 from bench import common, torch_bench
 from pmg_jax import train_lib
 
-BACKENDS = {"ynnpack": None, "eigen": {"xla_cpu_experimental_ynn_fusion_type": ""}}
+_NO_YNN = {"xla_cpu_experimental_ynn_fusion_type": ""}
+BACKENDS = {
+    "ynnpack": None,  # XLA's default: YNNPACK convolutions, dots and fusions
+    "eigen": _NO_YNN,  # what train_lib compiles with (xla_options): Eigen convolutions and dots
+    # Eigen convolutions, YNNPACK dots (the 1x1 convolutions and the heads)
+    "eigen_ynn_dot": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"},
+}
 
 
 def prepare(config, mode: str, options: dict | None) -> common.Prepared:
@@ -48,14 +54,19 @@ def main(argv: list[str] | None = None) -> dict:
     """Alternate the two back ends and the reference; returns the ratios record."""
     parser = common.add_model_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--mode", choices=("train", "eval"), default="train")
+    parser.add_argument("--backends", type=lambda t: t.split(","), default=["ynnpack", "eigen"],
+                        help=f"comma-separated, of {', '.join(BACKENDS)}")
     args = parser.parse_args(argv)
+    unknown = set(args.backends) - set(BACKENDS)
+    if unknown:
+        parser.error(f"--backends: unknown {', '.join(sorted(unknown))}")
     torch.set_num_threads(common.cpu_threads())
     config = common.make_config(args)
-    runs = {name: prepare(config, args.mode, options) for name, options in BACKENDS.items()}
+    runs = {name: prepare(config, args.mode, BACKENDS[name]) for name in args.backends}
     runs["reference"] = torch_bench.prepare(args.mode, args.size, args.batch, args.dtype, "cpu",
                                             **common.model_kwargs(args))
     tags = {"bench": "cpu_convs", "mode": args.mode, "size": args.size, "batch": args.batch, "dtype": args.dtype}
-    for name in BACKENDS:
+    for name in args.backends:
         common.emit({**tags, "kind": "compile", "impl": name, "seconds": runs[name].compile_s})
     times: dict[str, list[float]] = {name: [] for name in runs}
     for r in range(args.warmup + args.steps):
@@ -68,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
                 times[name].append(seconds)
     median = {name: statistics.median(t) for name, t in times.items()}
     record = {**tags, "kind": "ratio", "median_s": median, "threads": torch.get_num_threads(),
-              **{f"ratio_{name}": median["reference"] / median[name] for name in BACKENDS}}
+              **{f"ratio_{name}": median["reference"] / median[name] for name in args.backends}}
     common.emit(record)
     return record
 

@@ -49,6 +49,7 @@ runs=(
   "train --batch $small --dtype bfloat16"
   "torch_bench --mode train --batch $small --dtype float32"
   "torch_bench --mode train --batch $small --dtype bfloat16"
+  "train --batch $small --dtype bfloat16 --channel-sum gemv"
   "train --batch $small --dtype float32"
   "eval --batch $small --dtype bfloat16"
   "cam --batch $small --dtype bfloat16"
@@ -65,6 +66,7 @@ declare -A seen
 failed=0
 for run in "${runs[@]}"; do
   [[ -n "${seen[$run]:-}" ]] && continue
+  [[ "$tiny" == 1 && "$run" == *--channel-sum* ]] && continue  # an A/B variant: not needed to keep the script alive
   seen[$run]=1
   left=$((budget_s - SECONDS))
   if ((left < 30)); then

@@ -28,7 +28,9 @@ def rows(lines: list[str]) -> list[dict]:
             continue
         record = json.loads(line)
         if record.get("kind") == "headline" and "images_per_s" in record:
-            out.append({**record, "peak_memory_gib": record["peak_memory_bytes"] / 2**30})
+            variant = record.get("channel_sum", "auto")
+            name = record["bench"] if variant == "auto" else f"{record['bench']} (channel_sum={variant})"
+            out.append({**record, "bench": name, "peak_memory_gib": record["peak_memory_bytes"] / 2**30})
         elif record.get("kind") == "ratio":
             out.append({"bench": f"compare {record['case']} ours/reference = {record['ratio']:.2f}",
                         "dtype": record["dtype"], "images_per_s": record["ours_images_per_s"]})
@@ -49,7 +51,7 @@ def speedups(records: list[dict]) -> list[str]:
                  for r in records if r["bench"].startswith("torch_") and r.get("dtype") == "float32"}
     lines = []
     for r in records:
-        ref = reference.get((r["bench"], r.get("device_kind"), r.get("size"), r.get("batch")))
+        ref = reference.get((r["bench"].split(" (")[0], r.get("device_kind"), r.get("size"), r.get("batch")))
         if ref is not None:
             lines.append(f"{r['bench']} {r['dtype']} batch {r['batch']} on {r.get('device_kind')}: "
                          f"{r['images_per_s'] / ref['images_per_s']:.2f}x the reference's float32")

@@ -15,7 +15,7 @@ import jax
 import ml_collections
 
 from bench import common, flops
-from pmg_jax import parallel, train_lib
+from pmg_jax import layers, parallel, train_lib
 
 
 def prepare(config: ml_collections.ConfigDict) -> common.Prepared:
@@ -43,15 +43,26 @@ def prepare(config: ml_collections.ConfigDict) -> common.Prepared:
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = common.add_model_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--bn-stats", choices=("all", "used"), default="all", help="config.bn_stats")
+    parser.add_argument("--channel-sum", choices=("auto", "gemv", "reduce"), default="auto",
+                        help="BatchNorm's channel sums: auto = layers.channel_sum (GEMV on CPU, a reduction "
+                             "elsewhere); gemv or reduce forces one form on every platform, for A/B runs")
     return parser.parse_args(argv)
+
+
+def force_channel_sum(form: str) -> None:
+    """Make BatchNorm use one channel-sum form ('gemv' or 'reduce') in what is traced from now on."""
+    if form != "auto":
+        layers.channel_sum = {"gemv": layers.channel_sum_gemv, "reduce": layers.channel_sum_reduce}[form]
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark; returns the headline record."""
     args = parse(argv)
+    force_channel_sum(args.channel_sum)
     prepared = prepare(common.make_config(args, bn_stats=args.bn_stats))
     model_flops = flops.train_iteration_flops(args.batch, size=args.size, **common.model_kwargs(args))
-    return common.measure("train", prepared, args, model_flops, bn_stats=args.bn_stats, threads=common.cpu_threads())
+    return common.measure("train", prepared, args, model_flops, bn_stats=args.bn_stats,
+                          channel_sum=args.channel_sum, threads=common.cpu_threads())
 
 
 if __name__ == "__main__":

@@ -106,7 +106,7 @@ def _sum_rows(a: jax.Array) -> jax.Array:
     return jnp.dot(jnp.ones((a.shape[0],), a.dtype), a, precision=jax.lax.Precision.HIGHEST)
 
 
-def channel_sum(a: jax.Array) -> jax.Array:
+def channel_sum_gemv(a: jax.Array) -> jax.Array:
     """Sum of `a` (..., C) over every axis but the last, as matrix-vector products.
 
     XLA:CPU lowers a reduction over the leading axes of an NHWC activation as a tree of
@@ -119,6 +119,23 @@ def channel_sum(a: jax.Array) -> jax.Array:
         partial = _sum_rows(a.reshape(a.shape[0] * a.shape[1], a.shape[2] * a.shape[3]))
         return _sum_rows(partial.reshape(a.shape[2], a.shape[3]))
     return _sum_rows(a.reshape(-1, a.shape[-1]))
+
+
+def channel_sum_reduce(a: jax.Array) -> jax.Array:
+    """Sum of `a` (..., C) over every axis but the last, as one XLA reduction."""
+    return jnp.sum(a, axis=tuple(range(a.ndim - 1)))
+
+
+def channel_sum(a: jax.Array) -> jax.Array:
+    """Sum of `a` (..., C) over every axis but the last: `channel_sum_gemv` when compiled
+    for CPU, `channel_sum_reduce` for any other platform.
+
+    The GEMV form exists for XLA:CPU's slow column reductions. A GPU or TPU compiler fuses
+    a plain reduction with the elementwise work that produces its input, whereas a GEMV
+    needs that input written out first (in float32, for bfloat16 activations). The choice
+    is made when the program is lowered, so one traced function serves every platform.
+    """
+    return jax.lax.platform_dependent(a, cpu=channel_sum_gemv, default=channel_sum_reduce)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))

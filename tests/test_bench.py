@@ -108,6 +108,28 @@ def test_gpu_sh_tiny_runs_every_benchmark(tmp_path):
         else:
             assert h["model_tflops_per_step"] > 0 and h["compile_s"] >= 0 and h["warmup_s"] > 0, h
     assert "| bench |" in proc.stdout and proc.stdout.count("\n| train |") == 2
+    assert "train bfloat16 batch 2 on cpu: " in proc.stdout and "x the reference's float32" in proc.stdout
+
+
+def test_train_bench_can_force_either_channel_sum_form(monkeypatch):
+    from bench import train as train_bench
+    from pmg_jax import layers
+
+    monkeypatch.setattr(layers, "channel_sum", layers.channel_sum)  # restored after the test
+    auto = layers.channel_sum
+    train_bench.force_channel_sum("auto")
+    assert layers.channel_sum is auto
+    train_bench.force_channel_sum("reduce")
+    assert layers.channel_sum is layers.channel_sum_reduce
+    x = jnp.arange(24.0).reshape(2, 3, 4)
+    # BatchNorm's statistics go through the forced form and agree with the default's
+    _, mean, _ = layers.batch_norm_train(x, jnp.ones(4), jnp.zeros(4), 1e-5, jnp.dtype(jnp.float32))
+    np.testing.assert_allclose(mean, np.asarray(x).mean((0, 1)), rtol=1e-6)
+    bn = lambda a: layers.batch_norm_train(a, jnp.ones(4), jnp.zeros(4), 1e-5, jnp.dtype(jnp.float32))
+    assert "dot_general" not in str(jax.make_jaxpr(bn)(x))
+    train_bench.force_channel_sum("gemv")
+    assert layers.channel_sum is layers.channel_sum_gemv
+    assert "reduce_sum" not in str(jax.make_jaxpr(bn)(x[:1]))  # another shape: JAX caches traces by shape
 
 
 def test_compare_alternates_and_reports_a_ratio(capsys):

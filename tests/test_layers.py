@@ -84,6 +84,27 @@ def test_batch_norm_statistics_stay_accurate_in_float32():
     np.testing.assert_allclose(var, x64.var((0, 1, 2)), rtol=2e-5)
 
 
+@pytest.mark.parametrize("form", [layers.channel_sum_gemv, layers.channel_sum_reduce])
+def test_both_channel_sum_forms_are_accurate_in_float32(form):
+    """The GEMV form (CPU) and the plain reduction (other platforms) sum a large map alike."""
+    with jax.enable_x64(False):
+        x = jax.random.normal(jax.random.PRNGKey(3), (8, 56, 56, 16), jnp.float32) + 3
+        got = np.asarray(jax.jit(form)(x))
+        flat = np.asarray(jax.jit(form)(x.reshape(-1, 16)))
+    want = np.asarray(x, np.float64).sum((0, 1, 2))
+    np.testing.assert_allclose(got, want, rtol=2e-6)
+    np.testing.assert_allclose(flat, want, rtol=1e-5)  # one level of 25088 terms
+
+
+def test_channel_sum_lowers_to_the_gemv_form_on_cpu_only():
+    x = jnp.ones((2, 3, 4, 5), jnp.float32)
+    cpu_hlo = jax.jit(layers.channel_sum).lower(x).as_text(dialect="hlo")
+    assert " dot(" in cpu_hlo and " reduce(" not in cpu_hlo
+    # the same traced function lowered for a GPU: one reduction and no dot
+    gpu_hlo = jax.jit(layers.channel_sum).trace(x).lower(lowering_platforms=("cuda",)).as_text(dialect="hlo")
+    assert " reduce(" in gpu_hlo and " dot(" not in gpu_hlo
+
+
 @pytest.mark.parametrize("shape", [(2, 9, 9, 3), (2, 10, 11, 4), (1, 8, 8, 2), (1, 3, 3, 1)])
 def test_max_pool_matches_torch_values_and_first_maximum_gradients(shape):
     rng = np.random.default_rng(0)
