@@ -145,6 +145,18 @@ def test_compare_alternates_and_reports_a_ratio(capsys):
     assert headline["torch_threads"] == common.cpu_threads()
 
 
+def test_compare_in_fresh_processes_takes_the_median_ratio(capsys):
+    from bench import compare
+
+    headline = compare.main(["--cases", "eval:64:2", "--rounds", "1", "--pause", "0", "--processes", "3", *SMOKE])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    ratios = [l["ratio"] for l in lines if l.get("kind") == "ratio"]
+    assert [l["process"] for l in lines if l.get("kind") == "ratio"] == [0, 1, 2]
+    assert len({l["process"] for l in lines if l.get("kind") == "step"}) == 3
+    assert headline["ratios_per_process"] == {"eval:64:2": ratios}
+    assert headline["ratios"] == {"eval:64:2": sorted(ratios)[1]} and lines[-1] == headline
+
+
 def test_input_pipeline_bench_runs_and_its_goal_follows_from_its_figures():
     proc = subprocess.run(["python", "-m", "bench.input_pipeline", "--images", "8", "--batch", "4", "--batches", "2",
                            "--rounds", "1"], cwd=ROOT, capture_output=True, text=True, timeout=600)
