@@ -26,6 +26,12 @@ else
   cam_args=(--size 448 --steps 3)
 fi
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}"
+if [[ "$tiny" != 1 ]]; then
+  # A compilation cache shared by the runs: XLA:GPU keeps its per-fusion autotuning results there,
+  # so a later run of kernels already tuned (another dtype or variant of the same model) compiles
+  # faster and more runs fit the budget. Later runs' compile_s is then with a warm autotune cache.
+  export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$(mktemp -d)}"
+fi
 
 py="${PYTHON:-python3}"
 # pmg_jax also needs grain and ml_collections (and grain's array_record, portpicker), which such a box
