@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from pmg_jax import xla_options
+
 Dtype = Any
 
 
@@ -127,15 +129,15 @@ def channel_sum_reduce(a: jax.Array) -> jax.Array:
 
 
 def channel_sum(a: jax.Array) -> jax.Array:
-    """Sum of `a` (..., C) over every axis but the last: `channel_sum_gemv` when compiled
-    for CPU, `channel_sum_reduce` for any other platform.
+    """Sum of `a` (..., C) over every axis but the last: a plain reduction, which compilers
+    fuse with the elementwise work that produces its input, except on an XLA:CPU without
+    YNNPACK reductions (`xla_options.fast_reductions`), where it is `channel_sum_gemv`.
 
-    The GEMV form exists for XLA:CPU's slow column reductions. A GPU or TPU compiler fuses
-    a plain reduction with the elementwise work that produces its input, whereas a GEMV
-    needs that input written out first (in float32, for bfloat16 activations). The choice
-    is made when the program is lowered, so one traced function serves every platform.
+    The form is chosen when the program is lowered (`lax.platform_dependent`), so one traced
+    function serves every platform.
     """
-    return jax.lax.platform_dependent(a, cpu=channel_sum_gemv, default=channel_sum_reduce)
+    cpu = channel_sum_reduce if xla_options.fast_reductions("cpu") else channel_sum_gemv
+    return jax.lax.platform_dependent(a, cpu=cpu, default=channel_sum_reduce)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))

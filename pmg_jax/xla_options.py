@@ -1,16 +1,21 @@
 """XLA compiler options that pmg_jax's own jitted programs are compiled with, per platform.
 
-- cpu: XLA:CPU's default YNNPACK convolutions run the training steps slower than its Eigen
-  ones, the weight gradients several times so (bench/RESULTS.md); an empty YNN fusion list
-  selects Eigen.
+- cpu: YNNPACK only for reductions. XLA:CPU's default YNNPACK convolutions run the training
+  steps slower than its Eigen ones, the weight gradients several times so, but its YNNPACK
+  reductions are the fast ones: BatchNorm's statistics of an (8, 56, 56, 256) map took
+  1.6 ms as plain sums with them against 6.4 ms as GEMVs and 60 ms as sums without
+  YNNPACK, and the 224/8 training step ran 6% faster with half the compile time
+  (bench/RESULTS.md). Where this XLA does not know that fusion type, YNNPACK is switched
+  off altogether (Eigen convolutions) and BatchNorm sums with GEMVs (`layers.channel_sum`).
 - gpu: XLA's Triton GEMM fusion is switched off. With jax/jaxlib 0.11.2 on an H200 it
   aborted the process while compiling the Grad-CAM pass at 448 px in bfloat16 ("Check failed:
   subdim_size_accumulator == dim_size (3136 vs. 112)" in triton_tiling_propagation.cc); with
   the fusion off that pass compiled and ran, and a bfloat16 training step ran at the same
   speed as with it on (264 vs 267 img/s, bench/RESULTS.md). GEMMs then go to cuBLAS.
 
-An option that the installed XLA does not know is dropped (checked once per platform by
-compiling an empty program), so a newer or older jaxlib never fails on it.
+Each option lists the values to try, best first; the first one that this XLA accepts is used
+(checked once per platform by compiling an empty program), and an option none of whose
+values it accepts is left out, so a newer or older jaxlib never fails on them.
 """
 
 from __future__ import annotations
@@ -20,10 +25,21 @@ from typing import Any, Callable
 
 import jax
 
-OPTIONS: dict[str, dict[str, Any]] = {
-    "cpu": {"xla_cpu_experimental_ynn_fusion_type": ""},
-    "gpu": {"xla_gpu_enable_triton_gemm": False},
+YNN = "xla_cpu_experimental_ynn_fusion_type"
+YNN_REDUCE = "LIBRARY_FUSION_TYPE_REDUCE"
+
+OPTIONS: dict[str, dict[str, tuple[Any, ...]]] = {
+    "cpu": {YNN: (YNN_REDUCE, "")},
+    "gpu": {"xla_gpu_enable_triton_gemm": (False,)},
 }
+
+
+def _accepted(name: str, value: Any) -> bool:
+    try:
+        jax.jit(lambda: 0, compiler_options={name: value}).lower().compile()
+    except jax.errors.JaxRuntimeError:  # this XLA has no such option or value
+        return False
+    return True
 
 
 @functools.cache
@@ -34,16 +50,20 @@ def for_platform(platform: str | None = None) -> dict[str, Any] | None:
     wanted = OPTIONS.get(platform)
     if not wanted:
         return None
-    if platform != jax.default_backend():
-        return dict(wanted)  # cannot be probed here; XLA checks them when it compiles
-    accepted = {}
-    for name, value in wanted.items():
-        try:
-            jax.jit(lambda: 0, compiler_options={name: value}).lower().compile()
-        except jax.errors.JaxRuntimeError:  # this XLA has no such option: nothing to switch
-            continue
-        accepted[name] = value
-    return accepted or None
+    if platform != jax.default_backend():  # cannot be probed here; XLA checks them when it compiles
+        return {name: values[0] for name, values in wanted.items()}
+    chosen = {}
+    for name, values in wanted.items():
+        value = next((v for v in values if _accepted(name, v)), None)
+        if value is not None:
+            chosen[name] = value
+    return chosen or None
+
+
+def fast_reductions(platform: str) -> bool:
+    """Whether a plain reduction over the leading axes of an activation is fast when compiled
+    with `for_platform(platform)`: everywhere but on an XLA:CPU without YNNPACK reductions."""
+    return platform != "cpu" or (for_platform("cpu") or {}).get(YNN) == YNN_REDUCE
 
 
 def jit(fn: Callable, *, platform: str | None = None, **kwargs: Any) -> Callable:

@@ -96,13 +96,22 @@ def test_both_channel_sum_forms_are_accurate_in_float32(form):
     np.testing.assert_allclose(flat, want, rtol=1e-5)  # one level of 25088 terms
 
 
-def test_channel_sum_lowers_to_the_gemv_form_on_cpu_only():
+def test_channel_sum_is_a_reduction_unless_cpu_reductions_are_slow(monkeypatch):
+    from pmg_jax import xla_options
+
+    def hlo(x, platform=None):
+        traced = jax.jit(layers.channel_sum).trace(x)
+        lowered = traced.lower(lowering_platforms=(platform,)) if platform else traced.lower()
+        return lowered.as_text(dialect="hlo")
+
     x = jnp.ones((2, 3, 4, 5), jnp.float32)
-    cpu_hlo = jax.jit(layers.channel_sum).lower(x).as_text(dialect="hlo")
-    assert " dot(" in cpu_hlo and " reduce(" not in cpu_hlo
-    # the same traced function lowered for a GPU: one reduction and no dot
-    gpu_hlo = jax.jit(layers.channel_sum).trace(x).lower(lowering_platforms=("cuda",)).as_text(dialect="hlo")
-    assert " reduce(" in gpu_hlo and " dot(" not in gpu_hlo
+    for text in (hlo(x), hlo(x, "cuda")):  # this CPU (YNNPACK reductions) and a GPU: one reduction
+        assert " reduce(" in text and " dot(" not in text
+    # an XLA:CPU without YNNPACK reductions: GEMVs on CPU, still a reduction for a GPU
+    monkeypatch.setattr(xla_options, "fast_reductions", lambda platform: platform != "cpu")
+    y = jnp.ones((2, 3, 4, 6), jnp.float32)  # another shape: a fresh trace
+    assert " dot(" in hlo(y) and " reduce(" not in hlo(y)
+    assert " reduce(" in hlo(y, "cuda") and " dot(" not in hlo(y, "cuda")
 
 
 @pytest.mark.parametrize("shape", [(2, 9, 9, 3), (2, 10, 11, 4), (1, 8, 8, 2), (1, 3, 3, 1)])

@@ -15,14 +15,18 @@ def fresh_cache():
     xla_options.for_platform.cache_clear()
 
 
-def test_the_cpu_options_are_accepted_here_and_unknown_ones_dropped(fresh_cache, monkeypatch):
+def test_cpu_takes_the_first_value_this_xla_accepts_and_drops_unknown_options(fresh_cache, monkeypatch):
     assert jax.default_backend() == "cpu"
-    assert xla_options.for_platform() == xla_options.OPTIONS["cpu"]
+    # this jaxlib knows YNNPACK's reduce fusion type: reductions by YNNPACK, the rest by Eigen
+    assert xla_options.for_platform() == {xla_options.YNN: xla_options.YNN_REDUCE}
+    assert xla_options.fast_reductions("cpu") and xla_options.fast_reductions("gpu")
     xla_options.for_platform.cache_clear()
-    monkeypatch.setitem(xla_options.OPTIONS, "cpu", {"xla_pmg_no_such_option": True, **xla_options.OPTIONS["cpu"]})
-    assert xla_options.for_platform("cpu") == {"xla_cpu_experimental_ynn_fusion_type": ""}
+    monkeypatch.setitem(xla_options.OPTIONS, "cpu", {
+        "xla_pmg_no_such_option": (True,), xla_options.YNN: ("LIBRARY_FUSION_TYPE_NO_SUCH_TYPE", "")})
+    assert xla_options.for_platform("cpu") == {xla_options.YNN: ""}
+    assert not xla_options.fast_reductions("cpu")  # YNNPACK off: BatchNorm must sum with GEMVs
     xla_options.for_platform.cache_clear()
-    monkeypatch.setitem(xla_options.OPTIONS, "cpu", {"xla_pmg_no_such_option": True})
+    monkeypatch.setitem(xla_options.OPTIONS, "cpu", {"xla_pmg_no_such_option": (True, 1)})
     assert xla_options.for_platform("cpu") is None
 
 
