@@ -2,8 +2,8 @@
 
     python -m bench.cpu_convs --mode train --size 224 --batch 8 --steps 2
 
-`train_lib.compile_steps` compiles for CPU with YNNPACK for reductions only, which makes
-XLA lower convolutions and dots with Eigen; this times such choices against XLA's default and
+`train_lib.compile_steps` compiles for CPU with YNNPACK off (the eval step) or on for
+reductions only (the training step), which makes XLA lower convolutions and dots with Eigen; this times such choices against XLA's default and
 the PyTorch reference, alternating one iteration of each per round. Prints one JSON
 line per measurement and the ratios (reference time over ours) last.
 """
@@ -23,8 +23,8 @@ from pmg_jax import train_lib
 _NO_YNN = {"xla_cpu_experimental_ynn_fusion_type": ""}
 BACKENDS = {
     "ynnpack": None,  # XLA's default: YNNPACK convolutions, dots and fusions
-    "eigen": _NO_YNN,  # Eigen convolutions, dots and XLA's own reductions
-    # what train_lib compiles with (xla_options): as "eigen", but YNNPACK reductions
+    "eigen": _NO_YNN,  # Eigen convolutions, dots and XLA's own reductions: the eval step's (xla_options)
+    # the training step's (xla_options): as "eigen", but YNNPACK reductions
     "eigen_ynn_reduce": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"},
     # Eigen convolutions, YNNPACK dots (the 1x1 convolutions and the heads)
     "eigen_ynn_dot": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"},
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Alternate the two back ends and the reference; returns the ratios record."""
     parser = common.add_model_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--mode", choices=("train", "eval"), default="train")
-    parser.add_argument("--backends", type=lambda t: t.split(","), default=["ynnpack", "eigen_ynn_reduce"],
+    parser.add_argument("--backends", type=lambda t: t.split(","), default=["ynnpack", "eigen", "eigen_ynn_reduce"],
                         help=f"comma-separated, of {', '.join(BACKENDS)}")
     args = parser.parse_args(argv)
     unknown = set(args.backends) - set(BACKENDS)

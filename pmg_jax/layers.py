@@ -130,8 +130,9 @@ def channel_sum_reduce(a: jax.Array) -> jax.Array:
 
 def channel_sum(a: jax.Array) -> jax.Array:
     """Sum of `a` (..., C) over every axis but the last: a plain reduction, which compilers
-    fuse with the elementwise work that produces its input, except on an XLA:CPU without
-    YNNPACK reductions (`xla_options.fast_reductions`), where it is `channel_sum_gemv`.
+    fuse with the elementwise work that produces its input, except where the training step
+    runs on an XLA:CPU without YNNPACK reductions (`xla_options.fast_reductions`), where it is
+    `channel_sum_gemv`. (Train-mode BatchNorm runs in the training step only.)
 
     The form is chosen when the program is lowered (`lax.platform_dependent`), so one traced
     function serves every platform.

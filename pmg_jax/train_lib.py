@@ -196,11 +196,11 @@ def compile_steps(model, tx, config, mesh):
         """Normalise uint8 batches on the device (config.data.normalize_on_device); float ones pass."""
         return lambda state, batch: step(state, {**batch, "image": pipeline.normalize_on_device(batch["image"], spec)})
 
-    options = xla_options.for_platform(mesh.devices.flat[0].platform)
-    p_train = jax.jit(on_model_inputs(train_step), in_shardings=(rep, data), out_shardings=(rep, rep),
-                      donate_argnums=0, compiler_options=options)
-    p_eval = jax.jit(on_model_inputs(make_eval_step(model)), in_shardings=(rep, data), out_shardings=rep,
-                     compiler_options=options)
+    platform = mesh.devices.flat[0].platform
+    p_train = xla_options.jit(on_model_inputs(train_step), platform=platform, program="train",
+                              in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=0)
+    p_eval = xla_options.jit(on_model_inputs(make_eval_step(model)), platform=platform,
+                             in_shardings=(rep, data), out_shardings=rep)
     return p_train, p_eval
 
 

@@ -1,12 +1,14 @@
 """XLA compiler options that pmg_jax's own jitted programs are compiled with, per platform.
 
-- cpu: YNNPACK only for reductions. XLA:CPU's default YNNPACK convolutions run the training
-  steps slower than its Eigen ones, the weight gradients several times so, but its YNNPACK
-  reductions are the fast ones: BatchNorm's statistics of an (8, 56, 56, 256) map took
-  1.6 ms as plain sums with them against 6.4 ms as GEMVs and 60 ms as sums without
-  YNNPACK, and the 224/8 training step ran 6% faster with half the compile time
-  (bench/RESULTS.md). Where this XLA does not know that fusion type, YNNPACK is switched
-  off altogether (Eigen convolutions) and BatchNorm sums with GEMVs (`layers.channel_sum`).
+- cpu: YNNPACK off (Eigen convolutions and dots): XLA:CPU's default YNNPACK convolutions run
+  PMG's steps slower than its Eigen ones, the weight gradients several times so. The
+  training step also turns YNNPACK's reductions on: BatchNorm's statistics of an
+  (8, 56, 56, 256) map took 1.6 ms as plain sums with them against 6.4 ms as GEMVs and
+  60 ms as sums without, and the 224/8 training step ran 6% faster with half the compile
+  time. Not for the other programs: in the evaluation step YNNPACK's reduction fusions took
+  in the granularity blocks' 3x3 convolutions ahead of the heads' max pooling, which made
+  it 12% slower (bench/RESULTS.md). Where this XLA lacks that fusion type, the training
+  step gets YNNPACK off too and BatchNorm sums with GEMVs (`layers.channel_sum`).
 - gpu: XLA's Triton GEMM fusion is switched off. With jax/jaxlib 0.11.2 on an H200 it
   aborted the process while compiling the Grad-CAM pass at 448 px in bfloat16 ("Check failed:
   subdim_size_accumulator == dim_size (3136 vs. 112)" in triton_tiling_propagation.cc); with
@@ -27,10 +29,15 @@ import jax
 
 YNN = "xla_cpu_experimental_ynn_fusion_type"
 YNN_REDUCE = "LIBRARY_FUSION_TYPE_REDUCE"
+PROGRAMS = ("train", "other")
 
+# per platform: option -> values to try, best first; TRAIN entries replace them for the training step
 OPTIONS: dict[str, dict[str, tuple[Any, ...]]] = {
-    "cpu": {YNN: (YNN_REDUCE, "")},
+    "cpu": {YNN: ("",)},
     "gpu": {"xla_gpu_enable_triton_gemm": (False,)},
+}
+TRAIN: dict[str, dict[str, tuple[Any, ...]]] = {
+    "cpu": {YNN: (YNN_REDUCE, "")},
 }
 
 
@@ -43,11 +50,13 @@ def _accepted(name: str, value: Any) -> bool:
 
 
 @functools.cache
-def for_platform(platform: str | None = None) -> dict[str, Any] | None:
-    """The compiler options for `platform` ('cpu', 'gpu', ...; default: JAX's default backend)
-    that this XLA accepts, or None where there are none."""
+def for_platform(platform: str | None = None, program: str = "other") -> dict[str, Any] | None:
+    """The compiler options for `program` ('train': the training step; 'other') on `platform`
+    ('cpu', 'gpu', ...; default: JAX's default backend) that this XLA accepts, or None."""
+    if program not in PROGRAMS:
+        raise ValueError(f"program must be one of {PROGRAMS}, got {program!r}")
     platform = platform or jax.default_backend()
-    wanted = OPTIONS.get(platform)
+    wanted = {**OPTIONS.get(platform, {}), **(TRAIN.get(platform, {}) if program == "train" else {})}
     if not wanted:
         return None
     if platform != jax.default_backend():  # cannot be probed here; XLA checks them when it compiles
@@ -61,11 +70,12 @@ def for_platform(platform: str | None = None) -> dict[str, Any] | None:
 
 
 def fast_reductions(platform: str) -> bool:
-    """Whether a plain reduction over the leading axes of an activation is fast when compiled
-    with `for_platform(platform)`: everywhere but on an XLA:CPU without YNNPACK reductions."""
-    return platform != "cpu" or (for_platform("cpu") or {}).get(YNN) == YNN_REDUCE
+    """Whether a plain reduction over the leading axes of an activation is fast in the training
+    step compiled with `for_platform(platform, 'train')`: everywhere but on an XLA:CPU without
+    YNNPACK reductions."""
+    return platform != "cpu" or (for_platform("cpu", "train") or {}).get(YNN) == YNN_REDUCE
 
 
-def jit(fn: Callable, *, platform: str | None = None, **kwargs: Any) -> Callable:
-    """`jax.jit(fn, **kwargs)` compiled with `for_platform(platform)`'s options."""
-    return jax.jit(fn, compiler_options=for_platform(platform), **kwargs)
+def jit(fn: Callable, *, platform: str | None = None, program: str = "other", **kwargs: Any) -> Callable:
+    """`jax.jit(fn, **kwargs)` compiled with `for_platform(platform, program)`'s options."""
+    return jax.jit(fn, compiler_options=for_platform(platform, program), **kwargs)

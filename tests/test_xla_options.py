@@ -17,22 +17,27 @@ def fresh_cache():
 
 def test_cpu_takes_the_first_value_this_xla_accepts_and_drops_unknown_options(fresh_cache, monkeypatch):
     assert jax.default_backend() == "cpu"
-    # this jaxlib knows YNNPACK's reduce fusion type: reductions by YNNPACK, the rest by Eigen
-    assert xla_options.for_platform() == {xla_options.YNN: xla_options.YNN_REDUCE}
+    # YNNPACK off for every program, but on for the training step's reductions (this jaxlib has them)
+    assert xla_options.for_platform() == {xla_options.YNN: ""}
+    assert xla_options.for_platform("cpu", "train") == {xla_options.YNN: xla_options.YNN_REDUCE}
     assert xla_options.fast_reductions("cpu") and xla_options.fast_reductions("gpu")
+    with pytest.raises(ValueError, match="program"):
+        xla_options.for_platform("cpu", "eval")
     xla_options.for_platform.cache_clear()
-    monkeypatch.setitem(xla_options.OPTIONS, "cpu", {
+    monkeypatch.setitem(xla_options.TRAIN, "cpu", {
         "xla_pmg_no_such_option": (True,), xla_options.YNN: ("LIBRARY_FUSION_TYPE_NO_SUCH_TYPE", "")})
-    assert xla_options.for_platform("cpu") == {xla_options.YNN: ""}
+    assert xla_options.for_platform("cpu", "train") == {xla_options.YNN: ""}
     assert not xla_options.fast_reductions("cpu")  # YNNPACK off: BatchNorm must sum with GEMVs
     xla_options.for_platform.cache_clear()
     monkeypatch.setitem(xla_options.OPTIONS, "cpu", {"xla_pmg_no_such_option": (True, 1)})
-    assert xla_options.for_platform("cpu") is None
+    monkeypatch.setitem(xla_options.TRAIN, "cpu", {})
+    assert xla_options.for_platform("cpu") is None and xla_options.for_platform("cpu", "train") is None
 
 
 def test_gpu_switches_off_the_triton_gemm_fusion_and_other_platforms_get_none(fresh_cache):
     # not probed on a CPU-only machine: returned as written, for XLA:GPU to check when it compiles
     assert xla_options.for_platform("gpu") == {"xla_gpu_enable_triton_gemm": False}
+    assert xla_options.for_platform("gpu", "train") == {"xla_gpu_enable_triton_gemm": False}
     assert xla_options.for_platform("tpu") is None
 
 
