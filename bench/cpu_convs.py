@@ -3,9 +3,10 @@
     python -m bench.cpu_convs --mode train --size 224 --batch 8 --steps 2
 
 `train_lib.compile_steps` compiles for CPU with YNNPACK off (the eval step) or on for
-reductions only (the training step), which makes XLA lower convolutions and dots with Eigen; this times such choices against XLA's default and
-the PyTorch reference, alternating one iteration of each per round. Prints one JSON
-line per measurement and the ratios (reference time over ours) last.
+reductions only (the training step), which makes XLA lower convolutions and dots with
+Eigen; this times such choices against XLA's default and the PyTorch reference,
+alternating one iteration of each per round. Prints one JSON line per measurement and
+the ratios (reference time over ours) last.
 """
 
 from __future__ import annotations
@@ -19,15 +20,14 @@ import torch
 
 from bench import common, torch_bench
 from pmg_jax import train_lib
+from pmg_jax.xla_options import YNN, YNN_REDUCE
 
-_NO_YNN = {"xla_cpu_experimental_ynn_fusion_type": ""}
 BACKENDS = {
     "ynnpack": None,  # XLA's default: YNNPACK convolutions, dots and fusions
-    "eigen": _NO_YNN,  # Eigen convolutions, dots and XLA's own reductions: the eval step's (xla_options)
-    # the training step's (xla_options): as "eigen", but YNNPACK reductions
-    "eigen_ynn_reduce": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"},
+    "eigen": {YNN: ""},  # Eigen convolutions, dots and XLA's own reductions: the eval step's (xla_options)
+    "eigen_ynn_reduce": {YNN: YNN_REDUCE},  # as "eigen", but YNNPACK reductions: the training step's
     # Eigen convolutions, YNNPACK dots (the 1x1 convolutions and the heads)
-    "eigen_ynn_dot": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"},
+    "eigen_ynn_dot": {YNN: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"},
 }
 
 

@@ -44,8 +44,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = common.add_model_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--bn-stats", choices=("all", "used"), default="all", help="config.bn_stats")
     parser.add_argument("--channel-sum", choices=("auto", "gemv", "reduce"), default="auto",
-                        help="BatchNorm's channel sums: auto = layers.channel_sum (GEMV on CPU, a reduction "
-                             "elsewhere); gemv or reduce forces one form on every platform, for A/B runs")
+                        help="BatchNorm's channel sums: auto = layers.channel_sum (a reduction, or GEMVs on an "
+                             "XLA:CPU without YNNPACK reductions); gemv or reduce forces one form, for A/B runs")
     return parser.parse_args(argv)
 
 

@@ -134,11 +134,12 @@ def channel_sum(a: jax.Array) -> jax.Array:
     runs on an XLA:CPU without YNNPACK reductions (`xla_options.fast_reductions`), where it is
     `channel_sum_gemv`. (Train-mode BatchNorm runs in the training step only.)
 
-    The form is chosen when the program is lowered (`lax.platform_dependent`), so one traced
-    function serves every platform.
+    Where the forms differ, the one to use is chosen when the program is lowered
+    (`lax.platform_dependent`), so one traced function serves every platform.
     """
-    cpu = channel_sum_reduce if xla_options.fast_reductions("cpu") else channel_sum_gemv
-    return jax.lax.platform_dependent(a, cpu=cpu, default=channel_sum_reduce)
+    if xla_options.fast_reductions("cpu"):
+        return channel_sum_reduce(a)
+    return jax.lax.platform_dependent(a, cpu=channel_sum_gemv, default=channel_sum_reduce)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))

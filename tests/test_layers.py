@@ -86,7 +86,7 @@ def test_batch_norm_statistics_stay_accurate_in_float32():
 
 @pytest.mark.parametrize("form", [layers.channel_sum_gemv, layers.channel_sum_reduce])
 def test_both_channel_sum_forms_are_accurate_in_float32(form):
-    """The GEMV form (CPU) and the plain reduction (other platforms) sum a large map alike."""
+    """The GEMV form (XLA:CPU without YNNPACK reductions) and the plain reduction sum a large map alike."""
     with jax.enable_x64(False):
         x = jax.random.normal(jax.random.PRNGKey(3), (8, 56, 56, 16), jnp.float32) + 3
         got = np.asarray(jax.jit(form)(x))
