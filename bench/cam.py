@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--width", type=int, default=64, help="ResNet base width (small values for smoke runs)")
     p.add_argument("--stage-sizes", default=None, help="blocks per stage, e.g. 1,1,1,1 (smoke runs)")
     p.add_argument("--feature-size", type=int, default=512, help="channels of the blocks' 1x1 convs (smoke runs)")
-    args = p.parse_args(argv)
+    args = common.add_winograd_arg(p).parse_args(argv)
+    common.force_winograd(args.winograd)
     stage_sizes = tuple(int(s) for s in args.stage_sizes.split(",")) if args.stage_sizes else None
     model = PMG(num_classes=200, backbone=args.backbone, feature_size=args.feature_size, width=args.width,
                 stage_sizes=stage_sizes, dtype=jnp.dtype(args.dtype))
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     images = np.random.default_rng(0).uniform(-1, 1, (args.batch, args.size, args.size, 3)).astype(np.float32)
     device = jax.devices()[0]
     tags = {"bench": "cam", "size": args.size, "batch": args.batch, "dtype": args.dtype, "backbone": args.backbone,
-            "maps": list(MAPS), "method": "gradcam", "target": "seed", "platform": device.platform,
+            "maps": list(MAPS), "method": "gradcam", "target": "seed", "winograd": args.winograd, "platform": device.platform,
             "device_kind": device.device_kind}
     rates = {
         "one_pass": measure("one_pass", one_pass_runner(model, variables, images), args, tags),

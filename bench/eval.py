@@ -37,10 +37,12 @@ def prepare(config: ml_collections.ConfigDict) -> common.Prepared:
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark; returns the headline record."""
-    args = common.add_model_args(argparse.ArgumentParser(description=__doc__.splitlines()[0])).parse_args(argv)
+    parser = common.add_model_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    args = common.add_winograd_arg(parser).parse_args(argv)
+    common.force_winograd(args.winograd)
     prepared = prepare(common.make_config(args))
     model_flops = flops.eval_flops(args.batch, size=args.size, **common.model_kwargs(args))
-    return common.measure("eval", prepared, args, model_flops, threads=common.cpu_threads())
+    return common.measure("eval", prepared, args, model_flops, winograd=args.winograd, threads=common.cpu_threads())
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ def prepare(config: ml_collections.ConfigDict) -> common.Prepared:
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = common.add_model_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    parser = common.add_winograd_arg(common.add_model_args(argparse.ArgumentParser(description=__doc__.splitlines()[0])))
     parser.add_argument("--bn-stats", choices=("all", "used"), default="all", help="config.bn_stats")
     parser.add_argument("--channel-sum", choices=("auto", "gemv", "reduce"), default="auto",
                         help="BatchNorm's channel sums: auto = layers.channel_sum (a reduction, or GEMVs on an "
@@ -59,10 +59,11 @@ def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark; returns the headline record."""
     args = parse(argv)
     force_channel_sum(args.channel_sum)
+    common.force_winograd(args.winograd)
     prepared = prepare(common.make_config(args, bn_stats=args.bn_stats))
     model_flops = flops.train_iteration_flops(args.batch, size=args.size, **common.model_kwargs(args))
     return common.measure("train", prepared, args, model_flops, bn_stats=args.bn_stats,
-                          channel_sum=args.channel_sum, threads=common.cpu_threads())
+                          channel_sum=args.channel_sum, winograd=args.winograd, threads=common.cpu_threads())
 
 
 if __name__ == "__main__":

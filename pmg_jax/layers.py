@@ -10,6 +10,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+import numpy as np
 
 from pmg_jax import xla_options
 
@@ -35,10 +36,19 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: int = 1, padding: int = 0) 
 
     An unpadded 1x1 convolution (ResNet's bottleneck and downsample convolutions, the
     granularity blocks' first layer) goes through `pointwise_conv`, whose gradients are
-    GEMMs; every other one is `lax.conv_general_dilated`. The values are the same.
+    GEMMs. A 3x3 "same" convolution that `use_winograd` picks runs, on CPU only, as
+    `winograd_conv3x3` (the same values to float32 rounding, a quarter of the multiplies);
+    on other platforms, whose convolution libraries choose their own algorithms, and for
+    every other convolution, it is `lax.conv_general_dilated`.
     """
     if kernel.shape[:2] == (1, 1) and padding == 0:
         return pointwise_conv(x, kernel, strides)
+    if use_winograd(x.shape, kernel.shape, strides, padding, x.dtype):
+        return jax.lax.platform_dependent(x, kernel, cpu=winograd_conv3x3, default=_direct_conv3x3)
+    return _direct_conv(x, kernel, strides, padding)
+
+
+def _direct_conv(x: jax.Array, kernel: jax.Array, strides: int, padding: int) -> jax.Array:
     p = padding
     return jax.lax.conv_general_dilated(
         x, kernel,
@@ -46,6 +56,121 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: int = 1, padding: int = 0) 
         padding=((p, p), (p, p)),
         dimension_numbers=("NHWC", "HWIO", "NHWC"),
     )
+
+
+def _direct_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    return _direct_conv(x, kernel, 1, 1)
+
+
+# Winograd's minimal filtering F(4x4, 3x3) (Lavin and Gray, "Fast Algorithms for Convolutional
+# Neural Networks", 2016), from the interpolation points 0, 1, -1, 2, -2 and infinity:
+# a 4x4 output tile is A^T [(G g G^T) * (B^T d B)] A for a 6x6 input tile d and 3x3 filter g.
+_WINO_BT = np.array([[4, 0, -5, 0, 1, 0],
+                     [0, -4, -4, 1, 1, 0],
+                     [0, 4, -4, -1, 1, 0],
+                     [0, -2, -1, 2, 1, 0],
+                     [0, 2, -1, -2, 1, 0],
+                     [0, 4, 0, -5, 0, 1]], np.float64)
+_WINO_G = np.array([[1 / 4, 0, 0],
+                    [-1 / 6, -1 / 6, -1 / 6],
+                    [-1 / 6, 1 / 6, -1 / 6],
+                    [1 / 24, 1 / 12, 1 / 6],
+                    [1 / 24, -1 / 12, 1 / 6],
+                    [0, 0, 1]], np.float64)
+_WINO_AT = np.array([[1, 1, 1, 1, 1, 0],
+                     [0, 1, -1, 2, -2, 0],
+                     [0, 1, 1, 4, 4, 0],
+                     [0, 1, -1, 8, -8, 1]], np.float64)
+_WINO_OUT, _WINO_TILE = _WINO_AT.shape
+
+# Where `winograd_conv3x3` beats XLA:CPU's Eigen convolution (bench/RESULTS.md, "Winograd"):
+# float32, at least this many input and output channels, and at least this many output
+# pixels (batch x height x width), so that the transforms' memory traffic and the kernel
+# transform are paid for by the multiplies saved.
+WINOGRAD_MIN_CHANNELS = 256
+WINOGRAD_MIN_PIXELS = 3136  # 4 x 28 x 28
+
+
+def use_winograd(x_shape, kernel_shape, strides: int, padding: int, dtype) -> bool:
+    """Whether `conv2d` computes this convolution with `winograd_conv3x3` on CPU."""
+    n, h, w, c = x_shape
+    return (tuple(kernel_shape[:2]) == (3, 3) and strides == 1 and padding == 1
+            and jnp.dtype(dtype) == jnp.float32
+            and min(c, kernel_shape[3]) >= WINOGRAD_MIN_CHANNELS and n * h * w >= WINOGRAD_MIN_PIXELS)
+
+
+def _combine(coefficients, parts):
+    """sum_i coefficients[i] * parts[i], skipping zero terms (the transforms are sparse)."""
+    total = None
+    for c, part in zip(coefficients, parts):
+        if c == 0:
+            continue
+        term = part if c == 1 else -part if c == -1 else part * jnp.asarray(c, part.dtype)
+        total = term if total is None else total + term
+    return total
+
+
+def _tiles_along(x: jax.Array, axis: int, count: int):
+    """The _WINO_TILE strided views of `x` along `axis` whose k-th row of tile t is row 4t + k."""
+    views = []
+    for k in range(_WINO_TILE):
+        start = [0] * x.ndim
+        limit = list(x.shape)
+        strides = [1] * x.ndim
+        start[axis], limit[axis], strides[axis] = k, k + (count - 1) * _WINO_OUT + 1, _WINO_OUT
+        views.append(jax.lax.slice(x, start, limit, strides))
+    return views
+
+
+def winograd_kernel(kernel: jax.Array) -> jax.Array:
+    """G g G^T of a (3, 3, C, K) kernel: the (6, 6, C, K) filters in the Winograd domain."""
+    rows = [_combine(_WINO_G[a], [kernel[i] for i in range(3)]) for a in range(_WINO_TILE)]
+    return jnp.stack([jnp.stack([_combine(_WINO_G[b], [r[j] for j in range(3)]) for b in range(_WINO_TILE)])
+                      for r in rows])
+
+
+@jax.custom_vjp
+def winograd_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """A 3x3 convolution with stride 1 and zero padding 1 of NHWC `x` by a HWIO `kernel`,
+    computed with Winograd's F(4x4, 3x3): 36 GEMMs of (tiles, C) x (C, K) instead of the
+    direct convolution's 144 multiplies per 4x4 output tile.
+
+    The transforms are sparse sums of strided views that XLA fuses. Float32 error is about
+    ten times the direct convolution's (about 1e-5 of the output's scale; tests check it).
+    The gradients are those of the direct convolution (XLA's transposed convolutions):
+    autodiff through the transforms ran 3-5x slower on CPU than they do.
+    """
+    n, h, w, c = x.shape
+    k_out = kernel.shape[-1]
+    th, tw = -(-h // _WINO_OUT), -(-w // _WINO_OUT)  # output tiles per column, per row
+    # 1 of zero padding on each side, plus enough at the end to fill the last tiles
+    xp = jnp.pad(x, ((0, 0), (1, th * _WINO_OUT - h + 1), (1, tw * _WINO_OUT - w + 1), (0, 0)))
+    u = winograd_kernel(kernel)
+    rows = _tiles_along(xp, 1, th)
+    m = {}
+    for a in range(_WINO_TILE):
+        cols = _tiles_along(_combine(_WINO_BT[a], rows), 2, tw)
+        for b in range(_WINO_TILE):
+            v = _combine(_WINO_BT[b], cols).reshape(n * th * tw, c)
+            m[a, b] = jnp.dot(v, u[a, b]).reshape(n, th, tw, k_out)
+    out_rows = []
+    for i in range(_WINO_OUT):
+        partial = [_combine(_WINO_AT[i], [m[a, b] for a in range(_WINO_TILE)]) for b in range(_WINO_TILE)]
+        out_rows.append(jnp.stack([_combine(_WINO_AT[j], partial) for j in range(_WINO_OUT)], axis=3))
+    y = jnp.stack(out_rows, axis=2)  # (n, th, 4, tw, 4, k_out)
+    return y.reshape(n, th * _WINO_OUT, tw * _WINO_OUT, k_out)[:, :h, :w]
+
+
+def _winograd_fwd(x, kernel):
+    return winograd_conv3x3(x, kernel), (x, kernel)
+
+
+def _winograd_bwd(res, g):
+    _, vjp = jax.vjp(_direct_conv3x3, *res)
+    return vjp(g)
+
+
+winograd_conv3x3.defvjp(_winograd_fwd, _winograd_bwd)
 
 
 def _contract_rows(a: jax.Array, b: jax.Array, acc) -> jax.Array:

@@ -1,8 +1,8 @@
 """The hand-written gradients in pmg_jax.layers give the same values as autodiff / PyTorch.
 
-conv2d's 1x1 path, batch_norm_train and max_pool have custom VJPs for XLA:CPU speed;
-these tests compare them in float64 with the formulations they replace, and the max
-pool with PyTorch (which sends a window's gradient to its first maximum).
+conv2d's 1x1 path, its Winograd 3x3 path, batch_norm_train and max_pool have custom VJPs
+for XLA:CPU speed; these tests compare them in float64 with the formulations they replace,
+and the max pool with PyTorch (which sends a window's gradient to its first maximum).
 """
 
 from __future__ import annotations
@@ -114,6 +114,75 @@ def test_channel_sum_is_a_reduction_unless_cpu_reductions_are_slow(monkeypatch):
     assert " reduce(" in hlo(y, "cuda") and " dot(" not in hlo(y, "cuda")
 
 
+def _conv3x3(x, w):
+    return jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@pytest.mark.parametrize("shape,features", [((2, 9, 7, 3), 5), ((1, 4, 4, 2), 2), ((2, 13, 16, 8), 6), ((1, 2, 3, 1), 1)])
+def test_winograd_conv3x3_is_the_convolution_and_has_its_gradients(shape, features):
+    """In float64 F(4x4, 3x3) equals the direct convolution to rounding, also where the map is
+    not a whole number of 4x4 tiles or smaller than one; its gradients are the direct ones."""
+    kx, kw, kg = jax.random.split(jax.random.PRNGKey(4), 3)
+    x = jax.random.normal(kx, shape, jnp.float64)
+    w = jax.random.normal(kw, (3, 3, shape[-1], features), jnp.float64)
+    want = _conv3x3(x, w)
+    g = jax.random.normal(kg, want.shape, jnp.float64)
+    _, (dx_want, dw_want) = _vjp(_conv3x3, (x, w), g)
+    got, (dx, dw) = _vjp(layers.winograd_conv3x3, (x, w), g)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=1e-11)
+    np.testing.assert_allclose(dx, dx_want, atol=1e-11)
+    np.testing.assert_allclose(dw, dw_want, atol=1e-11)
+
+
+def test_winograd_conv3x3_float32_error_stays_near_the_direct_convolutions():
+    """In float32 Winograd's transforms cost accuracy; bound it against float64 at a ResNet-like
+    scale (256 input channels, He-scaled weights) and next to the direct convolution's error."""
+    with jax.enable_x64(False):
+        kx, kw = jax.random.split(jax.random.PRNGKey(5))
+        x = jax.nn.relu(jax.random.normal(kx, (2, 12, 12, 256), jnp.float32))
+        w = jax.random.normal(kw, (3, 3, 256, 32), jnp.float32) * np.sqrt(2 / (9 * 256))
+        got = np.asarray(jax.jit(layers.winograd_conv3x3)(x, w), np.float64)
+        direct = np.asarray(jax.jit(_conv3x3)(x, w), np.float64)
+    want = np.asarray(_conv3x3(jnp.asarray(x, jnp.float64), jnp.asarray(w, jnp.float64)))
+    scale = np.abs(want).max()
+    err, direct_err = np.abs(got - want).max(), np.abs(direct - want).max()
+    assert err < 2e-5 * scale, (err, scale)
+    assert err < 50 * max(direct_err, 1e-7 * scale), (err, direct_err)
+
+
+def test_use_winograd_picks_the_large_float32_same_convolutions():
+    f32 = jnp.float32
+    assert layers.use_winograd((8, 56, 56, 512), (3, 3, 512, 1024), 1, 1, f32)  # granularity block at 448
+    assert layers.use_winograd((8, 28, 28, 256), (3, 3, 256, 256), 1, 1, f32)  # ResNet50 layer3 at 448
+    assert not layers.use_winograd((8, 7, 7, 512), (3, 3, 512, 512), 1, 1, f32)  # too few pixels
+    assert not layers.use_winograd((8, 112, 112, 64), (3, 3, 64, 64), 1, 1, f32)  # too few channels
+    assert not layers.use_winograd((8, 56, 56, 512), (3, 3, 512, 1024), 1, 1, jnp.bfloat16)
+    assert not layers.use_winograd((8, 56, 56, 512), (3, 3, 512, 512), 2, 1, f32)  # strided
+    assert not layers.use_winograd((8, 56, 56, 512), (3, 3, 512, 512), 1, 0, f32)  # "valid"
+    assert not layers.use_winograd((8, 56, 56, 512), (7, 7, 512, 512), 1, 3, f32)
+
+
+def test_conv2d_uses_winograd_on_cpu_only(monkeypatch):
+    """When `use_winograd` says so, the convolution is GEMMs on CPU and stays a convolution
+    (left to the platform's library) for a GPU; the gradient is a convolution's either way."""
+    monkeypatch.setattr(layers, "WINOGRAD_MIN_CHANNELS", 4)
+    monkeypatch.setattr(layers, "WINOGRAD_MIN_PIXELS", 1)
+    with jax.enable_x64(False):
+        x, w = jnp.ones((1, 8, 8, 4), jnp.float32), jnp.ones((3, 3, 4, 4), jnp.float32)
+
+        def hlo(fn, platform):
+            return jax.jit(fn).trace(x, w).lower(lowering_platforms=(platform,)).as_text(dialect="hlo")
+
+        forward = lambda x, w: layers.conv2d(x, w, 1, 1)
+        cpu, cuda = hlo(forward, "cpu"), hlo(forward, "cuda")
+        assert " dot(" in cpu and " convolution(" not in cpu
+        assert " convolution(" in cuda and " dot(" not in cuda
+        grad = jax.grad(lambda x, w: jnp.sum(forward(x, w) ** 2), argnums=(0, 1))
+        assert " convolution(" in hlo(grad, "cpu")
+        np.testing.assert_allclose(forward(x, w), _conv3x3(x, w), rtol=1e-5)
+
+
 @pytest.mark.parametrize("shape", [(2, 9, 9, 3), (2, 10, 11, 4), (1, 8, 8, 2), (1, 3, 3, 1)])
 def test_max_pool_matches_torch_values_and_first_maximum_gradients(shape):
     rng = np.random.default_rng(0)
@@ -130,3 +199,46 @@ def test_max_pool_matches_torch_values_and_first_maximum_gradients(shape):
     ot.backward(torch.tensor(g).permute(0, 3, 1, 2))
     np.testing.assert_array_equal(out, ot.detach().permute(0, 2, 3, 1).numpy())
     np.testing.assert_allclose(dx, xt.grad.permute(0, 2, 3, 1).numpy(), atol=1e-12)
+
+
+def test_pmg_with_winograd_convolutions_computes_what_it_computes_without(monkeypatch):
+    """Every 3x3 "same" convolution of a small PMG through Winograd (thresholds lowered):
+    eval logits and the training loss's parameter gradients match the direct model's."""
+    from pmg_jax.model import PMG
+
+    with jax.enable_x64(False):
+        # ResNet50-style: two stride-1 3x3 convolutions in stage 1, strided ones in the others
+        model = PMG(num_classes=5, width=8, feature_size=16, stage_sizes=(2, 1, 1, 1))
+        # batch 8: the heads' train-mode BatchNorms of pooled features are degenerate on two
+        # samples, where they amplify rounding differences a thousandfold
+        x = jax.random.normal(jax.random.PRNGKey(6), (8, 64, 64, 3), jnp.float32)
+        variables = model.init(jax.random.PRNGKey(7), x, train=False)
+
+        def run():  # a fresh trace each time, so the thresholds in force are the ones read
+            logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
+
+            def loss(params):
+                out, _ = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
+                return sum(jnp.sum(jnp.sin(o)) for o in out)
+
+            return logits, jax.jit(jax.grad(loss))(variables["params"])
+
+        def ops():
+            text = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, x).as_text(dialect="hlo")
+            return text.count(" convolution("), text.count(" dot(")
+
+        convs, dots = ops()
+        want_logits, want_grads = run()
+        monkeypatch.setattr(layers, "WINOGRAD_MIN_CHANNELS", 1)
+        monkeypatch.setattr(layers, "WINOGRAD_MIN_PIXELS", 1)
+        # the two in stage 1 and the three granularity blocks' become 36 GEMMs each
+        assert ops() == (convs - 5, dots + 36 * 5)
+        got_logits, got_grads = run()
+    for g, w in zip(got_logits, want_logits):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * np.abs(w).max())
+    flat_g, flat_w = jax.tree_util.tree_leaves_with_path(got_grads), jax.tree_util.tree_leaves(want_grads)
+    # absolute tolerance on the gradients' overall scale: a bias ahead of a BatchNorm has a
+    # gradient of zero, which float32 leaves at rounding noise
+    scale = max(float(np.abs(w).max()) for w in flat_w)
+    for (path, g), w in zip(flat_g, flat_w):
+        np.testing.assert_allclose(g, w, rtol=1e-3, atol=1e-4 * scale, err_msg=str(path))
