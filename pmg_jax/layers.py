@@ -1,5 +1,6 @@
 """Layers that behave like their PyTorch counterparts (init, BatchNorm statistics, max-pool
-gradients), with gradients written for XLA:CPU speed where its own are slow."""
+gradients), with gradients written for XLA:CPU speed where its own are slow, and the large
+3x3 convolutions computed on CPU with Winograd's minimal filtering (`winograd_conv3x3`)."""
 
 from __future__ import annotations
 
