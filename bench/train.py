@@ -12,10 +12,12 @@ import argparse
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
+from flax import linen as nn
 
 from bench import common, flops
-from pmg_jax import layers, parallel, train_lib
+from pmg_jax import layers, parallel, resnet, train_lib
 
 
 def prepare(config: ml_collections.ConfigDict) -> common.Prepared:
@@ -46,6 +48,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--channel-sum", choices=("auto", "gemv", "reduce"), default="auto",
                         help="BatchNorm's channel sums: auto = layers.channel_sum (a reduction, or GEMVs on an "
                              "XLA:CPU without YNNPACK reductions); gemv or reduce forces one form, for A/B runs")
+    parser.add_argument("--layers", choices=("custom", "autodiff"), default="custom",
+                        help="custom = pmg_jax.layers' hand-written gradients (1x1 convolutions, BatchNorm, max "
+                             "pool; written for XLA:CPU); autodiff = the plain formulations and JAX's own "
+                             "gradients, for A/B runs on other platforms")
     return parser.parse_args(argv)
 
 
@@ -55,15 +61,49 @@ def force_channel_sum(form: str) -> None:
         layers.channel_sum = {"gemv": layers.channel_sum_gemv, "reduce": layers.channel_sum_reduce}[form]
 
 
+def _pointwise_autodiff(x: jax.Array, kernel: jax.Array, strides: int = 1) -> jax.Array:
+    return jax.lax.conv_general_dilated(x, kernel, (strides, strides), "VALID",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _max_pool_autodiff(x: jax.Array, window: int = 3, strides: int = 2, padding: int = 1) -> jax.Array:
+    return nn.max_pool(x, (window, window), (strides, strides), ((padding, padding), (padding, padding)))
+
+
+def _batch_norm_autodiff(x, scale, bias, epsilon: float, out_dtype):
+    acc = jnp.promote_types(x.dtype, jnp.float32)
+    xf = x.astype(acc)
+    axes = tuple(range(x.ndim - 1))
+    mean = jnp.mean(xf, axes)
+    var = jnp.mean(jnp.square(xf - mean), axes)
+    mul = scale.astype(acc) * jax.lax.rsqrt(var + epsilon)
+    shift = bias.astype(acc) - mean * mul
+    return (x * mul.astype(x.dtype) + shift.astype(x.dtype)).astype(out_dtype), mean, var
+
+
+def force_layers(kind: str) -> None:
+    """'autodiff': 1x1 convolutions, train-mode BatchNorm and the max pool traced from now on are the
+    plain formulations with JAX's own gradients instead of pmg_jax.layers' hand-written ones (the
+    same values); 'custom' leaves them."""
+    if kind == "autodiff":
+        layers.pointwise_conv = _pointwise_autodiff
+        layers.batch_norm_train = _batch_norm_autodiff
+        resnet.max_pool = _max_pool_autodiff
+    elif kind != "custom":
+        raise ValueError(f"--layers must be custom or autodiff, got {kind!r}")
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark; returns the headline record."""
     args = parse(argv)
     force_channel_sum(args.channel_sum)
+    force_layers(args.layers)
     common.force_winograd(args.winograd)
     prepared = prepare(common.make_config(args, bn_stats=args.bn_stats))
     model_flops = flops.train_iteration_flops(args.batch, size=args.size, **common.model_kwargs(args))
     return common.measure("train", prepared, args, model_flops, bn_stats=args.bn_stats,
-                          channel_sum=args.channel_sum, winograd=args.winograd, threads=common.cpu_threads())
+                          channel_sum=args.channel_sum, winograd=args.winograd, layers=args.layers,
+                          threads=common.cpu_threads())
 
 
 if __name__ == "__main__":

@@ -136,6 +136,53 @@ def test_train_bench_can_force_either_channel_sum_form(monkeypatch):
     assert "reduce_sum" not in str(jax.make_jaxpr(bn)(x[:1]))  # another shape: JAX caches traces by shape
 
 
+def test_train_bench_autodiff_layers_compute_the_same_iteration(monkeypatch):
+    """--layers autodiff (the A/B for platforms other than XLA:CPU) swaps in the plain 1x1
+    convolution, BatchNorm and max pool with JAX's own gradients: one training iteration moves
+    the parameters and statistics as the hand-written gradients do, and the traced step holds
+    the plain primitives."""
+    from bench import train as train_bench
+    from pmg_jax import resnet
+
+    for module, name in ((layers, "pointwise_conv"), (layers, "batch_norm_train"), (resnet, "max_pool")):
+        monkeypatch.setattr(module, name, getattr(module, name))  # restored after the test
+    net = PMG(**TINY)
+    # a small learning rate: at 0.01 this tiny model's four passes amplify float32 rounding so
+    # much that even the two channel-sum forms end an iteration 10% apart
+    tx = make_optimizer(lr_new=1e-4, lr_backbone=1e-4, num_epochs=2, steps_per_epoch=10)
+    state = create_state(net, tx, seed=0, image_size=64)
+    data = common.synthetic_batch(64, 4, TINY["num_classes"])
+    batch = {"image": jnp.asarray(data["image"]), "label": jnp.asarray(data["label"])}
+    results = {}
+    for kind in ("custom", "autodiff"):
+        train_bench.force_layers(kind)
+        step = make_train_step(net, tx)  # a fresh function: traced with the layers now in force
+        results[kind] = (jax.jit(step)(state, batch)[0], str(jax.make_jaxpr(step)(state, batch)))
+    (custom, custom_jaxpr), (plain, plain_jaxpr) = results["custom"], results["autodiff"]
+    assert "custom_vjp_call" in custom_jaxpr and "reduce_window_max" not in custom_jaxpr
+    assert "custom_vjp_call" not in plain_jaxpr and "reduce_window_max" in plain_jaxpr
+    moves = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), custom.params, state.params)
+    largest = max(float(np.abs(m).max()) for m in jax.tree.leaves(moves))
+    assert largest > 1e-3  # the iteration did move the parameters
+    jax.tree.map(lambda m, a, b: np.testing.assert_allclose(np.asarray(b) - np.asarray(a), m, atol=1e-3 * largest),
+                 moves, state.params, plain.params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 custom.batch_stats, plain.batch_stats)
+    with pytest.raises(ValueError, match="--layers"):
+        train_bench.force_layers("fast")
+
+
+def test_bench_winograd_off_makes_every_convolution_direct(monkeypatch):
+    monkeypatch.setattr(layers, "WINOGRAD_MIN_PIXELS", layers.WINOGRAD_MIN_PIXELS)  # restored after the test
+    big = ((8, 56, 56, 512), (3, 3, 512, 1024), 1, 1, jnp.float32)
+    common.force_winograd("auto")
+    assert layers.use_winograd(*big)
+    common.force_winograd("off")
+    assert not layers.use_winograd(*big)
+    with pytest.raises(ValueError, match="--winograd"):
+        common.force_winograd("on")
+
+
 def test_compare_alternates_and_reports_a_ratio(capsys):
     from bench import compare
 
