@@ -121,7 +121,8 @@ def _conv3x3(x, w):
 @pytest.mark.parametrize("shape,features", [((2, 9, 7, 3), 5), ((1, 4, 4, 2), 2), ((2, 13, 16, 8), 6), ((1, 2, 3, 1), 1)])
 def test_winograd_conv3x3_is_the_convolution_and_has_its_gradients(shape, features):
     """In float64 F(4x4, 3x3) equals the direct convolution to rounding, also where the map is
-    not a whole number of 4x4 tiles or smaller than one; its gradients are the direct ones."""
+    not a whole number of 4x4 tiles or smaller than one, and so do its gradients (the input
+    gradient is itself a Winograd convolution, by the flipped kernel with its channels swapped)."""
     kx, kw, kg = jax.random.split(jax.random.PRNGKey(4), 3)
     x = jax.random.normal(kx, shape, jnp.float64)
     w = jax.random.normal(kw, (3, 3, shape[-1], features), jnp.float64)
