@@ -141,8 +141,8 @@ def main(argv: list[str] | None = None) -> dict:
     images = np.random.default_rng(0).uniform(-1, 1, (args.batch, args.size, args.size, 3)).astype(np.float32)
     device = jax.devices()[0]
     tags = {"bench": "cam", "size": args.size, "batch": args.batch, "dtype": args.dtype, "backbone": args.backbone,
-            "maps": list(MAPS), "method": "gradcam", "target": "seed", "winograd": args.winograd, "platform": device.platform,
-            "device_kind": device.device_kind}
+            "maps": list(MAPS), "method": "gradcam", "target": "seed", "winograd": args.winograd,
+            "platform": device.platform, "device_kind": device.device_kind}
     rates = {
         "one_pass": measure("one_pass", one_pass_runner(model, variables, images), args, tags),
         "seed_way": measure("seed_way", per_image_runner(model, variables, images, True), args, tags),

@@ -84,7 +84,7 @@ _WINO_AT = np.array([[1, 1, 1, 1, 1, 0],
                      [0, 1, -1, 8, -8, 1]], np.float64)
 _WINO_OUT, _WINO_TILE = _WINO_AT.shape
 
-# Where `winograd_conv3x3` beats XLA:CPU's Eigen convolution (bench/RESULTS.md, "Winograd"):
+# Where `winograd_conv3x3` beats XLA:CPU's Eigen convolution (bench/RESULTS.md, "Speed work"):
 # float32, at least this many input and output channels, and at least this many output
 # pixels (batch x height x width), so that the transforms' memory traffic and the kernel
 # transform are paid for by the multiplies saved.
@@ -113,14 +113,7 @@ def _combine(coefficients, parts):
 
 def _tiles_along(x: jax.Array, axis: int, count: int):
     """The _WINO_TILE strided views of `x` along `axis` whose k-th row of tile t is row 4t + k."""
-    views = []
-    for k in range(_WINO_TILE):
-        start = [0] * x.ndim
-        limit = list(x.shape)
-        strides = [1] * x.ndim
-        start[axis], limit[axis], strides[axis] = k, k + (count - 1) * _WINO_OUT + 1, _WINO_OUT
-        views.append(jax.lax.slice(x, start, limit, strides))
-    return views
+    return [jax.lax.slice_in_dim(x, k, k + (count - 1) * _WINO_OUT + 1, _WINO_OUT, axis) for k in range(_WINO_TILE)]
 
 
 def winograd_kernel(kernel: jax.Array) -> jax.Array:
