@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 
 from bench import flops
-from configs import default
+from pmg_jax import config as default
 from pmg_jax import layers
 from pmg_jax.optim import make_optimizer
 
@@ -64,7 +64,7 @@ def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def make_config(args: argparse.Namespace, **top_level: Any) -> ml_collections.ConfigDict:
-    """configs/default.py with the model and batch of `args` (top-level fields such as bn_stats too)."""
+    """The default config (pmg_jax/config.py) with the model and batch of `args` (top-level fields such as bn_stats too)."""
     c = default.get_config()
     c.dataset.num_classes = args.classes
     c.data.crop_size = args.size

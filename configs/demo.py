@@ -1,18 +1,10 @@
 """A few-minute CPU run on the generated fine-grained dataset (no download): tiny ResNet50-style net at 96 px."""
 
-from configs import default
+from pmg_jax import config
 
 
 def get_config():
-    c = default.get_config()
-    c.dataset.name = "demo"
-    c.dataset.num_classes = 8
-    c.dataset.demo_image_size = 112
-    c.dataset.demo_train_size = 1024
-    c.dataset.demo_test_size = 256
-    c.data.resize_size = 112  # generated images are already square
-    c.data.crop_size = 96  # divisible by 32 (backbone) and by 8 (finest jigsaw)
-    c.data.pad = 0
+    c = config.for_dataset("demo")
     c.data.hflip = True
     c.model.backbone = "resnet50"
     c.model.width = 16

@@ -4,14 +4,8 @@
 and lists.tar; `--config configs/dogs.py:tfds` reads TFDS stanford_dogs (array_record).
 """
 
-from configs import default
+from pmg_jax import config
 
 
 def get_config(source: str = "folder"):
-    c = default.get_config()
-    c.dataset.name = "dogs"
-    c.dataset.source = source
-    c.dataset.data_dir = "data/stanford_dogs" if source == "folder" else ""  # folder, or TFDS data_dir ('' = default)
-    c.dataset.num_classes = 120
-    c.data.workers = 8  # decoding 448-pixel crops for a GPU takes several cores
-    return c
+    return config.for_dataset("dogs", source)

@@ -10,6 +10,7 @@ accuracy) are kept.
 from __future__ import annotations
 
 import glob
+import logging
 import os
 from typing import Any
 
@@ -18,19 +19,40 @@ import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from pmg_jax import config as config_lib
+
+
+class _UnscoredSaveFilter(logging.Filter):
+    """Orbax warns on every save without metrics once best_fn is set; ours (mid-epoch, on a signal) are meant."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "did not provide metrics" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_UnscoredSaveFilter())
+
+
+def _score(metrics: dict) -> float:
+    """What 'best' ranks checkpoints by: the combined test accuracy."""
+    return metrics["combined"]
+
 
 class Checkpoints:
     """A CheckpointManager over one run's checkpoint directory."""
 
     def __init__(self, directory: str, keep: int = 3, read_only: bool = False):
         self.directory = os.path.abspath(directory)
+        # Orbax sorts scored checkpoints ascending (BestN with reverse=False; best_mode='max' for
+        # best_step) and keeps / returns the *last* of them, so the highest score wins and, the sort
+        # being stable over steps in order, a tie goes to the later step. best_fn also makes the
+        # manager write each checkpoint's metrics, so a restarted or read-only manager still knows them.
         policy = pp.AnyPreservationPolicy([
             pp.LatestN(n=keep),
-            pp.BestN(get_metric_fn=lambda m: m["combined"], reverse=True, n=1,
-                     keep_checkpoints_without_metrics=False),
+            pp.BestN(get_metric_fn=_score, reverse=False, n=1, keep_checkpoints_without_metrics=False),
         ])
         options = ocp.CheckpointManagerOptions(
-            preservation_policy=policy, create=not read_only, read_only=read_only, cleanup_tmp_directories=True,
+            preservation_policy=policy, best_fn=_score, best_mode="max", create=not read_only, read_only=read_only,
+            cleanup_tmp_directories=True,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "meta", "config"))
@@ -39,6 +61,7 @@ class Checkpoints:
         return self.manager.latest_step()
 
     def best_step(self) -> int | None:
+        """The step with the highest combined accuracy (the later one of a tie); None if none was scored."""
         return self.manager.best_step()
 
     def save(self, step: int, state: Any, meta: dict, config: dict, metric: float | None = None) -> None:
@@ -67,11 +90,9 @@ class Checkpoints:
 
     def config(self, step: int | None = None) -> ml_collections.ConfigDict:
         """The run's config, over today's defaults so that fields added since it was saved have values."""
-        from configs import default
-
         step = self.latest_step() if step is None else step
         saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-        config = default.get_config()
+        config = config_lib.get_config()
         config.update(saved)
         return config
 
@@ -105,7 +126,13 @@ def resolve(path: str, which: str = "latest") -> tuple[str, int]:
         return os.path.dirname(parent), int(os.path.basename(path))
     run = parent if os.path.basename(path) == "checkpoints" else find_run(path)
     ckpts = Checkpoints(os.path.join(run, "checkpoints"), read_only=True)
-    step = (ckpts.best_step() if which == "best" else None) or ckpts.latest_step()
-    if step is None:
+    if ckpts.latest_step() is None:
         raise FileNotFoundError(f"{run}: no complete checkpoint in {run}/checkpoints")
+    if which == "latest":
+        return run, ckpts.latest_step()
+    if which != "best":
+        raise ValueError(f"which checkpoint: 'latest' or 'best', not {which!r}")
+    step = ckpts.best_step()
+    if step is None:
+        raise FileNotFoundError(f"{run}: no evaluated checkpoint to call best (ask for the latest instead)")
     return run, step

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import importlib
 import os
 import pickle
 import types
@@ -34,6 +33,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from pmg_jax import checkpoint as ckpt_lib
+from pmg_jax import config as config_lib
 from pmg_jax import train_lib
 from pmg_jax.data import sources
 from pmg_jax.optim import make_optimizer
@@ -334,12 +334,13 @@ def write_checkpoint(variables: Mapping, out_dir: str, config: ml_collections.Co
 
 
 def load_config(dataset: str | None) -> ml_collections.ConfigDict:
-    """configs/<dataset>.py, or configs/default.py without a dataset (the repository root must be importable)."""
-    name = dataset or "default"
+    """The library's preset for `dataset` (pmg_jax.config.DATASETS), or the defaults without one."""
+    if dataset is None:
+        return config_lib.get_config()
     try:
-        return importlib.import_module(f"configs.{name}").get_config()
-    except ModuleNotFoundError as e:
-        raise ConversionError(f"no config configs/{name}.py (run from the repository root)") from e
+        return config_lib.for_dataset(dataset)
+    except ValueError as e:
+        raise ConversionError(f"--dataset {dataset}: {e}") from e
 
 
 def class_names_for(config: ml_collections.ConfigDict) -> tuple[list[str], str]:
@@ -368,8 +369,8 @@ def convert_to_run(src: str, out_dir: str, *, dataset: str | None = None, num_cl
     """Convert a PMG file into a run directory that explain.py and evaluation restore like a trained run.
 
     The architecture is read from the weights; `backbone`, `feature_size` and
-    `num_classes` are checks against it. The config is configs/<dataset>.py (default.py
-    without a dataset) with the model fields and class count of the weights.
+    `num_classes` are checks against it. The config is the library preset of `dataset` (pmg_jax.config.for_dataset;
+    the defaults without a dataset) with the model fields and class count of the weights.
     """
     state_dict = load_state_dict(src)
     arch = infer_architecture(state_dict)
@@ -381,7 +382,7 @@ def convert_to_run(src: str, out_dir: str, *, dataset: str | None = None, num_cl
     arch = dataclasses.replace(arch, backbone=backbone or arch.backbone, feature_size=feature_size or arch.feature_size)
     config = load_config(dataset)
     if dataset is not None and config.dataset.num_classes != arch.num_classes:
-        raise ConversionError(f"the weights' heads have {arch.num_classes} classes but configs/{dataset}.py has "
+        raise ConversionError(f"the weights' heads have {arch.num_classes} classes but the {dataset} preset has "
                               f"{config.dataset.num_classes}: weights for another dataset?")
     config.dataset.num_classes = arch.num_classes
     if data_dir is not None:
@@ -402,7 +403,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pmg_jax.convert", description=__doc__.split("\n")[0])
     parser.add_argument("src", help="model.pth (state dict or whole pickled model), .safetensors or .npz")
     parser.add_argument("--out", required=True, help="new run directory to write (e.g. runs/pmg_cub)")
-    parser.add_argument("--dataset", help="config to use, configs/<dataset>.py (default: configs/default.py)")
+    parser.add_argument("--dataset", help=f"dataset preset for the config and class names: {', '.join(config_lib.DATASETS)} (default: none)")
     parser.add_argument("--data-dir", help="where the dataset lives, to read its class names")
     parser.add_argument("--num-classes", type=int, help="expected classes (default: read from the heads)")
     parser.add_argument("--backbone", help="expected backbone, e.g. resnet50 (default: read from the weights)")

@@ -456,7 +456,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 n_eval, eval_it = pipeline.eval_batches(test_src, spec, pipeline.host_layout(config.eval_batch_size),
                                                         workers=config.data.workers, prefetch=EVAL_PREFETCH)
                 result = evaluate(p_eval, state, eval_it, data_sharding)
-                if result["combined"] > best["combined"]:
+                if result["combined"] >= best["combined"]:  # a tie goes to the later step, as in orbax
                     best = {"combined": result["combined"], "concat": result["concat"], "epoch": epoch + 1,
                             "step": step}
                 print(format_eval_table(epoch + 1, result))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ml_collections
 from flax.traverse_util import flatten_dict
 
+from pmg_jax import config as config_lib
 from pmg_jax import jigsaw
 from pmg_jax.resnet import STAGE_SIZES
 
@@ -24,14 +25,12 @@ def check_known_keys(config: ml_collections.ConfigDict, reference: ml_collection
     """Refuse fields the defaults do not know (a misspelt key in a config file)."""
     unknown = sorted(_flat_keys(config) - _flat_keys(reference))
     if unknown:
-        raise ConfigError(f"config: unknown field(s) {', '.join(unknown)} (see configs/default.py for the fields)")
+        raise ConfigError(f"config: unknown field(s) {', '.join(unknown)} (pmg_jax/config.py lists the fields)")
 
 
 def check(config: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1) -> None:
     """Raise ConfigError for the first value that cannot work, before any data or model is built."""
-    from configs import default  # the reference set of fields
-
-    check_known_keys(config, default.get_config())
+    check_known_keys(config, config_lib.get_config())
     d, m = config.data, config.model
     if d.crop_size > d.resize_size + 2 * d.pad:
         raise ConfigError(f"config.data.crop_size={d.crop_size} is larger than data.resize_size={d.resize_size} "

@@ -235,7 +235,7 @@ def test_safetensors_and_npz_convert_without_torch(tiny_files, tmp_path):
     ("pmg.pth", ["--backbone", "resnet18"], "weights do not match the model: unexpected 25: "
                                            "batch_stats/features/layer1_0/bn3/mean"),
     ("pmg.pth", ["--num-classes", "7"], "7 classes were asked for but the weights' heads have 5"),
-    ("pmg.pth", ["--dataset", "cub"], "the weights' heads have 5 classes but configs/cub.py has 200"),
+    ("pmg.pth", ["--dataset", "cub"], "the weights' heads have 5 classes but the cub preset has 200"),
     ("resnet.pth", [], "bare resnet50 backbone, not a PMG model: use it to initialise training instead"),
 ])
 def test_bad_inputs_give_one_line_and_a_nonzero_exit(tiny_files, tmp_path, file, flags, expected):
