@@ -23,6 +23,20 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
+WORKERS = 2  # much of the suite is single-threaded XLA compilation
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """`python -m pytest` with no paths runs the whole suite on WORKERS xdist workers, tests sharing the
+    session's demo run grouped onto one (xdist_group("demo_run")); given paths, -n or -p no:xdist, pytest's
+    own defaults apply."""
+    if (config.pluginmanager.hasplugin("xdist") and config.args_source == pytest.Config.ArgsSource.TESTPATHS
+            and config.option.numprocesses is None and config.option.dist == "no"):
+        config.option.numprocesses = WORKERS
+        config.option.dist = "loadgroup"
+
+
 @pytest.fixture(scope="session")
 def compile_cache() -> str:
     """The session's persistent compilation cache directory."""
