@@ -1,0 +1,63 @@
+"""The best checkpoint (highest combined accuracy) outlives the latest-N retention and restores bit for bit."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import tiny_demo_config
+from pmg_jax import checkpoint as ckpt_lib
+from pmg_jax import train_lib
+
+# combined accuracy per epoch: up, down, up again but not as high, then a tie with the best
+SCRIPTED = (30.0, 60.0, 40.0, 50.0, 60.0, 20.0)
+BEST_EPOCH = 5  # 60.0 first at epoch 2, again at epoch 5: a tie goes to the later checkpoint
+
+
+def _scripted_evaluate(saved_params: dict):
+    """train_lib.evaluate replaced: the real eval counts, with combined taken from SCRIPTED in turn."""
+    real = train_lib.evaluate
+    calls = []
+
+    def evaluate(p_eval, state, batches, sharding):
+        result = real(p_eval, state, batches, sharding)
+        result["combined"] = SCRIPTED[len(calls)]
+        calls.append(int(state.step))
+        saved_params[int(state.step)] = jax.tree.map(np.asarray, jax.device_get(state.params))
+        return result
+
+    return evaluate
+
+
+@pytest.fixture(scope="module")
+def scripted_run(tmp_path_factory):
+    """A tiny run with keep=1 whose eval accuracy goes up, down, up, ties and falls."""
+    workdir = str(tmp_path_factory.mktemp("best_run"))
+    config = tiny_demo_config(**{"dataset.demo_train_size": 32, "dataset.demo_test_size": 8, "model.width": 8,
+                                 "model.feature_size": 16, "data.crop_size": 32, "data.resize_size": 40,
+                                 "dataset.demo_image_size": 40, "batch_size": 8, "eval_batch_size": 8,
+                                 "num_epochs": len(SCRIPTED), "checkpoint.keep": 1})
+    params: dict = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_lib, "evaluate", _scripted_evaluate(params))
+        best = train_lib.train_and_evaluate(config, workdir)
+    return workdir, config, best, params
+
+
+def test_best_is_kept_beside_the_latest_and_restored_exactly(scripted_run):
+    workdir, config, best, params = scripted_run
+    steps_per_epoch = config.dataset.demo_train_size // config.batch_size
+    best_step, last_step = BEST_EPOCH * steps_per_epoch, len(SCRIPTED) * steps_per_epoch
+    assert best["epoch"] == BEST_EPOCH and best["combined"] == 60.0
+    kept = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+    assert kept == [best_step, last_step]
+    restored = train_lib.restore(workdir, "best")
+    assert restored.step == best_step
+    want = jax.tree_util.tree_leaves_with_path(params[best_step])
+    got = dict(jax.tree_util.tree_leaves_with_path(restored.variables["params"]))
+    assert len(want) == len(got)
+    for path, value in want:
+        np.testing.assert_array_equal(np.asarray(got[path]), value, err_msg=jax.tree_util.keystr(path))
+    assert train_lib.restore(workdir, "latest").step == last_step
+    assert ckpt_lib.resolve(workdir, "best") == (workdir, best_step)
