@@ -74,8 +74,8 @@ def test_opencv_matches_the_reference_within_one_level_when_upscaling(size):
     for seed in range(4):
         out, params = ours_train(image, seed, "opencv")
         assert np.abs(out - torchvision_train(image, params, 550, 448, 8)).max() <= LEVEL + 1e-6
-    assert np.abs(transforms.eval_transform(image, resize_size=550, crop_size=448, mean=MEAN, std=STD)[0]
-                  - torchvision_eval(image, 550, 448)).max() <= LEVEL + 1e-6
+    assert np.abs(transforms.eval_transform(image, resize_size=550, crop_size=448, mean=MEAN, std=STD,
+                                            backend="opencv")[0] - torchvision_eval(image, 550, 448)).max() <= LEVEL + 1e-6
 
 
 @pytest.mark.parametrize("size", [(768, 1024), (1067, 1600), (400, 700), (700, 400), (580, 600)])
@@ -84,8 +84,8 @@ def test_opencv_matches_the_reference_within_stated_bounds_when_downscaling(size
     out, params = ours_train(image, 5, "opencv")
     diff = np.abs(out - torchvision_train(image, params, 550, 448, 8)) / LEVEL
     assert diff.mean() <= 1.0 and diff.max() <= 32, (diff.mean(), diff.max())
-    diff = np.abs(transforms.eval_transform(image, resize_size=550, crop_size=448, mean=MEAN, std=STD)[0]
-                  - torchvision_eval(image, 550, 448)) / LEVEL
+    diff = np.abs(transforms.eval_transform(image, resize_size=550, crop_size=448, mean=MEAN, std=STD,
+                                            backend="opencv")[0] - torchvision_eval(image, 550, 448)) / LEVEL
     assert diff.mean() <= 1.0 and diff.max() <= 32, (diff.mean(), diff.max())
 
 
@@ -228,3 +228,29 @@ def test_crop_without_padding_equals_cropping_the_padded_image(h, w, crop, pad, 
     got = transforms.place_crop(image, top, left, crop, flip, out)
     assert got is out
     np.testing.assert_array_equal(got, want)
+
+
+# Real photographs that scikit-image ships: each shrinks on at least one side on the way to 448 (the
+# resize the CAM input makes) and grows or shrinks on the way to 550 (the train/eval resize).
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field")
+
+
+def real_photo(name: str) -> np.ndarray:
+    import skimage.data
+
+    return np.ascontiguousarray(getattr(skimage.data, name)()[..., :3])
+
+
+@pytest.mark.parametrize("name", PHOTOS)
+def test_default_transforms_equal_the_reference_within_two_levels_on_real_photos(name):
+    """torchvision's Resize on a PIL image is PIL's resize(BILINEAR) (torchvision's _functional_pil.resize);
+    the default backend must be within 2 grey levels of it for every transform: train, eval, the CAM input."""
+    image = real_photo(name)
+    for seed in range(2):
+        out, params = ours_train(image, seed, "auto")
+        assert np.abs(out - torchvision_train(image, params, 550, 448, 8)).max() <= 2 * LEVEL + 1e-6
+    out, _ = transforms.eval_transform(image, resize_size=550, crop_size=448, mean=MEAN, std=STD)
+    assert np.abs(out - torchvision_eval(image, 550, 448)).max() <= 2 * LEVEL + 1e-6
+    cam_input = transforms.resize(image, 448).astype(np.int16)
+    reference = np.asarray(Image.fromarray(image).resize((448, 448), Image.BILINEAR), np.int16)
+    assert np.abs(cam_input - reference).max() <= 2

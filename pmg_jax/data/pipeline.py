@@ -63,7 +63,7 @@ class TransformSpec:
     hflip: bool = True
     mean: Sequence[float] = (0.5, 0.5, 0.5)
     std: Sequence[float] = (0.5, 0.5, 0.5)
-    resize_backend: str = "opencv"
+    resize_backend: str = "auto"
     normalize_on_device: bool = False
 
     @classmethod

@@ -6,14 +6,14 @@ eval: resize, centre crop, normalise. Images are RGB uint8 HxWx3 in, float32 out
 Boxes are [x0, y0, x1, y1] in pixels.
 
 Resizing: the reference resizes PIL images, i.e. PIL's bilinear filter, which is
-antialiased (its support widens with the downscaling factor). backend 'opencv'
-uses cv2 INTER_LINEAR unless both sides shrink: when no side shrinks that is
-PIL's filter (within 1 grey level, rounding only); when one side shrinks, PIL
-antialiases that side and OpenCV does not. When both shrink it uses INTER_AREA,
-another antialiasing filter. Where PIL and OpenCV differ it is by about 1 level
-on average and up to a few tens at sharp edges (tests/test_transforms.py states
-the bounds). Backend 'pil' calls PIL itself: the reference's resize bit for bit, at
-several times the cost of INTER_LINEAR.
+antialiased (its support widens with the downscaling factor). Backends:
+- 'auto' (the default): PIL itself whenever a side shrinks, so every shrink is the
+  reference's; cv2 INTER_LINEAR when no side does, where it equals PIL's filter
+  within 1 grey level (rounding only) at a fraction of the cost.
+- 'pil': PIL always, the reference bit for bit.
+- 'opencv': cv2 always (INTER_AREA when both sides shrink, else INTER_LINEAR), the
+  fastest, but a shrinking side is aliased or filtered differently: about 1 level
+  on average and up to a few tens at sharp edges (tests/test_transforms.py).
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ from typing import Sequence
 
 import cv2
 import numpy as np
+from PIL import Image
 
-RESIZE_BACKENDS = ("opencv", "pil")
+RESIZE_BACKENDS = ("auto", "pil", "opencv")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,19 +38,21 @@ class CropParams:
     flip: bool
 
 
-def resize(image: np.ndarray, size: int, backend: str = "opencv", out: np.ndarray | None = None) -> np.ndarray:
+def resize(image: np.ndarray, size: int, backend: str = "auto", out: np.ndarray | None = None) -> np.ndarray:
     """Bilinear resize to size x size, aspect ratio ignored (torchvision Resize((s, s)) on a PIL image).
 
-    With backend 'opencv', `out` (size x size x 3 uint8) is written and returned instead of a new array.
+    `out` (size x size x 3 uint8), if given, receives the result, which is returned.
     """
-    if backend == "pil":
-        from PIL import Image
-
-        return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
-    if backend != "opencv":
+    if backend not in RESIZE_BACKENDS:
         raise ValueError(f"resize backend {backend!r} is not one of {RESIZE_BACKENDS}")
     h, w = image.shape[:2]
-    interp = cv2.INTER_AREA if min(h, w) > size else cv2.INTER_LINEAR
+    if backend == "pil" or (backend == "auto" and max(h, w) > size):
+        resized = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+        if out is None:
+            return resized
+        out[...] = resized
+        return out
+    interp = cv2.INTER_AREA if backend == "opencv" and min(h, w) > size else cv2.INTER_LINEAR
     return cv2.resize(image, (size, size), dst=out, interpolation=interp)
 
 
@@ -160,7 +163,7 @@ def _crop_out(image: np.ndarray, crop_size: int, out: np.ndarray | None) -> np.n
 
 
 def train_crop(image: np.ndarray, params: CropParams, *, resize_size: int, crop_size: int, pad: int,
-               backend: str = "opencv", out: np.ndarray | None = None,
+               backend: str = "auto", out: np.ndarray | None = None,
                scratch: np.ndarray | None = None) -> np.ndarray:
     """Resize, zero-pad `pad`, crop at params and flip: the uint8 part of the train transform.
 
@@ -190,7 +193,7 @@ def train_transform(
     std: Sequence[float],
     hflip: bool = True,
     box: np.ndarray | None = None,
-    backend: str = "opencv",
+    backend: str = "auto",
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Reference train transform; returns the normalised crop and the transformed box."""
     params = sample_crop(rng, resize_size=resize_size, crop_size=crop_size, pad=pad, hflip=hflip)
@@ -205,7 +208,7 @@ def center_offset(resize_size: int, crop_size: int) -> int:
     return int(round((resize_size - crop_size) / 2.0))
 
 
-def eval_crop(image: np.ndarray, *, resize_size: int, crop_size: int, backend: str = "opencv",
+def eval_crop(image: np.ndarray, *, resize_size: int, crop_size: int, backend: str = "auto",
               out: np.ndarray | None = None, scratch: np.ndarray | None = None) -> np.ndarray:
     """Resize and centre crop: the uint8 part of the test transform (`out` and `scratch` as in train_crop)."""
     off = center_offset(resize_size, crop_size)
@@ -227,7 +230,7 @@ def eval_transform(
     mean: Sequence[float],
     std: Sequence[float],
     box: np.ndarray | None = None,
-    backend: str = "opencv",
+    backend: str = "auto",
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Reference test transform: resize, centre crop, normalise; returns image and box."""
     x = eval_crop(image, resize_size=resize_size, crop_size=crop_size, backend=backend)
