@@ -30,8 +30,8 @@ WORKERS = 2  # much of the suite is single-threaded XLA compilation
 def pytest_cmdline_main(config):
     """`python -m pytest` with no paths runs the whole suite on WORKERS xdist workers, tests sharing the
     session's demo run grouped onto one (xdist_group("demo_run")); given paths, -n or -p no:xdist, pytest's
-    own defaults apply."""
-    if (config.pluginmanager.hasplugin("xdist") and config.args_source == pytest.Config.ArgsSource.TESTPATHS
+    own defaults apply. Not in the workers themselves (they would start workers of their own, without end)."""
+    if (not hasattr(config, "workerinput") and config.pluginmanager.hasplugin("xdist") and config.args_source == pytest.Config.ArgsSource.TESTPATHS
             and config.option.numprocesses is None and config.option.dist == "no"):
         config.option.numprocesses = WORKERS
         config.option.dist = "loadgroup"
