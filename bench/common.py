@@ -17,7 +17,6 @@ import numpy as np
 
 from bench import flops
 from pmg_jax import config as default
-from pmg_jax import layers
 from pmg_jax.optim import make_optimizer
 
 
@@ -37,20 +36,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def add_winograd_arg(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """--winograd: auto (layers.use_winograd picks the 3x3 convolutions that run as Winograd on CPU)
-    or off (every one direct), for A/B runs; apply it with `force_winograd` before tracing."""
+    """--winograd: auto (kernels.use_winograd picks the 3x3 convolutions that run as Winograd on CPU)
+    or off (every one direct), for A/B runs (a pmg_jax.kernels.Kernels field)."""
     parser.add_argument("--winograd", choices=("auto", "off"), default="auto",
-                        help="3x3 convolutions on CPU: auto = Winograd F(4x4,3x3) where layers.use_winograd "
+                        help="3x3 convolutions on CPU: auto = Winograd F(4x4,3x3) where kernels.use_winograd "
                              "says it pays, off = all direct (XLA's convolution)")
     return parser
-
-
-def force_winograd(mode: str) -> None:
-    """'off': no convolution traced from now on uses Winograd; 'auto' leaves layers' choice."""
-    if mode == "off":
-        layers.WINOGRAD_MIN_PIXELS = float("inf")
-    elif mode != "auto":
-        raise ValueError(f"--winograd must be auto or off, got {mode!r}")
 
 
 def _ints(text: str) -> tuple[int, ...]:

@@ -2,7 +2,7 @@
 
     python -m bench.cpu_convs --mode train --size 224 --batch 8 --steps 2
 
-`train_lib.compile_steps` compiles for CPU with YNNPACK off (the eval step) or on for
+`steps_lib.compile_steps` compiles for CPU with YNNPACK off (the eval step) or on for
 reductions only (the training step), which makes XLA lower convolutions and dots with
 Eigen; this times such choices against XLA's default and the PyTorch reference,
 alternating one iteration of each per round. Prints one JSON line per measurement and
@@ -19,7 +19,8 @@ import jax
 import torch
 
 from bench import common, torch_bench
-from pmg_jax import train_lib
+from pmg_jax import state as state_lib
+from pmg_jax import steps as steps_lib
 from pmg_jax.xla_options import YNN, YNN_REDUCE
 
 BACKENDS = {
@@ -33,11 +34,11 @@ BACKENDS = {
 
 def prepare(config, mode: str, options: dict | None) -> common.Prepared:
     """The bare train or eval step of `config` jitted with `options`, on one synthetic batch."""
-    model = train_lib.create_model(config)
+    model = state_lib.create_model(config)
     tx = common.make_tx(config)
-    state = train_lib.create_state(model, tx, config.seed, config.data.crop_size)
+    state = state_lib.create_state(model, tx, config.seed, config.data.crop_size)
     data = jax.device_put(common.synthetic_batch(config.data.crop_size, config.batch_size, config.dataset.num_classes))
-    step = train_lib.make_train_step(model, tx) if mode == "train" else train_lib.make_eval_step(model)
+    step = steps_lib.make_train_step(model, tx) if mode == "train" else steps_lib.make_eval_step(model)
     start = time.perf_counter()
     compiled = jax.jit(step, compiler_options=options).lower(state, data).compile()
     compile_s = time.perf_counter() - start

@@ -1,7 +1,7 @@
-"""Analytic FLOP count of PMG and of its training iteration, and the peak FLOP/s of accelerators.
+"""FLOP count of PMG and of its training iteration, for any registered backbone, and the peak FLOP/s of accelerators.
 
-Counts only convolutions and linear layers (2 FLOPs per multiply-accumulate); BN,
-activations and pooling are a rounding error next to them. Model-FLOPs convention
+Counts only convolutions and linear layers (2 FLOPs per multiply-accumulate), read from the model's
+jaxpr; BN, activations and pooling are a rounding error next to them. Model-FLOPs convention
 for MFU: a training pass counts 3x the forward (forward, input gradient, weight
 gradient), and an iteration has four passes over the whole network, as the reference
 runs them, even though autodiff skips the backward of the parts that do not feed a
@@ -10,8 +10,15 @@ pass's loss. MFU computed this way can be compared across implementations.
 
 from __future__ import annotations
 
-from pmg_jax.optim import UPDATES_PER_ITERATION
-from pmg_jax.resnet import BOTTLENECK, STAGE_SIZES
+import functools
+import math
+
+import jax
+import jax.extend.core as jcore
+import jax.numpy as jnp
+
+from pmg_jax import kernels
+from pmg_jax.model import PMG, UPDATES_PER_ITERATION
 
 # Dense peak FLOP/s per chip by (device-kind substring, compute dtype). float32 on these
 # GPUs runs convolutions and matmuls on TF32 tensor cores (the default of both JAX and
@@ -28,51 +35,41 @@ PEAK_FLOPS: tuple[tuple[str, str, float], ...] = (
 )
 
 
-def _out(size: int, kernel: int, stride: int, pad: int) -> int:
-    return (size + 2 * pad - kernel) // stride + 1
+def jaxpr_macs(jaxpr: jcore.Jaxpr) -> int:
+    """Multiply-accumulates of every convolution and dot in a jaxpr, nested ones included."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        out = eqn.outvars[0].aval.shape
+        if eqn.primitive.name == "conv_general_dilated":
+            lhs_spec, rhs_spec, _ = eqn.params["dimension_numbers"]
+            kernel = eqn.invars[1].aval.shape
+            in_per_group = kernel[rhs_spec[1]]  # the kernel's input-feature dimension (C / groups)
+            total += math.prod(out) * in_per_group * math.prod(kernel[d] for d in rhs_spec[2:])
+        elif eqn.primitive.name == "dot_general":
+            (contracting, _), _ = eqn.params["dimension_numbers"]
+            total += math.prod(out) * math.prod(eqn.invars[0].aval.shape[d] for d in contracting)
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(sub, jcore.ClosedJaxpr):
+                    total += jaxpr_macs(sub.jaxpr)
+                elif isinstance(sub, jcore.Jaxpr):
+                    total += jaxpr_macs(sub)
+    return total
 
 
-def _conv(size: int, cin: int, cout: int, kernel: int, stride: int = 1, pad: int = 0) -> tuple[int, int]:
-    """(MACs, output side) of one square conv on a size x size map."""
-    out = _out(size, kernel, stride, pad)
-    return out * out * cin * cout * kernel * kernel, out
-
-
-def _residual_block(size: int, cin: int, planes: int, stride: int, bottleneck: bool) -> tuple[int, int, int]:
-    """(MACs, output side, output channels) of a torchvision Bottleneck or BasicBlock."""
-    cout = planes * (4 if bottleneck else 1)
-    if bottleneck:
-        m1, _ = _conv(size, cin, planes, 1)
-        m2, out = _conv(size, planes, planes, 3, stride, 1)
-        m3, _ = _conv(out, planes, cout, 1)
-        macs = m1 + m2 + m3
-    else:
-        m1, out = _conv(size, cin, planes, 3, stride, 1)
-        m2, _ = _conv(out, planes, planes, 3, 1, 1)
-        macs = m1 + m2
-    if stride != 1 or cin != cout:
-        macs += _conv(size, cin, cout, 1, stride)[0]
-    return macs, out, cout
-
-
-def forward_macs(size: int, num_classes: int, backbone: str = "resnet50", width: int = 64,
+@functools.cache
+def forward_macs(size: int, num_classes: int, backbone: str = "resnet50", width: int = 0,
                  feature_size: int = 512, stage_sizes: tuple[int, ...] | None = None) -> int:
-    """Multiply-accumulates of one PMG forward on one size x size image (all four heads)."""
-    bottleneck = BOTTLENECK[backbone]
-    macs, side = _conv(size, 3, width, 7, 2, 3)
-    side = _out(side, 3, 2, 1)  # max pool
-    channels, stages = width, []
-    for i, blocks in enumerate(stage_sizes or STAGE_SIZES[backbone]):
-        for j in range(blocks):
-            m, side, channels = _residual_block(side, channels, width * 2**i, 2 if i > 0 and j == 0 else 1, bottleneck)
-            macs += m
-        stages.append((side, channels))
-    hidden = 2 * feature_size
-    for side, channels in stages[1:]:
-        macs += _conv(side, channels, feature_size, 1)[0] + _conv(side, feature_size, hidden, 3, 1, 1)[0]
-        macs += hidden * feature_size + feature_size * num_classes
-    macs += 3 * hidden * feature_size + feature_size * num_classes
-    return macs
+    """Multiply-accumulates of one PMG forward on one size x size image (all four heads), read from the
+    model's own jaxpr traced with plain XLA kernels, so every convolution counts as a direct one whatever
+    computes it (Winograd's would count fewer multiplies, and twice: one form per platform)."""
+    net = PMG(num_classes=num_classes, backbone=backbone, width=width, feature_size=feature_size,
+              stage_sizes=tuple(stage_sizes) if stage_sizes else None)
+    x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    with kernels.use("xla"):
+        variables = jax.eval_shape(lambda: net.init(jax.random.PRNGKey(0), jnp.zeros(x.shape), train=False))
+        jaxpr = jax.make_jaxpr(lambda v, x: net.apply(v, x, train=False))(variables, x)
+    return jaxpr_macs(jaxpr.jaxpr)
 
 
 def eval_flops(batch: int, **model) -> int:
@@ -81,7 +78,7 @@ def eval_flops(batch: int, **model) -> int:
 
 
 def train_iteration_flops(batch: int, **model) -> int:
-    """Model FLOPs of one PMG iteration: four passes of forward + backward (3x forward) over a batch."""
+    """Model FLOPs of one PMG iteration: every pass's forward + backward (3x forward) over a batch."""
     return 3 * UPDATES_PER_ITERATION * eval_flops(batch, **model)
 
 

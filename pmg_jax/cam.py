@@ -21,17 +21,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pmg_jax import model as model_lib
 from pmg_jax import xla_options
 from pmg_jax.data import transforms
 
-MAP_NAMES = ("block1", "block2", "block3", "concat", "layer2", "layer3", "layer4")
-METHODS = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "eigencam")
+MAP_NAMES = model_lib.CAM_MAPS
 TARGETS = ("predicted", "class", "seed")
 CONCAT_MODES = ("seed", "head")
-BLOCKS = ("block1", "block2", "block3")
-CONCAT_HEAD = 3
+BLOCKS = model_lib.BLOCKS
+CONCAT_HEAD = model_lib.CONCAT
 # Index (into the model's (head1, head2, head3, concat) logits) of the head that explains each map.
-HEAD_OF = {"block1": 0, "layer2": 0, "block2": 1, "layer3": 1, "block3": 2, "layer4": 2, "concat": CONCAT_HEAD}
+HEAD_OF = model_lib.CAM_HEAD
 _EPS = 1e-7
 
 Request = tuple[str, int]  # (map name, head index) whose gradient is wanted
@@ -177,21 +177,29 @@ def _eigencam(a: jax.Array, g: jax.Array | None = None) -> jax.Array:
     return jax.vmap(_eigencam_one)(a)
 
 
-_METHOD_FNS: dict[str, Callable[..., jax.Array]] = {
-    "gradcam": _gradcam,
-    "gradcam++": _gradcam_pp,
-    "xgradcam": _xgradcam,
-    "layercam": _layercam,
-    "hirescam": _hirescam,
-    "eigencam": _eigencam,
+class Method(NamedTuple):
+    """A CAM method: its map from activations (and gradients, when it uses them)."""
+
+    fn: Callable[..., jax.Array]
+    uses_gradients: bool = True
+
+
+_METHODS: dict[str, Method] = {
+    "gradcam": Method(_gradcam),
+    "gradcam++": Method(_gradcam_pp),
+    "xgradcam": Method(_xgradcam),
+    "layercam": Method(_layercam),
+    "hirescam": Method(_hirescam),
+    "eigencam": Method(_eigencam, uses_gradients=False),
 }
+METHODS = tuple(_METHODS)
 
 
 def raw_map(method: str, acts: jax.Array, grads: jax.Array | None = None) -> jax.Array:
     """A method's map (B, h, w) before ReLU and normalisation, computed in float32."""
     a = acts.astype(jnp.float32)
     g = None if grads is None else grads.astype(jnp.float32)
-    return _METHOD_FNS[method](a, g)
+    return _METHODS[method].fn(a, g)
 
 
 def normalize(m: jax.Array) -> jax.Array:
@@ -259,7 +267,7 @@ def explain(
     check_options(maps, method, target, concat)
     if target == "class" and classes is None:
         raise ValueError("target='class' needs `classes` (one class id per image)")
-    if method == "eigencam":
+    if not _METHODS[method].uses_gradients:
         logits, sown = forward(model, variables, images)
         captured = Captured({name: sown[name] for name, _ in requests_for(maps, concat)}, {}, logits)
     else:

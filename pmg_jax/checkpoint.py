@@ -20,6 +20,10 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from pmg_jax import config as config_lib
+from pmg_jax.errors import PMGError
+
+
+WHICH = ("latest", "best")  # the checkpoints of a run one can ask for
 
 
 class _UnscoredSaveFilter(logging.Filter):
@@ -78,7 +82,7 @@ class Checkpoints:
         """(state, meta) of `step` (default latest). Without `abstract_state` the state comes back as nested dicts."""
         step = self.latest_step() if step is None else step
         if step is None:
-            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+            raise CheckpointNotFound(f"no checkpoint in {self.directory}")
         if abstract_state is not None and sharding is not None:
             abstract_state = jax.tree.map(
                 lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract_state)
@@ -103,14 +107,26 @@ class Checkpoints:
         self.manager.close()
 
 
+class CheckpointNotFound(PMGError, FileNotFoundError):
+    """No (suitable) checkpoint where the user pointed."""
+
+
+def has_checkpoint(directory: str) -> bool:
+    """Whether `directory` (a run's checkpoints/) holds a complete checkpoint."""
+    return os.path.isdir(directory) and Checkpoints(directory, read_only=True).latest_step() is not None
+
+
 def find_run(path: str) -> str:
-    """The run directory for `path`: a run (has checkpoints/), or a folder of runs (the most recent one)."""
+    """The run directory for `path`: a run (has checkpoints/), or a folder of runs (the one with the most recent
+    complete checkpoint)."""
     path = os.path.abspath(path)
     if os.path.isdir(os.path.join(path, "checkpoints")):
         return path
     runs = [os.path.dirname(d.rstrip("/")) for d in glob.glob(os.path.join(path, "*", "checkpoints/"))]
+    runs = [r for r in runs if has_checkpoint(os.path.join(r, "checkpoints"))]
     if not runs:
-        raise FileNotFoundError(f"{path}: no checkpoints found (expected {path}/checkpoints or {path}/<run>/checkpoints)")
+        raise CheckpointNotFound(f"{path}: no checkpoints found (expected {path}/checkpoints or "
+                                 f"{path}/<run>/checkpoints)")
     return max(runs, key=lambda r: os.path.getmtime(os.path.join(r, "checkpoints")))
 
 
@@ -127,12 +143,12 @@ def resolve(path: str, which: str = "latest") -> tuple[str, int]:
     run = parent if os.path.basename(path) == "checkpoints" else find_run(path)
     ckpts = Checkpoints(os.path.join(run, "checkpoints"), read_only=True)
     if ckpts.latest_step() is None:
-        raise FileNotFoundError(f"{run}: no complete checkpoint in {run}/checkpoints")
+        raise CheckpointNotFound(f"{run}: no complete checkpoint in {run}/checkpoints")
     if which == "latest":
         return run, ckpts.latest_step()
     if which != "best":
-        raise ValueError(f"which checkpoint: 'latest' or 'best', not {which!r}")
+        raise ValueError(f"which checkpoint: {WHICH}, not {which!r}")
     step = ckpts.best_step()
     if step is None:
-        raise FileNotFoundError(f"{run}: no evaluated checkpoint to call best (ask for the latest instead)")
+        raise CheckpointNotFound(f"{run}: no evaluated checkpoint to call best (ask for the latest instead)")
     return run, step

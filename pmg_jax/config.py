@@ -41,11 +41,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.prefetch = 4  # batches buffered per worker
 
     c.model = ml_collections.ConfigDict()
-    c.model.backbone = "resnet50"  # resnet18 | resnet34 | resnet50 | resnet101 | resnet152
-    c.model.width = 64  # base width of the ResNet (64 = torchvision); small values for tiny models
+    c.model.backbone = "resnet50"  # a registered backbone (pmg_jax.backbones): resnet18/34/50/101/152
+    c.model.width = 0  # base width (stem / first stage); 0 = the backbone's standard (64 for ResNets)
     c.model.stage_sizes = ()  # blocks per stage; empty = the backbone's standard counts
     c.model.feature_size = 512  # channels of each block's 1x1 conv (its output has twice this)
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
+    c.model.kernels = "auto"  # auto: platform fast paths where they pay (pmg_jax.kernels) | xla: plain XLA ops
 
     c.jigsaw = ml_collections.ConfigDict()
     c.jigsaw.granularities = (8, 4, 2)  # jigsaw grid n of the passes for head1, head2, head3
@@ -72,6 +73,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.init = ml_collections.ConfigDict()
     c.init.backbone = ""  # ResNet weights to start from (.pth/.safetensors/.npz, torchvision or timm names)
     c.init.checkpoint = ""  # a run or checkpoint whose weights start training, or that eval_only evaluates
+    c.init.which = "latest"  # latest | best: which checkpoint of that run (or of the workdir, for eval_only)
     c.eval_only = False  # evaluate init.checkpoint (or the workdir's latest) on the test split and stop
     return c
 

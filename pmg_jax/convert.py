@@ -32,15 +32,16 @@ import ml_collections
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from pmg_jax import backbones, optim
 from pmg_jax import checkpoint as ckpt_lib
 from pmg_jax import config as config_lib
-from pmg_jax import train_lib
+from pmg_jax import model as model_lib
+from pmg_jax import state as state_lib
 from pmg_jax.data import sources
-from pmg_jax.optim import make_optimizer
-from pmg_jax.resnet import BOTTLENECK, STAGE_SIZES
+from pmg_jax.errors import PMGError
 
 _SKIPPED_SUFFIXES = ("num_batches_tracked",)
-_PMG_ROOTS = ("features", "conv_block", "classifier")
+_PMG_ROOTS = (model_lib.BACKBONE, "conv_block", "classifier")
 # Keys under which training scripts commonly nest the weights in a saved dict.
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net")
 # A whole pickled model may import classes only from these packages; any other class
@@ -48,7 +49,7 @@ _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net")
 _IMPORTABLE_ROOTS = frozenset({"torch", "collections", "builtins", "__builtin__", "numpy", "_codecs"})
 
 
-class ConversionError(ValueError):
+class ConversionError(PMGError, ValueError):
     """The weights do not fit the model; the message lists what is missing, unexpected or misshapen."""
 
 
@@ -63,18 +64,24 @@ def _module_path(torch_path: list[str]) -> tuple[str, ...]:
 
 
 def canonical_name(name: str) -> str | None:
-    """The reference-PMG spelling of a parameter name, or None for weights PMG does not use (ResNet fc)."""
+    """The reference-PMG spelling of a parameter name, or None for weights PMG does not use (a bare
+    backbone's classifier, as its registry entry declares)."""
     while name.startswith("module."):
         name = name[len("module."):]
     if not name.startswith(_PMG_ROOTS):
-        name = "features." + name  # a bare ResNet (torchvision / timm)
-    if name.startswith("features.fc."):
+        name = f"{model_lib.BACKBONE}.{name}"  # a bare backbone (torchvision / timm)
+    inner = name[len(model_lib.BACKBONE) + 1:] if name.startswith(f"{model_lib.BACKBONE}.") else None
+    if inner is not None and inner.startswith(_ignored_prefixes()):
         return None
     return name
 
 
+def _ignored_prefixes() -> tuple[str, ...]:
+    return tuple(p for b in backbones.REGISTRY.values() for p in b.torch_ignore)
+
+
 def variables_from_torch(state_dict: Mapping[str, Any], target: Mapping | None = None) -> dict:
-    """{'params', 'batch_stats'} for PMG (or a bare ResNet under 'features') from a PyTorch state dict.
+    """{'params', 'batch_stats'} for PMG (or a bare backbone under model.BACKBONE) from a PyTorch state dict.
 
     Values may be torch tensors or numpy arrays. With `target` (variables or their
     shapes, e.g. from `jax.eval_shape(model.init, ...)`), every key and shape is
@@ -132,7 +139,7 @@ def check_against(flat: Mapping[tuple[str, ...], Any], target: Mapping) -> None:
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
     """The named arrays in a .safetensors, .npz (no torch needed) or PyTorch file, names as stored."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file")
+        raise ConversionError(f"{path}: no such file")
     if path.endswith(".safetensors"):
         return _read_safetensors(path)
     if path.endswith(".npz"):
@@ -252,22 +259,23 @@ def infer_num_classes(state_dict: Mapping[str, Any]) -> int | None:
 
 
 def infer_architecture(state_dict: Mapping[str, Any]) -> Architecture:
-    """Backbone, width, block counts, feature size and classes, read from the tensor names and shapes."""
+    """Backbone, width, block counts, feature size and classes, read from the tensor names and shapes
+    (each registered backbone's `infer` recognises its own)."""
     shapes = _canonical_shapes(state_dict)
-    stem = shapes.get("features.conv1.weight")
-    sizes = tuple(len({k.split(".")[2] for k in shapes if k.startswith(f"features.layer{i}.")}) for i in range(1, 5))
-    if stem is None or not all(sizes):
+    prefix = f"{model_lib.BACKBONE}."
+    inner = {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
+    found = None
+    for infer in dict.fromkeys(b.infer for b in backbones.REGISTRY.values() if b.infer):
+        found = found or infer(inner)
+    if found is None:
         first = ", ".join(list(state_dict)[:3])
-        raise ConversionError(f"not a ResNet or PMG state dict: no conv1 and layer1-4 weights among its "
-                              f"{len(state_dict)} tensors (first: {first})")
-    bottleneck = "features.layer1.0.conv3.weight" in shapes
-    standard = [n for n in STAGE_SIZES if BOTTLENECK[n] == bottleneck and STAGE_SIZES[n] == sizes]
-    backbone = standard[0] if standard else ("resnet50" if bottleneck else "resnet18")
+        raise ConversionError(f"not a state dict of a known backbone or PMG (registered: "
+                              f"{', '.join(backbones.REGISTRY)}) among its {len(state_dict)} tensors (first: {first})")
     block = shapes.get("conv_block1.0.conv.weight")
     return Architecture(
-        backbone=backbone,
-        width=stem[0],
-        stage_sizes=() if standard else sizes,
+        backbone=found["name"],
+        width=found["width"],
+        stage_sizes=tuple(found["stage_sizes"]),
         feature_size=None if block is None else block[0],
         num_classes=infer_num_classes(state_dict),
     )
@@ -277,15 +285,16 @@ def infer_architecture(state_dict: Mapping[str, Any]) -> Architecture:
 
 
 def with_backbone(state_dict: Mapping[str, Any], variables: Mapping) -> dict:
-    """`variables` with params['features'] and batch_stats['features'] taken from a ResNet or PMG state dict.
+    """`variables` with the backbone's params and batch_stats taken from a backbone or PMG state dict.
 
     Everything outside `features` (blocks, heads, fc) in the state dict is ignored;
     the backbone's keys and shapes must match those in `variables` exactly.
     """
-    backbone = {k: v for k, v in state_dict.items() if (canonical_name(k) or "").startswith("features.")}
-    target = {c: {"features": variables[c]["features"]} for c in ("params", "batch_stats")}
+    scope = model_lib.BACKBONE
+    backbone = {k: v for k, v in state_dict.items() if (canonical_name(k) or "").startswith(f"{scope}.")}
+    target = {c: {scope: variables[c][scope]} for c in ("params", "batch_stats")}
     loaded = variables_from_torch(backbone, target=target)
-    return {c: {**variables[c], "features": loaded[c]["features"]} for c in ("params", "batch_stats")}
+    return {c: {**variables[c], scope: loaded[c][scope]} for c in ("params", "batch_stats")}
 
 
 def load_backbone(path: str, variables: Mapping) -> dict:
@@ -306,14 +315,12 @@ def write_checkpoint(variables: Mapping, out_dir: str, config: ml_collections.Co
     num_classes = config.dataset.num_classes
     if len(class_names) != num_classes:
         raise ConversionError(f"{len(class_names)} class names for a model with {num_classes} classes")
-    model = train_lib.create_model(config)
-    tx = make_optimizer(lr_new=config.optim.lr_new, lr_backbone=config.optim.lr_backbone,
-                        num_epochs=config.num_epochs, steps_per_epoch=1,  # the schedule does not shape the state
-                        momentum=config.optim.momentum, weight_decay=config.optim.weight_decay)
-    abstract = jax.eval_shape(lambda: train_lib.init_variables(model, jax.random.PRNGKey(0), config.data.crop_size))
+    model = state_lib.create_model(config)
+    tx = optim.from_config(config, steps_per_epoch=1)  # the schedule does not shape the state
+    abstract = jax.eval_shape(lambda: state_lib.init_variables(model, jax.random.PRNGKey(0), config.data.crop_size))
     check_against(flatten_dict({c: variables[c] for c in ("params", "batch_stats")}), abstract)
     params = jax.tree.map(jnp.asarray, variables["params"])
-    state = train_lib.TrainState(
+    state = state_lib.TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         batch_stats=jax.tree.map(jnp.asarray, variables["batch_stats"]),

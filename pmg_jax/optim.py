@@ -7,10 +7,10 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 
-# One training iteration applies four optimizer updates (jigsaw 8, 4, 2, original).
-UPDATES_PER_ITERATION = 4
+from pmg_jax import model as model_lib
 
 
 def epoch_cosine(base_lr: float, num_epochs: int) -> Callable[[jax.Array], jax.Array]:
@@ -24,8 +24,8 @@ def epoch_cosine(base_lr: float, num_epochs: int) -> Callable[[jax.Array], jax.A
 
 
 def param_groups(params) -> dict:
-    """'backbone' for the ResNet trunk (`features`), 'new' for the blocks and heads."""
-    return {k: jax.tree.map(lambda _: "backbone" if k == "features" else "new", v) for k, v in params.items()}
+    """'backbone' for the backbone's parameters (model.BACKBONE), 'new' for the blocks and heads."""
+    return {k: jax.tree.map(lambda _: "backbone" if k == model_lib.BACKBONE else "new", v) for k, v in params.items()}
 
 
 def make_optimizer(
@@ -39,10 +39,10 @@ def make_optimizer(
 ) -> optax.GradientTransformation:
     """PyTorch SGD semantics: g += wd * p; buf = momentum * buf + g; p -= lr * buf.
 
-    The learning rate is constant within an epoch; epochs are counted in iterations
-    of UPDATES_PER_ITERATION optimizer updates each.
+    The learning rate is constant within an epoch; epochs are counted in iterations of
+    model.UPDATES_PER_ITERATION optimizer updates each (one per pass).
     """
-    updates_per_epoch = UPDATES_PER_ITERATION * steps_per_epoch
+    updates_per_epoch = model_lib.UPDATES_PER_ITERATION * steps_per_epoch
 
     def group(base_lr: float) -> optax.GradientTransformation:
         lr = epoch_cosine(base_lr, num_epochs)
@@ -53,3 +53,10 @@ def make_optimizer(
         optax.trace(decay=momentum, nesterov=False),
         optax.multi_transform({"new": group(lr_new), "backbone": group(lr_backbone)}, param_groups),
     )
+
+
+def from_config(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
+    """The optimizer `config.optim` describes, for epochs of `steps_per_epoch` iterations."""
+    o = config.optim
+    return make_optimizer(lr_new=o.lr_new, lr_backbone=o.lr_backbone, num_epochs=config.num_epochs,
+                          steps_per_epoch=steps_per_epoch, momentum=o.momentum, weight_decay=o.weight_decay)

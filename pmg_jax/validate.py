@@ -5,16 +5,17 @@ from __future__ import annotations
 import ml_collections
 from flax.traverse_util import flatten_dict
 
+import os
+
+from pmg_jax import backbones, kernels
+from pmg_jax import checkpoint as ckpt_lib
 from pmg_jax import config as config_lib
 from pmg_jax import jigsaw
-from pmg_jax.resnet import STAGE_SIZES
+from pmg_jax.data import transforms
+from pmg_jax.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float64")
 BN_STATS = ("all", "used")
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the field."""
 
 
 def _flat_keys(config: ml_collections.ConfigDict) -> set[str]:
@@ -35,8 +36,12 @@ def check(config: ml_collections.ConfigDict, num_devices: int, num_processes: in
     if d.crop_size > d.resize_size + 2 * d.pad:
         raise ConfigError(f"config.data.crop_size={d.crop_size} is larger than data.resize_size={d.resize_size} "
                           f"plus 2 x data.pad={d.pad}")
-    if d.crop_size % 32:
-        raise ConfigError(f"config.data.crop_size={d.crop_size} must be divisible by 32 (the backbone's stride)")
+    if m.backbone not in backbones.REGISTRY:
+        raise ConfigError(f"config.model.backbone={m.backbone!r} must be one of {tuple(backbones.REGISTRY)}")
+    backbone = backbones.get(m.backbone)
+    if d.crop_size % backbone.stride:
+        raise ConfigError(f"config.data.crop_size={d.crop_size} must be divisible by {backbone.stride} (the "
+                          f"stride of {m.backbone})")
     for n in config.jigsaw.granularities:
         if n < 1 or d.crop_size % n:
             raise ConfigError(f"config.jigsaw.granularities: crop {d.crop_size} cannot be cut into a {n}x{n} grid "
@@ -46,10 +51,18 @@ def check(config: ml_collections.ConfigDict, num_devices: int, num_processes: in
                           f"{tuple(config.jigsaw.granularities)}")
     if config.jigsaw.mode not in jigsaw.MODES:
         raise ConfigError(f"config.jigsaw.mode={config.jigsaw.mode!r} must be one of {jigsaw.MODES}")
-    if m.backbone not in STAGE_SIZES:
-        raise ConfigError(f"config.model.backbone={m.backbone!r} must be one of {tuple(STAGE_SIZES)}")
-    if m.stage_sizes and (len(m.stage_sizes) != 4 or min(m.stage_sizes) < 1):
-        raise ConfigError(f"config.model.stage_sizes={tuple(m.stage_sizes)} must be 4 positive block counts or ()")
+    if m.stage_sizes and (len(m.stage_sizes) != backbone.num_stages or min(m.stage_sizes) < 1):
+        raise ConfigError(f"config.model.stage_sizes={tuple(m.stage_sizes)} must be {backbone.num_stages} positive "
+                          f"block counts or ()")
+    if m.width < 0:
+        raise ConfigError(f"config.model.width={m.width} must be positive, or 0 for the backbone's standard width")
+    if m.kernels not in kernels.PRESETS:
+        raise ConfigError(f"config.model.kernels={m.kernels!r} must be one of {tuple(kernels.PRESETS)}")
+    if d.resize_backend not in transforms.RESIZE_BACKENDS:
+        raise ConfigError(f"config.data.resize_backend={d.resize_backend!r} must be one of "
+                          f"{transforms.RESIZE_BACKENDS}")
+    if config.init.which not in ckpt_lib.WHICH:
+        raise ConfigError(f"config.init.which={config.init.which!r} must be one of {ckpt_lib.WHICH}")
     if m.dtype not in DTYPES:
         raise ConfigError(f"config.model.dtype={m.dtype!r} must be one of {DTYPES}")
     if config.bn_stats not in BN_STATS:
@@ -74,14 +87,32 @@ def check(config: ml_collections.ConfigDict, num_devices: int, num_processes: in
 
 
 def check_compatible(saved: dict, config: ml_collections.ConfigDict, where: str) -> None:
-    """A checkpoint's model must be the configured one (architecture and class count)."""
-    for field in ("backbone", "width", "feature_size"):
+    """A checkpoint's model must be the configured one (architecture and class count; a width or block
+    counts left at 0 / () are the backbone's standard ones)."""
+    for field in ("backbone", "feature_size"):
         if saved["model"][field] != config.model[field]:
             raise ConfigError(f"{where}: checkpoint has model.{field}={saved['model'][field]!r} but the config says "
                               f"{config.model[field]!r}")
-    if tuple(saved["model"]["stage_sizes"] or ()) != tuple(config.model.stage_sizes or ()):
-        raise ConfigError(f"{where}: checkpoint has model.stage_sizes={tuple(saved['model']['stage_sizes'])} but the "
-                          f"config says {tuple(config.model.stage_sizes)}")
+    have = backbones.resolve(saved["model"]["backbone"], saved["model"]["width"], saved["model"]["stage_sizes"])
+    want = backbones.resolve(config.model.backbone, config.model.width, config.model.stage_sizes)
+    for field in ("width", "stage_sizes"):
+        if getattr(have, field) != getattr(want, field):
+            raise ConfigError(f"{where}: checkpoint has model.{field}={getattr(have, field)!r} but the config says "
+                              f"{getattr(want, field)!r}")
     if saved["dataset"]["num_classes"] != config.dataset.num_classes:
         raise ConfigError(f"{where}: checkpoint has {saved['dataset']['num_classes']} classes but "
                           f"config.dataset.num_classes={config.dataset.num_classes}")
+
+
+def check_workdir(workdir: str) -> None:
+    """The workdir must be a directory, or creatable as one, and writable (checked without creating it)."""
+    path = os.path.abspath(workdir)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"workdir {workdir}: it is a file, not a directory")
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ConfigError(f"workdir {workdir}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"workdir {workdir}: {parent} is not writable")

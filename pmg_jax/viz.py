@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import glob
 import html
+import json
 import os
 from typing import Sequence
 
 import cv2
 import numpy as np
+from PIL import Image, PngImagePlugin
 
 TILE_HEIGHT = 224
+GRID_PREFIX = "grid_"
+CAPTION_KEY = "pmg_jax caption"  # PNG text chunk of a grid: its gallery caption lines, as JSON
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
 _LINE_HEIGHT = 18
 _MAX_FONT_SCALE = 0.5
@@ -89,11 +94,13 @@ def save_explanation(
     maps: dict[str, np.ndarray],
     titles: dict[str, Sequence[str]],
     save_npy: bool = False,
+    caption: Sequence[str] = (),
 ) -> str:
     """Write the seed-named overlays (.jpg, and .npy maps if asked) and a grid PNG; return the grid's file name.
 
     `image` is the original RGB image; `maps` are in [0, 1] at the network's input size;
-    `titles` holds the grid title lines of the original ('input') and of every map.
+    `titles` holds the grid title lines of the original ('input') and of every map; `caption`, the
+    gallery's lines for the grid, is stored in the PNG itself (a text chunk) for `rebuild_index`.
     """
     tiles = [(image, titles["input"])]
     for name, m in maps.items():
@@ -103,9 +110,24 @@ def save_explanation(
         if save_npy:
             np.save(stem + ".npy", np.asarray(m, np.float32))
         tiles.append((picture, titles[name]))
-    grid_name = f"grid_{tag}.png"
-    write_image(os.path.join(out_dir, grid_name), grid(tiles))
+    grid_name = f"{GRID_PREFIX}{tag}.png"
+    info = PngImagePlugin.PngInfo()
+    info.add_text(CAPTION_KEY, json.dumps(list(caption)))
+    Image.fromarray(grid(tiles)).save(os.path.join(out_dir, grid_name), pnginfo=info)
     return grid_name
+
+
+def rebuild_index(folder: str, title: str) -> str:
+    """index.html listing every grid in `folder` (oldest first), each with the caption stored in it."""
+    grids = sorted(glob.glob(os.path.join(folder, f"{GRID_PREFIX}*.png")), key=lambda p: (os.path.getmtime(p), p))
+    entries = []
+    for path in grids:
+        with Image.open(path) as picture:
+            lines = json.loads(picture.info.get(CAPTION_KEY, "[]")) or [os.path.basename(path)]
+        entries.append((os.path.basename(path), lines))
+    index = os.path.join(folder, "index.html")
+    write_index(index, entries, title)
+    return index
 
 
 def write_index(path: str, entries: Sequence[tuple[str, Sequence[str]]], title: str) -> None:

@@ -31,7 +31,8 @@ def pytest_cmdline_main(config):
     """`python -m pytest` with no paths runs the whole suite on WORKERS xdist workers, tests sharing the
     session's demo run grouped onto one (xdist_group("demo_run")); given paths, -n or -p no:xdist, pytest's
     own defaults apply. Not in the workers themselves (they would start workers of their own, without end)."""
-    if (not hasattr(config, "workerinput") and config.pluginmanager.hasplugin("xdist") and config.args_source == pytest.Config.ArgsSource.TESTPATHS
+    whole_suite = config.args_source == pytest.Config.ArgsSource.TESTPATHS
+    if (not hasattr(config, "workerinput") and config.pluginmanager.hasplugin("xdist") and whole_suite
             and config.option.numprocesses is None and config.option.dist == "no"):
         config.option.numprocesses = WORKERS
         config.option.dist = "loadgroup"
@@ -68,9 +69,9 @@ def demo_run(tmp_path_factory):
     Its users are marked `xdist_group("demo_run")` so that pytest-xdist runs them on one worker
     and the run is made once, not once per worker.
     """
-    from pmg_jax import train_lib
+    from pmg_jax import loop
 
     workdir = str(tmp_path_factory.mktemp("demo_run"))
     config = tiny_demo_config()
-    best = train_lib.train_and_evaluate(config, workdir)
+    best = loop.train_and_evaluate(config, workdir)
     return workdir, config, best

@@ -19,20 +19,22 @@ def main(out: str, coordinator: str | None = None, num_processes: int = 1, proce
     from flax.traverse_util import flatten_dict
 
     from conftest import tiny_demo_config
-    from pmg_jax import parallel, train_lib
+    from pmg_jax import parallel
+    from pmg_jax import state as state_lib
+    from pmg_jax import steps as steps_lib
     from pmg_jax.data import pipeline, sources
     from pmg_jax.optim import make_optimizer
 
     config = tiny_demo_config(batch_size=16, **{"model.dtype": "float64", "data.crop_size": 64, "data.resize_size": 72})
-    model = train_lib.create_model(config)
+    model = state_lib.create_model(config)
     tx = make_optimizer(lr_new=0.002, lr_backbone=0.0002, num_epochs=2, steps_per_epoch=10)
     mesh = parallel.make_mesh()
     f64 = lambda t: jax.tree.map(lambda a: np.asarray(a, np.float64) if a.dtype.kind == "f" else np.asarray(a), t)
-    state = jax.device_put(f64(jax.device_get(train_lib.create_state(model, tx, 0, config.data.crop_size))),
+    state = jax.device_put(f64(jax.device_get(state_lib.create_state(model, tx, 0, config.data.crop_size))),
                            parallel.replicated(mesh))
-    step, _ = train_lib.compile_steps(model, tx, config, mesh)
+    step, _ = steps_lib.compile_steps(model, tx, config, mesh)
     layout = pipeline.host_layout(config.batch_size)
-    _, batches = pipeline.train_batches(sources.make_source(config, "train"), train_lib.transform_spec(config),
+    _, batches = pipeline.train_batches(sources.make_source(config, "train"), state_lib.transform_spec(config),
                                         layout, seed=0, num_epochs=1)
     for _ in range(3):
         batch = next(batches)

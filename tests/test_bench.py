@@ -3,45 +3,75 @@ what it says, and bench/gpu.sh --tiny, bench/compare.py and bench/input_pipeline
 end on this CPU."""
 
 import json
-import math
 import os
 import subprocess
 
 import jax
-import jax.extend.core as jcore
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 
 from bench import common, flops
-from pmg_jax import layers
+from pmg_jax import kernels
 from pmg_jax.model import PMG
 from pmg_jax.optim import make_optimizer
-from pmg_jax.train_lib import create_state, make_train_step
+from pmg_jax.state import create_state
+from pmg_jax.steps import make_train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {"num_classes": 5, "backbone": "resnet50", "width": 8, "feature_size": 16, "stage_sizes": (1, 2, 1, 1)}
 
 
-def jaxpr_macs(jaxpr: jcore.Jaxpr) -> int:
-    """Multiply-accumulates of every convolution and dot in a jaxpr, nested ones included."""
-    total = 0
-    for eqn in jaxpr.eqns:
-        out = eqn.outvars[0].aval.shape
-        if eqn.primitive.name == "conv_general_dilated":
-            kh, kw, cin, _ = eqn.invars[1].aval.shape  # HWIO, as pmg_jax.layers.Conv writes it
-            total += math.prod(out) * kh * kw * cin
-        elif eqn.primitive.name == "dot_general":
-            (contracting, _), _ = eqn.params["dimension_numbers"]
-            total += math.prod(out) * math.prod(eqn.invars[0].aval.shape[d] for d in contracting)
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else (value,):
-                if isinstance(sub, jcore.ClosedJaxpr):
-                    total += jaxpr_macs(sub.jaxpr)
-                elif isinstance(sub, jcore.Jaxpr):
-                    total += jaxpr_macs(sub)
-    return total
+# An independent count for the ResNet PMG, by hand from torchvision's architecture.
+RESNET_STAGES = {"resnet18": (2, 2, 2, 2), "resnet50": (3, 4, 6, 3)}
+
+
+def _out(size: int, kernel: int, stride: int, pad: int) -> int:
+    return (size + 2 * pad - kernel) // stride + 1
+
+
+def _conv(size: int, cin: int, cout: int, kernel: int, stride: int = 1, pad: int = 0) -> tuple[int, int]:
+    """(MACs, output side) of one square conv on a size x size map."""
+    out = _out(size, kernel, stride, pad)
+    return out * out * cin * cout * kernel * kernel, out
+
+
+def _residual_block(size: int, cin: int, planes: int, stride: int, bottleneck: bool) -> tuple[int, int, int]:
+    """(MACs, output side, output channels) of a torchvision Bottleneck or BasicBlock."""
+    cout = planes * (4 if bottleneck else 1)
+    if bottleneck:
+        m1, _ = _conv(size, cin, planes, 1)
+        m2, out = _conv(size, planes, planes, 3, stride, 1)
+        m3, _ = _conv(out, planes, cout, 1)
+        macs = m1 + m2 + m3
+    else:
+        m1, out = _conv(size, cin, planes, 3, stride, 1)
+        m2, _ = _conv(out, planes, planes, 3, 1, 1)
+        macs = m1 + m2
+    if stride != 1 or cin != cout:
+        macs += _conv(size, cin, cout, 1, stride)[0]
+    return macs, out, cout
+
+
+def forward_macs(size: int, num_classes: int, backbone: str = "resnet50", width: int = 64,
+                 feature_size: int = 512, stage_sizes: tuple[int, ...] | None = None) -> int:
+    """Multiply-accumulates of one PMG forward on one size x size image (all four heads)."""
+    bottleneck = backbone != "resnet18"
+    macs, side = _conv(size, 3, width, 7, 2, 3)
+    side = _out(side, 3, 2, 1)  # max pool
+    channels, stages = width, []
+    for i, blocks in enumerate(stage_sizes or RESNET_STAGES[backbone]):
+        for j in range(blocks):
+            m, side, channels = _residual_block(side, channels, width * 2**i, 2 if i > 0 and j == 0 else 1, bottleneck)
+            macs += m
+        stages.append((side, channels))
+    hidden = 2 * feature_size
+    for side, channels in stages[1:]:
+        macs += _conv(side, channels, feature_size, 1)[0] + _conv(side, feature_size, hidden, 3, 1, 1)[0]
+        macs += hidden * feature_size + feature_size * num_classes
+    macs += 3 * hidden * feature_size + feature_size * num_classes
+    return macs
 
 
 @pytest.mark.parametrize("size,model", [
@@ -49,15 +79,9 @@ def jaxpr_macs(jaxpr: jcore.Jaxpr) -> int:
     (224, {"num_classes": 200, "backbone": "resnet18"}),
     (96, TINY),
 ])
-def test_analytic_flops_match_the_models_convs_and_dots(size, model, monkeypatch):
-    # Model FLOPs count every convolution as a direct one, whatever computes it; with Winograd
-    # the jaxpr would hold both forms of a convolution (one per platform) and fewer multiplies.
-    monkeypatch.setattr(layers, "WINOGRAD_MIN_PIXELS", math.inf)
-    net = PMG(**model)
-    x = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
-    variables = jax.eval_shape(lambda: net.init(jax.random.PRNGKey(0), jnp.zeros(x.shape), train=False))
-    jaxpr = jax.make_jaxpr(lambda v, x: net.apply(v, x, train=False))(variables, x)
-    assert flops.eval_flops(2, size=size, **model) == 2 * jaxpr_macs(jaxpr.jaxpr)
+def test_flop_counter_matches_a_count_by_hand(size, model):
+    """The jaxpr-based counter equals the architecture's convolutions and linear layers counted by hand."""
+    assert flops.eval_flops(2, size=size, **model) == 2 * 2 * forward_macs(size, **model)
     assert flops.train_iteration_flops(2, size=size, **model) == 12 * flops.eval_flops(2, size=size, **model)
 
 
@@ -115,37 +139,29 @@ def test_gpu_sh_tiny_runs_every_benchmark(tmp_path):
     assert "train bfloat16 batch 2 on cpu: " in proc.stdout and "x the reference's float32" in proc.stdout
 
 
-def test_train_bench_can_force_either_channel_sum_form(monkeypatch):
+def test_train_bench_can_force_either_channel_sum_form():
     from bench import train as train_bench
-    from pmg_jax import layers
 
-    monkeypatch.setattr(layers, "channel_sum", layers.channel_sum)  # restored after the test
-    auto = layers.channel_sum
-    train_bench.force_channel_sum("auto")
-    assert layers.channel_sum is auto
-    train_bench.force_channel_sum("reduce")
-    assert layers.channel_sum is layers.channel_sum_reduce
+    choice = lambda form: train_bench.kernel_choice(train_bench.parse(["--channel-sum", form]))
+    assert choice("auto") == kernels.Kernels()
     x = jnp.arange(24.0).reshape(2, 3, 4)
+    # one function per choice: a jitted (or make_jaxpr'd) function keeps its first trace
+    bn = lambda form: kernels.traced(
+        lambda a: kernels.batch_norm_train(a, jnp.ones(4), jnp.zeros(4), 1e-5, jnp.dtype(jnp.float32)), choice(form))
     # BatchNorm's statistics go through the forced form and agree with the default's
-    _, mean, _ = layers.batch_norm_train(x, jnp.ones(4), jnp.zeros(4), 1e-5, jnp.dtype(jnp.float32))
+    _, mean, _ = bn("reduce")(x)
     np.testing.assert_allclose(mean, np.asarray(x).mean((0, 1)), rtol=1e-6)
-    bn = lambda a: layers.batch_norm_train(a, jnp.ones(4), jnp.zeros(4), 1e-5, jnp.dtype(jnp.float32))
-    assert "dot_general" not in str(jax.make_jaxpr(bn)(x))
-    train_bench.force_channel_sum("gemv")
-    assert layers.channel_sum is layers.channel_sum_gemv
-    assert "reduce_sum" not in str(jax.make_jaxpr(bn)(x[:1]))  # another shape: JAX caches traces by shape
+    assert "dot_general" not in str(jax.make_jaxpr(bn("reduce"))(x))
+    assert "reduce_sum" not in str(jax.make_jaxpr(bn("gemv"))(x))
 
 
-def test_train_bench_autodiff_layers_compute_the_same_iteration(monkeypatch):
+def test_train_bench_autodiff_layers_compute_the_same_iteration():
     """--layers autodiff (the A/B for platforms other than XLA:CPU) swaps in the plain 1x1
     convolution, BatchNorm and max pool with JAX's own gradients: one training iteration moves
     the parameters and statistics as the hand-written gradients do, and the traced step holds
     the plain primitives."""
     from bench import train as train_bench
-    from pmg_jax import resnet
 
-    for module, name in ((layers, "pointwise_conv"), (layers, "batch_norm_train"), (resnet, "max_pool")):
-        monkeypatch.setattr(module, name, getattr(module, name))  # restored after the test
     net = PMG(**TINY)
     # a small learning rate: at 0.01 this tiny model's four passes amplify float32 rounding so
     # much that even the two channel-sum forms end an iteration 10% apart
@@ -155,8 +171,7 @@ def test_train_bench_autodiff_layers_compute_the_same_iteration(monkeypatch):
     batch = {"image": jnp.asarray(data["image"]), "label": jnp.asarray(data["label"])}
     results = {}
     for kind in ("custom", "autodiff"):
-        train_bench.force_layers(kind)
-        step = make_train_step(net, tx)  # a fresh function: traced with the layers now in force
+        step = kernels.traced(make_train_step(net, tx), train_bench.kernel_choice(train_bench.parse(["--layers", kind])))
         results[kind] = (jax.jit(step)(state, batch)[0], str(jax.make_jaxpr(step)(state, batch)))
     (custom, custom_jaxpr), (plain, plain_jaxpr) = results["custom"], results["autodiff"]
     assert "custom_vjp_call" in custom_jaxpr and "reduce_window_max" not in custom_jaxpr
@@ -168,19 +183,22 @@ def test_train_bench_autodiff_layers_compute_the_same_iteration(monkeypatch):
                  moves, state.params, plain.params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                  custom.batch_stats, plain.batch_stats)
-    with pytest.raises(ValueError, match="--layers"):
-        train_bench.force_layers("fast")
+    with pytest.raises(SystemExit):
+        train_bench.parse(["--layers", "fast"])
 
 
-def test_bench_winograd_off_makes_every_convolution_direct(monkeypatch):
-    monkeypatch.setattr(layers, "WINOGRAD_MIN_PIXELS", layers.WINOGRAD_MIN_PIXELS)  # restored after the test
-    big = ((8, 56, 56, 512), (3, 3, 512, 1024), 1, 1, jnp.float32)
-    common.force_winograd("auto")
-    assert layers.use_winograd(*big)
-    common.force_winograd("off")
-    assert not layers.use_winograd(*big)
-    with pytest.raises(ValueError, match="--winograd"):
-        common.force_winograd("on")
+def test_bench_winograd_off_makes_every_convolution_direct():
+    from bench import train as train_bench
+
+    x, w = jnp.zeros((8, 56, 56, 256)), jnp.zeros((3, 3, 256, 256))
+    assert kernels.use_winograd(x.shape, w.shape, 1, 1, x.dtype)  # the shape qualifies ...
+    for flag, winograd in (("auto", True), ("off", False)):
+        conv = kernels.traced(lambda x, w: kernels.conv2d(x, w, 1, 1),
+                              train_bench.kernel_choice(train_bench.parse(["--winograd", flag])))
+        jaxpr = str(jax.make_jaxpr(conv)(x, w))
+        assert ("platform_index" in jaxpr) == winograd, flag  # ... and only 'auto' takes the Winograd path
+    with pytest.raises(ValueError, match="winograd"):
+        kernels.Kernels(winograd="on")
 
 
 def test_compare_alternates_and_reports_a_ratio(capsys):

@@ -8,7 +8,8 @@ import pytest
 
 from conftest import tiny_demo_config
 from pmg_jax import checkpoint as ckpt_lib
-from pmg_jax import train_lib
+from pmg_jax import loop, steps as steps_lib
+from pmg_jax import state as state_lib
 
 # combined accuracy per epoch: up, down, up again but not as high, then a tie with the best
 SCRIPTED = (30.0, 60.0, 40.0, 50.0, 60.0, 20.0)
@@ -16,8 +17,8 @@ BEST_EPOCH = 5  # 60.0 first at epoch 2, again at epoch 5: a tie goes to the lat
 
 
 def _scripted_evaluate(saved_params: dict):
-    """train_lib.evaluate replaced: the real eval counts, with combined taken from SCRIPTED in turn."""
-    real = train_lib.evaluate
+    """steps.evaluate replaced: the real eval counts, with combined taken from SCRIPTED in turn."""
+    real = steps_lib.evaluate
     calls = []
 
     def evaluate(p_eval, state, batches, sharding):
@@ -40,8 +41,8 @@ def scripted_run(tmp_path_factory):
                                  "num_epochs": len(SCRIPTED), "checkpoint.keep": 1})
     params: dict = {}
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train_lib, "evaluate", _scripted_evaluate(params))
-        best = train_lib.train_and_evaluate(config, workdir)
+        mp.setattr(steps_lib, "evaluate", _scripted_evaluate(params))
+        best = loop.train_and_evaluate(config, workdir)
     return workdir, config, best, params
 
 
@@ -52,12 +53,12 @@ def test_best_is_kept_beside_the_latest_and_restored_exactly(scripted_run):
     assert best["epoch"] == BEST_EPOCH and best["combined"] == 60.0
     kept = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
     assert kept == [best_step, last_step]
-    restored = train_lib.restore(workdir, "best")
+    restored = state_lib.restore(workdir, "best")
     assert restored.step == best_step
     want = jax.tree_util.tree_leaves_with_path(params[best_step])
     got = dict(jax.tree_util.tree_leaves_with_path(restored.variables["params"]))
     assert len(want) == len(got)
     for path, value in want:
         np.testing.assert_array_equal(np.asarray(got[path]), value, err_msg=jax.tree_util.keystr(path))
-    assert train_lib.restore(workdir, "latest").step == last_step
+    assert state_lib.restore(workdir, "latest").step == last_step
     assert ckpt_lib.resolve(workdir, "best") == (workdir, best_step)

@@ -15,11 +15,13 @@ from flax.traverse_util import flatten_dict
 
 from bench import torch_reference as ref
 from conftest import ROOT
-from pmg_jax import convert, train_lib
+from pmg_jax import convert
+from pmg_jax import loop
+from pmg_jax import state as state_lib
 from pmg_jax.checkpoint import Checkpoints
 from pmg_jax.model import PMG
 from pmg_jax.optim import make_optimizer
-from pmg_jax.resnet import ResNet
+from pmg_jax.backbones.resnet import ResNet
 from test_parity import nhwc, randomize_bn, torch_pmg
 
 torch.set_num_threads(2)
@@ -90,7 +92,7 @@ def tiny_flax_pmg() -> PMG:
 
 
 def abstract_variables(model: PMG, size: int) -> dict:
-    return jax.eval_shape(lambda: train_lib.init_variables(model, jax.random.PRNGKey(0), size))
+    return jax.eval_shape(lambda: state_lib.init_variables(model, jax.random.PRNGKey(0), size))
 
 
 def numpy_state_dict(model: torch.nn.Module) -> dict[str, np.ndarray]:
@@ -160,14 +162,14 @@ def test_reference_pmg_state_dict_becomes_a_restorable_run(reference_resnet50_pm
     assert config.dataset.name == "cub" and config.dataset.num_classes == 200
     state, meta = checkpoints.restore()
     assert meta["class_names"][199] == "class_199" and meta["converted_from"] == str(src)
-    model_j = train_lib.create_model(config)
+    model_j = state_lib.create_model(config)
     variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
     got = jax.jit(lambda v, x: model_j.apply(v, x, train=False))(variables, nhwc(x))
     assert_all_close(got, [t.numpy() for t in ref.evaluate_logits(model_t, x)])
 
     # train.py can resume (fine-tune) from it: a TrainState at step 0 with a fresh optimizer state.
     tx = make_optimizer(lr_new=0.002, lr_backbone=0.0002, num_epochs=config.num_epochs, steps_per_epoch=10)
-    abstract = jax.eval_shape(lambda: train_lib.create_state(model_j, tx, config.seed, config.data.crop_size))
+    abstract = jax.eval_shape(lambda: state_lib.create_state(model_j, tx, config.seed, config.data.crop_size))
     resumed, _ = checkpoints.restore(abstract)
     assert int(resumed.step) == 0
     assert not any(np.any(np.asarray(t)) for t in jax.tree.leaves(resumed.opt_state[1].trace))
@@ -231,7 +233,7 @@ def test_safetensors_and_npz_convert_without_torch(tiny_files, tmp_path):
     ("missing.pth", [], "no such file"),
     ("truncated_pmg.pth", [], "cannot read it as a PyTorch file (truncated or corrupt?)"),
     ("truncated_pmg.safetensors", [], "cannot read it as a safetensors file (truncated or corrupt?)"),
-    ("vgg.npz", [], "not a ResNet or PMG state dict"),
+    ("vgg.npz", [], "not a state dict of a known backbone or PMG"),
     ("pmg.pth", ["--backbone", "resnet18"], "weights do not match the model: unexpected 25: "
                                            "batch_stats/features/layer1_0/bn3/mean"),
     ("pmg.pth", ["--num-classes", "7"], "7 classes were asked for but the weights' heads have 5"),
@@ -269,7 +271,6 @@ def test_converted_checkpoint_runs_through_evaluation_and_explain(tmp_path, caps
 
     import explain
     from conftest import tiny_demo_config
-    from pmg_jax import train_lib
     from pmg_jax.data import synthetic
 
     model_t = torch_pmg("resnet50", 8, (1, 1, 1, 1), 16, 8, seed=2, size=64)
@@ -280,7 +281,7 @@ def test_converted_checkpoint_runs_through_evaluation_and_explain(tmp_path, caps
 
     config = tiny_demo_config(**{"eval_only": True, "init.checkpoint": out, "model.width": 8,
                                  "model.feature_size": 16, "dataset.demo_test_size": 12})
-    result = train_lib.train_and_evaluate(config, str(tmp_path / "unused"))
+    result = loop.train_and_evaluate(config, str(tmp_path / "unused"))
     assert result["count"] == 12 and 0 <= result["combined"] <= 100
     assert f"eval of {out}" in capsys.readouterr().out
 
@@ -297,26 +298,23 @@ def test_converted_checkpoint_runs_through_evaluation_and_explain(tmp_path, caps
 def test_training_starts_from_a_torchvision_backbone(tmp_path):
     """config.init.backbone loads the ResNet weights and BN statistics before training; heads stay fresh."""
     from conftest import tiny_demo_config
-    from pmg_jax import checkpoint as ckpt_lib
-    from pmg_jax import parallel, train_lib
+    from pmg_jax import state as state_lib
     from pmg_jax.optim import make_optimizer
 
     resnet = ref.make_resnet("resnet50", 8, (1, 1, 1, 1))
     path = str(tmp_path / "resnet.pth")
     torch.save(resnet.state_dict(), path)  # torchvision names, fc included
     config = tiny_demo_config(**{"init.backbone": path, "model.width": 8, "model.feature_size": 16})
-    model = train_lib.create_model(config)
+    model = state_lib.create_model(config)
     tx = make_optimizer(lr_new=0.1, lr_backbone=0.1, num_epochs=1, steps_per_epoch=1)
-    checkpoints = ckpt_lib.Checkpoints(str(tmp_path / "checkpoints"))
-    mesh = parallel.make_mesh()
-    state, meta = train_lib.initial_state(config, model, tx, checkpoints, parallel.replicated(mesh))
-    assert meta == {} and int(state.step) == 0
+    fresh = state_lib.create_state(model, tx, config.seed, config.data.crop_size)
+    variables = loop.initial_variables(config, fresh)
     want = convert.variables_from_torch(resnet.state_dict())
     for collection in ("params", "batch_stats"):
-        got = flatten_dict(jax.device_get(getattr(state, collection))["features"])
+        got = flatten_dict(jax.device_get(variables[collection])["features"])
         expected = flatten_dict(want[collection]["features"])
         assert got.keys() == expected.keys()
         for k in got:
             np.testing.assert_array_equal(got[k], expected[k], err_msg="/".join(k))
-    fresh = train_lib.create_state(model, tx, config.seed, config.data.crop_size)
-    np.testing.assert_array_equal(state.params["classifier1_4"]["kernel"], fresh.params["classifier1_4"]["kernel"])
+    np.testing.assert_array_equal(variables["params"]["classifier1_4"]["kernel"],
+                                  fresh.params["classifier1_4"]["kernel"])

@@ -14,7 +14,9 @@ SCRIPT = textwrap.dedent("""
     jax.config.update("jax_enable_x64", True)
     from flax.traverse_util import flatten_dict
     from conftest import tiny_demo_config
-    from pmg_jax import parallel, train_lib
+    from pmg_jax import parallel
+    from pmg_jax import state as state_lib
+    from pmg_jax import steps as steps_lib
     from pmg_jax.data import pipeline, sources
     from pmg_jax.optim import make_optimizer
 
@@ -22,18 +24,18 @@ SCRIPT = textwrap.dedent("""
     config = tiny_demo_config(batch_size=16, **{"model.dtype": "float64", "data.crop_size": 64, "data.resize_size": 72})
     f64 = lambda t: jax.tree.map(
         lambda a: np.asarray(a, np.float64) if np.issubdtype(np.asarray(a).dtype, np.floating) else np.asarray(a), t)
-    model = train_lib.create_model(config)
+    model = state_lib.create_model(config)
     tx = make_optimizer(lr_new=0.002, lr_backbone=0.0002, num_epochs=2, steps_per_epoch=10)  # reference rates
     src = sources.make_source(config, "train")
-    _, it = pipeline.train_batches(src, train_lib.transform_spec(config), pipeline.host_layout(16), seed=0,
+    _, it = pipeline.train_batches(src, state_lib.transform_spec(config), pipeline.host_layout(16), seed=0,
                                    num_epochs=1)
     batches = [f64(next(it)) for _ in range(3)]
-    init = f64(jax.device_get(train_lib.create_state(model, tx, 0, config.data.crop_size)))
+    init = f64(jax.device_get(state_lib.create_state(model, tx, 0, config.data.crop_size)))
 
     def run(devices):
         mesh = parallel.make_mesh(devices)
         state = jax.device_put(init, parallel.replicated(mesh))
-        step, _ = train_lib.compile_steps(model, tx, config, mesh)
+        step, _ = steps_lib.compile_steps(model, tx, config, mesh)
         for b in batches:
             state, metrics = step(state, pipeline.to_global(b, parallel.batch_sharding(mesh)))
         shardings = {str(x.sharding.spec) for x in jax.tree.leaves(state)}

@@ -9,7 +9,8 @@ import cv2
 import numpy as np
 import pytest
 
-import explain
+from pmg_jax import explain as explain_lib
+from pmg_jax.cli import explain
 from conftest import ROOT
 from pmg_jax import viz
 from pmg_jax.data import synthetic
@@ -117,7 +118,8 @@ def test_evaluate_prints_tables_and_saves_json(demo_run, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv", [["--target", "label", "--images", "a.jpg"], ["--target", "big", "--images", "a"],
-                                  ["--block", "4", "--images", "a.jpg"], ["--evaluate", "--target", "3"], []])
+                                  ["--block", "4", "--images", "a.jpg"], ["--evaluate", "--target", "3"],
+                                  ["--num-images", "0"]])
 def test_bad_arguments_are_usage_errors(argv):
     with pytest.raises(SystemExit) as e:
         explain.parse_args(["--ckpt", "runs/x", *argv])
@@ -142,4 +144,4 @@ def test_grid_titles_fit_and_unique_tags():
              (np.zeros((100, 100, 3), np.uint8), ["block1"])]
     g = viz.grid(tiles, height=64)
     assert g.shape[0] > 64 and g.shape[1] == round(80 * 64 / 50) + 4 + 64
-    assert explain.unique_tags(["a/x.jpg", "b/x.png", "c/y.jpg", "d/x.jpg"]) == ["x", "x_2", "y", "x_3"]
+    assert explain_lib.unique_tags(["a/x.jpg", "b/x.png", "c/y.jpg", "d/x.jpg"]) == ["x", "x_2", "y", "x_3"]

@@ -1,4 +1,4 @@
-"""The hand-written gradients in pmg_jax.layers give the same values as autodiff / PyTorch.
+"""The hand-written gradients in pmg_jax.kernels give the same values as autodiff / PyTorch.
 
 conv2d's 1x1 path, its Winograd 3x3 path, batch_norm_train and max_pool have custom VJPs
 for XLA:CPU speed; these tests compare them in float64 with the formulations they replace,
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from pmg_jax import layers
+from pmg_jax import kernels
 
 
 @pytest.fixture(autouse=True)
@@ -42,7 +42,7 @@ def test_pointwise_conv_matches_lax_conv_and_its_gradients(shape, features, stri
     want = reference(x, w)
     g = jax.random.normal(kg, want.shape, jnp.float64)
     _, (dx_want, dw_want) = _vjp(reference, (x, w), g)
-    got, (dx, dw) = _vjp(lambda x, w: layers.conv2d(x, w, strides, 0), (x, w), g)
+    got, (dx, dw) = _vjp(lambda x, w: kernels.conv2d(x, w, strides, 0), (x, w), g)
     np.testing.assert_allclose(got, want, atol=1e-12)
     np.testing.assert_allclose(dx, dx_want, atol=1e-12)
     np.testing.assert_allclose(dw, dw_want, atol=1e-12)
@@ -66,7 +66,7 @@ def test_batch_norm_train_matches_autodiff_of_the_textbook_formula(shape):
            jax.random.normal(keys[4], shape[-1:], jnp.float64),
            jax.random.normal(keys[5], shape[-1:], jnp.float64))
     want, grads_want = _vjp(_bn_reference, (x, scale, bias), cts)
-    got, grads = _vjp(lambda x, s, b: layers.batch_norm_train(x, s, b, 1e-5, jnp.dtype(jnp.float64)),
+    got, grads = _vjp(lambda x, s, b: kernels.batch_norm_train(x, s, b, 1e-5, jnp.dtype(jnp.float64)),
                       (x, scale, bias), cts)
     for a, b in zip(got, want):
         np.testing.assert_allclose(a, b, atol=1e-12)
@@ -78,13 +78,13 @@ def test_batch_norm_statistics_stay_accurate_in_float32():
     """The two-level channel sums keep float32 BN statistics near float64 on a large map."""
     with jax.enable_x64(False):
         x = jax.random.normal(jax.random.PRNGKey(2), (8, 56, 56, 16), jnp.float32) * 2 + 5
-        _, mean, var = layers.batch_norm_train(x, jnp.ones(16), jnp.zeros(16), 1e-5, jnp.dtype(jnp.float32))
+        _, mean, var = kernels.batch_norm_train(x, jnp.ones(16), jnp.zeros(16), 1e-5, jnp.dtype(jnp.float32))
     x64 = np.asarray(x, np.float64)
     np.testing.assert_allclose(mean, x64.mean((0, 1, 2)), rtol=2e-6)
     np.testing.assert_allclose(var, x64.var((0, 1, 2)), rtol=2e-5)
 
 
-@pytest.mark.parametrize("form", [layers.channel_sum_gemv, layers.channel_sum_reduce])
+@pytest.mark.parametrize("form", [kernels.channel_sum_gemv, kernels.channel_sum_reduce])
 def test_both_channel_sum_forms_are_accurate_in_float32(form):
     """The GEMV form (XLA:CPU without YNNPACK reductions) and the plain reduction sum a large map alike."""
     with jax.enable_x64(False):
@@ -100,7 +100,7 @@ def test_channel_sum_is_a_reduction_unless_cpu_reductions_are_slow(monkeypatch):
     from pmg_jax import xla_options
 
     def hlo(x, platform=None):
-        traced = jax.jit(layers.channel_sum).trace(x)
+        traced = jax.jit(kernels.channel_sum).trace(x)
         lowered = traced.lower(lowering_platforms=(platform,)) if platform else traced.lower()
         return lowered.as_text(dialect="hlo")
 
@@ -129,7 +129,7 @@ def test_winograd_conv3x3_is_the_convolution_and_has_its_gradients(shape, featur
     want = _conv3x3(x, w)
     g = jax.random.normal(kg, want.shape, jnp.float64)
     _, (dx_want, dw_want) = _vjp(_conv3x3, (x, w), g)
-    got, (dx, dw) = _vjp(layers.winograd_conv3x3, (x, w), g)
+    got, (dx, dw) = _vjp(kernels.winograd_conv3x3, (x, w), g)
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, atol=1e-11)
     np.testing.assert_allclose(dx, dx_want, atol=1e-11)
@@ -143,7 +143,7 @@ def test_winograd_conv3x3_float32_error_stays_near_the_direct_convolutions():
         kx, kw = jax.random.split(jax.random.PRNGKey(5))
         x = jax.nn.relu(jax.random.normal(kx, (2, 12, 12, 256), jnp.float32))
         w = jax.random.normal(kw, (3, 3, 256, 32), jnp.float32) * np.sqrt(2 / (9 * 256))
-        got = np.asarray(jax.jit(layers.winograd_conv3x3)(x, w), np.float64)
+        got = np.asarray(jax.jit(kernels.winograd_conv3x3)(x, w), np.float64)
         direct = np.asarray(jax.jit(_conv3x3)(x, w), np.float64)
     want = np.asarray(_conv3x3(jnp.asarray(x, jnp.float64), jnp.asarray(w, jnp.float64)))
     scale = np.abs(want).max()
@@ -154,28 +154,28 @@ def test_winograd_conv3x3_float32_error_stays_near_the_direct_convolutions():
 
 def test_use_winograd_picks_the_large_float32_same_convolutions():
     f32 = jnp.float32
-    assert layers.use_winograd((8, 56, 56, 512), (3, 3, 512, 1024), 1, 1, f32)  # granularity block at 448
-    assert layers.use_winograd((8, 28, 28, 256), (3, 3, 256, 256), 1, 1, f32)  # ResNet50 layer3 at 448
-    assert not layers.use_winograd((8, 7, 7, 512), (3, 3, 512, 512), 1, 1, f32)  # too few pixels
-    assert not layers.use_winograd((8, 112, 112, 64), (3, 3, 64, 64), 1, 1, f32)  # too few channels
-    assert not layers.use_winograd((8, 56, 56, 512), (3, 3, 512, 1024), 1, 1, jnp.bfloat16)
-    assert not layers.use_winograd((8, 56, 56, 512), (3, 3, 512, 512), 2, 1, f32)  # strided
-    assert not layers.use_winograd((8, 56, 56, 512), (3, 3, 512, 512), 1, 0, f32)  # "valid"
-    assert not layers.use_winograd((8, 56, 56, 512), (7, 7, 512, 512), 1, 3, f32)
+    assert kernels.use_winograd((8, 56, 56, 512), (3, 3, 512, 1024), 1, 1, f32)  # granularity block at 448
+    assert kernels.use_winograd((8, 28, 28, 256), (3, 3, 256, 256), 1, 1, f32)  # ResNet50 layer3 at 448
+    assert not kernels.use_winograd((8, 7, 7, 512), (3, 3, 512, 512), 1, 1, f32)  # too few pixels
+    assert not kernels.use_winograd((8, 112, 112, 64), (3, 3, 64, 64), 1, 1, f32)  # too few channels
+    assert not kernels.use_winograd((8, 56, 56, 512), (3, 3, 512, 1024), 1, 1, jnp.bfloat16)
+    assert not kernels.use_winograd((8, 56, 56, 512), (3, 3, 512, 512), 2, 1, f32)  # strided
+    assert not kernels.use_winograd((8, 56, 56, 512), (3, 3, 512, 512), 1, 0, f32)  # "valid"
+    assert not kernels.use_winograd((8, 56, 56, 512), (7, 7, 512, 512), 1, 3, f32)
 
 
 def test_conv2d_uses_winograd_on_cpu_only(monkeypatch):
     """When `use_winograd` says so, the convolution is GEMMs on CPU and stays a convolution
     (left to the platform's library) for a GPU; the gradient is a convolution's either way."""
-    monkeypatch.setattr(layers, "WINOGRAD_MIN_CHANNELS", 4)
-    monkeypatch.setattr(layers, "WINOGRAD_MIN_PIXELS", 1)
+    monkeypatch.setattr(kernels, "WINOGRAD_MIN_CHANNELS", 4)
+    monkeypatch.setattr(kernels, "WINOGRAD_MIN_PIXELS", 1)
     with jax.enable_x64(False):
         x, w = jnp.ones((1, 8, 8, 4), jnp.float32), jnp.ones((3, 3, 4, 4), jnp.float32)
 
         def hlo(fn, platform):
             return jax.jit(fn).trace(x, w).lower(lowering_platforms=(platform,)).as_text(dialect="hlo")
 
-        forward = lambda x, w: layers.conv2d(x, w, 1, 1)
+        forward = lambda x, w: kernels.conv2d(x, w, 1, 1)
         cpu, cuda = hlo(forward, "cpu"), hlo(forward, "cuda")
         assert " dot(" in cpu and " convolution(" not in cpu
         assert " convolution(" in cuda and " dot(" not in cuda
@@ -191,7 +191,7 @@ def test_max_pool_matches_torch_values_and_first_maximum_gradients(shape):
     x[0, :4, :4, 0] = 0.0
     x = np.maximum(x, 0.0)  # after ReLU: many tied zeros
     x[0, 0, 0, 0] = x[0, 0, 2, 0] = x[0, 2, 0, 0] = 7.0  # a positive tie inside one window
-    out, vjp = jax.vjp(lambda v: layers.max_pool(v, 3, 2, 1), jnp.asarray(x))
+    out, vjp = jax.vjp(lambda v: kernels.max_pool(v, 3, 2, 1), jnp.asarray(x))
     g = rng.normal(size=out.shape)
     (dx,) = vjp(jnp.asarray(g))
 
@@ -230,8 +230,8 @@ def test_pmg_with_winograd_convolutions_computes_what_it_computes_without(monkey
 
         convs, dots = ops()
         want_logits, want_grads = run()
-        monkeypatch.setattr(layers, "WINOGRAD_MIN_CHANNELS", 1)
-        monkeypatch.setattr(layers, "WINOGRAD_MIN_PIXELS", 1)
+        monkeypatch.setattr(kernels, "WINOGRAD_MIN_CHANNELS", 1)
+        monkeypatch.setattr(kernels, "WINOGRAD_MIN_PIXELS", 1)
         # the two in stage 1 and the three granularity blocks' become 36 GEMMs each
         assert ops() == (convs - 5, dots + 36 * 5)
         got_logits, got_grads = run()

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pmg_jax import cam, localization as loc, train_lib
+from pmg_jax import cam, localization as loc
+from pmg_jax import state as state_lib
 from pmg_jax import checkpoint as ckpt_lib
 from pmg_jax.data import pipeline, sources
 
@@ -96,10 +97,10 @@ def test_demo_cams_point_at_the_wing_patch(demo_run):
     workdir, config, _ = demo_run
     ckpts = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"), read_only=True)
     state, meta = ckpts.restore()
-    model = train_lib.create_model(config, len(meta["class_names"]))
+    model = state_lib.create_model(config, len(meta["class_names"]))
     variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
     source = sources.make_source(config, "test")
-    spec = train_lib.transform_spec(config)
+    spec = state_lib.transform_spec(config)
     _, batches = pipeline.eval_batches(source, spec, pipeline.host_layout(64), with_box=True)
     report = loc.evaluate(model, variables, batches, spec, maps=("block1", "block2", "block3", "concat"),
                           target="class", auc_steps=0)

@@ -13,7 +13,8 @@ import pytest
 
 from conftest import tiny_demo_config
 from pmg_jax import checkpoint as ckpt_lib
-from pmg_jax import train_lib
+from pmg_jax import loop
+from pmg_jax import state as state_lib
 from pmg_jax.data import pipeline, sources
 
 pytestmark = pytest.mark.xdist_group("bf16_demo")  # one bf16 run (module fixture) on one worker
@@ -29,7 +30,7 @@ def bf16_run(tmp_path_factory):
     """(config, restored state) of the tiny demo trained in bfloat16, and its best eval."""
     workdir = str(tmp_path_factory.mktemp("bf16_run"))
     config = tiny_demo_config(num_epochs=4, **{"model.dtype": "bfloat16"})  # 4 of the 6: enough to learn
-    best = train_lib.train_and_evaluate(config, workdir)
+    best = loop.train_and_evaluate(config, workdir)
     state, _ = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"), read_only=True).restore()
     return config, state, best
 
@@ -51,11 +52,11 @@ def test_bf16_state_stays_float32(bf16_run):
 def test_bf16_logits_close_to_float32(bf16_run):
     config, state, _ = bf16_run
     variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
-    spec = train_lib.transform_spec(config)
+    spec = state_lib.transform_spec(config)
     _, batches = pipeline.eval_batches(sources.make_source(config, "test"), spec, pipeline.host_layout(64))
     images = pipeline.normalize_on_device(jnp.asarray(next(iter(batches))["image"]), spec)
-    f32 = train_lib.create_model(tiny_demo_config())
-    bf16 = train_lib.create_model(config)
+    f32 = state_lib.create_model(tiny_demo_config())
+    bf16 = state_lib.create_model(config)
     want = jax.jit(lambda v, x: f32.apply(v, x, train=False))(variables, images)
     got, inter = jax.jit(lambda v, x: bf16.apply(v, x, train=False, mutable=["intermediates"]))(variables, images)
     assert inter["intermediates"]["block1"][0].dtype == jnp.bfloat16  # the convs really ran in bf16

@@ -15,7 +15,8 @@ from bench import torch_reference as ref
 from pmg_jax import convert
 from pmg_jax.model import PMG
 from pmg_jax.optim import make_optimizer
-from pmg_jax.train_lib import TrainState, make_train_step
+from pmg_jax.state import TrainState
+from pmg_jax.steps import make_train_step
 
 torch.set_num_threads(2)
 

@@ -15,7 +15,9 @@ import pytest
 
 from conftest import ROOT, tiny_demo_config
 from pmg_jax import checkpoint as ckpt_lib
-from pmg_jax import train_lib, validate
+from pmg_jax import validate
+from pmg_jax import state as state_lib
+from pmg_jax import steps as steps_lib
 from pmg_jax.optim import make_optimizer
 
 TINY = [f"--config.{k}={v}" for k, v in (
@@ -100,11 +102,11 @@ def test_sigterm_checkpoints_and_exits_zero(tmp_path):
 
 def test_nonfinite_step_is_not_applied():
     config = tiny_demo_config(**{"model.width": 8, "model.feature_size": 16, "data.crop_size": 32})
-    model = train_lib.create_model(config)
+    model = state_lib.create_model(config)
     tx = make_optimizer(lr_new=0.01, lr_backbone=0.01, num_epochs=1, steps_per_epoch=1)
-    state = train_lib.create_state(model, tx, 0, 32)
+    state = state_lib.create_state(model, tx, 0, 32)
     images = jnp.zeros((4, 32, 32, 3)).at[1, 5, 5, 0].set(jnp.nan)
-    step = jax.jit(train_lib.make_train_step(model, tx))
+    step = jax.jit(steps_lib.make_train_step(model, tx))
     new, metrics = step(state, {"image": images, "label": jnp.arange(4)})
     assert int(metrics["nonfinite_pass"]) == 1
     for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(state)):

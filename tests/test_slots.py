@@ -130,13 +130,14 @@ def test_eval_in_workers_masks_padding_and_closing_stops_them():
 
 def test_training_checks_room_for_train_and_eval_buffers_before_any_work(tmp_path, monkeypatch):
     from conftest import tiny_demo_config
-    from pmg_jax import train_lib
+    from pmg_jax import loop
+    from pmg_jax import state as state_lib
 
     config = tiny_demo_config(**{"data.workers": 2, "data.prefetch": 1})
     layout = pipeline.Layout(config.batch_size)
-    spec = train_lib.transform_spec(config)
+    spec = state_lib.transform_spec(config)
     need = pipeline.shared_memory_bytes(spec, layout, 2, 1) + pipeline.shared_memory_bytes(
-        spec, pipeline.Layout(config.eval_batch_size), 2, train_lib.EVAL_PREFETCH)
+        spec, pipeline.Layout(config.eval_batch_size), 2, loop.EVAL_PREFETCH)
     crop = spec.crop_size
     assert need == slots.ring_bytes(5, (config.batch_size, crop, crop, 3), np.uint8) + slots.ring_bytes(
         6, (config.eval_batch_size, crop, crop, 3), np.uint8)
@@ -147,7 +148,7 @@ def test_training_checks_room_for_train_and_eval_buffers_before_any_work(tmp_pat
 
     monkeypatch.setattr(slots.os, "statvfs", lambda path: Stat)
     with pytest.raises(slots.SharedMemoryTooSmall, match=r"MiB free"):
-        train_lib.train_and_evaluate(config, str(tmp_path))
+        loop.train_and_evaluate(config, str(tmp_path))
     assert os.listdir(tmp_path) == []  # refused before any work
 
 

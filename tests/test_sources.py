@@ -17,7 +17,7 @@ import pytest
 from scipy import io as sio
 
 from conftest import ROOT, tiny_demo_config
-from pmg_jax import train_lib
+from pmg_jax import loop
 from pmg_jax.data import decode, pipeline, sources
 
 CLASSES = ("Alpha bird", "Beta bird", "Gamma bird")
@@ -331,13 +331,13 @@ def test_training_end_to_end_on_each_folder_layout(tmp_path, compile_cache, layo
     name, writer = LAYOUTS[layout]
     config = config_for(name, writer(str(tmp_path / "data")))
     workdir = str(tmp_path / "run")
-    check_run(workdir, train_lib.train_and_evaluate(config, workdir))
+    check_run(workdir, loop.train_and_evaluate(config, workdir))
 
 
 def test_training_end_to_end_on_tfds_array_record(tmp_path, compile_cache, tfds_dir):
     config = config_for("pmg_tiny_birds", tfds_dir, **{"dataset.source": "tfds"})
     workdir = str(tmp_path / "run")
-    check_run(workdir, train_lib.train_and_evaluate(config, workdir))
+    check_run(workdir, loop.train_and_evaluate(config, workdir))
 
 
 def test_train_py_on_the_cub_folder(tmp_path, compile_cache):

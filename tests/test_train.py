@@ -8,7 +8,9 @@ import pytest
 
 from conftest import tiny_demo_config
 from pmg_jax import checkpoint as ckpt_lib
-from pmg_jax import train_lib
+from pmg_jax import loop
+from pmg_jax import state as state_lib
+from pmg_jax import steps as steps_lib
 
 pytestmark = pytest.mark.xdist_group("demo_run")  # share one demo_run fixture (conftest)
 
@@ -32,10 +34,10 @@ def test_demo_run_learns_and_checkpoints(demo_run):
 def test_rerun_resumes_instead_of_restarting(tmp_path, capsys):
     config = tiny_demo_config(num_epochs=2, **{"dataset.demo_train_size": 64, "dataset.demo_test_size": 20})
     config.num_epochs = 1
-    train_lib.train_and_evaluate(config, str(tmp_path))
+    loop.train_and_evaluate(config, str(tmp_path))
     config.num_epochs = 2
     capsys.readouterr()
-    train_lib.train_and_evaluate(config, str(tmp_path))
+    loop.train_and_evaluate(config, str(tmp_path))
     out = capsys.readouterr().out
     assert "resuming from" in out and "at step 4" in out
     lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
@@ -49,16 +51,16 @@ def test_evaluation_counts_every_example_once(demo_run):
     from pmg_jax.data import pipeline, sources
 
     ckpts = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"), read_only=True)
-    model = train_lib.create_model(config)
+    model = state_lib.create_model(config)
     state, _ = ckpts.restore()
-    state = train_lib.TrainState(**state)
+    state = state_lib.TrainState(**state)
     mesh = parallel.make_mesh()
-    _, p_eval = train_lib.compile_steps(model, None, config, mesh)
+    _, p_eval = steps_lib.compile_steps(model, None, config, mesh)
     src = sources.make_source(config, "test")
-    spec = train_lib.transform_spec(config)
+    spec = state_lib.transform_spec(config)
     results = {}
     for batch_size in (7, len(src)):
         n, it = pipeline.eval_batches(src, spec, pipeline.host_layout(batch_size))
-        results[batch_size] = train_lib.evaluate(p_eval, state, it, parallel.batch_sharding(mesh))
+        results[batch_size] = steps_lib.evaluate(p_eval, state, it, parallel.batch_sharding(mesh))
         assert results[batch_size]["count"] == len(src)
     np.testing.assert_allclose(results[7]["combined"], results[len(src)]["combined"])

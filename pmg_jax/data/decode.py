@@ -15,6 +15,8 @@ from typing import Mapping
 import cv2
 import numpy as np
 
+from pmg_jax.errors import PMGError
+
 # PIL, and so the reference's torchvision loader, ignores EXIF orientation; the
 # datasets' boxes refer to the stored pixel grid, so OpenCV must ignore it too.
 # OpenCV >= 4.10 can have the decoder write RGB directly, which saves a conversion pass.
@@ -22,7 +24,7 @@ _DECODES_RGB = hasattr(cv2, "IMREAD_COLOR_RGB")
 _IMREAD = (cv2.IMREAD_COLOR_RGB if _DECODES_RGB else cv2.IMREAD_COLOR) | cv2.IMREAD_IGNORE_ORIENTATION
 
 
-class UnreadableImage(ValueError):
+class UnreadableImage(PMGError, ValueError):
     """An image that cannot be decoded into pixels (corrupt, truncated, empty or not an image)."""
 
 

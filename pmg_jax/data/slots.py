@@ -28,10 +28,12 @@ from multiprocessing import shared_memory
 
 import numpy as np
 
+from pmg_jax.errors import PMGError
+
 _HEADER = 8  # int64 words before the per-slot words: [closed, unused...]
 
 
-class SharedMemoryTooSmall(RuntimeError):
+class SharedMemoryTooSmall(PMGError, RuntimeError):
     """/dev/shm cannot hold the ring; the message says how much was asked and what to change."""
 
 

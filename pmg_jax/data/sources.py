@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 
 from pmg_jax.data import synthetic
-from pmg_jax.validate import ConfigError
+from pmg_jax.errors import ConfigError, PMGError
 
 # Extensions of the formats OpenCV decodes (cv2.imread's documentation).
 IMAGE_EXTENSIONS = frozenset({
@@ -52,7 +52,7 @@ _HOW = {
 }
 
 
-class DatasetNotFound(FileNotFoundError):
+class DatasetNotFound(PMGError, FileNotFoundError):
     """The configured dataset is missing or incomplete; the message says what was expected and how to get it."""
 
 

@@ -7,13 +7,16 @@ purely mechanical rename (see `pmg_jax.convert`).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import functools
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from pmg_jax.layers import BatchNorm, Conv, max_pool
+from pmg_jax.backbones.registry import Backbone
+from pmg_jax.kernels import max_pool
+from pmg_jax.layers import BatchNorm, Conv
 
 STAGE_SIZES: dict[str, tuple[int, ...]] = {
     "resnet18": (2, 2, 2, 2),
@@ -107,3 +110,27 @@ def stage_channels(name: str, width: int = 64) -> tuple[int, ...]:
     """Output channels of the four stages of a backbone."""
     expansion = 4 if BOTTLENECK[name] else 1
     return tuple(width * 2**i * expansion for i in range(4))
+
+
+def _stage_of(path: tuple[str, ...]) -> int:
+    """conv1 / bn1: the stem (0); layer{k}_{j}/...: stage k."""
+    return int(path[0][len("layer")]) if path[0].startswith("layer") else 0
+
+
+def infer_resnet(shapes: Mapping[str, tuple[int, ...]]) -> dict | None:
+    """{'name', 'width', 'stage_sizes'} of a torchvision/timm ResNet state dict's shapes, or None."""
+    stem = shapes.get("conv1.weight")
+    sizes = tuple(len({k.split(".")[1] for k in shapes if k.startswith(f"layer{i}.")}) for i in range(1, 5))
+    if stem is None or not all(sizes):
+        return None
+    bottleneck = "layer1.0.conv3.weight" in shapes
+    standard = [n for n in STAGE_SIZES if BOTTLENECK[n] == bottleneck and STAGE_SIZES[n] == sizes]
+    name = standard[0] if standard else ("resnet50" if bottleneck else "resnet18")
+    return {"name": name, "width": stem[0], "stage_sizes": () if standard else sizes}
+
+
+BACKBONES = tuple(
+    Backbone(name=name, build=functools.partial(ResNet, arch=name), width=64, stage_sizes=STAGE_SIZES[name],
+             channels=lambda width, sizes, name=name: stage_channels(name, width), stage_of=_stage_of,
+             infer=infer_resnet, torch_ignore=("fc.",))
+    for name in STAGE_SIZES)

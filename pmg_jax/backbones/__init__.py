@@ -1,0 +1,14 @@
+"""Backbones PMG can sit on: a registry of Flax modules that return their stage maps, and what each declares.
+
+PMG puts its granularity blocks on the last three stages. Register your own with
+`register(Backbone(...))` before building a model (`registry.Backbone` says what to declare);
+nothing else in pmg_jax names a backbone's modules.
+"""
+
+from pmg_jax.backbones import resnet
+from pmg_jax.backbones.registry import REGISTRY, Arch, Backbone, get, register, resolve
+
+__all__ = ["REGISTRY", "Arch", "Backbone", "get", "register", "resolve"]
+
+for _backbone in resnet.BACKBONES:
+    register(_backbone)

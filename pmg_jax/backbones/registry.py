@@ -1,0 +1,77 @@
+"""The backbone registry: each entry builds a Flax module that returns its stage maps and declares what the
+rest of pmg_jax needs to know (stages, channels, which stage each parameter belongs to, how its PyTorch
+state dicts are recognised)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Mapping
+
+import flax.linen as nn
+
+
+@dataclasses.dataclass(frozen=True)
+class Backbone:
+    """A registered backbone.
+
+    build(width=, stage_sizes=, dtype=, name=) returns a module whose `__call__(x, train)` gives one
+    NHWC map per stage. `channels(width, stage_sizes)` are their channel counts; `stage_of(path)` is
+    the 1-based stage of a parameter path inside the backbone (0 for the stem), which says what
+    feeds each head; `infer(shapes)` reads a PyTorch state dict's {name: shape} (names without
+    a `features.` prefix) and returns {'width', 'stage_sizes'} when it holds this backbone, else
+    None; `torch_ignore` are name prefixes of such state dicts PMG does not use (its classifier).
+    """
+
+    name: str
+    build: Callable[..., nn.Module]
+    width: int
+    stage_sizes: tuple[int, ...]
+    channels: Callable[[int, tuple[int, ...]], tuple[int, ...]]
+    stage_of: Callable[[tuple[str, ...]], int]
+    infer: Callable[[Mapping[str, tuple[int, ...]]], dict | None] | None = None
+    torch_ignore: tuple[str, ...] = ()
+    stride: int = 32  # input pixels per pixel of the last stage: the input side must be a multiple
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stage_sizes)
+
+
+REGISTRY: dict[str, Backbone] = {}
+
+
+def register(backbone: Backbone) -> Backbone:
+    """Add (or replace) a backbone under its name; returns it."""
+    if backbone.num_stages < 3:
+        raise ValueError(f"backbone {backbone.name}: PMG needs at least 3 stages, it declares {backbone.num_stages}")
+    REGISTRY[backbone.name] = backbone
+    return backbone
+
+
+def get(name: str) -> Backbone:
+    """The registered backbone `name`; ValueError naming the registered ones otherwise."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown backbone {name!r}; registered: {', '.join(REGISTRY)}")
+    return REGISTRY[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class Arch:
+    """A backbone with its widths and depths resolved (0 and () mean the backbone's standard ones)."""
+
+    backbone: Backbone
+    width: int
+    stage_sizes: tuple[int, ...]
+
+    @property
+    def channels(self) -> tuple[int, ...]:
+        return self.backbone.channels(self.width, self.stage_sizes)
+
+    def build(self, dtype, name: str) -> nn.Module:
+        return self.backbone.build(width=self.width, stage_sizes=self.stage_sizes, dtype=dtype, name=name)
+
+
+def resolve(name: str, width: int = 0, stage_sizes: tuple[int, ...] | None = ()) -> Arch:
+    """The backbone `name` at `width` with `stage_sizes` (0 / empty: its standard values)."""
+    b = get(name)
+    return Arch(b, width or b.width, tuple(stage_sizes or b.stage_sizes))

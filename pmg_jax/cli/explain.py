@@ -1,0 +1,166 @@
+"""Grad-CAM of a trained PMG, and how well its maps localise.
+
+  python explain.py --ckpt runs/ --block 3                 # a sample of the run's own test split
+  python explain.py --ckpt runs/cub --block 3 --images bird.jpg more/ '*.png'
+  python explain.py --evaluate --ckpt runs/cub --split test
+
+--ckpt is a run directory (latest checkpoint, or --checkpoint best), a folder of runs (the one with the
+newest checkpoint) or one checkpoint step directory (<run>/checkpoints/<step>). Without --images it
+explains --num-images examples spread evenly over the checkpoint's own --split. Outputs go to
+<run>/explain unless --out says otherwise; index.html there lists every grid in the folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from tqdm import tqdm
+
+from pmg_jax import cam, explain, localization
+from pmg_jax import checkpoint as ckpt_lib
+from pmg_jax import model as model_lib
+from pmg_jax.cli import common
+from pmg_jax.errors import PMGError
+
+PROG = "explain.py"
+# --block values: blocks by number, the concat map, every block map, or a backbone stage by name
+BLOCK_CHOICES = {"1": ("block1",), "2": ("block2",), "3": ("block3",), "concat": ("concat",),
+                 "all": (*model_lib.BLOCKS, "concat"), **{s: (s,) for s in model_lib.STAGES}}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, checked; adds `maps` (in model order) and resolves the default target."""
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="run dir, folder of runs, or checkpoint step dir")
+    p.add_argument("--checkpoint", choices=ckpt_lib.WHICH, default="latest",
+                   help="which checkpoint of a run (ignored for a step dir)")
+    p.add_argument("--images", nargs="+", default=[], help="image files, directories and glob patterns")
+    p.add_argument("--num-images", type=int, default=16,
+                   help="without --images: how many examples of --split to explain (spread evenly over it)")
+    p.add_argument("--block", action="append", choices=tuple(BLOCK_CHOICES),
+                   help="map(s) to compute, repeatable (default: all = blocks 1-3 and concat)")
+    p.add_argument("--method", action="append", choices=cam.METHODS,
+                   help="CAM method, repeatable (default gradcam); several write one subfolder each")
+    p.add_argument("--target", default=None,
+                   help="predicted | seed | label | <class id> (default: predicted; label with --evaluate)")
+    p.add_argument("--concat", choices=cam.CONCAT_MODES, default="seed",
+                   help="concat map: seed = sum of the block maps; head = the concat head's gradient")
+    p.add_argument("--out", default=None, help="output directory (default <run>/explain)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per jitted pass")
+    p.add_argument("--save-npy", action="store_true", help="also save each map as .npy (input resolution, [0, 1])")
+    p.add_argument("--evaluate", action="store_true", help="localisation metrics on a split with boxes")
+    p.add_argument("--split", default="test", choices=("train", "test"),
+                   help="split to evaluate, or to sample without --images")
+    p.add_argument("--max-images", type=int, default=None, help="evaluate only the first N examples")
+    p.add_argument("--auc-steps", type=int, default=16, help="deletion/insertion steps (0 skips them)")
+    args = p.parse_args(argv)
+    args.maps = tuple(n for n in cam.MAP_NAMES if any(n in BLOCK_CHOICES[b] for b in (args.block or ["all"])))
+    args.method = list(dict.fromkeys(args.method or ["gradcam"]))
+    args.target = args.target or ("label" if args.evaluate else "predicted")
+    if args.target not in ("predicted", "seed", "label") and not args.target.isdigit():
+        p.error(f"--target must be predicted, seed, label or a class id, not {args.target!r}")
+    if args.target == "label" and not args.evaluate:
+        p.error("--target label needs known labels: use it with --evaluate")
+    if args.target.isdigit() and args.evaluate:
+        p.error("--evaluate explains the label, the prediction or the seed target, not a fixed class")
+    for flag in ("batch_size", "num_images"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be positive")
+    return args
+
+
+def _print_top5(result: explain.Explained, class_names: list[str]) -> None:
+    """The image's origin, then one line per head with its five most probable classes."""
+    lines = [f"  {head:<7} " + " | ".join(f"{name} {100 * q:.1f}%" for name, q in result.top(head, 5, class_names))
+             for head in model_lib.HEADS]
+    tqdm.write("\n".join([result.item.origin, *lines]))
+
+
+def explain_images(args: argparse.Namespace, restored) -> int:
+    """Write overlays, grids and the gallery for the chosen images; return the exit status."""
+    if args.target.isdigit() and int(args.target) >= len(restored.class_names):
+        print(f"{PROG}: --target {args.target}: the model has {len(restored.class_names)} classes", file=sys.stderr)
+        return 2
+    if args.images:
+        paths, items, problems = explain.from_files(args.images)
+        total = len(paths)
+    else:
+        indices, items = explain.from_split(restored.config, args.split, args.num_images)
+        problems, total = [], len(indices)
+        print(f"no --images: explaining {total} examples spread over the {args.split} split of "
+              f"{restored.config.dataset.name} (--num-images, --split)")
+    for problem in problems:  # found while collecting; unreadable files are added while reading
+        print(f"skipping {problem}", file=sys.stderr)
+    reported = len(problems)
+    out_root = args.out or os.path.join(restored.run, "explain")
+    bar = tqdm(total=total, unit="image", desc="explain", dynamic_ncols=True)
+
+    def done(result: explain.Explained) -> None:
+        nonlocal reported
+        for problem in problems[reported:]:
+            tqdm.write(f"skipping {problem}", file=sys.stderr)
+        reported = len(problems)
+        _print_top5(result, restored.class_names)
+        bar.update(1)
+
+    target = "class" if args.target.isdigit() else args.target
+    results = explain.explain(restored, items, maps=args.maps, methods=args.method, target=target,
+                              class_id=int(args.target) if target == "class" else None, concat=args.concat,
+                              batch_size=args.batch_size, out_dir=out_root, save_npy=args.save_npy, on_result=done)
+    bar.close()
+    for problem in problems[reported:]:
+        print(f"skipping {problem}", file=sys.stderr)
+    if not results:
+        print(f"{PROG}: none of the {total} inputs could be read as an image", file=sys.stderr)
+        return 1
+    index = os.path.join(out_root, "index.html" if len(args.method) == 1 else "*/index.html")
+    print(f"explained {len(results)} of {total} images ({', '.join(args.maps)}; {', '.join(args.method)}, target "
+          f"{args.target}) -> {index}")
+    return 0
+
+
+def evaluate(args: argparse.Namespace, restored) -> int:
+    """Print (and save as JSON) the localisation tables of a split with boxes."""
+    target = {"label": "class"}.get(args.target, args.target)
+    try:
+        with tqdm(unit="image", desc=f"evaluate {args.split}", dynamic_ncols=True) as bar:
+            report = explain.localize(restored, args.split, maps=args.maps, methods=args.method, target=target,
+                                      concat=args.concat, batch_size=args.batch_size, max_images=args.max_images,
+                                      auc_steps=args.auc_steps, progress=bar.update)
+    except ValueError as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 2
+    config = restored.config
+    print(localization.format_tables(report, f" on {config.dataset.name} {args.split} (target {args.target})"))
+    out_dir = args.out or os.path.join(restored.run, "explain")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"localization_{args.split}.json")
+    with open(path, "w") as f:
+        json.dump({"target": args.target, "concat": args.concat, **report}, f, indent=2)
+    print(f"saved {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command; returns the exit status."""
+    args = parse_args(argv)
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    try:
+        restored = common.restore(args.ckpt, args.checkpoint, PROG)
+        return evaluate(args, restored) if args.evaluate else explain_images(args, restored)
+    except PMGError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+
+
+def run() -> None:
+    """The console script: exit with main's status."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

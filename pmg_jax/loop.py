@@ -1,0 +1,268 @@
+"""The training loop: train by the progressive schedule, evaluate and checkpoint every epoch, resume exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from pmg_jax import checkpoint as ckpt_lib
+from pmg_jax import optim, parallel, state as state_lib, steps, validate
+from pmg_jax.data import pipeline, slots, sources
+from pmg_jax.errors import PMGError
+from pmg_jax.state import TrainState
+
+EVAL_PREFETCH = 2  # batches each input worker buffers during evaluation
+
+
+class NonFiniteError(PMGError, FloatingPointError):
+    """A step's loss or gradient was inf or nan; the step was not applied."""
+
+
+class MetricsLog:
+    """metrics.jsonl plus TensorBoard events in the workdir (process 0 only); accuracies in percent."""
+
+    def __init__(self, workdir: str):
+        self.enabled = jax.process_index() == 0
+        if not self.enabled:
+            return
+        from tensorboardX import SummaryWriter
+
+        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, kind: str, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, "kind": kind, **values}) + "\n")
+        self.jsonl.flush()
+        for k, v in values.items():
+            if isinstance(v, (int, float)):
+                self.tb.add_scalar(f"{kind}/{k}", v, step)
+        self.tb.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            self.tb.close()
+
+
+class Stop:
+    """SIGTERM/SIGINT while training: finish the iteration, checkpoint, exit cleanly."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "Stop":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._note)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _note(self, signum, frame) -> None:
+        self.signal = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class FiniteGuard:
+    """Checks each step's non-finite flag one step late, so the device never waits, and before any save."""
+
+    def __init__(self, checkpoints: ckpt_lib.Checkpoints):
+        self.checkpoints = checkpoints
+        self.pending: tuple[int, dict] | None = None
+
+    def push(self, step: int, metrics: dict) -> None:
+        """Check the previous step, then hold this one's metrics."""
+        self.check()
+        self.pending = (step, metrics)
+
+    def check(self) -> None:
+        """Raise NonFiniteError if the held step was not applied (its parameters were kept)."""
+        if self.pending is None:
+            return
+        step, metrics = self.pending
+        self.pending = None
+        bad = int(metrics["nonfinite_pass"])
+        if bad:
+            self.checkpoints.wait()
+            raise NonFiniteError(
+                f"non-finite loss or gradient at iteration {step} in the pass for {steps.pass_name(bad)}; the step "
+                f"was not applied, the latest checkpoint in {self.checkpoints.directory} is the last good one")
+
+
+def initial_variables(config: ml_collections.ConfigDict, state: TrainState) -> dict:
+    """Starting weights: init.checkpoint's, then init.backbone's, over the fresh ones."""
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    if config.init.checkpoint:
+        variables = state_lib.load_variables(config.init.checkpoint, config, config.init.which)
+    if config.init.backbone:
+        from pmg_jax import convert
+
+        variables = convert.load_backbone(config.init.backbone, variables)
+        print(f"backbone initialised from {config.init.backbone}")
+    return variables
+
+
+def evaluate_only(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Accuracy of init.checkpoint (or the workdir's checkpoint, init.which) on the test split."""
+    mesh = parallel.make_mesh()
+    test_src = sources.make_source(config, "test")
+    model = state_lib.create_model(config, len(test_src.class_names))
+    path = config.init.checkpoint or workdir
+    variables = state_lib.load_variables(path, config, config.init.which)
+    rep, data_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    state = jax.device_put(TrainState(step=jnp.zeros((), jnp.int32), opt_state=None, rng=jax.random.PRNGKey(0),
+                                      **variables), rep)
+    _, eval_step = steps.compile_steps(model, None, config, mesh)
+    _, it = pipeline.eval_batches(test_src, state_lib.transform_spec(config),
+                                  pipeline.host_layout(config.eval_batch_size), workers=config.data.workers)
+    result = steps.evaluate(eval_step, state, it, data_sharding)
+    print(steps.format_eval_table(f"eval of {path}", result))
+    return result
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Train by the progressive schedule, evaluating and checkpointing every epoch; resumes from `workdir`.
+
+    Everything that can refuse the run (the config, the workdir, the data, the starting weights) is
+    checked before anything is written. Returns the best evaluation ({'combined', 'concat', 'epoch',
+    'step'}), plus 'stopped_by' when a signal ended the run early (after checkpointing it).
+    """
+    mesh = parallel.make_mesh()
+    validate.check(config, mesh.devices.size, jax.process_count())
+    validate.check_workdir(workdir)
+    if config.eval_only:
+        return evaluate_only(config, workdir)
+    from tqdm import tqdm
+
+    spec, workers = state_lib.transform_spec(config), config.data.workers
+    # The train iterator's ring and an eval iterator's exist together; fail now, not after an epoch.
+    slots.check_room(
+        pipeline.shared_memory_bytes(spec, pipeline.host_layout(config.batch_size), workers, config.data.prefetch)
+        + pipeline.shared_memory_bytes(spec, pipeline.host_layout(config.eval_batch_size), workers, EVAL_PREFETCH),
+        f"the input pipeline's batch buffers for {workers} workers")
+    train_src = sources.make_source(config, "train")
+    test_src = sources.make_source(config, "test")
+    class_names = list(train_src.class_names)
+    steps_per_epoch = len(train_src) // config.batch_size
+    if steps_per_epoch == 0:
+        raise validate.ConfigError(f"config.batch_size={config.batch_size} is larger than the {len(train_src)} "
+                                   f"training images")
+    total_steps = steps_per_epoch * config.num_epochs
+    model = state_lib.create_model(config, len(class_names))
+    tx = optim.from_config(config, steps_per_epoch)
+    rep, data_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if ckpt_lib.has_checkpoint(ckpt_dir):
+        checkpoints = ckpt_lib.Checkpoints(ckpt_dir, keep=config.checkpoint.keep)
+        validate.check_compatible(checkpoints.config(), config, checkpoints.directory)
+        abstract = jax.eval_shape(lambda: state_lib.create_state(model, tx, config.seed, config.data.crop_size))
+        state, meta = checkpoints.restore(abstract, sharding=rep)
+        print(f"resuming from {checkpoints.directory} at step {int(state.step)} "
+              f"(epoch {int(state.step) // steps_per_epoch})")
+    else:
+        state, meta = state_lib.create_state(model, tx, config.seed, config.data.crop_size), {}
+        variables = initial_variables(config, state)
+        state = jax.device_put(state.replace(**variables, opt_state=tx.init(variables["params"])), rep)
+        os.makedirs(workdir, exist_ok=True)  # the first write: every refusal has happened by now
+        checkpoints = ckpt_lib.Checkpoints(ckpt_dir, keep=config.checkpoint.keep)
+    best = meta.get("best", {"combined": -1.0, "epoch": -1})
+    start_step = int(state.step)
+    train_step, eval_step = steps.compile_steps(model, tx, config, mesh)
+    print(parallel.describe(mesh))
+    print(f"training {config.model.backbone} PMG on {config.dataset.name} ({len(train_src)} train / "
+          f"{len(test_src)} test images, {len(class_names)} classes): {steps_per_epoch} steps x "
+          f"{config.num_epochs} epochs, global batch {config.batch_size}")
+
+    _, batches = pipeline.train_batches(
+        train_src, spec, pipeline.host_layout(config.batch_size), seed=config.seed, num_epochs=config.num_epochs,
+        start_step=start_step, workers=workers, prefetch=config.data.prefetch,
+    )
+    device_batches = pipeline.prefetch_to_device(batches, data_sharding)
+    metrics_log, guard = MetricsLog(workdir), FiniteGuard(checkpoints)
+
+    def save(step: int, result: dict | None = None) -> None:
+        guard.check()  # never save after a bad step
+        meta = {"epoch": step // steps_per_epoch, "step": step, "best": best, "class_names": class_names,
+                "data_state": {"step": step, "seed": config.seed}, "eval": result}
+        checkpoints.save(step, state, meta, config.to_dict(), metric=None if result is None else result["combined"])
+
+    step, compiled_at = start_step, None  # compiled_at: (step, time) once the step function has been compiled
+    with Stop() as stop:
+        while step < total_steps and stop.signal is None:
+            epoch = step // steps_per_epoch
+            epoch_end, sums, logged = (epoch + 1) * steps_per_epoch, {}, 0
+            epoch_start = (step, time.perf_counter())
+            bar = tqdm(total=steps_per_epoch, initial=step - epoch * steps_per_epoch,
+                       desc=f"epoch {epoch + 1}/{config.num_epochs}", dynamic_ncols=True,
+                       disable=jax.process_index() != 0)
+            with bar:  # closed before any error propagates, so the error is the last line
+                while step < epoch_end and stop.signal is None:
+                    state, metrics = train_step(state, next(device_batches))
+                    step += 1
+                    compiled_at = compiled_at or (step, time.perf_counter())  # the first call compiled
+                    guard.push(step, metrics)
+                    if step % config.log_every_steps == 0 or step == epoch_end:
+                        m = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "nonfinite_pass"}
+                        guard.check()
+                        sums = {k: sums.get(k, 0.0) + v for k, v in m.items()}
+                        logged += 1
+                        bar.set_postfix({**{k: f"{sums[k] / logged:.3f}" for k in steps.LOSS_NAMES},
+                                         "acc": f"{sums['accuracy'] / logged:.1f}",
+                                         "img/s": f"{_rate(epoch_start, compiled_at, step, config.batch_size):.1f}"})
+                        metrics_log.write(step, "train", m)
+                    if config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0 \
+                            and step < epoch_end:
+                        save(step)
+                    bar.update(1)
+            guard.check()
+            if step < epoch_end:  # stopped by a signal mid-epoch
+                break
+            record = {"epoch": epoch + 1, "seconds": time.perf_counter() - epoch_start[1],
+                      "images_per_s": _rate(epoch_start, compiled_at, step, config.batch_size),
+                      "unreadable_images": len(batches.unreadable.indices)}
+            result = None
+            if (epoch + 1) % config.eval_every_epochs == 0 or epoch + 1 == config.num_epochs:
+                _, eval_it = pipeline.eval_batches(test_src, spec, pipeline.host_layout(config.eval_batch_size),
+                                                   workers=workers, prefetch=EVAL_PREFETCH)
+                result = steps.evaluate(eval_step, state, eval_it, data_sharding)
+                if result["combined"] >= best["combined"]:  # a tie goes to the later step, as in orbax
+                    best = {"combined": result["combined"], "concat": result["concat"], "epoch": epoch + 1,
+                            "step": step}
+                print(steps.format_eval_table(f"eval epoch {epoch + 1}", result))
+                metrics_log.write(step, "eval", result)
+            metrics_log.write(step, "epoch", record)
+            save(step, result)
+        if stop.signal is not None and checkpoints.latest_step() != step:
+            save(step)
+    checkpoints.wait()
+    metrics_log.close()
+    if stop.signal is not None:
+        print(f"stopped by signal {stop.signal} at iteration {step}: checkpoint written to "
+              f"{checkpoints.directory}; run the same command again to resume")
+        return {**best, "stopped_by": int(stop.signal)}
+    if best["epoch"] >= 0:
+        print(f"best: combined {best['combined']:.2f}% (concat {best['concat']:.2f}%) at epoch {best['epoch']}; "
+              f"checkpoints in {checkpoints.directory}")
+    return best
+
+
+def _rate(epoch_start: tuple[int, float], compiled_at: tuple[int, float], step: int, batch_size: int) -> float:
+    """This epoch's images/s up to now at `step`, from (step, time) `epoch_start`, or from the end of the step
+    that compiled when that was in this epoch (compilation is not throughput); 0 until a step has counted."""
+    since = compiled_at if compiled_at[0] > epoch_start[0] else epoch_start
+    done, seconds = step - since[0], time.perf_counter() - since[1]
+    return done * batch_size / seconds if done > 0 and seconds > 0 else 0.0

@@ -1,0 +1,171 @@
+"""The jitted steps: one whole progressive training iteration, and evaluation counts; compiled over the mesh."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from pmg_jax import backbones, kernels, parallel, xla_options
+from pmg_jax import jigsaw as jigsaw_lib
+from pmg_jax import model as model_lib
+from pmg_jax.data import pipeline
+from pmg_jax.model import PMG
+from pmg_jax.state import TrainState, transform_spec
+
+EVAL_NAMES = (*model_lib.HEADS, "combined")  # accuracies evaluation reports; combined = argmax of the summed logits
+LOSS_NAMES = ("loss1", "loss2", "loss3", "loss_concat")  # one per head, in model_lib.HEADS order
+
+
+def _all_finite(tree) -> jax.Array:
+    """False when any leaf holds an inf or a nan.
+
+    A leaf's sum is non-finite exactly when it holds one (or when finite entries
+    overflow float32's 3e38, which is a blow-up too); summing with `channel_sum`
+    reads each leaf once, where XLA:CPU's elementwise-check-and-reduce of every
+    parameter-sized gradient costs a tree of slow reduce-windows.
+    """
+    sums = [kernels.channel_sum(jnp.atleast_1d(x)) for x in jax.tree.leaves(tree)]
+    return jnp.isfinite(jnp.sum(jnp.concatenate(sums)))
+
+
+def make_train_step(
+    model: PMG,
+    tx: optax.GradientTransformation,
+    *,
+    granularities: tuple[int, ...] = (8, 4, 2),
+    jigsaw_mode: str = "cycle",
+    concat_weight: float = 2.0,
+    permutations: dict[int, jax.Array] | None = None,
+    bn_stats: str = "all",
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """One whole PMG iteration: the passes of `model_lib.PASSES`, each followed by its own optimizer update.
+
+    A jigsaw pass shuffles the batch into n x n blocks (n from `granularities`) and trains its head;
+    the concat pass trains the concat head on the unshuffled images with weight `concat_weight`.
+    Each pass runs the whole network in train mode (every BN updates its running statistics). If any
+    loss or gradient is non-finite the state is returned unchanged and metrics['nonfinite_pass'] names
+    the first bad pass (1-based; 0 when all are finite). `permutations` fixes the jigsaw per
+    granularity (tests); otherwise they are drawn from the state's RNG. bn_stats='used' keeps only
+    the running statistics of the modules that feed the pass's head (`model_lib.feeds`): XLA then
+    drops the forward of the rest as dead code.
+    """
+    if bn_stats not in ("all", "used"):
+        raise ValueError(f"bn_stats must be 'all' or 'used', got {bn_stats!r}")
+    backbone = backbones.get(model.backbone)
+
+    def cross_entropy(logits, labels):
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    def keep_used(head: int, new: Any, old: Any) -> Any:
+        """`new` statistics where they feed `head`, `old` elsewhere."""
+        return jax.tree_util.tree_map_with_path(
+            lambda path, n, o: n if model_lib.feeds(head, [k.key for k in path], backbone) else o, new, old)
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        images, labels = batch["image"], batch["label"]
+        key = jax.random.fold_in(state.rng, state.step)
+        params, stats, opt_state = state.params, state.batch_stats, state.opt_state
+        metrics, bad_pass = {}, jnp.zeros((), jnp.int32)
+        for i, p in enumerate(model_lib.PASSES):
+            weight = concat_weight if p.jigsaw is None else 1.0
+            if p.jigsaw is None:
+                x = images
+            elif permutations is not None:
+                x = jigsaw_lib.shuffle_blocks(images, granularities[p.jigsaw], permutations[granularities[p.jigsaw]])
+            else:
+                x = jigsaw_lib.jigsaw(jax.random.fold_in(key, i), images, granularities[p.jigsaw], jigsaw_mode)
+
+            def loss_fn(params, x=x, head=p.head, weight=weight):
+                logits, updated = model.apply(
+                    {"params": params, "batch_stats": stats}, x, train=True, mutable=["batch_stats"]
+                )
+                new_stats = updated["batch_stats"]
+                if bn_stats == "used":
+                    new_stats = keep_used(head, new_stats, stats)
+                return weight * cross_entropy(logits[head], labels), (new_stats, logits[head])
+
+            (loss, (stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+            finite = jnp.isfinite(loss) & _all_finite(grads)
+            bad_pass = jnp.where((bad_pass == 0) & ~finite, i + 1, bad_pass)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
+            metrics[LOSS_NAMES[p.head]] = loss
+        metrics["accuracy"] = 100.0 * jnp.mean(jnp.argmax(logits, -1) == labels)  # the last (concat) pass's, in %
+        metrics["nonfinite_pass"] = bad_pass
+        new_state = state.replace(step=state.step + 1, params=params, batch_stats=stats, opt_state=opt_state)
+        ok = bad_pass == 0
+        new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
+        return new_state, metrics
+
+    return train_step
+
+
+def pass_name(nonfinite_pass: int) -> str:
+    """The head of the 1-based pass that `metrics['nonfinite_pass']` names."""
+    return model_lib.HEADS[model_lib.PASSES[nonfinite_pass - 1].head]
+
+
+def make_eval_step(model: PMG) -> Callable[[TrainState, dict], jax.Array]:
+    """Correct-prediction counts of each head and of combined (sum of the four logits), masked, and the count."""
+
+    def eval_step(state: TrainState, batch: dict) -> jax.Array:
+        logits = model.apply({"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False)
+        preds = [*logits, sum(logits)]
+        hits = [jnp.sum((jnp.argmax(p, -1) == batch["label"]) * batch["mask"]) for p in preds]
+        return jnp.stack([*hits, jnp.sum(batch["mask"])])
+
+    return eval_step
+
+
+def compile_steps(model, tx, config: ml_collections.ConfigDict, mesh, kernel_choice: str | kernels.Kernels | None = None):
+    """(train_step, eval_step) jitted over the mesh: batch sharded on 'data', state replicated and donated.
+
+    Both trace with `config.model.kernels` (or `kernel_choice`, for A/B runs) and normalise uint8 batches
+    on the device (config.data.normalize_on_device); float batches pass.
+    """
+    rep, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    train_step = make_train_step(
+        model, tx,
+        granularities=tuple(config.jigsaw.granularities),
+        jigsaw_mode=config.jigsaw.mode,
+        concat_weight=config.concat_loss_weight,
+        bn_stats=config.bn_stats,
+    )
+    spec = transform_spec(config)
+    chosen = kernels.resolve(config.model.kernels if kernel_choice is None else kernel_choice)
+
+    def prepared(step):
+        def run(state, batch):
+            return step(state, {**batch, "image": pipeline.normalize_on_device(batch["image"], spec)})
+
+        return kernels.traced(run, chosen)
+
+    platform = mesh.devices.flat[0].platform
+    jit_train = xla_options.jit(prepared(train_step), platform=platform, program="train",
+                                in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=0)
+    jit_eval = xla_options.jit(prepared(make_eval_step(model)), platform=platform,
+                               in_shardings=(rep, data), out_shardings=rep)
+    return jit_train, jit_eval
+
+
+def evaluate(eval_step, state: TrainState, batches: Iterator[dict], sharding) -> dict[str, float]:
+    """Accuracy (%) of every head and of combined over a whole split, each example counted once."""
+    totals = np.zeros(len(EVAL_NAMES) + 1, np.float64)
+    for batch in pipeline.prefetch_to_device(batches, sharding):
+        totals += np.asarray(jax.device_get(eval_step(state, batch)), np.float64)
+    count = totals[-1]
+    result = {name: 100.0 * totals[i] / max(count, 1) for i, name in enumerate(EVAL_NAMES)}
+    result["count"] = int(count)
+    return result
+
+
+def format_eval_table(title: str, result: dict[str, float]) -> str:
+    """`title`, then an aligned table of the accuracies."""
+    head = " | ".join(f"{n:>8}" for n in EVAL_NAMES)
+    vals = " | ".join(f"{result[n]:8.2f}" for n in EVAL_NAMES)
+    return f"{title} on {result['count']} images (top-1 %)\n  {head}\n  {vals}"
