@@ -287,7 +287,7 @@ def check_options(maps: Sequence[str], method: str, target: str, concat: str, fi
         if method == "eigencam":
             raise ValueError("target 'finer' needs a gradient method: eigencam has no target class to contrast "
                              f"(use one of {', '.join(m for m in METHODS if m != 'eigencam')})")
-        if isinstance(finer_k, bool) or not isinstance(finer_k, int) or finer_k < 1:
+        if isinstance(finer_k, bool) or not isinstance(finer_k, (int, np.integer)) or finer_k < 1:
             raise ValueError(f"finer_k must be a positive number of similar classes, not {finer_k!r}")
         if not np.isfinite(finer_alpha):
             raise ValueError(f"finer_alpha must be a finite number, not {finer_alpha!r}")

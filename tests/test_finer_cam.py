@@ -157,5 +157,6 @@ def test_finer_needs_a_gradient_method_and_sane_options():
     for k in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="finer_k"):
             cam.make_explainer(model, target="finer", finer_k=k)
+    cam.make_explainer(model, target="finer", finer_k=np.int64(2))  # a numpy integer is a number of classes too
     with pytest.raises(ValueError, match="finer_alpha"):
         cam.make_explainer(model, target="finer", finer_alpha=float("nan"))
