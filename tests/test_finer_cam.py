@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from pmg_jax import cam
+from pmg_jax import cam, localization
+from pmg_jax.data import pipeline, synthetic
 from pmg_jax.model import PMG
 from test_cam import MAP_TOL, TINY, TINY_SIZE, torch_modules
 from test_parity import flax_variables, nhwc, resnet50_pair, torch_pmg  # noqa: F401 (a fixture)
@@ -161,3 +162,15 @@ def test_finer_needs_a_gradient_method_and_sane_options():
     cam.make_explainer(model, target="finer", finer_k=np.int64(2))  # a numpy integer is a number of classes too
     with pytest.raises(ValueError, match="finer_alpha"):
         cam.make_explainer(model, target="finer", finer_alpha=float("nan"))
+
+
+def test_localization_evaluate_passes_the_finer_options_on(tiny_pair, monkeypatch):
+    _, model_j, variables, _ = tiny_pair
+    made, real = [], cam.make_explainer
+    monkeypatch.setattr(cam, "make_explainer", lambda *args, **kwargs: made.append(kwargs) or real(*args, **kwargs))
+    source = synthetic.DemoSource(synthetic.DemoSpec(num_classes=TINY["num_classes"], image_size=72), "test", 2)
+    spec = pipeline.TransformSpec(72, TINY_SIZE)
+    _, batches = pipeline.eval_batches(source, spec, pipeline.Layout(2), with_box=True)
+    report = localization.evaluate(model_j, variables, batches, spec, maps=("block3",), target="finer", auc_steps=0,
+                                   finer_k=2, finer_alpha=0.5)
+    assert made == [{"finer_k": 2, "finer_alpha": 0.5}] and report["count"] == 2
