@@ -7,7 +7,10 @@ is no second, hand-written forward. BatchNorm runs in inference mode.
 Which logit drives a map: block k and layer(k+1) are explained by head k (block k feeds only
 head k and the concat head; layer(k+1) is block k's input), and the concat map is either the
 seed's sum of the three block maps ('seed') or the concat head's gradient through each block
-('head'). Every map is ReLU'd, divided by its maximum (an all-zero map stays zero) and resized
+('head'). Target 'finer' is Finer-CAM (Zhang et al., CVPR 2025), as pytorch-grad-cam's FinerCAM
+defines it: the explained class's logit contrasted with its k nearest classes by logit (see
+`finer_score`), so a map shows what tells the class apart from those it is most confused with.
+Every map is ReLU'd, divided by its maximum (an all-zero map stays zero) and resized
 bilinearly to the input size, so it lies in [0, 1].
 """
 
@@ -26,13 +29,15 @@ from pmg_jax import xla_options
 from pmg_jax.data import transforms
 
 MAP_NAMES = model_lib.CAM_MAPS
-TARGETS = ("predicted", "class", "seed")
+TARGETS = ("predicted", "class", "seed", "finer")
 CONCAT_MODES = ("seed", "head")
 BLOCKS = model_lib.BLOCKS
 CONCAT_HEAD = model_lib.CONCAT
 # Index (into the model's (head1, head2, head3, concat) logits) of the head that explains each map.
 HEAD_OF = model_lib.CAM_HEAD
 _EPS = 1e-7
+FINER_K, FINER_ALPHA = 3, 1.0  # pytorch-grad-cam's FinerCAM defaults: comparison classes 1-3, alpha 1
+_FINER_EPS = 1e-9  # FinerWeightedTarget's guard on the sum of the comparison weights
 
 Request = tuple[str, int]  # (map name, head index) whose gradient is wanted
 
@@ -58,18 +63,49 @@ def prepare(image: np.ndarray, size: int, mean: Sequence[float], std: Sequence[f
     return transforms.normalize(transforms.resize(image, size), mean, std)
 
 
-def target_score(logits: jax.Array, target: str, classes: jax.Array | None = None) -> jax.Array:
-    """Per-image score (B,) whose gradient a map explains: a class's logit, or the seed's 0.5 * sum_c z_c^2."""
+def target_score(logits: jax.Array, target: str, classes: jax.Array | None = None, *, finer_k: int = FINER_K,
+                 finer_alpha: float = FINER_ALPHA) -> jax.Array:
+    """Per-image score (B,) whose gradient a map explains: a class's logit, the Finer-CAM contrast, or the seed's
+    0.5 * sum_c z_c^2."""
     if target == "seed":
         return 0.5 * jnp.sum(jnp.square(logits), axis=-1)
-    return jnp.take_along_axis(logits, explained_class(logits, target, classes)[:, None], axis=-1)[:, 0]
+    main = explained_class(logits, target, classes)
+    if target == "finer":
+        return finer_score(logits, main, similar_classes(logits, main, finer_k), finer_alpha)
+    return jnp.take_along_axis(logits, main[:, None], axis=-1)[:, 0]
 
 
 def explained_class(logits: jax.Array, target: str, classes: jax.Array | None = None) -> jax.Array:
-    """The class (B,) a head's map is about: the given one for 'class', else the head's prediction."""
-    if target == "class":
+    """The class (B,) a head's map is about: the given one for 'class' (and for 'finer' when given), else the
+    head's prediction."""
+    if target == "class" or (target == "finer" and classes is not None):
         return jnp.broadcast_to(jnp.asarray(classes, jnp.int32), logits.shape[:1])
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+def similar_classes(logits: jax.Array, main: jax.Array, k: int = FINER_K) -> jax.Array:
+    """The min(k, C - 1) classes (B, k) whose logits are nearest |z_c - z_main| to the main class's, nearest first.
+
+    FinerCAM's ranking: it sorts all classes by that distance and takes places 1..k (place 0 is
+    the main class itself, at distance 0); exact ties go to the lower class id here.
+    """
+    k = min(k, logits.shape[-1] - 1)
+    z_main = jnp.take_along_axis(logits, main[:, None], axis=-1)
+    distance = jnp.abs(logits - z_main)
+    distance = jnp.where(jnp.arange(logits.shape[-1]) == main[:, None], jnp.inf, distance)
+    return jax.lax.top_k(-distance, k)[1]
+
+
+def finer_score(logits: jax.Array, main: jax.Array, similar: jax.Array, alpha: float = FINER_ALPHA) -> jax.Array:
+    """FinerWeightedTarget: sum_j p_j (z_main - alpha z_j) / (sum_j p_j + 1e-9) over the similar classes j.
+
+    p = softmax(logits) weights each comparison and is differentiated too, as in pytorch-grad-cam.
+    """
+    p = jax.nn.softmax(logits, axis=-1)
+    weights = jnp.take_along_axis(p, similar, axis=-1)
+    z_main = jnp.take_along_axis(logits, main[:, None], axis=-1)
+    z_similar = jnp.take_along_axis(logits, similar, axis=-1)
+    return jnp.sum(weights * (z_main - alpha * z_similar), axis=-1) / (jnp.sum(weights, axis=-1) + _FINER_EPS)
 
 
 def _variables(variables: dict) -> dict:
@@ -97,6 +133,9 @@ def capture(
     requests: Sequence[Request],
     target: str = "predicted",
     classes: jax.Array | None = None,
+    *,
+    finer_k: int = FINER_K,
+    finer_alpha: float = FINER_ALPHA,
 ) -> Captured:
     """One forward pass, and for each (map, head) request the gradient of that head's summed target score.
 
@@ -113,7 +152,8 @@ def capture(
         """Summed target score per requested head, with the logits and sown maps as aux."""
         logits, state = model.apply({**variables, "perturbations": {**zeros, **perturbed}}, images, train=False,
                                     mutable=["intermediates"])
-        per_head = jnp.stack([jnp.sum(target_score(logits[h], target, classes)) for h in heads])
+        per_head = jnp.stack([jnp.sum(target_score(logits[h], target, classes, finer_k=finer_k,
+                                                   finer_alpha=finer_alpha)) for h in heads])
         return per_head, (logits, state["intermediates"])
 
     jacobian, (logits, sown) = jax.jacrev(scores, has_aux=True)({name: zeros[name] for name in names})
@@ -241,8 +281,9 @@ def maps_from_capture(
     return out
 
 
-def check_options(maps: Sequence[str], method: str, target: str, concat: str) -> None:
-    """Raise ValueError for an unknown map, method, target kind or concat mode."""
+def check_options(maps: Sequence[str], method: str, target: str, concat: str, finer_k: int = FINER_K,
+                  finer_alpha: float = FINER_ALPHA) -> None:
+    """Raise ValueError for an unknown map, method, target kind or concat mode, or a Finer-CAM it cannot do."""
     for value, allowed, what in ((method, METHODS, "method"), (target, TARGETS, "target"),
                                  (concat, CONCAT_MODES, "concat mode")):
         if value not in allowed:
@@ -250,6 +291,14 @@ def check_options(maps: Sequence[str], method: str, target: str, concat: str) ->
     unknown = [m for m in maps if m not in MAP_NAMES]
     if unknown or not maps:
         raise ValueError(f"maps must be a non-empty subset of {', '.join(MAP_NAMES)}; got {list(maps)}")
+    if target == "finer":
+        if not _METHODS[method].uses_gradients:
+            raise ValueError(f"target 'finer' needs a gradient method: {method} has no target class to contrast "
+                             f"(use one of {', '.join(m for m, v in _METHODS.items() if v.uses_gradients)})")
+        if isinstance(finer_k, bool) or not isinstance(finer_k, (int, np.integer)) or finer_k < 1:
+            raise ValueError(f"finer_k must be a positive number of similar classes, not {finer_k!r}")
+        if not np.isfinite(finer_alpha):
+            raise ValueError(f"finer_alpha must be a finite number, not {finer_alpha!r}")
 
 
 def explain(
@@ -262,16 +311,23 @@ def explain(
     method: str = "gradcam",
     target: str = "predicted",
     concat: str = "seed",
+    finer_k: int = FINER_K,
+    finer_alpha: float = FINER_ALPHA,
 ) -> Explanation:
-    """Maps of a batch of normalised NHWC images; `classes` (B,) are the targets when target='class'."""
-    check_options(maps, method, target, concat)
+    """Maps of a batch of normalised NHWC images; `classes` (B,) are the targets when target='class'.
+
+    target='finer' contrasts each head's explained class (`classes` if given, else the head's
+    prediction) with its `finer_k` nearest classes by that head's logits, weighted by `finer_alpha`.
+    """
+    check_options(maps, method, target, concat, finer_k, finer_alpha)
     if target == "class" and classes is None:
         raise ValueError("target='class' needs `classes` (one class id per image)")
     if not _METHODS[method].uses_gradients:
         logits, sown = forward(model, variables, images)
         captured = Captured({name: sown[name] for name, _ in requests_for(maps, concat)}, {}, logits)
     else:
-        captured = capture(model, variables, images, requests_for(maps, concat), target, classes)
+        captured = capture(model, variables, images, requests_for(maps, concat), target, classes, finer_k=finer_k,
+                           finer_alpha=finer_alpha)
     out = maps_from_capture(captured, method, maps, images.shape[1:3], concat)
     targets = jnp.stack([explained_class(z, target, classes) for z in captured.logits], axis=-1)
     return Explanation(out, captured.logits, targets)
@@ -283,7 +339,11 @@ def make_explainer(
     method: str = "gradcam",
     target: str = "predicted",
     concat: str = "seed",
+    *,
+    finer_k: int = FINER_K,
+    finer_alpha: float = FINER_ALPHA,
 ) -> Callable[..., Explanation]:
     """`explain` jitted for fixed options: fn(variables, images, classes=None) -> Explanation."""
-    check_options(maps, method, target, concat)
-    return xla_options.jit(functools.partial(explain, model, maps=tuple(maps), method=method, target=target, concat=concat))
+    check_options(maps, method, target, concat, finer_k, finer_alpha)
+    return xla_options.jit(functools.partial(explain, model, maps=tuple(maps), method=method, target=target,
+                                             concat=concat, finer_k=finer_k, finer_alpha=finer_alpha))

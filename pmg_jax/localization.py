@@ -173,14 +173,18 @@ def evaluate(
     concat: str = "seed",
     auc_steps: int = 16,
     progress: Callable[[int], Any] | None = None,
+    finer_k: int = cam.FINER_K,
+    finer_alpha: float = cam.FINER_ALPHA,
 ) -> dict:
     """Localisation metrics per method and map over eval batches {'image', 'label', 'box', 'mask'} made with `spec`.
 
-    target='class' explains the true label (the WSOL protocol); auc_steps=0 skips the (costly:
+    target='class' explains the true label (the WSOL protocol), target='finer' contrasts it with its finer_k
+    nearest classes (cam.explain); auc_steps=0 skips the (costly:
     2 x (auc_steps + 1) forward passes per map) deletion and insertion curves. Returns {'count', 'centre_pointing',
     'results': {method: {map: {metric: value}}}}; `progress(n)` is called with each batch's real count.
     """
-    explainers = {m: cam.make_explainer(model, maps, m, target, concat) for m in methods}
+    explainers = {m: cam.make_explainer(model, maps, m, target, concat, finer_k=finer_k, finer_alpha=finer_alpha)
+                  for m in methods}
     curves = xla_options.jit(functools.partial(deletion_insertion, model, steps=auc_steps))
     records = {(m, name): {} for m in methods for name in maps}
     centre, count = [], 0

@@ -23,7 +23,7 @@ def _in_box(mask: np.ndarray, box: np.ndarray) -> np.ndarray:
 def test_shapes_and_dtypes() -> None:
     """Examples have the documented keys, shapes and dtypes."""
     ex = make_example(SPEC, "train", 3)
-    assert set(ex) == {"image", "label", "box", "object_box"}
+    assert set(ex) == {"image", "label", "box", "object_box", "parts"}
     assert ex["image"].shape == (128, 128, 3) and ex["image"].dtype == np.uint8
     assert isinstance(ex["label"], int) and 0 <= ex["label"] < SPEC.num_classes
     assert ex["box"].shape == (4,) and ex["box"].dtype == np.float32

@@ -2,8 +2,9 @@
 
 Sources hand out cheap records: the image as a file path, encoded bytes or an
 in-memory array, a label, and optionally a box in pixels ('box') or in
-fractions of the image size ('rel_box', as TFDS stores it). `load_example`
-turns one into {'image': RGB uint8 HxWx3, 'label', 'box'}. Greyscale, CMYK,
+fractions of the image size ('rel_box', as TFDS stores it), and optionally part
+points ('parts', (P, 3) [x, y, visible] in pixels). `load_example` turns one into
+{'image': RGB uint8 HxWx3, 'label', 'box', 'parts'}. Greyscale, CMYK,
 16-bit and alpha images are converted (alpha is dropped); a file that yields no
 pixels raises `UnreadableImage`, which the pipeline turns into a skip.
 """
@@ -90,7 +91,8 @@ def record_name(record: Mapping) -> str:
 
 
 def load_example(record: Mapping) -> dict:
-    """A source record -> {'image': RGB uint8 HxWx3, 'label': int, 'box': float32 pixel box or None}.
+    """A source record -> {'image': RGB uint8 HxWx3, 'label': int, 'box': float32 pixel box or None,
+    'parts': float32 (P, 3) [x, y, visible] or None}.
 
     Raises UnreadableImage naming the record when its image has no pixels.
     """
@@ -106,4 +108,5 @@ def load_example(record: Mapping) -> dict:
         "image": image,
         "label": int(record["label"]),
         "box": None if box is None else np.asarray(box, np.float32),
+        "parts": None if record.get("parts") is None else np.asarray(record["parts"], np.float32).reshape(-1, 3),
     }

@@ -46,7 +46,10 @@ _STEP = "_step"
 
 
 class Source(Protocol):
-    """Random-access records: dicts with 'image' (a path, encoded bytes or an RGB array), 'label', maybe a box."""
+    """Random-access records: dicts with 'image' (a path, encoded bytes or an RGB array), 'label', maybe a box.
+
+    A source whose records carry part points (P, 3) also has `part_names` (P names).
+    """
 
     def __len__(self) -> int: ...
 
@@ -105,6 +108,11 @@ def host_layout(global_batch: int) -> Layout:
 @functools.lru_cache(maxsize=4)
 def _epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch, 0x5EED]).permutation(n)
+
+
+def part_names(source: Source) -> tuple[str, ...]:
+    """The names of the parts a source's records carry; none for a source without part annotations."""
+    return tuple(getattr(source, "part_names", ()))
 
 
 def first_readable(source: Source, index: int) -> tuple[dict, int]:
@@ -209,9 +217,10 @@ class _EvalBatch(_BatchMaker):
     """Batch number -> this host's share of it; past the end (padding) or unreadable, a zero image with mask 0."""
 
     def __init__(self, source: Source, spec: TransformSpec, layout: Layout, with_box: bool,
-                 ring: slots.SlotRing | None = None):
+                 ring: slots.SlotRing | None = None, with_parts: bool = False):
         super().__init__(source, spec, layout, ring)
         self.with_box = with_box
+        self.num_parts = len(part_names(source)) if with_parts else 0
 
     def __call__(self, batch: int) -> dict:
         s, n = self.spec, self.layout.local_batch
@@ -219,6 +228,7 @@ class _EvalBatch(_BatchMaker):
         images = self._new_images(batch)
         labels, indices, skips = (np.zeros(n, np.int32) for _ in range(3))
         mask, boxes = np.zeros(n, np.float32), np.zeros((n, 4), np.float32)
+        parts = np.zeros((n, self.num_parts, 3), np.float32)  # invisible unless an example has them
         for slot in range(n):
             position = indices[slot] = self.layout.global_position(batch, slot)
             example = None
@@ -240,9 +250,14 @@ class _EvalBatch(_BatchMaker):
             if self.with_box and example["box"] is not None:
                 boxes[slot] = transforms.eval_box(example["box"], example["image"].shape, resize_size=s.resize_size,
                                                   crop_size=s.crop_size)
+            if self.num_parts and example["parts"] is not None:
+                parts[slot] = transforms.eval_parts(example["parts"], example["image"].shape,
+                                                    resize_size=s.resize_size, crop_size=s.crop_size)
         out = {"label": labels, "mask": mask, _INDEX: indices, _SKIPPED: skips}
         if self.with_box:
             out["box"] = boxes
+        if self.num_parts:
+            out["parts"] = parts
         return self._pack(batch, images, out)
 
 
@@ -411,12 +426,17 @@ def eval_batches(
     workers: int = 0,
     prefetch: int = 2,
     with_box: bool = False,
+    with_parts: bool = False,
 ) -> tuple[int, Batches]:
-    """(num_batches, iterator) over every example exactly once; the last batch is padded, 'mask' marks real ones."""
+    """(num_batches, iterator) over every example exactly once; the last batch is padded, 'mask' marks real ones.
+
+    with_parts adds 'parts' (B, P, 3) [x, y, visible] in crop pixels when the source has part names;
+    a source without them gives batches without 'parts'.
+    """
     num_batches = -(-len(source) // layout.global_batch)
 
     def make(ring: slots.SlotRing | None) -> _EvalBatch:
-        return _EvalBatch(source, spec, layout, with_box, ring)
+        return _EvalBatch(source, spec, layout, with_box, ring, with_parts)
 
     return num_batches, _iterate(make, source, spec, layout, num_batches, 0, workers, prefetch)
 

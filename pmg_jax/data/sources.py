@@ -3,8 +3,10 @@
 A source has `len`, `class_names` and `__getitem__` returning a cheap record:
 {'image': a file path, encoded bytes or an RGB uint8 array, 'label': int,
 optional 'box' [x0, y0, x1, y1] in pixels of the stored image, or 'rel_box' in
-fractions of its width and height}. Records are decoded by `decode.load_example`
-in the input workers, never here.
+fractions of its width and height, optional 'parts' (P, 3) [x, y, visible] in
+pixels of the stored image}. A source with parts names them in `part_names`
+(CUB's 15, the demo's wing patch); the others have none. Records are decoded by
+`decode.load_example` in the input workers, never here.
 
 Folder layouts (source='folder'): CUB-200-2011 as extracted from CUB_200_2011.tgz,
 FGVC-Aircraft as extracted from fgvc-aircraft-2013b.tar.gz (variants), Stanford
@@ -64,6 +66,8 @@ class FileSource:
     labels: np.ndarray
     class_names: Sequence[str]
     boxes: np.ndarray | None = None
+    parts: np.ndarray | None = None  # (N, P, 3) [x, y, visible], P = len(part_names)
+    part_names: Sequence[str] = ()
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -72,6 +76,8 @@ class FileSource:
         record = {"image": self.paths[index], "label": int(self.labels[index])}
         if self.boxes is not None:
             record["box"] = self.boxes[index]
+        if self.parts is not None:
+            record["parts"] = self.parts[index]
         return record
 
 
@@ -120,8 +126,47 @@ def _check_split(dataset: str, split: str, splits: Iterable[str]) -> None:
                          "set config.dataset.train_split / test_split")
 
 
+CUB_PART_FILES = (os.path.join("parts", "parts.txt"), os.path.join("parts", "part_locs.txt"))
+
+
+def _cub_parts(root: str, data_dir: str, ids: Sequence[str]) -> tuple[list[str], np.ndarray | None]:
+    """CUB's part names and each image's (P, 3) [x, y, visible] (rows follow `ids`); none without parts/."""
+    names_path, locs_path = (os.path.join(root, f) for f in CUB_PART_FILES)
+    present = [os.path.isfile(p) for p in (names_path, locs_path)]
+    if not any(present):
+        return [], None
+    if not all(present):
+        raise _not_found("cub", data_dir, f"both of {' and '.join(CUB_PART_FILES)} (or neither)")
+    rows = _rows(names_path)
+    if [r[0] for r in rows] != [str(i) for i in range(1, len(rows) + 1)] or any(len(r) < 2 for r in rows):
+        raise ValueError(f"{names_path}: expected lines '<part id> <name>' numbered 1, 2, ... in order")
+    names = [" ".join(r[1:]) for r in rows]
+    try:
+        locs = np.loadtxt(locs_path, dtype=np.float64, ndmin=2)
+    except ValueError as e:
+        raise ValueError(f"{locs_path}: expected lines '<image id> <part id> <x> <y> <visible>' ({e})") from None
+    if locs.shape[1:] != (5,):
+        raise ValueError(f"{locs_path}: expected 5 numbers a line (image id, part id, x, y, visible), "
+                         f"found {locs.shape[1]}")
+    position = {int(i): k for k, i in enumerate(ids)}
+    image = np.array([position.get(int(i), -1) for i in locs[:, 0]])
+    part = locs[:, 1].astype(int) - 1
+    keep = image >= 0
+    if np.any((part[keep] < 0) | (part[keep] >= len(names))):
+        raise ValueError(f"{locs_path}: part ids must be 1 to {len(names)}, as in {names_path}")
+    count = np.zeros((len(ids), len(names)), int)
+    np.add.at(count, (image[keep], part[keep]), 1)
+    if np.any(count != 1):
+        k, p = np.argwhere(count != 1)[0]
+        raise _not_found("cub", data_dir, f"one row in {CUB_PART_FILES[1]} for each part of each image (image id "
+                                          f"{ids[k]} has {count[k, p]} for part {p + 1})")
+    parts = np.zeros((len(ids), len(names), 3), np.float32)
+    parts[image[keep], part[keep]] = np.column_stack([locs[keep, 2:4], locs[keep, 4] > 0])
+    return names, parts
+
+
 def cub_source(data_dir: str, split: str) -> FileSource:
-    """CUB-200-2011 from its extracted folder: the official split (train 5994 / test 5794) and boxes."""
+    """CUB-200-2011 from its extracted folder: the official split (train 5994 / test 5794), boxes and 15 parts."""
     _check_split("cub", split, ("train", "test"))
     files = ("images.txt", "image_class_labels.txt", "train_test_split.txt", "bounding_boxes.txt")
     root = _find_root("cub", data_dir, (*files, "classes.txt", "images"), ("CUB_200_2011",))
@@ -132,11 +177,14 @@ def cub_source(data_dir: str, split: str) -> FileSource:
     paths = [os.path.join(root, "images", images[i][0]) for i in ids]
     _check_files("cub", data_dir, paths)
     xywh = np.array([boxes[i] for i in ids], np.float32).reshape(-1, 4)
+    part_names, parts = _cub_parts(root, data_dir, ids)
     return FileSource(
         paths=paths,
         labels=np.array([int(labels[i][0]) - 1 for i in ids], np.int32),
         class_names=[r[1].split(".", 1)[-1] for r in _rows(os.path.join(root, "classes.txt"))],
         boxes=np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1),
+        parts=parts,
+        part_names=part_names,
     )
 
 

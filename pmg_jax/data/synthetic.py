@@ -4,7 +4,8 @@ Every image shows the same stylised bird (tail, legs, body, belly, wing, head, e
 cluttered background.  Position, scale, rotation, horizontal flip, body colours, background,
 clutter, global lighting and sensor noise vary freely but are shared by all classes; the class is
 encoded only by the colour and shape of a small patch drawn on the wing, whose tight pixel box is
-returned with every example.  All nuisance randomness is drawn independently of the label, so
+returned with every example, and its centre as the one annotated part ("wing patch").  All nuisance
+randomness is drawn independently of the label, so
 ``make_example(spec, split, i, label=k)`` renders the very same scene with another patch.
 """
 
@@ -32,6 +33,7 @@ _PATCH_SHAPES: tuple[str, ...] = ("disc", "square", "triangle", "bars", "ring")
 # Class k has colour k % 4 and shape k % 5: a bijection onto all 20 pairs (gcd(4, 5) = 1), so any
 # prefix of the table mixes colour-only and shape-only differences.
 MAX_CLASSES = len(_PATCH_COLOURS) * len(_PATCH_SHAPES)
+PART_NAMES = ("wing patch",)
 
 _BODY_PALETTE = np.array(
     [
@@ -220,7 +222,8 @@ def make_example(spec: DemoSpec, split: str, index: int, *, label: int | None = 
     """Deterministic example from (seed, split, index); ``label`` overrides the class only.
 
     Returns {'image': uint8 HxWx3 RGB, 'label': int, 'box': float32 [x0, y0, x1, y1] tight
-    half-open pixel box of the wing patch, 'object_box': float32 box of the whole bird}.
+    half-open pixel box of the wing patch, 'object_box': float32 box of the whole bird, 'parts':
+    float32 (1, 3) [x, y, visible]: the wing patch box's centre, visible}.
     """
     index = operator.index(index)
     if index < 0:
@@ -280,7 +283,8 @@ def make_example(spec: DemoSpec, split: str, index: int, *, label: int | None = 
     out += bias
     out += sigma * noise
     image = np.clip(out, 0.0, 255.0).astype(np.uint8)
-    return {"image": image, "label": label, "box": box, "object_box": _tight_box(object_mask)}
+    part = np.array([[(box[0] + box[2]) / 2, (box[1] + box[3]) / 2, 1.0]], np.float32)
+    return {"image": image, "label": label, "box": box, "object_box": _tight_box(object_mask), "parts": part}
 
 
 class DemoSource:
@@ -294,6 +298,7 @@ class DemoSource:
         self.split = split
         self.size = size
         self.class_names: list[str] = class_names(spec.num_classes)
+        self.part_names: tuple[str, ...] = PART_NAMES
 
     def __len__(self) -> int:
         """Number of examples."""

@@ -3,7 +3,8 @@
 train: resize to resize x resize (bilinear, aspect ignored), zero-pad `pad`, random
 crop `crop`, horizontal flip with p = 0.5, scale to [0, 1], normalise (x - mean) / std.
 eval: resize, centre crop, normalise. Images are RGB uint8 HxWx3 in, float32 out.
-Boxes are [x0, y0, x1, y1] in pixels.
+Boxes are [x0, y0, x1, y1] in pixels; part points [x, y, visible] in pixels follow the
+eval transform the same way.
 
 Resizing: the reference resizes PIL images, i.e. PIL's bilinear filter, which is
 antialiased (its support widens with the downscaling factor). Backends:
@@ -220,6 +221,19 @@ def eval_box(box: np.ndarray, shape: Sequence[int], *, resize_size: int, crop_si
     """A box in an image of `shape` -> the box in its centre crop."""
     off = center_offset(resize_size, crop_size)
     return crop_box(scale_box(box, shape[0], shape[1], resize_size), off, off, crop_size)
+
+
+def eval_parts(parts: np.ndarray, shape: Sequence[int], *, resize_size: int, crop_size: int) -> np.ndarray:
+    """Points (P, 3) [x, y, visible] in an image of `shape` -> in its centre crop, as `eval_box` moves boxes.
+
+    A point that the crop leaves out (outside [0, crop_size] on either axis) becomes invisible.
+    """
+    parts = np.asarray(parts, np.float32).reshape(-1, 3)
+    off = center_offset(resize_size, crop_size)
+    scale = np.array([resize_size / shape[1], resize_size / shape[0]], np.float32)
+    xy = parts[:, :2] * scale - off
+    inside = np.all((xy >= 0) & (xy <= crop_size), axis=1)
+    return np.column_stack([xy, (parts[:, 2] > 0) & inside]).astype(np.float32)
 
 
 def eval_transform(
