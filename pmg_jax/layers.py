@@ -396,8 +396,9 @@ class BatchNorm(nn.Module):
 def _pool_taps(x: jax.Array, window: int, strides: int, padding: int):
     """The window*window strided views of `x` (NHWC, padded with -inf) that a max pool compares."""
     p, s = padding, strides
-    lowest = jnp.array(-jnp.inf, x.dtype)
-    xp = jax.lax.pad(x, lowest, [(0, 0, 0), (p, p, 0), (p, p, 0), (0, 0, 0)])
+    # jnp.pad with a Python constant: the same HLO as lax.pad, and the form jax2onnx (0.17) converts
+    # with a symbolic batch (its lax.pad rule requires static shapes), for pmg_jax.export
+    xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)), constant_values=-jnp.inf)
     ho = (x.shape[1] + 2 * p - window) // s + 1
     wo = (x.shape[2] + 2 * p - window) // s + 1
     taps = []
