@@ -15,7 +15,6 @@ import argparse
 import contextlib
 import json
 import logging
-import math
 import os
 import sys
 from typing import Any, Callable, Iterator, Sequence
@@ -58,12 +57,12 @@ def inference_function(restored: Restored) -> Callable[[jax.Array], tuple[jax.Ar
 def direct_convolutions() -> Iterator[None]:
     """Trace with every convolution direct (XLA's own): layers' Winograd is an XLA:CPU speed path chosen
     from the batch size, which a symbolic batch does not have, and an exported model is for any runtime."""
-    saved = layers.WINOGRAD_MIN_PIXELS
-    layers.WINOGRAD_MIN_PIXELS = math.inf
+    saved = layers.use_winograd
+    layers.use_winograd = lambda *args: False
     try:
         yield
     finally:
-        layers.WINOGRAD_MIN_PIXELS = saved
+        layers.use_winograd = saved
 
 
 def _input_spec(restored: Restored) -> jax.ShapeDtypeStruct:

@@ -150,7 +150,9 @@ def predict_files(predictor: Predictor, paths: Sequence[str], *, k: int = 5, hea
             yield from _rows(*pending, wanted, names, k)
 
 
-def _rows(chunk, errors, probs, wanted, names, k) -> Iterator[dict]:
+def _rows(chunk: Sequence[str], errors: Sequence[str | None], probs: jax.Array | None, wanted: Sequence[str],
+          names: Sequence[str], k: int) -> Iterator[dict]:
+    """The rows of one batch: its readable images' top classes from `probs`, its unreadable ones' errors."""
     probs = None if probs is None else np.asarray(jax.device_get(probs))
     for i, (path, error) in enumerate(zip(chunk, errors)):
         if error is not None:
@@ -161,7 +163,7 @@ def _rows(chunk, errors, probs, wanted, names, k) -> Iterator[dict]:
 
 @dataclasses.dataclass
 class SplitResult:
-    """Counts over a split: hits per output and class, the combined confusion matrix, and the rows."""
+    """Counts over a split: hits per output and class, the combined confusion matrix, unreadable images."""
 
     hits: np.ndarray  # (5, classes): correct predictions of OUTPUTS per true class
     counts: np.ndarray  # (classes,): readable examples per true class

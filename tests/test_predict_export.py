@@ -10,11 +10,12 @@ import textwrap
 
 import cv2
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from conftest import ROOT, tiny_demo_config
-from pmg_jax import convert, export, predict, train_lib
+from pmg_jax import convert, export, layers, predict, train_lib
 from pmg_jax.data import synthetic, transforms
 
 TINY = {"model.width": 8, "model.feature_size": 16, "data.crop_size": 32, "data.resize_size": 40,
@@ -135,6 +136,20 @@ def batch(run):
     rng = np.random.default_rng(0)
     crops = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     return restored, crops, reference_outputs(restored, crops)
+
+
+def test_exports_trace_every_convolution_direct():
+    """A convolution that layers computes as Winograd on CPU (>= 256 channels and enough pixels) is chosen from
+    the batch size, which a symbolic batch does not have: exports trace it as XLA's direct convolution."""
+    images = jax.ShapeDtypeStruct(jax.export.symbolic_shape("b, 28, 28, 256"), jnp.float32)
+    conv = jax.jit(lambda x: layers.conv2d(x, jnp.zeros((3, 3, 256, 256)), 1, 1))
+    with pytest.raises(jax.errors.InconclusiveDimensionOperation):
+        jax.export.export(conv)(images)
+    chosen = layers.use_winograd
+    with export.direct_convolutions():
+        module = jax.export.export(conv)(images).mlir_module()
+    assert "stablehlo.convolution" in module and "dot_general" not in module  # Winograd's GEMMs are dots
+    assert layers.use_winograd is chosen
 
 
 STABLEHLO_RUNNER = textwrap.dedent("""
