@@ -18,6 +18,8 @@ from conftest import ROOT, tiny_demo_config
 from pmg_jax import convert, export, layers, predict, train_lib
 from pmg_jax.data import synthetic, transforms
 
+pytestmark = pytest.mark.xdist_group("predict_export")  # one worker: the fixtures' run and compilations are shared
+
 TINY = {"model.width": 8, "model.feature_size": 16, "data.crop_size": 32, "data.resize_size": 40,
         "dataset.demo_image_size": 48, "dataset.demo_test_size": 20, "eval_batch_size": 8}
 
@@ -73,7 +75,7 @@ def test_predict_a_folder_writes_a_row_per_file_and_reports_the_corrupt_one(run,
     bird, broken, grey = rows
     assert broken["error"] and not broken["combined_top1"]
     assert grey["combined_top1"] and not grey["error"]
-    restored = train_lib.restore(run[0])
+    restored = predict.restore(run[0])
     want = reference_outputs(restored, crop(restored, colour)[None])
     for i, name in enumerate(predict.OUTPUTS):
         probs = want[0][0] if name == "combined" else np.exp(want[i][0]) / np.exp(want[i][0]).sum()
@@ -111,7 +113,7 @@ def test_split_accuracy_equals_evaluation(run, tmp_path, capsys):
     workdir, config = run
     evaluated = train_lib.train_and_evaluate(
         tiny_demo_config(**TINY, eval_only=True, **{"init.checkpoint": workdir}), str(tmp_path / "unused"))
-    restored = train_lib.restore(workdir)
+    restored = predict.restore(workdir)
     result = predict.predict_split(predict.make_predictor(restored, 8), "test")
     assert result.accuracy() == {k: evaluated[k] for k in (*predict.OUTPUTS, "count")}
     assert result.confusion.sum() == config.dataset.demo_test_size
@@ -132,7 +134,7 @@ def test_split_accuracy_equals_evaluation(run, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def batch(run):
     """Three uint8 crops and what the JAX model makes of them."""
-    restored = train_lib.restore(run[0])
+    restored = predict.restore(run[0])
     rng = np.random.default_rng(0)
     crops = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     return restored, crops, reference_outputs(restored, crops)
@@ -208,7 +210,7 @@ def test_onnx_example_classifies_an_image(run, images, tmp_path):
                            str(folder / "bird.png")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     printed = [line.rsplit(" ", 1) for line in proc.stdout.strip().splitlines()]
-    restored = train_lib.restore(run[0])
+    restored = predict.restore(run[0])
     want = reference_outputs(restored, crop(restored, images[1])[None])[0][0]
     top = np.argsort(-want)[:5]
     assert [name for name, _ in printed] == [restored.class_names[j] for j in top]
