@@ -12,7 +12,6 @@ there, so it never shows a partial view. `localize` measures how well the maps l
 from __future__ import annotations
 
 import dataclasses
-import glob
 import os
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -24,7 +23,6 @@ from pmg_jax import model as model_lib
 from pmg_jax.data import decode, pipeline, sources
 from pmg_jax.state import Restored, transform_spec
 
-IMAGE_EXTENSIONS = sources.IMAGE_EXTENSIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,26 +51,6 @@ class Explained:
         return viz.top_k(self.probabilities[head], names, k)
 
 
-def collect_images(specs: Sequence[str]) -> tuple[list[str], list[str]]:
-    """(image paths, problems): files as given, directories' image files (sorted), glob matches."""
-    paths, problems = [], []
-    for spec in specs:
-        if os.path.isdir(spec):
-            found = sorted(os.path.join(spec, f) for f in os.listdir(spec)
-                           if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
-            paths += found
-            if not found:
-                problems.append(f"{spec}: no images in this directory")
-        elif glob.has_magic(spec):
-            found = sorted(glob.glob(spec))
-            paths += found
-            if not found:
-                problems.append(f"{spec}: no file matches")
-        else:
-            paths.append(spec)
-    return list(dict.fromkeys(paths)), problems
-
-
 def unique_tags(paths: Sequence[str]) -> list[str]:
     """File stems, with _2, _3, ... appended where two images share one."""
     seen: dict[str, int] = {}
@@ -87,7 +65,7 @@ def unique_tags(paths: Sequence[str]) -> list[str]:
 def from_files(specs: Sequence[str]) -> tuple[list[str], Iterator[Item], list[str]]:
     """(paths, items, problems) for files, directories and globs; an unreadable file is a problem
     appended to `problems` (with its reason) when the iterator reaches it, and skipped."""
-    paths, problems = collect_images(specs)
+    paths, problems = sources.collect_images(specs)
 
     def items() -> Iterator[Item]:
         for path, tag in zip(paths, unique_tags(paths)):

@@ -7,6 +7,7 @@ training loop or the optimizer.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import flax
@@ -113,3 +114,21 @@ def load_variables(path: str, config: ml_collections.ConfigDict, which: str = "l
     validate.check_compatible(restored.config, config, path)
     print(f"weights from {restored.run} at step {restored.step}")
     return restored.variables
+
+
+def restore_and_report(path: str, which: str, prog: str) -> Restored:
+    """`restore` for a command line: announces the checkpoint in one line, says which run a folder of runs
+    resolved to, warns (on stderr) when that run is unfinished, and notes when a better checkpoint exists."""
+    restored = restore(path, which)
+    given = os.path.abspath(path)
+    if given not in (restored.run, os.path.join(restored.run, "checkpoints")) and \
+            os.path.dirname(given) != os.path.join(restored.run, "checkpoints"):
+        print(f"{path} is a folder of runs: using the one with the newest checkpoint, {restored.run}")
+    print(f"using {restored.describe()}")
+    if not restored.finished:
+        print(f"{prog}: warning: {restored.run} is unfinished (stopped at epoch {restored.meta.get('epoch')} of "
+              f"{restored.config.num_epochs})", file=sys.stderr)
+    best = ckpt_lib.Checkpoints(os.path.join(restored.run, "checkpoints"), read_only=True).best_step()
+    if which == "latest" and best not in (None, restored.step):
+        print(f"(the latest checkpoint; --checkpoint best takes step {best}, the best combined accuracy)")
+    return restored

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from pmg_jax import cam, explain, localization
 from pmg_jax import checkpoint as ckpt_lib
 from pmg_jax import model as model_lib
-from pmg_jax.cli import common
+from pmg_jax import state as state_lib
 from pmg_jax.errors import PMGError
 
 PROG = "explain.py"
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.getLogger("absl").setLevel(logging.ERROR)
     try:
-        restored = common.restore(args.ckpt, args.checkpoint, PROG)
+        restored = state_lib.restore_and_report(args.ckpt, args.checkpoint, PROG)
         return evaluate(args, restored) if args.evaluate else explain_images(args, restored)
     except PMGError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import glob
 import os
 import xml.etree.ElementTree as ElementTree
 from typing import Callable, Iterable, Sequence
@@ -448,3 +449,23 @@ def make_source(config: ml_collections.ConfigDict, split: str):
                          f"{len(source.class_names)} classes; set --config.dataset.num_classes="
                          f"{len(source.class_names)}")
     return source
+
+
+def collect_images(specs: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(image paths, problems): files as given, directories' image files (sorted), glob matches."""
+    paths, problems = [], []
+    for spec in specs:
+        if os.path.isdir(spec):
+            found = sorted(os.path.join(spec, f) for f in os.listdir(spec)
+                           if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
+            paths += found
+            if not found:
+                problems.append(f"{spec}: no images in this directory")
+        elif glob.has_magic(spec):
+            found = sorted(glob.glob(spec))
+            paths += found
+            if not found:
+                problems.append(f"{spec}: no file matches")
+        else:
+            paths.append(spec)
+    return list(dict.fromkeys(paths)), problems

@@ -1,0 +1,177 @@
+"""Export a trained run as one function of uint8 images, as StableHLO (jax.export) or ONNX, with a model card.
+
+  python -m pmg_jax.export --ckpt runs/cub --format stablehlo --out exported/cub
+  python -m pmg_jax.export --ckpt runs/cub --format onnx --out exported/cub_onnx     # needs pmg_jax[onnx]
+
+The function takes RGB uint8 images, NHWC, already resized and centre-cropped to the crop size (the caller
+resizes: DIR/model.json says how), with any batch size, and returns the softmax of the sum of the four
+heads' logits ('probabilities') and the four logits ('head1', 'head2', 'head3', 'concat'). Normalisation
+happens inside. DIR/model.json holds the class names, sizes, mean/std, input and outputs and the source.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pmg_jax import kernels
+from pmg_jax.data import pipeline
+from pmg_jax.errors import PMGError
+from pmg_jax.state import Restored, restore_and_report, transform_spec
+
+FORMATS = {"stablehlo": "model.stablehlo", "onnx": "model.onnx"}
+INPUT_NAME = "images"
+OUTPUT_NAMES = ("probabilities", "head1", "head2", "head3", "concat")
+# jax.export lowers for these; the exported model holds no platform-specific code, so it runs on any of them
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+
+
+PROG = "python -m pmg_jax.export"
+
+class ExportError(PMGError, RuntimeError):
+    """An export that cannot be done as asked (e.g. a missing converter); the message is one line."""
+
+
+def inference_function(restored: Restored) -> Callable[[jax.Array], tuple[jax.Array, ...]]:
+    """uint8 NHWC crops -> (softmax of the summed logits, head1, head2, head3, concat), the weights as constants.
+
+    Computes in float32 (the parameters' dtype) whatever the run trained in, so that every runtime can run it.
+    """
+    model, spec = restored.model.clone(dtype=jnp.float32), transform_spec(restored.config)
+    variables = restored.variables
+
+    def infer(images: jax.Array) -> tuple[jax.Array, ...]:
+        logits = model.apply(variables, pipeline.normalize_on_device(images, spec), train=False)
+        return (jax.nn.softmax(sum(logits), axis=-1), *logits)
+
+    return infer
+
+
+def _portable(fn: Callable) -> Callable:
+    """`fn` traced with plain XLA operations (kernels 'xla'): the platform fast paths are chosen for the shapes
+    and the platform the program runs on, which an exported program with a symbolic batch, for any runtime,
+    does not have."""
+    return kernels.traced(fn, "xla")
+
+
+def _input_spec(restored: Restored) -> jax.ShapeDtypeStruct:
+    s = restored.config.data.crop_size
+    return jax.ShapeDtypeStruct(jax.export.symbolic_shape(f"batch, {s}, {s}, 3"), jnp.uint8)
+
+
+def stablehlo(restored: Restored) -> jax.export.Exported:
+    """The inference function exported by jax.export with a symbolic batch, for PLATFORMS."""
+    return jax.export.export(jax.jit(_portable(inference_function(restored))), platforms=PLATFORMS)(
+        _input_spec(restored))
+
+
+def onnx_model(restored: Restored, path: str | None = None) -> Any:
+    """The inference function converted by jax2onnx with a symbolic batch: an onnx.ModelProto, or written to `path`."""
+    try:
+        from jax2onnx import to_onnx
+    except ImportError as e:
+        raise ExportError(f"ONNX export needs jax2onnx ({e}): pip install 'pmg_jax[onnx]'") from None
+    return to_onnx(_portable(inference_function(restored)), [_input_spec(restored)], model_name="pmg",
+                       input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+                       return_mode="proto" if path is None else "file", output_path=path)
+
+
+def model_card(restored: Restored, fmt: str, files: Sequence[str]) -> dict:
+    """What a caller needs besides the model file: classes, the preprocessing to do, input and outputs, source."""
+    d, n = restored.config.data, len(restored.class_names)
+    resize, crop = int(d.resize_size), int(d.crop_size)
+    return {
+        "format": fmt,
+        "files": list(files),
+        "class_names": restored.class_names,
+        "num_classes": n,
+        "resize_size": resize,
+        "crop_size": crop,
+        "mean": [float(m) for m in d.mean],
+        "std": [float(s) for s in d.std],
+        "input": {"name": INPUT_NAME, "layout": "NHWC", "dtype": "uint8", "shape": ["batch", crop, crop, 3],
+                  "channels": "RGB"},
+        "outputs": [{"name": "probabilities", "dtype": "float32", "shape": ["batch", n],
+                     "meaning": "softmax of the sum of the four heads' logits (the combined prediction)"}]
+        + [{"name": h, "dtype": "float32", "shape": ["batch", n], "meaning": f"logits of {h}"}
+           for h in OUTPUT_NAMES[1:]],
+        "preprocessing": {
+            "done_by": "the caller: the model takes crops and normalises them itself",
+            "steps": [
+                "decode the image as RGB (drop alpha; grey to 3 channels)",
+                f"resize to {resize}x{resize}, aspect ratio ignored, bilinear (antialiased when shrinking: "
+                "OpenCV INTER_AREA when both sides shrink, else INTER_LINEAR; training used "
+                f"data.resize_backend={d.resize_backend!r})",
+                f"centre crop {crop}x{crop} at offset round(({resize} - {crop}) / 2) on both axes",
+                "stack as uint8 NHWC (any batch size)",
+            ],
+            "inside_the_model": f"x / 255, minus mean {list(d.mean)}, divided by std {list(d.std)}",
+        },
+        "compute_dtype": "float32",
+        "source": {"run": restored.run, "step": restored.step,
+                   "checkpoint": os.path.join(restored.run, "checkpoints", str(restored.step)),
+                   "backbone": restored.config.model.backbone},
+    }
+
+
+def export(restored: Restored, fmt: str, out_dir: str) -> str:
+    """Write the model in `fmt` and model.json into `out_dir`; returns the model file's path."""
+    if fmt not in FORMATS:
+        raise ExportError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    os.makedirs(out_dir, exist_ok=True)
+    name = FORMATS[fmt]
+    path = os.path.join(out_dir, name)
+    if fmt == "stablehlo":
+        with open(path, "wb") as f:
+            f.write(stablehlo(restored).serialize())
+    else:
+        onnx_model(restored, path)
+    files = [name, *sorted(f for f in os.listdir(out_dir) if f.startswith(name + "."))]  # ONNX's external data
+    with open(os.path.join(out_dir, "model.json"), "w") as f:
+        json.dump(model_card(restored, fmt, files), f, indent=2)
+    return path
+
+
+def max_relative_difference(ours: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> float:
+    """max |ours - reference| over all the arrays, relative to the largest |reference| (their scale)."""
+    scale = max(float(np.max(np.abs(r))) for r in reference)
+    return max(float(np.max(np.abs(np.asarray(o, np.float64) - np.asarray(r, np.float64))))
+               for o, r in zip(ours, reference)) / max(scale, np.finfo(np.float32).tiny)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command; returns the exit status."""
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="run dir, folder of runs (the newest), or checkpoint step dir")
+    p.add_argument("--checkpoint", choices=("latest", "best"), default="latest", help="which checkpoint of a run")
+    p.add_argument("--format", required=True, choices=tuple(FORMATS), help="stablehlo (jax.export) or onnx")
+    p.add_argument("--out", required=True, help="output directory (gets the model file and model.json)")
+    args = p.parse_args(argv)
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    try:
+        restored = restore_and_report(args.ckpt, args.checkpoint, PROG)
+        path = export(restored, args.format, args.out)
+    except PMGError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    print(f"exported {restored.run} step {restored.step} as {args.format} -> {path} (and model.json); the caller "
+          f"resizes to {restored.config.data.resize_size} and centre-crops {restored.config.data.crop_size}")
+    return 0
+
+
+def run() -> None:
+    """The console script: exit with main's status."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

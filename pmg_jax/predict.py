@@ -1,0 +1,359 @@
+"""Batch prediction with a trained run: the top classes of image files, or accuracy on a split of its dataset.
+
+  python -m pmg_jax.predict --ckpt runs/cub --images bird.jpg photos/ '*.png' [--top-k 5] [--out preds.csv]
+  python -m pmg_jax.predict --ckpt runs/cub --split test [--out results/preds.jsonl]
+
+Images get the checkpoint's own evaluation transform (resize, centre crop, normalise) and run in fixed-size
+batches (the last one padded) through one jitted function, the batch sharded over every local device.
+"combined" is the softmax of the sum of the four heads' logits (the paper's prediction); --heads adds each
+head's own softmax. --out's extension picks the format (.csv or .jsonl; default: a table on stdout).
+Unreadable files are reported on stderr and written with an `error` field; the run goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import csv
+import dataclasses
+import json
+import logging
+import os
+import sys
+from typing import Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from pmg_jax import parallel, xla_options
+from pmg_jax.data import decode, pipeline, sources, transforms
+from pmg_jax.errors import PMGError
+from pmg_jax.state import Restored, restore_and_report, transform_spec
+
+HEADS = ("head1", "head2", "head3", "concat")
+OUTPUTS = ("combined", *HEADS)  # order of the jitted function's outputs
+FORMATS = (".csv", ".jsonl")
+
+
+PROG = "python -m pmg_jax.predict"
+
+class PredictError(PMGError, ValueError):
+    """Bad input to predict (a flag, a file): the message is the one line to show."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Predictor:
+    """A restored checkpoint and its jitted batch function, ready for images."""
+
+    restored: Restored
+    batch_size: int
+    run_batch: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # images -> (logits, probs), (B, 5, C)
+
+    @property
+    def spec(self) -> pipeline.TransformSpec:
+        return transform_spec(self.restored.config)
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.restored.class_names
+
+
+def default_batch_size(restored: Restored) -> int:
+    """The checkpoint's eval batch, rounded up to a multiple of the local devices."""
+    n = jax.local_device_count()
+    return -(-restored.config.eval_batch_size // n) * n
+
+
+def make_predictor(restored: Restored, batch_size: int | None = None) -> Predictor:
+    """Jit the model over a mesh of the local devices: variables replicated, the batch sharded on 'data'.
+
+    The function takes uint8 crops (normalised inside, as evaluation does on the device) or normalised
+    float32 crops, and returns the logits and softmax probabilities of OUTPUTS, shape (batch, 5, classes).
+    """
+    batch_size = batch_size or default_batch_size(restored)
+    devices = jax.local_devices()
+    if batch_size < 1 or batch_size % len(devices):
+        raise PredictError(f"--batch-size {batch_size} must be a positive multiple of the {len(devices)} local "
+                           f"device(s)")
+    mesh = parallel.make_mesh(devices)
+    rep, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    spec, model = transform_spec(restored.config), restored.model
+
+    def forward(variables, images):
+        logits = model.apply(variables, pipeline.normalize_on_device(images, spec), train=False)
+        stacked = jnp.stack([sum(logits), *logits], axis=1)  # the sum as evaluation's combined accuracy takes it
+        return stacked, jax.nn.softmax(stacked, axis=-1)
+
+    jitted = xla_options.jit(forward, platform=devices[0].platform, in_shardings=(rep, data), out_shardings=data)
+    variables = jax.device_put(restored.variables, rep)
+
+    def run_batch(images: np.ndarray):
+        return jitted(variables, jax.device_put(images, data))
+
+    return Predictor(restored, batch_size, run_batch)
+
+
+def _crop(path: str, spec: pipeline.TransformSpec, out: np.ndarray) -> str | None:
+    """Write the eval crop of the image at `path` into `out`; the reason it cannot be read, or None."""
+    try:
+        image = decode.read_image(path)
+    except decode.UnreadableImage as e:
+        return str(e)
+    transforms.eval_crop(image, resize_size=spec.resize_size, crop_size=spec.crop_size,
+                         backend=spec.resize_backend, out=out)
+    return None
+
+
+def top_k(probs: np.ndarray, class_names: Sequence[str], k: int) -> list[dict]:
+    """The k most probable classes of one probability vector: [{'class', 'index', 'probability'}]."""
+    order = np.argsort(-probs, kind="stable")[:k]
+    return [{"class": class_names[i], "index": int(i), "probability": float(probs[i])} for i in order]
+
+
+def predict_files(predictor: Predictor, paths: Sequence[str], *, k: int = 5, heads: bool = False,
+                  threads: int = 4) -> Iterator[dict]:
+    """One row per path, in order: {'path', 'combined': top-k[, 'head1', ...]} or {'path', 'error'}.
+
+    Images are decoded and cropped by `threads` threads (OpenCV releases the GIL); a batch is read while
+    the previous one runs on the devices.
+    """
+    spec, n, names = predictor.spec, predictor.batch_size, predictor.class_names
+    wanted = OUTPUTS if heads else OUTPUTS[:1]
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        pending = None
+        for start in range(0, len(paths), n):
+            chunk = paths[start:start + n]
+            images = np.zeros((n, spec.crop_size, spec.crop_size, 3), np.uint8)  # padded: one compiled shape
+            errors = list(pool.map(_crop, chunk, [spec] * len(chunk), list(images[:len(chunk)])))
+            probs = predictor.run_batch(images)[1] if any(e is None for e in errors) else None
+            if pending is not None:
+                yield from _rows(*pending, wanted, names, k)
+            pending = (chunk, errors, probs)
+        if pending is not None:
+            yield from _rows(*pending, wanted, names, k)
+
+
+def _rows(chunk: Sequence[str], errors: Sequence[str | None], probs: jax.Array | None, wanted: Sequence[str],
+          names: Sequence[str], k: int) -> Iterator[dict]:
+    """The rows of one batch: its readable images' top classes from `probs`, its unreadable ones' errors."""
+    probs = None if probs is None else np.asarray(jax.device_get(probs))
+    for i, (path, error) in enumerate(zip(chunk, errors)):
+        if error is not None:
+            yield {"path": path, "error": error}
+        else:
+            yield {"path": path, **{o: top_k(probs[i, OUTPUTS.index(o)], names, k) for o in wanted}}
+
+
+@dataclasses.dataclass
+class SplitResult:
+    """Counts over a split: hits per output and class, the combined confusion matrix, unreadable images."""
+
+    hits: np.ndarray  # (5, classes): correct predictions of OUTPUTS per true class
+    counts: np.ndarray  # (classes,): readable examples per true class
+    confusion: np.ndarray  # (classes, classes): [true, predicted] of combined
+    unreadable: int
+
+    def accuracy(self) -> dict[str, float]:
+        """Top-1 % of every output over the readable examples (the keys of steps.evaluate)."""
+        total = max(int(self.counts.sum()), 1)
+        result = {o: 100.0 * float(self.hits[i].sum()) / total for i, o in enumerate(OUTPUTS)}
+        return {**result, "count": int(self.counts.sum())}
+
+
+def predict_split(predictor: Predictor, split: str, *, k: int = 5, heads: bool = False,
+                  on_row: Callable[[dict], None] | None = None, progress: Callable[[int], None] | None = None,
+                  ) -> SplitResult:
+    """Predict every example of the checkpoint's dataset `split` through evaluation's own input pipeline.
+
+    Accuracy counts argmax of the logits exactly as evaluation does; `on_row` receives each example's row
+    (its name, label and top-k; or an error for an unreadable one), in order.
+    """
+    config = predictor.restored.config.copy_and_resolve_references()
+    if split not in ("train", "test"):
+        config.dataset.test_split = split  # make_source names the evaluation split 'test'
+    source = sources.make_source(config, split)
+    names, c = predictor.class_names, len(predictor.class_names)
+    hits, counts, confusion = np.zeros((len(OUTPUTS), c), np.int64), np.zeros(c, np.int64), np.zeros((c, c), np.int64)
+    wanted = OUTPUTS if heads else OUTPUTS[:1]
+    unreadable = 0
+    _, batches = pipeline.eval_batches(source, predictor.spec, pipeline.Layout(predictor.batch_size),
+                                       workers=config.data.workers)
+    paths = getattr(source, "paths", None)  # a folder dataset's files; others are named split[index]
+    with batches:
+        position = 0
+        for batch in batches:
+            logits, probs = jax.device_get(predictor.run_batch(batch["image"]))
+            real = min(predictor.batch_size, len(source) - position)
+            for i in range(real):
+                label, index = int(batch["label"][i]), position + i
+                name = paths[index] if paths is not None else f"{split}[{index}]"
+                if not batch["mask"][i]:
+                    unreadable += 1
+                    row = {"path": name, "error": "unreadable image"}
+                else:
+                    pred = np.argmax(logits[i], axis=-1)
+                    counts[label] += 1
+                    hits[:, label] += pred == label
+                    confusion[label, pred[0]] += 1
+                    row = {"path": name, "label": names[label],
+                           **{o: top_k(probs[i, OUTPUTS.index(o)], names, k) for o in wanted}}
+                if on_row is not None:
+                    on_row(row)
+            position += predictor.batch_size
+            if progress is not None:
+                progress(real)
+    return SplitResult(hits, counts, confusion, unreadable)
+
+
+def format_accuracy(result: SplitResult, class_names: Sequence[str], title: str) -> str:
+    """The overall table (every output) and the per-class table (readable images, accuracy of every output)."""
+    acc = result.accuracy()
+    lines = [f"{title}: {acc['count']} images (top-1 %)" + (f", {result.unreadable} unreadable"
+                                                           if result.unreadable else ""),
+             "  " + " | ".join(f"{o:>8}" for o in OUTPUTS), "  " + " | ".join(f"{acc[o]:8.2f}" for o in OUTPUTS),
+             "", "per class (top-1 %)"]
+    width = max([len("class"), *map(len, class_names)])
+    lines.append(f"  {'class':<{width}} | {'images':>6} | " + " | ".join(f"{o:>8}" for o in OUTPUTS))
+    for j, name in enumerate(class_names):
+        n = result.counts[j]
+        vals = " | ".join(f"{100.0 * result.hits[i, j] / n:8.2f}" if n else f"{'-':>8}" for i in range(len(OUTPUTS)))
+        lines.append(f"  {name:<{width}} | {n:>6} | {vals}")
+    return "\n".join(lines)
+
+
+def write_confusion(path: str, confusion: np.ndarray, class_names: Sequence[str]) -> None:
+    """Confusion matrix of the combined prediction as CSV: a row per true class, a column per predicted one."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["true \\ predicted", *class_names])
+        for name, row in zip(class_names, confusion):
+            w.writerow([name, *map(int, row)])
+
+
+class RowWriter:
+    """Rows out as CSV, JSON lines or (no path) a table on stdout, one row at a time."""
+
+    def __init__(self, path: str | None, k: int, outputs: Sequence[str], with_label: bool = False):
+        self.path, self.k, self.outputs = path, k, tuple(outputs)
+        self.file, self.csv = None, None
+        if path is None:
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.file = open(path, "w", newline="")
+        if path.endswith(".csv"):
+            fields = ["path", *(["label"] if with_label else []), "error"]
+            fields += [f"{o}_top{r}{s}" for o in self.outputs for r in range(1, k + 1) for s in ("", "_prob")]
+            self.csv = csv.DictWriter(self.file, fields)
+            self.csv.writeheader()
+
+    def write(self, row: dict) -> None:
+        if self.csv is not None:
+            flat = {key: row[key] for key in ("path", "label", "error") if key in row}
+            for o in self.outputs:
+                for r, entry in enumerate(row.get(o, ()), start=1):
+                    flat[f"{o}_top{r}"], flat[f"{o}_top{r}_prob"] = entry["class"], f"{entry['probability']:.6f}"
+            self.csv.writerow(flat)
+        elif self.file is not None:
+            self.file.write(json.dumps(row) + "\n")
+        else:
+            tqdm.write(format_row(row, self.outputs))
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def format_row(row: dict, outputs: Sequence[str]) -> str:
+    """A row for the terminal: the path (and label), then one line per output with its top classes."""
+    head = row["path"] + (f"  (label: {row['label']})" if "label" in row else "")
+    if "error" in row:
+        return f"{head}\n  error: {row['error']}"
+    return "\n".join([head, *(f"  {o:<8} " + " | ".join(f"{e['class']} {100 * e['probability']:.1f}%"
+                                                          for e in row[o]) for o in outputs)])
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="run dir, folder of runs (the newest), or checkpoint step dir")
+    p.add_argument("--checkpoint", choices=("latest", "best"), default="latest", help="which checkpoint of a run")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--images", nargs="+", help="image files, directories and glob patterns")
+    what.add_argument("--split", choices=("train", "test"), help="predict this split of the checkpoint's dataset")
+    p.add_argument("--top-k", type=int, default=5, help="classes per image and output (default 5)")
+    p.add_argument("--out", help="preds.csv or preds.jsonl (default: a table on stdout); with --split its folder "
+                                 "also gets the confusion matrix")
+    p.add_argument("--batch-size", type=int, help="images per jitted batch, a multiple of the local devices "
+                                                  "(default: the checkpoint's eval batch)")
+    p.add_argument("--heads", action="store_true", help="also the top classes of each head")
+    args = p.parse_args(argv)
+    if args.out is not None and os.path.splitext(args.out)[1].lower() not in FORMATS:
+        p.error(f"--out {args.out}: the extension must be .csv or .jsonl")
+    if args.top_k < 1:
+        p.error(f"--top-k must be at least 1, got {args.top_k}")
+    return args
+
+
+def _predict_images(args, predictor: Predictor, writer: RowWriter) -> int:
+    paths, problems = sources.collect_images(args.images)
+    for problem in problems:
+        print(f"skipping {problem}", file=sys.stderr)
+    k = min(args.top_k, len(predictor.class_names))
+    read = 0
+    with tqdm(total=len(paths), unit="image", desc="predict", dynamic_ncols=True) as bar:
+        for row in predict_files(predictor, paths, k=k, heads=args.heads):
+            if "error" in row:
+                tqdm.write(f"unreadable: {row['path']}: {row['error']}", file=sys.stderr)
+            read += "error" not in row
+            writer.write(row)
+            bar.update(1)
+    if not read:
+        print(f"{PROG}: none of the {len(paths)} inputs could be read as an image", file=sys.stderr)
+        return 1
+    print(f"predicted {read} of {len(paths)} images" + (f" -> {args.out}" if args.out else ""), file=sys.stderr)
+    return 0
+
+
+def _predict_split(args, predictor: Predictor, writer: RowWriter | None) -> int:
+    r = predictor.restored
+    with tqdm(unit="image", desc=f"predict {args.split}", dynamic_ncols=True) as bar:
+        result = predict_split(predictor, args.split, k=min(args.top_k, len(r.class_names)), heads=args.heads,
+                               on_row=writer.write if writer else None, progress=bar.update)
+    print(format_accuracy(result, r.class_names, f"{r.config.dataset.name} {args.split} with {r.run} step {r.step}"))
+    folder = os.path.dirname(os.path.abspath(args.out)) if args.out else r.run
+    path = os.path.join(folder, f"confusion_{args.split}.csv")
+    write_confusion(path, result.confusion, r.class_names)
+    print(f"confusion matrix (combined) -> {path}")
+    return 0 if result.counts.sum() else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command; returns the exit status."""
+    args = parse_args(argv)
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    try:
+        restored = restore_and_report(args.ckpt, args.checkpoint, PROG)
+        predictor = make_predictor(restored, args.batch_size)
+        print(f"batch {predictor.batch_size} over {jax.local_device_count()} device(s)", file=sys.stderr)
+        outputs = OUTPUTS if args.heads else OUTPUTS[:1]
+        writer = RowWriter(args.out, min(args.top_k, len(restored.class_names)), outputs, with_label=bool(args.split))
+        try:
+            if args.split:
+                return _predict_split(args, predictor, writer if args.out else None)
+            return _predict_images(args, predictor, writer)
+        finally:
+            writer.close()
+    except PMGError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+
+
+def run() -> None:
+    """The console script: exit with main's status."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()
