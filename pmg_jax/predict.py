@@ -170,16 +170,13 @@ def predict_split(predictor: Predictor, split: str, *, k: int = 5, heads: bool =
     Accuracy counts argmax of the logits exactly as evaluation does; `on_row` receives each example's row
     (its name, label and top-k; or an error for an unreadable one), in order.
     """
-    config = predictor.restored.config.copy_and_resolve_references()
-    if split not in ("train", "test"):
-        config.dataset.test_split = split  # make_source names the evaluation split 'test'
-    source = sources.make_source(config, split)
+    source = sources.make_source(predictor.restored.config, split)
     names, c = predictor.class_names, len(predictor.class_names)
     hits, counts, confusion = np.zeros((len(OUTPUTS), c), np.int64), np.zeros(c, np.int64), np.zeros((c, c), np.int64)
     wanted = OUTPUTS if heads else OUTPUTS[:1]
     unreadable = 0
     _, batches = pipeline.eval_batches(source, predictor.spec, pipeline.Layout(predictor.batch_size),
-                                       workers=config.data.workers)
+                                       workers=predictor.restored.config.data.workers)
     paths = getattr(source, "paths", None)  # a folder dataset's files; others are named split[index]
     with batches:
         position = 0
