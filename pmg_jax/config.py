@@ -20,6 +20,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.dataset.num_classes = 200  # must match the dataset's class count (checked when the data is opened)
     c.dataset.train_split = "train"  # split to train on (aircraft: trainval; imagefolder: a folder; TFDS: any split)
     c.dataset.test_split = "test"  # split to evaluate on
+    c.dataset.val_fraction = 0.0  # hold out this stratified share of train_split as 'val'; best is then chosen on it
+    c.dataset.val_seed = 0  # which examples val_fraction holds out
     c.dataset.tfds_name = ""  # TFDS builder; '' = caltech_birds2011 / cars196 / stanford_dogs for cub / cars / dogs
     c.dataset.tfds_image_key = "image"  # TFDS feature holding the image
     c.dataset.tfds_label_key = "label"  # TFDS feature holding the class label

@@ -154,7 +154,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         + pipeline.shared_memory_bytes(spec, pipeline.host_layout(config.eval_batch_size), workers, EVAL_PREFETCH),
         f"the input pipeline's batch buffers for {workers} workers")
     train_src = sources.make_source(config, "train")
-    test_src = sources.make_source(config, "test")
+    # evaluated every epoch; with a validation split, 'best' is ranked on it and test is what it reports
+    eval_srcs = {"test": sources.make_source(config, "test")}
+    if config.dataset.val_fraction:
+        eval_srcs = {"val": sources.make_source(config, "val"), **eval_srcs}
+    ranked_on = next(iter(eval_srcs))
     class_names = list(train_src.class_names)
     steps_per_epoch = len(train_src) // config.batch_size
     if steps_per_epoch == 0:
@@ -183,9 +187,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     start_step = int(state.step)
     train_step, eval_step = steps.compile_steps(model, tx, config, mesh)
     print(parallel.describe(mesh))
-    print(f"training {config.model.backbone} PMG on {config.dataset.name} ({len(train_src)} train / "
-          f"{len(test_src)} test images, {len(class_names)} classes): {steps_per_epoch} steps x "
-          f"{config.num_epochs} epochs, global batch {config.batch_size}")
+    sizes = " / ".join(f"{len(s)} {n}" for n, s in {"train": train_src, **eval_srcs}.items())
+    print(f"training {config.model.backbone} PMG on {config.dataset.name} ({sizes} images, {len(class_names)} "
+          f"classes): {steps_per_epoch} steps x {config.num_epochs} epochs, global batch {config.batch_size}"
+          + ("; the best checkpoint is chosen on val" if ranked_on == "val" else ""))
 
     _, batches = pipeline.train_batches(
         train_src, spec, pipeline.host_layout(config.batch_size), seed=config.seed, num_epochs=config.num_epochs,
@@ -194,11 +199,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     device_batches = pipeline.prefetch_to_device(batches, data_sharding)
     metrics_log, guard = MetricsLog(workdir), FiniteGuard(checkpoints)
 
-    def save(step: int, result: dict | None = None) -> None:
+    def save(step: int, results: dict | None = None) -> None:
         guard.check()  # never save after a bad step
         meta = {"epoch": step // steps_per_epoch, "step": step, "best": best, "class_names": class_names,
-                "data_state": {"step": step, "seed": config.seed}, "eval": result}
-        checkpoints.save(step, state, meta, config.to_dict(), metric=None if result is None else result["combined"])
+                "data_state": {"step": step, "seed": config.seed}, "eval": results}
+        metric = None if results is None else results[ranked_on]["combined"]
+        checkpoints.save(step, state, meta, config.to_dict(), metric=metric)
 
     step, compiled_at = start_step, None  # compiled_at: (step, time) once the step function has been compiled
     with Stop() as stop:
@@ -234,18 +240,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             record = {"epoch": epoch + 1, "seconds": time.perf_counter() - epoch_start[1],
                       "images_per_s": _rate(epoch_start, compiled_at, step, config.batch_size),
                       "unreadable_images": len(batches.unreadable.indices)}
-            result = None
+            results = None
             if (epoch + 1) % config.eval_every_epochs == 0 or epoch + 1 == config.num_epochs:
-                _, eval_it = pipeline.eval_batches(test_src, spec, pipeline.host_layout(config.eval_batch_size),
-                                                   workers=workers, prefetch=EVAL_PREFETCH)
-                result = steps.evaluate(eval_step, state, eval_it, data_sharding)
-                if result["combined"] >= best["combined"]:  # a tie goes to the later step, as in orbax
-                    best = {"combined": result["combined"], "concat": result["concat"], "epoch": epoch + 1,
-                            "step": step}
-                print(steps.format_eval_table(f"eval epoch {epoch + 1}", result))
-                metrics_log.write(step, "eval", result)
+                results = {}
+                for name, src in eval_srcs.items():
+                    _, eval_it = pipeline.eval_batches(src, spec, pipeline.host_layout(config.eval_batch_size),
+                                                       workers=workers, prefetch=EVAL_PREFETCH)
+                    results[name] = steps.evaluate(eval_step, state, eval_it, data_sharding)
+                    print(steps.format_eval_table(f"eval epoch {epoch + 1}, {name}", results[name]))
+                    metrics_log.write(step, "eval", {"split": name, **results[name]})
+                if results[ranked_on]["combined"] >= best["combined"]:  # a tie goes to the later step, as in orbax
+                    best = _best(results, ranked_on, epoch + 1, step)
             metrics_log.write(step, "epoch", record)
-            save(step, result)
+            save(step, results)
         if stop.signal is not None and checkpoints.latest_step() != step:
             save(step)
     checkpoints.wait()
@@ -254,9 +261,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         print(f"stopped by signal {stop.signal} at iteration {step}: checkpoint written to "
               f"{checkpoints.directory}; run the same command again to resume")
         return {**best, "stopped_by": int(stop.signal)}
-    if best["epoch"] >= 0:
+    if best["epoch"] >= 0 and ranked_on == "val":
+        print(f"best on val: combined {best['combined']:.2f}% at epoch {best['epoch']}; its test accuracy: combined "
+              f"{best['test_combined']:.2f}% (concat {best['test_concat']:.2f}%); checkpoints in "
+              f"{checkpoints.directory}")
+    elif best["epoch"] >= 0:
         print(f"best: combined {best['combined']:.2f}% (concat {best['concat']:.2f}%) at epoch {best['epoch']}; "
               f"checkpoints in {checkpoints.directory}")
+    return best
+
+
+def _best(results: dict[str, dict], ranked_on: str, epoch: int, step: int) -> dict:
+    """The best-so-far record: the ranking split's combined and concat accuracy, and with a validation split
+    also the test accuracy of this same checkpoint (the honest figure: not the best test accuracy over epochs)."""
+    best = {"combined": results[ranked_on]["combined"], "concat": results[ranked_on]["concat"], "epoch": epoch,
+            "step": step, "split": ranked_on}
+    if ranked_on != "test":
+        best.update(test_combined=results["test"]["combined"], test_concat=results["test"]["concat"])
     return best
 
 

@@ -278,7 +278,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--checkpoint", choices=("latest", "best"), default="latest", help="which checkpoint of a run")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--images", nargs="+", help="image files, directories and glob patterns")
-    what.add_argument("--split", choices=("train", "test"), help="predict this split of the checkpoint's dataset")
+    what.add_argument("--split", choices=sources.SPLITS, help="predict this split of the checkpoint's dataset")
     p.add_argument("--top-k", type=int, default=5, help="classes per image and output (default 5)")
     p.add_argument("--out", help="preds.csv or preds.jsonl (default: a table on stdout); with --split its folder "
                                  "also gets the confusion matrix")

@@ -61,6 +61,8 @@ def check(config: ml_collections.ConfigDict, num_devices: int, num_processes: in
     if d.resize_backend not in transforms.RESIZE_BACKENDS:
         raise ConfigError(f"config.data.resize_backend={d.resize_backend!r} must be one of "
                           f"{transforms.RESIZE_BACKENDS}")
+    if not 0.0 <= config.dataset.val_fraction < 1.0:
+        raise ConfigError(f"config.dataset.val_fraction={config.dataset.val_fraction} must be in [0, 1)")
     if config.init.which not in ckpt_lib.WHICH:
         raise ConfigError(f"config.init.which={config.init.which!r} must be one of {ckpt_lib.WHICH}")
     if m.dtype not in DTYPES:

@@ -24,6 +24,7 @@ from pmg_jax import cam, explain, localization
 from pmg_jax import checkpoint as ckpt_lib
 from pmg_jax import model as model_lib
 from pmg_jax import state as state_lib
+from pmg_jax.data import sources
 from pmg_jax.errors import PMGError
 
 PROG = "explain.py"
@@ -53,7 +54,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8, help="images per jitted pass")
     p.add_argument("--save-npy", action="store_true", help="also save each map as .npy (input resolution, [0, 1])")
     p.add_argument("--evaluate", action="store_true", help="localisation metrics on a split with boxes")
-    p.add_argument("--split", default="test", choices=("train", "test"),
+    p.add_argument("--split", default="test", choices=sources.SPLITS,
                    help="split to evaluate, or to sample without --images")
     p.add_argument("--max-images", type=int, default=None, help="evaluate only the first N examples")
     p.add_argument("--auc-steps", type=int, default=16, help="deletion/insertion steps (0 skips them)")

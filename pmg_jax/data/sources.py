@@ -419,8 +419,68 @@ def _text(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+class Subset:
+    """The examples `indices` of a source, in that order (the training split without its validation share, ...)."""
+
+    def __init__(self, source, indices: Sequence[int]):
+        self.source, self.indices = source, np.asarray(indices, np.int64)
+        self.class_names = source.class_names
+        self.part_names = getattr(source, "part_names", ())
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.source[int(self.indices[index])]
+
+    @property
+    def labels(self) -> np.ndarray:
+        return source_labels(self.source)[self.indices]
+
+
+def source_labels(source) -> np.ndarray:
+    """Every example's class: the source's `labels` where it keeps them, else read record by record."""
+    labels = getattr(source, "labels", None)
+    if labels is None:
+        labels = [source[i]["label"] for i in range(len(source))]
+    return np.asarray(labels, np.int64)
+
+
+def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held out) indices: `fraction` of each class's examples (rounded; at least one, and never all, of
+    a class with two or more) held out, chosen by a permutation seeded with `seed`; both sorted."""
+    rng = np.random.default_rng([seed, 0x7A11D])
+    held = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        k = int(round(fraction * len(members)))
+        if len(members) > 1:
+            k = min(max(k, 1), len(members) - 1)
+        held.append(rng.permutation(members)[:k])
+    held = np.sort(np.concatenate(held)) if held else np.zeros(0, np.int64)
+    return np.setdiff1d(np.arange(len(labels)), held), held
+
+
+SPLITS = ("train", "val", "test")  # the roles make_source knows; 'val' exists when dataset.val_fraction > 0
+
+
 def make_source(config: ml_collections.ConfigDict, split: str):
-    """The source of `split` ('train' or 'test') for the configured dataset."""
+    """The source of `split` for the configured dataset: 'train' or 'test' (dataset.train_split / test_split),
+    or 'val', the stratified share dataset.val_fraction of the training split held out from 'train'."""
+    d = config.dataset
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if split == "val" and not d.val_fraction:
+        raise ConfigError("there is no validation split: config.dataset.val_fraction is 0")
+    source = _dataset_source(config, "test" if split == "test" else "train")
+    if split == "test" or not d.val_fraction:
+        return source
+    kept, held = stratified_split(source_labels(source), d.val_fraction, d.val_seed)
+    return Subset(source, kept if split == "train" else held)
+
+
+def _dataset_source(config: ml_collections.ConfigDict, split: str):
+    """The whole 'train' or 'test' split of the configured dataset."""
     d = config.dataset
     if d.name == "demo":
         if not 1 <= d.num_classes <= synthetic.MAX_CLASSES:
