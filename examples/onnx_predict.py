@@ -14,7 +14,7 @@ folder, image_path = sys.argv[1:3]
 card = json.load(open(os.path.join(folder, "model.json")))
 image = cv2.cvtColor(cv2.imread(image_path, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
 size, crop = card["resize_size"], card["crop_size"]
-shrink = min(image.shape[:2]) > size  # as model.json says: INTER_AREA when both sides shrink
+shrink = min(image.shape[:2]) > size  # model.json: antialias a shrink (INTER_AREA is OpenCV's close match)
 image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 top = round((size - crop) / 2)
 batch = np.ascontiguousarray(image[top:top + crop, top:top + crop])[None]  # uint8 NHWC; the model normalises

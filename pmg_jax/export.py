@@ -107,8 +107,9 @@ def model_card(restored: Restored, fmt: str, files: Sequence[str]) -> dict:
             "done_by": "the caller: the model takes crops and normalises them itself",
             "steps": [
                 "decode the image as RGB (drop alpha; grey to 3 channels)",
-                f"resize to {resize}x{resize}, aspect ratio ignored, bilinear (antialiased when shrinking: "
-                "OpenCV INTER_AREA when both sides shrink, else INTER_LINEAR; training used "
+                f"resize to {resize}x{resize}, aspect ratio ignored, bilinear and antialiased where a side shrinks "
+                "(as PIL's Image.resize(BILINEAR), the reference's; OpenCV INTER_AREA comes close when both sides "
+                "shrink, INTER_LINEAR equals it within 1 grey level when none does; training used "
                 f"data.resize_backend={d.resize_backend!r})",
                 f"centre crop {crop}x{crop} at offset round(({resize} - {crop}) / 2) on both axes",
                 "stack as uint8 NHWC (any batch size)",

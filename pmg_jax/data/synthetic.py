@@ -321,3 +321,30 @@ class DemoSource:
     def __repr__(self) -> str:
         """Stable description, e.g. for grain checkpoints."""
         return f"DemoSource(spec={self.spec!r}, split={self.split!r}, size={self.size})"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Write demo images as PNG files (to try predict and explain on files): python -m pmg_jax.data.synthetic."""
+    import argparse
+    import os
+
+    p = argparse.ArgumentParser(prog="python -m pmg_jax.data.synthetic", description=main.__doc__)
+    p.add_argument("--out", required=True, help="folder to write into (made if needed)")
+    p.add_argument("--count", type=int, default=8, help="images to write")
+    p.add_argument("--split", default="test", choices=("train", "test"), help="which split's examples")
+    p.add_argument("--classes", type=int, default=8, help="classes (configs/demo.py has 8)")
+    p.add_argument("--image-size", type=int, default=112, help="side in pixels (configs/demo.py has 112)")
+    p.add_argument("--seed", type=int, default=0, help="the generator seed (config.dataset.demo_seed)")
+    args = p.parse_args(argv)
+    spec = DemoSpec(args.classes, args.image_size, args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    names = class_names(args.classes)
+    for i in range(args.count):
+        example = make_example(spec, args.split, i)
+        path = os.path.join(args.out, f"{args.split}_{i:05d}_{names[example['label']].replace(' ', '_')}.png")
+        cv2.imwrite(path, cv2.cvtColor(example["image"], cv2.COLOR_RGB2BGR))
+    print(f"wrote {args.count} {args.split} images of the demo dataset to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
