@@ -271,14 +271,9 @@ class Evaluation:
     it (the eval crop) with its maps."""
 
     split: str
-    target: str
     localization: dict
     parts: dict[str, dict] | None
     disagreeing: dict[str, list[tuple[float, Explained]]]
-
-    @property
-    def count(self) -> int:
-        return self.localization["count"]
 
 
 def _display(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
@@ -389,7 +384,7 @@ def evaluate(
         located = localization.evaluate(restored.model, restored.variables, batches, spec, maps=maps,
                                         methods=methods, target=target, concat=concat, auc_steps=auc_steps,
                                         progress=progress, finer_k=finer_k, finer_alpha=finer_alpha, on_maps=gather)
-    return Evaluation(split, target, located, gather.part_tables((spec.crop_size, spec.crop_size)), gather.top)
+    return Evaluation(split, located, gather.part_tables((spec.crop_size, spec.crop_size)), gather.top)
 
 
 def write_report(evaluation: Evaluation, restored: Restored, out_dir: str, *, concat: str = "seed",

@@ -2,22 +2,19 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
+from test_parity import torch_pmg
+from test_part_annotations import CUB_PARTS, write_parts
+from test_report import Page
+from test_sources import CLASSES, write_cub, write_lines
 
-from conftest import ROOT
-from pmg_jax import cam, parts, state
+from pmg_jax import cam, convert, parts, state
 from pmg_jax import explain as explain_lib
 from pmg_jax.cli import explain
 from pmg_jax.data import sources
-from test_part_annotations import CUB_PARTS, write_parts
-from test_parity import torch_pmg
-from test_report import Page
-from test_sources import CLASSES, write_cub, write_lines
 
 WING = "wing patch"
 
@@ -26,18 +23,18 @@ def evaluate_demo(workdir: str, out, *flags: str) -> dict:
     """explain.py --evaluate on the demo run's test split, in this process; returns the JSON it saved."""
     rc = explain.main(["--evaluate", "--ckpt", workdir, "--auc-steps", "0", "--out", str(out), *flags])
     assert rc == 0
-    with open(out / "localization_test.json") as f:
-        return json.load(f)
+    return json.loads((out / "localization_test.json").read_text())
 
 
 def report_page(path) -> tuple[str, Page]:
-    text = open(path, encoding="utf-8").read()
+    """The report's text, and its tables, bars and images."""
+    text = path.read_text(encoding="utf-8")
     page = Page()
     page.feed(text)
     return text, page
 
 
-def test_cub_miniature_with_parts_end_to_end(tmp_path):
+def test_cub_miniature_with_parts_end_to_end(tmp_path, capsys):
     """A reference-format PMG converted for CUB, evaluated on a CUB-layout miniature that has parts/ files."""
     data_dir = write_cub(str(tmp_path / "data"))
     write_parts(data_dir)
@@ -46,16 +43,13 @@ def test_cub_miniature_with_parts_end_to_end(tmp_path):
                 (f"{c + 1} {c + 1:03d}.{n.replace(' ', '_')}" for c, n in enumerate(names)))
     src, run, out = str(tmp_path / "model.pth"), str(tmp_path / "run"), tmp_path / "out"
     torch.save(torch_pmg("resnet50", 8, (1, 1, 1, 1), 16, 200, seed=2, size=64).state_dict(), src)
-    steps = ([sys.executable, "-m", "pmg_jax.convert", src, "--out", run, "--dataset", "cub", "--data-dir", data_dir],
-             [sys.executable, "explain.py", "--evaluate", "--ckpt", run, "--auc-steps", "0", "--report-images", "2",
-              "--out", str(out)])
-    for command in steps:
-        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
-    print(done.stdout)
-    assert "MaxBoxAccV2" in done.stdout and "images whose CAM peak lands on the part" in done.stdout
-    assert all(name in done.stdout for name in CUB_PARTS)
-    saved = json.load(open(out / "localization_test.json"))
+    convert.main([src, "--out", run, "--dataset", "cub", "--data-dir", data_dir])
+    assert explain.main(["--evaluate", "--ckpt", run, "--auc-steps", "0", "--report-images", "2", "--out",
+                         str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "MaxBoxAccV2" in printed and "images whose CAM peak lands on the part" in printed
+    assert all(name in printed for name in CUB_PARTS)
+    saved = json.loads((out / "localization_test.json").read_text())
     assert saved["count"] == 6 and set(saved["results"]["gradcam"]) == {"block1", "block2", "block3", "concat"}
     tables = saved["parts"]["gradcam"]
     assert tables["parts"] == list(CUB_PARTS) and tables["count"] == 6
