@@ -114,13 +114,16 @@ def test_splits_with_boxes_or_parts_or_neither(demo_run, tmp_path, monkeypatch, 
         assert err[-1] == "explain.py: split 'test' of demo has no boxes or part annotations to evaluate against"
         assert not os.path.exists(tmp_path / "report.html")
         return
-    saved = evaluate_demo(workdir, tmp_path, "--report-images", "2")
+    saved = evaluate_demo(workdir, tmp_path, "--report-images", "2", "--per-class")
     printed = capsys.readouterr().out
     text, page = report_page(tmp_path / "report.html")
     assert len(page.images) == 2
     if drop == ("box",):
         assert "has no boxes: no localisation tables, only the part tables" in printed
         assert saved["results"] is None and saved["parts"]["gradcam"]["count"] == 16
+        per_class = saved["parts"]["gradcam"]["per_class"]
+        assert sum(t["count"] for t in per_class.values()) == 16
+        assert all(f", class {name}: {t['count']} images" in printed for name, t in per_class.items())
         assert "<h2>Localisation</h2>" not in text and "<h2>Parts</h2>" in text
     else:
         assert "MaxBoxAccV2" in printed and "CAM peak" not in printed
