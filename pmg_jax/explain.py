@@ -6,7 +6,9 @@
 
 Each image gets the seed's overlays (conv_block{k}_<tag>.jpg, conv_block_concat_<tag>.jpg) and a titled
 grid (grid_<tag>.png, its caption stored inside); index.html in the folder is rebuilt from every grid
-there, so it never shows a partial view. `localize` measures how well the maps localise over a split.
+there, so it never shows a partial view. `evaluate` makes one explain pass over a split and gathers how well
+the maps localise its boxes, which annotated parts their peaks land on, and the images whose blocks disagree
+most; `write_report` turns that into report.html.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import jax
 import numpy as np
 
-from pmg_jax import cam, localization, viz
+from pmg_jax import cam, localization, parts, report, viz
 from pmg_jax import model as model_lib
 from pmg_jax.data import decode, pipeline, sources
 from pmg_jax.state import Restored, transform_spec
@@ -38,12 +40,14 @@ class Item:
 @dataclasses.dataclass
 class Explained:
     """One image's results: maps by method and map name ((H, W) in [0, 1] at the network input size), each
-    head's probabilities, and the grids written (by method)."""
+    head's probabilities, the grids written (by method), and for target 'finer' the classes each head's map
+    contrasts its class with (by head)."""
 
     item: Item
     maps: dict[str, dict[str, np.ndarray]]
     probabilities: dict[str, np.ndarray]
     grids: dict[str, str]
+    contrasts: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
 
     def top(self, head: str, k: int = 5, class_names: Sequence[str] = ()) -> list[tuple[str, float]]:
         """The k most probable (class name, probability) of one head."""
@@ -85,6 +89,11 @@ def sample_indices(size: int, count: int) -> list[int]:
     return sorted({int(i) for i in np.linspace(0, size - 1, count).round()})
 
 
+def _origin(record: dict, config, split: str, index: int) -> str:
+    """How captions name example `index` of a split: its file, else its dataset, split and index."""
+    return decode.record_name(record) if isinstance(record["image"], str) else f"{config.dataset.name} {split} #{index}"
+
+
 def from_split(config, split: str, count: int) -> tuple[list[int], Iterator[Item]]:
     """(indices, items) of a deterministic sample of `count` examples of a dataset split ('train' or 'test'),
     read through `config` (a checkpoint's own)."""
@@ -95,8 +104,7 @@ def from_split(config, split: str, count: int) -> tuple[list[int], Iterator[Item
         for i in indices:
             record = source[i]
             example = decode.load_example(record)
-            yield Item(f"{split}_{i:05d}", decode.record_name(record) if isinstance(record["image"], str)
-                       else f"{config.dataset.name} {split} #{i}", example["image"], example["label"])
+            yield Item(f"{split}_{i:05d}", _origin(record, config, split, i), example["image"], example["label"])
 
     return indices, items()
 
@@ -112,21 +120,49 @@ def _batches(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
         yield batch
 
 
-def _titles(item: Item, maps: dict[str, np.ndarray], top: dict[str, tuple[str, float]],
-            class_names: Sequence[str]) -> dict[str, list[str]]:
+def _titles(result: Explained, maps: dict[str, np.ndarray], class_names: Sequence[str],
+            concat: str = "seed") -> dict[str, list[str]]:
     """Grid titles: the image (and its true class), then each map with its head's top class; an all-zero map
-    says so (the head saw no positive evidence at that map), rather than showing a silent flat panel."""
+    says so (the head saw no positive evidence at that map), rather than showing a silent flat panel. With
+    Finer-CAM contrasts, a third line names the classes the map is contrasted with."""
+    item = result.item
     first = [os.path.basename(item.origin), f"{item.image.shape[1]}x{item.image.shape[0]}"]
     if item.label is not None:
         first[1] += f", true: {class_names[item.label]}"
     titles = {"input": first}
     for name, m in maps.items():
         head = model_lib.HEADS[cam.HEAD_OF[name]]
-        second = f"{top[head][0]} {100 * top[head][1]:.0f}%"
+        name_top, p_top = result.top(head, 1, class_names)[0]
+        second = f"{name_top} {100 * p_top:.0f}%"
         if not np.any(m > 0):
             second = "all zero: no positive evidence"
         titles[name] = [f"{viz.map_label(name)} ({head})", second]
+        if result.contrasts:
+            seed_sum = name == "concat" and concat == "seed"  # the block maps' sum: each has its own contrast
+            titles[name].append("vs each block's nearest" if seed_sum else
+                                "vs " + ", ".join(class_names[c] for c in result.contrasts[head]))
     return titles
+
+
+def write_grid(folder: str, result: Explained, method: str, class_names: Sequence[str], *, concat: str = "seed",
+               save_npy: bool = False, caption: Sequence[str] = ()) -> str:
+    """Write one image's overlays and titled grid of one method into `folder`; returns the grid's path (also
+    recorded in result.grids). The caption (stored in the grid) defaults to its origin and heads' top classes."""
+    os.makedirs(folder, exist_ok=True)
+    top = {h: result.top(h, 1, class_names)[0] for h in model_lib.HEADS}
+    caption = caption or [result.item.origin, *(f"{h}: {n} {100 * q:.1f}%" for h, (n, q) in top.items())]
+    maps = result.maps[method]
+    grid = viz.save_explanation(folder, result.item.tag, result.item.image, maps,
+                                _titles(result, maps, class_names, concat), save_npy, caption)
+    result.grids[method] = os.path.join(folder, grid)
+    return result.grids[method]
+
+
+def contrasts(logits: Sequence[np.ndarray], targets: np.ndarray, k: int = cam.FINER_K) -> list[dict[str, tuple]]:
+    """Per image, by head: the classes Finer-CAM contrasts that head's explained class (`targets` (B, 4)) with."""
+    similar = {h: np.asarray(cam.similar_classes(np.asarray(z), np.asarray(targets[:, i]), k))
+               for i, (h, z) in enumerate(zip(model_lib.HEADS, logits, strict=True))}
+    return [{h: tuple(int(c) for c in s[b]) for h, s in similar.items()} for b in range(len(targets))]
 
 
 def explain(
@@ -138,6 +174,8 @@ def explain(
     target: str = "predicted",
     class_id: int | None = None,
     concat: str = "seed",
+    finer_k: int = cam.FINER_K,
+    finer_alpha: float = cam.FINER_ALPHA,
     batch_size: int = 8,
     out_dir: str | None = None,
     save_npy: bool = False,
@@ -145,19 +183,19 @@ def explain(
 ) -> list[Explained]:
     """Maps and predictions for every item, in one jitted pass per batch and method; with `out_dir`, the
     overlays, grids and captions are written there (one subfolder per method when there are several) and
-    each folder's index.html is rebuilt. `target` is predicted | seed | class (then `class_id`)."""
+    each folder's index.html is rebuilt. `target` is predicted | seed | class (then `class_id`) | finer (each
+    head's prediction against its `finer_k` nearest classes, see cam.explain)."""
     if target == "class" and (class_id is None or not 0 <= class_id < len(restored.class_names)):
         raise ValueError(f"class target {class_id}: the model has {len(restored.class_names)} classes")
     maps = tuple(n for n in cam.MAP_NAMES if n in maps)
     config, names = restored.config, restored.class_names
-    explainers = {m: cam.make_explainer(restored.model, maps, m, target, concat) for m in methods}
+    explainers = {m: cam.make_explainer(restored.model, maps, m, target, concat, finer_k=finer_k,
+                                        finer_alpha=finer_alpha) for m in methods}
     outs = {m: None if out_dir is None else out_dir if len(methods) == 1 else os.path.join(out_dir, m)
             for m in methods}
-    for d in outs.values():
-        if d is not None:
-            os.makedirs(d, exist_ok=True)
     size, mean, std = config.data.crop_size, tuple(config.data.mean), tuple(config.data.std)
-    classes = np.full(batch_size, class_id or 0, np.int32)
+    # Only a class target takes classes: for 'finer' they would replace each head's prediction.
+    classes = np.full(batch_size, class_id, np.int32) if target == "class" else None
     results = []
     for batch in _batches(items, batch_size):
         x = np.zeros((batch_size, size, size, 3), np.float32)  # padded: one compiled shape
@@ -166,16 +204,14 @@ def explain(
                       for m, explainer in explainers.items()}
         first = per_method[methods[0]]
         probs = {h: np.asarray(jax.nn.softmax(z)) for h, z in zip(model_lib.HEADS, first.logits)}
+        contrasted = contrasts(first.logits, first.targets, finer_k) if target == "finer" else None
         for i, item in enumerate(batch):
             result = Explained(item, {m: {n: np.asarray(out.maps[n][i]) for n in maps} for m, out in
-                                      per_method.items()}, {h: p[i] for h, p in probs.items()}, {})
-            top = {h: result.top(h, 1, names)[0] for h in model_lib.HEADS}
-            caption = [item.origin, *(f"{h}: {n} {100 * q:.1f}%" for h, (n, q) in top.items())]
+                                      per_method.items()}, {h: p[i] for h, p in probs.items()}, {},
+                               contrasted[i] if contrasted else {})
             for method, folder in outs.items():
                 if folder is not None:
-                    grid = viz.save_explanation(folder, item.tag, item.image, result.maps[method],
-                                                _titles(item, result.maps[method], top, names), save_npy, caption)
-                    result.grids[method] = os.path.join(folder, grid)
+                    write_grid(folder, result, method, names, concat=concat, save_npy=save_npy)
             results.append(result)
             if on_result is not None:
                 on_result(result)
@@ -186,10 +222,12 @@ def explain(
 
 
 class _Prefix:
-    """The first n examples of a random-access source."""
+    """The first n examples of a random-access source, with its class and part names."""
 
     def __init__(self, source: pipeline.Source, n: int):
         self.source, self.n = source, min(n, len(source))
+        self.class_names = getattr(source, "class_names", ())
+        self.part_names = pipeline.part_names(source)
 
     def __len__(self) -> int:
         return self.n
@@ -203,7 +241,94 @@ def has_boxes(source: pipeline.Source) -> bool:
     return len(source) > 0 and (source[0].get("box") is not None or source[0].get("rel_box") is not None)
 
 
-def localize(
+@dataclasses.dataclass
+class Evaluation:
+    """One explain pass over a split: localisation.evaluate's report (its 'results' None without boxes), the
+    part tables by method (parts.tables; None without parts), and by method the (disagreement, image) pairs of
+    the images whose block maps disagree most (report.disagreement), most first, each image as the network saw
+    it (the eval crop) with its maps."""
+
+    split: str
+    localization: dict
+    parts: dict[str, dict] | None
+    disagreeing: dict[str, list[tuple[float, Explained]]]
+
+
+def _display(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """uint8 RGB pictures of a batch's images (uint8 crops as they are, normalised ones undone)."""
+    if images.dtype == np.uint8:
+        return images
+    return np.clip(np.rint((images * np.asarray(std) + np.asarray(mean)) * 255), 0, 255).astype(np.uint8)
+
+
+class _Gatherer:
+    """Called with every batch's maps during localization.evaluate's pass: keeps each map's part attribution
+    and, by method, a running top `keep_top` of the images whose blocks disagree most."""
+
+    def __init__(self, restored: Restored, source: pipeline.Source, split: str, layout: pipeline.Layout,
+                 maps: Sequence[str], keep_top: int, target: str, finer_k: int):
+        self.restored, self.source, self.split, self.layout, self.maps = restored, source, split, layout, maps
+        self.part_names = pipeline.part_names(source)
+        self.blocks = tuple(b for b in model_lib.BLOCKS if b in maps)
+        self.keep_top = keep_top if len(self.blocks) >= 2 else 0
+        self.finer_k = finer_k if target == "finer" else None
+        self.attributions: dict[str, dict[str, list[parts.Attribution]]] = {}
+        self.parts, self.labels, self.batches_seen = [], [], {}
+        self.top: dict[str, list[tuple[float, Explained]]] = {}
+
+    def __call__(self, method: str, out: cam.Explanation, batch: dict, keep: np.ndarray) -> None:
+        number = self.batches_seen[method] = self.batches_seen.get(method, -1) + 1
+        maps = {name: np.asarray(out.maps[name])[keep] for name in self.maps}
+        if self.part_names:
+            if method == next(iter(self.batches_seen)):  # the first method: the images' parts and labels, once
+                self.parts.append(np.asarray(batch["parts"])[keep])
+                self.labels.append(np.asarray(batch["label"])[keep])
+            per_map = self.attributions.setdefault(method, {name: [] for name in self.maps})
+            for name, a in parts.attribute(maps, np.asarray(batch["parts"])[keep]).items():
+                per_map[name].append(a)
+        if self.keep_top:
+            self._rank(method, out, batch, keep, number, report.disagreement(maps, self.blocks))
+
+    def _rank(self, method: str, out: cam.Explanation, batch: dict, keep: np.ndarray, number: int,
+              scores: np.ndarray) -> None:
+        """Merge this batch's images into the method's top list (earlier images first among equal scores)."""
+        top = self.top.setdefault(method, [])
+        merged = np.concatenate([[score for score, _ in top], scores])
+        slots = np.flatnonzero(keep)
+        chosen = report.most_disagreeing(merged, self.keep_top)
+        new = [int(i) - len(top) for i in chosen if i >= len(top)]
+        made = dict(zip(new, self._explained(method, out, batch, slots[new], number), strict=True)) if new else {}
+        self.top[method] = [top[i] if i < len(top) else (float(merged[i]), made[int(i) - len(top)]) for i in chosen]
+
+    def _explained(self, method: str, out: cam.Explanation, batch: dict, slots: np.ndarray,
+                   number: int) -> list[Explained]:
+        """The images in `slots` of a batch as Explained results of `method` (their crops, maps, probabilities)."""
+        config = self.restored.config
+        pictures = _display(np.asarray(batch["image"]), config.data.mean, config.data.std)
+        probabilities = [np.asarray(jax.nn.softmax(z)) for z in out.logits]
+        contrasted = contrasts(out.logits, np.asarray(out.targets), self.finer_k) if self.finer_k else None
+        results = []
+        for slot in slots:
+            index = self.layout.global_position(number, int(slot))
+            item = Item(f"{self.split}_{index:05d}", _origin(self.source[index], config, self.split, index),
+                        pictures[slot].copy(), int(batch["label"][slot]))
+            results.append(Explained(item, {method: {n: np.asarray(out.maps[n][slot]) for n in self.maps}},
+                                     {h: p[slot] for h, p in zip(model_lib.HEADS, probabilities, strict=True)}, {},
+                                     contrasted[slot] if contrasted else {}))
+        return results
+
+    def part_tables(self, size: tuple[int, int]) -> dict[str, dict] | None:
+        """parts.tables by method over every image seen, with its uniform-map baseline and per class."""
+        if not self.part_names:
+            return None
+        all_parts, labels = np.concatenate(self.parts), np.concatenate(self.labels)
+        baseline = parts.uniform_baseline(all_parts, size)
+        return {method: parts.tables({name: parts.concatenate(a) for name, a in per_map.items()}, baseline,
+                                     self.part_names, labels=labels, class_names=self.restored.class_names)
+                for method, per_map in self.attributions.items()}
+
+
+def evaluate(
     restored: Restored,
     split: str = "test",
     *,
@@ -211,20 +336,50 @@ def localize(
     methods: Sequence[str] = ("gradcam",),
     target: str = "class",
     concat: str = "seed",
+    finer_k: int = cam.FINER_K,
+    finer_alpha: float = cam.FINER_ALPHA,
     batch_size: int = 8,
     max_images: int | None = None,
     auc_steps: int = 16,
+    report_images: int = 8,
     progress: Callable[[int], object] | None = None,
-) -> dict:
-    """Localisation metrics (pmg_jax.localization.evaluate) of a split with boxes, through the checkpoint's own
-    eval transform; ValueError when the split has no boxes."""
+) -> Evaluation:
+    """One explain pass over a split through the checkpoint's own eval transform: the localisation metrics
+    (pmg_jax.localization.evaluate) where it has boxes, the part tables where it has parts, and the
+    `report_images` images whose blocks disagree most. ValueError when the split has neither boxes nor parts."""
     source = sources.make_source(restored.config, split)
-    if not has_boxes(source):
-        raise ValueError(f"split {split!r} of {restored.config.dataset.name} has no boxes to evaluate against")
+    boxes, part_names = has_boxes(source), pipeline.part_names(source)
+    if not boxes and not part_names:
+        raise ValueError(f"split {split!r} of {restored.config.dataset.name} has no boxes or part annotations to "
+                         "evaluate against")
     if max_images:
         source = _Prefix(source, max_images)
-    spec = transform_spec(restored.config)
-    _, batches = pipeline.eval_batches(source, spec, pipeline.host_layout(batch_size), with_box=True)
+    spec, layout = transform_spec(restored.config), pipeline.host_layout(batch_size)
+    _, batches = pipeline.eval_batches(source, spec, layout, with_box=boxes, with_parts=True)
     maps = tuple(n for n in cam.MAP_NAMES if n in maps)
-    return localization.evaluate(restored.model, restored.variables, batches, spec, maps=maps, methods=methods,
-                                 target=target, concat=concat, auc_steps=auc_steps, progress=progress)
+    gather = _Gatherer(restored, source, split, layout, maps, report_images, target, finer_k)
+    with batches:
+        located = localization.evaluate(restored.model, restored.variables, batches, spec, maps=maps,
+                                        methods=methods, target=target, concat=concat, auc_steps=auc_steps,
+                                        progress=progress, finer_k=finer_k, finer_alpha=finer_alpha, on_maps=gather)
+    return Evaluation(split, located, gather.part_tables((spec.crop_size, spec.crop_size)), gather.top)
+
+
+def write_report(evaluation: Evaluation, restored: Restored, out_dir: str, *, concat: str = "seed",
+                 title: str = "") -> list[str]:
+    """report.html of an evaluation in `out_dir` (in <out_dir>/<method>/ for each of several methods), with the
+    most disagreeing images' grids in its report_images/ subfolder; returns the reports' paths."""
+    located = evaluation.localization
+    methods = list(located["results"] or evaluation.parts or evaluation.disagreeing)
+    paths = []
+    for method in methods:
+        folder = out_dir if len(methods) == 1 else os.path.join(out_dir, method)
+        grids = [(write_grid(os.path.join(folder, "report_images"), result, method, restored.class_names,
+                             concat=concat, caption=[result.item.origin, f"disagreement {score:.3f}"]),
+                  f"{result.item.origin}: disagreement {score:.3f}")
+                 for score, result in evaluation.disagreeing.get(method, [])]
+        one = {**located, "results": {method: located["results"][method]}} if located["results"] else None
+        paths.append(report.write_report(
+            os.path.join(folder, "report.html"), one, evaluation.parts[method] if evaluation.parts else None, grids,
+            title=f"{method} on {restored.config.dataset.name} {evaluation.split}{title}"))
+    return paths

@@ -175,6 +175,7 @@ def evaluate(
     progress: Callable[[int], Any] | None = None,
     finer_k: int = cam.FINER_K,
     finer_alpha: float = cam.FINER_ALPHA,
+    on_maps: Callable[[str, cam.Explanation, dict, np.ndarray], Any] | None = None,
 ) -> dict:
     """Localisation metrics per method and map over eval batches {'image', 'label', 'box', 'mask'} made with `spec`.
 
@@ -182,6 +183,9 @@ def evaluate(
     nearest classes (cam.explain); auc_steps=0 skips the (costly:
     2 x (auc_steps + 1) forward passes per map) deletion and insertion curves. Returns {'count', 'centre_pointing',
     'results': {method: {map: {metric: value}}}}; `progress(n)` is called with each batch's real count.
+    `on_maps(method, explanation, batch, keep)` sees every batch's maps as they are made, so a caller gathers
+    more from the same pass (parts, disagreement); batches without 'box' skip the box metrics, and then
+    'centre_pointing' and 'results' are None.
     """
     explainers = {m: cam.make_explainer(model, maps, m, target, concat, finer_k=finer_k, finer_alpha=finer_alpha)
                   for m in methods}
@@ -191,12 +195,16 @@ def evaluate(
     for batch in batches:
         keep = np.asarray(batch["mask"]) > 0
         images = np.asarray(pipeline.normalize_on_device(batch["image"], spec))  # uint8 crops or normalised
-        labels, boxes = np.asarray(batch["label"]), np.asarray(batch["box"])
-        blurred = blur(images) if auc_steps else None
-        centre.append(centre_baseline(boxes[keep], images.shape[1:3]))
+        labels, boxes = np.asarray(batch["label"]), batch.get("box")
+        if boxes is not None:
+            boxes = np.asarray(boxes)
+            centre.append(centre_baseline(boxes[keep], images.shape[1:3]))
+        blurred = blur(images) if auc_steps and boxes is not None else None
         for method, explainer in explainers.items():
             out = explainer(variables, images, labels)
-            for name in maps:
+            if on_maps is not None:
+                on_maps(method, out, batch, keep)
+            for name in maps if boxes is not None else ():
                 head = cam.HEAD_OF[name]
                 m = np.asarray(out.maps[name])
                 ious = [iou_curves(m[i], boxes[i]) for i in np.flatnonzero(keep)]
@@ -216,6 +224,8 @@ def evaluate(
             progress(int(keep.sum()))
     if not count:
         raise ValueError("no examples to evaluate")
+    if not centre:
+        return {"count": count, "centre_pointing": None, "results": None}
     results = {m: {name: summarize(records[(m, name)]) for name in maps} for m in methods}
     return {"count": count, "centre_pointing": float(np.mean(np.concatenate(centre))), "results": results}
 

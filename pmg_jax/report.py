@@ -20,6 +20,7 @@ BLOCKS = ("block1", "block2", "block3")
 AUC_METRICS = ("Deletion", "Insertion")  # areas under curves, in [0, 1]; every other metric is a fraction
 CHART_HEIGHT = 120.0  # px of a 100% bar
 _BAR, _GAP, _TOP, _LABEL = 28.0, 10.0, 28.0, 70.0  # bar width, gap, room for the title, for the part names
+_LEFT = _LABEL / 3 ** 0.5  # room on the left for the first part name, rotated by 60 degrees
 _STYLE = """body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse;margin:.5em 0 1.5em}
 td,th{border:1px solid #ccc;padding:.2em .6em;text-align:right}td:first-child,th:first-child{text-align:left}
 svg{margin:0 1.5em 1em 0}rect{fill:#4878d0}line.baseline{stroke:#d65f5f;stroke-width:2;stroke-dasharray:4 2}
@@ -87,12 +88,12 @@ def _part_tables(table: dict, columns: Sequence[str], baseline_label: str) -> st
 
 def bar_chart(name: str, values: Mapping[str, float], baseline: Mapping[str, float] | None = None) -> str:
     """An inline SVG bar per entry of `values` (fractions; NaN draws none), dashed lines at the baseline's."""
-    width = len(values) * (_BAR + _GAP) + _GAP
+    width = _LEFT + len(values) * (_BAR + _GAP) + _GAP
     items = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:g}" height="{_TOP + CHART_HEIGHT + _LABEL:g}" '
              f'data-map="{html.escape(name)}"><text x="{_GAP:g}" y="12" font-size="12" font-weight="bold">'
              f'{html.escape(name)}</text>']
     for k, (part, value) in enumerate(values.items()):
-        x, label = _GAP + k * (_BAR + _GAP), html.escape(part)
+        x, label = _LEFT + _GAP + k * (_BAR + _GAP), html.escape(part)
         if not np.isnan(value):
             height = CHART_HEIGHT * value
             y = _TOP + CHART_HEIGHT - height

@@ -2,12 +2,14 @@
 
   python explain.py --ckpt runs/ --block 3                 # a sample of the run's own test split
   python explain.py --ckpt runs/cub --block 3 --images bird.jpg more/ '*.png'
-  python explain.py --evaluate --ckpt runs/cub --split test
+  python explain.py --ckpt runs/cub --target finer --finer-k 3 --images bird.jpg
+  python explain.py --evaluate --ckpt runs/cub --split test        # tables, JSON and report.html
 
 --ckpt is a run directory (latest checkpoint, or --checkpoint best), a folder of runs (the one with the
 newest checkpoint) or one checkpoint step directory (<run>/checkpoints/<step>). Without --images it
 explains --num-images examples spread evenly over the checkpoint's own --split. Outputs go to
-<run>/explain unless --out says otherwise; index.html there lists every grid in the folder.
+<run>/explain unless --out says otherwise; index.html there lists every grid in the folder. --evaluate
+measures localisation on a split with boxes and part attribution on one with parts, in one pass.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import sys
 
 from tqdm import tqdm
 
-from pmg_jax import cam, explain, localization
+from pmg_jax import cam, explain, localization, parts
 from pmg_jax import checkpoint as ckpt_lib
 from pmg_jax import model as model_lib
 from pmg_jax import state as state_lib
@@ -47,23 +49,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--method", action="append", choices=cam.METHODS,
                    help="CAM method, repeatable (default gradcam); several write one subfolder each")
     p.add_argument("--target", default=None,
-                   help="predicted | seed | label | <class id> (default: predicted; label with --evaluate)")
+                   help="predicted | seed | label | finer | <class id> (default: predicted; label with --evaluate); "
+                        "finer: Finer-CAM, the prediction (with --evaluate: the label) against its nearest classes")
+    p.add_argument("--finer-k", type=int, default=None,
+                   help=f"with --target finer: how many classes nearest by logit to contrast with "
+                        f"(default {cam.FINER_K})")
+    p.add_argument("--finer-alpha", type=float, default=None,
+                   help=f"with --target finer: weight of the nearest classes' logits (default {cam.FINER_ALPHA:g})")
     p.add_argument("--concat", choices=cam.CONCAT_MODES, default="seed",
                    help="concat map: seed = sum of the block maps; head = the concat head's gradient")
     p.add_argument("--out", default=None, help="output directory (default <run>/explain)")
     p.add_argument("--batch-size", type=int, default=8, help="images per jitted pass")
     p.add_argument("--save-npy", action="store_true", help="also save each map as .npy (input resolution, [0, 1])")
-    p.add_argument("--evaluate", action="store_true", help="localisation metrics on a split with boxes")
+    p.add_argument("--evaluate", action="store_true",
+                   help="localisation (split with boxes) and part tables (split with parts), JSON and report.html")
     p.add_argument("--split", default="test", choices=sources.SPLITS,
                    help="split to evaluate, or to sample without --images")
     p.add_argument("--max-images", type=int, default=None, help="evaluate only the first N examples")
     p.add_argument("--auc-steps", type=int, default=16, help="deletion/insertion steps (0 skips them)")
+    p.add_argument("--per-class", action="store_true", help="with --evaluate: also print the part tables per class")
+    p.add_argument("--report-images", type=int, default=8,
+                   help="with --evaluate: how many of the images whose blocks disagree most report.html shows")
     args = p.parse_args(argv)
     args.maps = tuple(n for n in cam.MAP_NAMES if any(n in BLOCK_CHOICES[b] for b in (args.block or ["all"])))
     args.method = list(dict.fromkeys(args.method or ["gradcam"]))
     args.target = args.target or ("label" if args.evaluate else "predicted")
-    if args.target not in ("predicted", "seed", "label") and not args.target.isdigit():
-        p.error(f"--target must be predicted, seed, label or a class id, not {args.target!r}")
+    if args.target not in ("predicted", "seed", "label", "finer") and not args.target.isdigit():
+        p.error(f"--target must be predicted, seed, label, finer or a class id, not {args.target!r}")
     if args.target == "label" and not args.evaluate:
         p.error("--target label needs known labels: use it with --evaluate")
     if args.target.isdigit() and args.evaluate:
@@ -71,7 +83,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for flag in ("batch_size", "num_images"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be positive")
+    if args.report_images < 0:
+        p.error("--report-images must be 0 or more")
+    _check_finer(p, args)
     return args
+
+
+def _check_finer(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Finer-CAM's flags: only with --target finer, a gradient method, k >= 1, a finite alpha; fills defaults."""
+    given = [flag for flag in ("finer_k", "finer_alpha") if getattr(args, flag) is not None]
+    if given and args.target != "finer":
+        p.error(f"--{given[0].replace('_', '-')} needs --target finer")
+    args.finer_k = cam.FINER_K if args.finer_k is None else args.finer_k
+    args.finer_alpha = cam.FINER_ALPHA if args.finer_alpha is None else args.finer_alpha
+    if args.target == "finer":
+        for method in args.method:
+            try:
+                cam.check_options(args.maps, method, "finer", args.concat, args.finer_k, args.finer_alpha)
+            except ValueError as e:
+                p.error(str(e).replace("finer_k", "--finer-k").replace("finer_alpha", "--finer-alpha"))
 
 
 def _print_top5(result: explain.Explained, class_names: list[str]) -> None:
@@ -111,7 +141,8 @@ def explain_images(args: argparse.Namespace, restored) -> int:
     target = "class" if args.target.isdigit() else args.target
     results = explain.explain(restored, items, maps=args.maps, methods=args.method, target=target,
                               class_id=int(args.target) if target == "class" else None, concat=args.concat,
-                              batch_size=args.batch_size, out_dir=out_root, save_npy=args.save_npy, on_result=done)
+                              finer_k=args.finer_k, finer_alpha=args.finer_alpha, batch_size=args.batch_size,
+                              out_dir=out_root, save_npy=args.save_npy, on_result=done)
     bar.close()
     for problem in problems[reported:]:
         print(f"skipping {problem}", file=sys.stderr)
@@ -125,24 +156,42 @@ def explain_images(args: argparse.Namespace, restored) -> int:
 
 
 def evaluate(args: argparse.Namespace, restored) -> int:
-    """Print (and save as JSON) the localisation tables of a split with boxes."""
+    """Print the localisation tables (split with boxes) and part tables (split with parts) of one explain pass
+    over a split; save them as JSON and write report.html."""
     target = {"label": "class"}.get(args.target, args.target)
     try:
         with tqdm(unit="image", desc=f"evaluate {args.split}", dynamic_ncols=True) as bar:
-            report = explain.localize(restored, args.split, maps=args.maps, methods=args.method, target=target,
-                                      concat=args.concat, batch_size=args.batch_size, max_images=args.max_images,
-                                      auc_steps=args.auc_steps, progress=bar.update)
+            done = explain.evaluate(restored, args.split, maps=args.maps, methods=args.method, target=target,
+                                    concat=args.concat, finer_k=args.finer_k, finer_alpha=args.finer_alpha,
+                                    batch_size=args.batch_size, max_images=args.max_images,
+                                    auc_steps=args.auc_steps, report_images=args.report_images,
+                                    progress=bar.update)
     except ValueError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 2
-    config = restored.config
-    print(localization.format_tables(report, f" on {config.dataset.name} {args.split} (target {args.target})"))
+    name = restored.config.dataset.name
+    title = f" on {name} {args.split} (target {args.target})"
+    located = done.localization
+    if located["results"] is None:
+        print(f"split {args.split!r} of {name} has no boxes: no localisation tables, only the part tables")
+    else:
+        print(localization.format_tables(located, title))
+    for method, tables in (done.parts or {}).items():
+        print(parts.format_tables(tables, f", {method}{title}", per_class=args.per_class))
     out_dir = args.out or os.path.join(restored.run, "explain")
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"localization_{args.split}.json")
+    finer = {"finer_k": args.finer_k, "finer_alpha": args.finer_alpha} if args.target == "finer" else {}
+    disagreeing = {m: [{"tag": r.item.tag, "origin": r.item.origin, "disagreement": score} for score, r in top]
+                   for m, top in done.disagreeing.items()}
     with open(path, "w") as f:
-        json.dump({"target": args.target, "concat": args.concat, **report}, f, indent=2)
+        json.dump({"target": args.target, "concat": args.concat, **finer, **located, "parts": done.parts,
+                   "disagreeing": disagreeing}, f, indent=2)
     print(f"saved {path}")
+    if args.report_images and not done.disagreeing:
+        print("(fewer than two block maps: report.html ranks no images by how much the blocks disagree)")
+    for report in explain.write_report(done, restored, out_dir, concat=args.concat, title=f" (target {args.target})"):
+        print(f"wrote {report}")
     return 0
 
 
