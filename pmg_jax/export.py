@@ -12,6 +12,7 @@ happens inside. DIR/model.json holds the class names, sizes, mean/std, input and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -34,7 +35,7 @@ OUTPUT_NAMES = ("probabilities", "head1", "head2", "head3", "concat")
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 
 
-PROG = "python -m pmg_jax.export"
+PROG = "pmg_jax.export"  # how its messages start (run as python -m pmg_jax.export)
 
 class ExportError(PMGError, RuntimeError):
     """An export that cannot be done as asked (e.g. a missing converter); the message is one line."""
@@ -55,11 +56,15 @@ def inference_function(restored: Restored) -> Callable[[jax.Array], tuple[jax.Ar
     return infer
 
 
+# Every convolution direct: the CPU Winograd path is chosen from the batch size, which a symbolic batch does not
+# have, and an exported program is for any runtime. The max pool stays the strided-view one, which converters
+# reproduce exactly (docs/predict.md: flax's and lax.reduce_window's did not convert correctly).
+EXPORT_KERNELS = kernels.Kernels(winograd="off")
+
+
 def _portable(fn: Callable) -> Callable:
-    """`fn` traced with plain XLA operations (kernels 'xla'): the platform fast paths are chosen for the shapes
-    and the platform the program runs on, which an exported program with a symbolic batch, for any runtime,
-    does not have."""
-    return kernels.traced(fn, "xla")
+    """`fn` traced with EXPORT_KERNELS, whatever is current when it is traced."""
+    return kernels.traced(fn, EXPORT_KERNELS)
 
 
 def _input_spec(restored: Restored) -> jax.ShapeDtypeStruct:
@@ -79,7 +84,8 @@ def onnx_model(restored: Restored, path: str | None = None) -> Any:
         from jax2onnx import to_onnx
     except ImportError as e:
         raise ExportError(f"ONNX export needs jax2onnx ({e}): pip install 'pmg_jax[onnx]'") from None
-    return to_onnx(_portable(inference_function(restored)), [_input_spec(restored)], model_name="pmg",
+    with contextlib.redirect_stdout(sys.stderr):  # the converter's progress lines are not our output
+        return to_onnx(_portable(inference_function(restored)), [_input_spec(restored)], model_name="pmg",
                        input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
                        return_mode="proto" if path is None else "file", output_path=path)
 
@@ -150,7 +156,7 @@ def max_relative_difference(ours: Sequence[np.ndarray], reference: Sequence[np.n
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; returns the exit status."""
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m pmg_jax.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="run dir, folder of runs (the newest), or checkpoint step dir")
     p.add_argument("--checkpoint", choices=("latest", "best"), default="latest", help="which checkpoint of a run")

@@ -394,8 +394,8 @@ _batch_norm_train.defvjp(_bn_fwd, _bn_bwd)
 def _pool_taps(x: jax.Array, window: int, strides: int, padding: int):
     """The window*window strided views of `x` (NHWC, padded with -inf) that a max pool compares."""
     p, s = padding, strides
-    lowest = jnp.array(-jnp.inf, x.dtype)
-    xp = jax.lax.pad(x, lowest, [(0, 0, 0), (p, p, 0), (p, p, 0), (0, 0, 0)])
+    # jnp.pad with a constant is the same HLO as lax.pad, and the form jax2onnx converts with a symbolic batch
+    xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)), constant_values=-jnp.inf)
     ho = (x.shape[1] + 2 * p - window) // s + 1
     wo = (x.shape[2] + 2 * p - window) // s + 1
     taps = []
@@ -417,7 +417,8 @@ def max_pool(x: jax.Array, window: int = 3, strides: int = 2, padding: int = 1) 
     """
     if current().gradients == "autodiff":
         pads = ((padding, padding), (padding, padding))
-        return nn.max_pool(x, (window, window), (strides, strides), pads)
+        # by keyword: while converting, jax2onnx swaps in an nn.max_pool that takes only keywords after x
+        return nn.max_pool(x, window_shape=(window, window), strides=(strides, strides), padding=pads)
     return _max_pool(x, window, strides, padding)
 
 

@@ -37,7 +37,7 @@ OUTPUTS = ("combined", *HEADS)  # order of the jitted function's outputs
 FORMATS = (".csv", ".jsonl")
 
 
-PROG = "python -m pmg_jax.predict"
+PROG = "pmg_jax.predict"  # how its messages start (run as python -m pmg_jax.predict)
 
 class PredictError(PMGError, ValueError):
     """Bad input to predict (a flag, a file): the message is the one line to show."""
@@ -272,7 +272,7 @@ def format_row(row: dict, outputs: Sequence[str]) -> str:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m pmg_jax.predict", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="run dir, folder of runs (the newest), or checkpoint step dir")
     p.add_argument("--checkpoint", choices=("latest", "best"), default="latest", help="which checkpoint of a run")

@@ -202,15 +202,17 @@ def test_onnx_export_matches_jax_under_onnxruntime(batch, run, tmp_path):
 
 
 def test_onnx_example_classifies_an_image(run, images, tmp_path):
-    folder, _ = images
     out = tmp_path / "onnx"
     assert export.main(["--ckpt", run[0], "--format", "onnx", "--out", str(out)]) == 0
+    restored = state_lib.restore(run[0])
+    # an image at the resize size: no resampling, so the example's OpenCV crop is the transform's exactly
+    image = cv2.resize(images[1], (restored.config.data.resize_size,) * 2)
+    cv2.imwrite(str(tmp_path / "bird.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "onnx_predict.py"), str(out),
-                           str(folder / "bird.png")], capture_output=True, text=True, timeout=300)
+                           str(tmp_path / "bird.png")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     printed = [line.rsplit(" ", 1) for line in proc.stdout.strip().splitlines()]
-    restored = state_lib.restore(run[0])
-    want = reference_outputs(restored, crop(restored, images[1])[None])[0][0]
+    want = reference_outputs(restored, crop(restored, image)[None])[0][0]
     top = np.argsort(-want)[:5]
     assert [name for name, _ in printed] == [restored.class_names[j] for j in top]
     np.testing.assert_allclose([float(p) for _, p in printed], want[top], atol=6e-5)  # printed to 4 decimals
