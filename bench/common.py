@@ -73,7 +73,8 @@ def make_tx(config: ml_collections.ConfigDict):
     """The training optimizer of `config` (a long epoch: the learning rate stays at its first value)."""
     o = config.optim
     return make_optimizer(lr_new=o.lr_new, lr_backbone=o.lr_backbone, num_epochs=config.num_epochs,
-                          steps_per_epoch=10_000, momentum=o.momentum, weight_decay=o.weight_decay)
+                          steps_per_epoch=10_000, momentum=o.momentum, weight_decay=o.weight_decay,
+                          schedule=config.schedule)
 
 
 def synthetic_batch(size: int, batch: int, num_classes: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -122,6 +123,7 @@ class Prepared:
     memory: Callable[[], dict[str, Any]] = peak_memory
     device: dict[str, Any] = dataclasses.field(default_factory=device_info)
     xla_flops: float | None = None  # XLA's own count for the compiled step, where it gives one
+    compiled_memory: dict[str, int] = dataclasses.field(default_factory=dict)  # see `compiled_memory`
 
 
 def xla_flops(compiled: jax.stages.Compiled) -> float | None:
@@ -129,6 +131,16 @@ def xla_flops(compiled: jax.stages.Compiled) -> float | None:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     return cost.get("flops") if cost else None
+
+
+def compiled_memory(compiled: jax.stages.Compiled) -> dict[str, int]:
+    """XLA's buffer assignment for a compiled executable: temporaries, arguments and outputs, in bytes
+    (empty where the platform does not report it)."""
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        return {}
+    return {f"xla_{name}_bytes": int(getattr(analysis, f"{name}_size_in_bytes"))
+            for name in ("temp", "argument", "output", "alias")}
 
 
 def measure(bench: str, prepared: Prepared, args: argparse.Namespace, flops_per_step: int,
@@ -151,7 +163,7 @@ def measure(bench: str, prepared: Prepared, args: argparse.Namespace, flops_per_
                 "compile_s": prepared.compile_s, "warmup_s": warmup_s, "model_tflops_per_step": flops_per_step / 1e12,
                 "xla_tflops_per_step": prepared.xla_flops / 1e12 if prepared.xla_flops else None,
                 "model_tflop_per_s": achieved / 1e12, "mfu": achieved / peak if peak else None,
-                **prepared.memory(), **prepared.device}
+                **prepared.memory(), **prepared.compiled_memory, **prepared.device}
     emit(headline)
     return headline
 

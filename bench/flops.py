@@ -18,7 +18,7 @@ import jax.extend.core as jcore
 import jax.numpy as jnp
 
 from pmg_jax import kernels
-from pmg_jax.model import PMG, UPDATES_PER_ITERATION
+from pmg_jax.model import PASSES, PMG
 
 # Dense peak FLOP/s per chip by (device-kind substring, compute dtype). float32 on these
 # GPUs runs convolutions and matmuls on TF32 tensor cores (the default of both JAX and
@@ -78,8 +78,9 @@ def eval_flops(batch: int, **model) -> int:
 
 
 def train_iteration_flops(batch: int, **model) -> int:
-    """Model FLOPs of one PMG iteration: every pass's forward + backward (3x forward) over a batch."""
-    return 3 * UPDATES_PER_ITERATION * eval_flops(batch, **model)
+    """Model FLOPs of one PMG iteration: every pass's forward + backward (3x forward) over a batch (either
+    schedule: 'joint' runs the same four inputs as one batch)."""
+    return 3 * len(PASSES) * eval_flops(batch, **model)
 
 
 def peak_flops(device_kind: str, dtype: str) -> float | None:

@@ -9,7 +9,10 @@ import argparse
 import json
 
 COLUMNS = ("bench", "device_kind", "size", "batch", "dtype", "images_per_s", "step_s_median", "compile_s",
-           "mfu", "peak_memory_gib")
+           "mfu", "peak_memory_gib", "xla_temp_gib")
+# A/B and accelerator options of bench/train.py, with their defaults: a headline names those it changes.
+VARIANTS = {"channel_sum": "auto", "layers": "custom", "remat": "none", "schedule": "progressive",
+            "accumulation_steps": 1}
 
 
 def _cell(value) -> str:
@@ -28,12 +31,19 @@ def rows(lines: list[str]) -> list[dict]:
             continue
         record = json.loads(line)
         if record.get("kind") == "headline" and "images_per_s" in record:
-            variant = record.get("channel_sum", "auto")
-            name = record["bench"] if variant == "auto" else f"{record['bench']} (channel_sum={variant})"
-            out.append({**record, "bench": name, "peak_memory_gib": record["peak_memory_bytes"] / 2**30})
-        elif record.get("kind") == "ratio":
+            changed = [f"{k}={record[k]}" for k, default in VARIANTS.items() if record.get(k, default) != default]
+            name = record["bench"] if not changed else f"{record['bench']} ({', '.join(changed)})"
+            temp = record.get("xla_temp_bytes")
+            out.append({**record, "bench": name, "peak_memory_gib": record["peak_memory_bytes"] / 2**30,
+                        "xla_temp_gib": None if temp is None else temp / 2**30})
+        elif record.get("kind") == "ratio" and "case" in record:
             out.append({"bench": f"compare {record['case']} ours/reference = {record['ratio']:.2f}",
                         "dtype": record["dtype"], "images_per_s": record["ours_images_per_s"]})
+        elif record.get("kind") == "ratio":
+            out.append({"bench": f"train ({record['variant']}) time / ({record['baseline']}) = "
+                                 f"{record['time_ratio']:.2f}", "size": record["size"], "batch": record["batch"],
+                        "dtype": record["dtype"], "images_per_s": record["images_per_s"],
+                        "step_s_median": record["step_s_median"]})
     return out
 
 

@@ -4,6 +4,11 @@
 `--config configs/cub.py:tfds` reads TFDS caltech_birds2011 (array_record) instead.
 """
 
+# The paper's batch of 16 ran on 2 GPUs, each BatchNorm normalising the 8 images of its GPU:
+# --config.model.bn_group_size=8 reproduces that (and --config.model.bn_group_stats=first keeps the
+# first group's running statistics, as nn.DataParallel kept GPU 0's); the default, 0, normalises over
+# all 16 (synchronised BatchNorm). docs/accelerators.md has this and the memory options.
+
 from pmg_jax import config
 
 

@@ -49,6 +49,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.feature_size = 512  # channels of each block's 1x1 conv (its output has twice this)
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
     c.model.kernels = "auto"  # auto: platform fast paths where they pay (pmg_jax.kernels) | xla: plain XLA ops
+    c.model.remat = "none"  # none | blocks: backward recomputes blocks and heads | stages: and backbone stages
+    c.model.bn_group_size = 0  # ghost BN: normalise in groups of this many training images (0: whole batch)
+    c.model.bn_group_stats = "mean"  # grouped running stats: mean over the groups | first: group 0 (GPU 0's)
 
     c.jigsaw = ml_collections.ConfigDict()
     c.jigsaw.granularities = (8, 4, 2)  # jigsaw grid n of the passes for head1, head2, head3
@@ -61,6 +64,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.weight_decay = 5e-4  # added to the gradient of every parameter
 
     c.concat_loss_weight = 2.0  # the concat pass trains on 2 x cross-entropy
+    c.schedule = "progressive"  # progressive: 4 passes, 4 updates | joint: 4 inputs as one 4B batch, 1 update
+    c.accumulation_steps = 1  # k micro-batches per update, gradients averaged; BN per micro-batch (k stat steps)
     c.bn_stats = "all"  # all: every pass updates every BN's running stats (reference); used: only those feeding its loss (faster)
     c.batch_size = 16  # global batch (all devices and hosts together)
     c.eval_batch_size = 16  # global eval batch; the last one is padded and masked

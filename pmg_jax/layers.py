@@ -7,7 +7,7 @@ plain XLA (`kernels.use`); the values are PyTorch's either way."""
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from pmg_jax import kernels
 
 Dtype = Any
+GROUP_STATS = ("mean", "first")  # BatchNorm.group_stats: which running statistics ghost BatchNorm keeps
 
 
 def torch_default_uniform(fan_in: int):
@@ -30,6 +31,13 @@ def torch_default_uniform(fan_in: int):
 
 # torchvision's ResNet conv init: kaiming_normal_(mode='fan_out', nonlinearity='relu').
 kaiming_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def checkpointed(fn: Callable, train_argnum: int) -> Callable:
+    """`fn`, whose leading arguments are modules (named in the caller's scope), as one rematerialised region:
+    nothing inside it is saved for the backward (jax.checkpoint's nothing_saveable policy), which recomputes
+    it from the region's inputs. Its argument `train_argnum` is the static train flag."""
+    return nn.remat(fn, static_argnums=(train_argnum,), policy=jax.checkpoint_policies.nothing_saveable)
 
 
 class Conv(nn.Module):
@@ -73,11 +81,21 @@ class BatchNorm(nn.Module):
     the unbiased one, as torch.nn.BatchNorm does; `momentum` is PyTorch's (weight of
     the new batch). Statistics are computed in at least float32 whatever the compute dtype.
     Under jit over a sharded batch the reductions are global (synchronised BN).
+
+    `group_size` > 0 is ghost BatchNorm: in training the batch (leading axis) is cut into
+    consecutive groups of that many examples, each normalised with its own statistics, as
+    each GPU of an nn.DataParallel run normalised its share. The running statistics are then
+    updated once, from the groups' statistics (each group's mean and unbiased variance):
+    their mean over the groups (`group_stats='mean'`: every example counts, and the running
+    variance tracks the within-group variance the groups were normalised with) or those of
+    the first group (`'first'`: what nn.DataParallel kept, GPU 0's replica).
     """
 
     momentum: float = 0.1
     epsilon: float = 1e-5
     dtype: Dtype = jnp.float32
+    group_size: int = 0
+    group_stats: str = "mean"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -87,10 +105,13 @@ class BatchNorm(nn.Module):
         ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
         ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
         if train:
-            y, mean, var = kernels.batch_norm_train(x, scale, bias, self.epsilon, jnp.dtype(self.dtype))
-            if not self.is_initializing():
+            if self.group_size:
+                y, mean, unbiased = self._grouped(x, scale, bias)
+            else:
+                y, mean, var = kernels.batch_norm_train(x, scale, bias, self.epsilon, jnp.dtype(self.dtype))
                 n = math.prod(x.shape[:-1])
                 unbiased = var * (n / max(n - 1, 1))
+            if not self.is_initializing():
                 m = self.momentum
                 ra_mean.value = (1 - m) * ra_mean.value + m * mean
                 ra_var.value = (1 - m) * ra_var.value + m * unbiased
@@ -99,4 +120,18 @@ class BatchNorm(nn.Module):
         shift = bias - ra_mean.value * mul
         return (x * mul.astype(x.dtype) + shift.astype(x.dtype)).astype(self.dtype)
 
-
+    def _grouped(self, x: jax.Array, scale: jax.Array, bias: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Ghost BatchNorm: (output, mean, unbiased variance) for the running statistics."""
+        g, b = self.group_size, x.shape[0]
+        if b % g:
+            raise ValueError(f"BatchNorm group_size={g} does not divide the batch of {b}")
+        if self.group_stats not in GROUP_STATS:
+            raise ValueError(f"BatchNorm group_stats must be one of {GROUP_STATS}, got {self.group_stats!r}")
+        groups = x.reshape(b // g, g, *x.shape[1:])
+        y, mean, var = jax.vmap(
+            lambda xg: kernels.batch_norm_train(xg, scale, bias, self.epsilon, jnp.dtype(self.dtype)))(groups)
+        n = math.prod(groups.shape[1:-1])
+        unbiased = var * (n / max(n - 1, 1))
+        if self.group_stats == "first":
+            return y.reshape(x.shape), mean[0], unbiased[0]
+        return y.reshape(x.shape), jnp.mean(mean, axis=0), jnp.mean(unbiased, axis=0)

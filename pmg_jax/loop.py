@@ -79,8 +79,9 @@ class Stop:
 class FiniteGuard:
     """Checks each step's non-finite flag one step late, so the device never waits, and before any save."""
 
-    def __init__(self, checkpoints: ckpt_lib.Checkpoints):
+    def __init__(self, checkpoints: ckpt_lib.Checkpoints, schedule: str = "progressive"):
         self.checkpoints = checkpoints
+        self.schedule = schedule
         self.pending: tuple[int, dict] | None = None
 
     def push(self, step: int, metrics: dict) -> None:
@@ -98,7 +99,8 @@ class FiniteGuard:
         if bad:
             self.checkpoints.wait()
             raise NonFiniteError(
-                f"non-finite loss or gradient at iteration {step} in the pass for {steps.pass_name(bad)}; the step "
+                f"non-finite loss or gradient at iteration {step} in the pass for "
+                f"{steps.pass_name(bad, self.schedule)}; the step "
                 f"was not applied, the latest checkpoint in {self.checkpoints.directory} is the last good one")
 
 
@@ -197,7 +199,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         start_step=start_step, workers=workers, prefetch=config.data.prefetch,
     )
     device_batches = pipeline.prefetch_to_device(batches, data_sharding)
-    metrics_log, guard = MetricsLog(workdir), FiniteGuard(checkpoints)
+    metrics_log, guard = MetricsLog(workdir), FiniteGuard(checkpoints, config.schedule)
 
     def save(step: int, results: dict | None = None) -> None:
         guard.check()  # never save after a bad step

@@ -10,6 +10,7 @@ gradients from this very module (see `pmg_jax.cam`); both are no-ops unless thos
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from pmg_jax import backbones
-from pmg_jax.layers import BatchNorm, Conv, Linear
+from pmg_jax.layers import BatchNorm, Conv, Linear, checkpointed
 
 BACKBONE = "features"  # scope of the backbone's parameters (the reference's name): its learning-rate group
 HEADS = ("head1", "head2", "head3", "concat")  # the model's logits, in this order
@@ -39,9 +40,17 @@ class Pass:
     jigsaw: int | None
 
 
-# The progressive schedule: jigsaw 8 -> head1, 4 -> head2, 2 -> head3, the originals -> concat.
+# The passes of an iteration: jigsaw 8 -> head1, 4 -> head2, 2 -> head3, the originals -> concat.
 PASSES = (Pass(0, 0), Pass(1, 1), Pass(2, 2), Pass(CONCAT, None))
-UPDATES_PER_ITERATION = len(PASSES)  # the reference steps the optimizer after every pass
+# config.schedule -> the passes each optimizer update of an iteration trains, in order. progressive (the
+# reference): one update per pass; joint: the four inputs as one batch and one update of their summed loss.
+SCHEDULES = {"progressive": tuple((p,) for p in PASSES), "joint": (PASSES,)}
+REMAT = ("none", "blocks", "stages")  # PMG.remat: what the backward recomputes (see PMG)
+
+
+def updates_per_iteration(schedule: str) -> int:
+    """Optimizer updates per training iteration under `schedule` (what the learning-rate schedule counts)."""
+    return len(SCHEDULES[schedule])
 
 
 def feeds(head: int, path: Sequence[str], backbone: backbones.Backbone) -> bool:
@@ -63,22 +72,26 @@ class BasicConv(nn.Module):
     kernel_size: int
     padding: int = 0
     dtype: Any = jnp.float32
+    bn_group_size: int = 0
+    bn_group_stats: str = "mean"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         x = Conv(self.features, self.kernel_size, 1, self.padding, torch_default_init=True,
                  dtype=self.dtype, name="conv")(x)
-        return nn.relu(BatchNorm(momentum=0.01, dtype=self.dtype, name="bn")(x, train))
+        bn = BatchNorm(momentum=0.01, dtype=self.dtype, group_size=self.bn_group_size,
+                       group_stats=self.bn_group_stats, name="bn")
+        return nn.relu(bn(x, train))
 
 
-def _head(parent_prefix: str, x: jax.Array, feature_size: int, num_classes: int, train: bool, dtype) -> jax.Array:
-    """The reference classifier Sequential, created in the caller's scope with reference names."""
-    x = BatchNorm(momentum=0.1, dtype=dtype, name=f"{parent_prefix}_0")(x, train)
-    x = Linear(feature_size, dtype=dtype, name=f"{parent_prefix}_1")(x)
-    x = BatchNorm(momentum=0.1, dtype=dtype, name=f"{parent_prefix}_2")(x, train)
-    x = nn.elu(x)
-    logits = Linear(num_classes, dtype=dtype, name=f"{parent_prefix}_4")(x)
-    return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))  # bf16 -> f32 for the loss
+def _block(first: BasicConv, second: BasicConv, x: jax.Array, train: bool) -> jax.Array:
+    """A granularity block: its two basic convs."""
+    return second(first(x, train), train)
+
+
+def _classifier(bn0: BatchNorm, fc1: Linear, bn2: BatchNorm, fc4: Linear, x: jax.Array, train: bool) -> jax.Array:
+    """The reference classifier Sequential: BN1d, Linear, BN1d, ELU, Linear."""
+    return fc4(nn.elu(bn2(fc1(bn0(x, train)), train)))
 
 
 class PMG(nn.Module):
@@ -96,24 +109,47 @@ class PMG(nn.Module):
     width: int = 0
     stage_sizes: Sequence[int] | None = None
     dtype: Any = jnp.float32
+    remat: str = "none"
+    bn_group_size: int = 0
+    bn_group_stats: str = "mean"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, ...]:
+        """In training, `remat` trades compute for memory (jax.checkpoint, nothing saveable inside a region):
+        'blocks' recomputes each granularity block (its two basic convs) and each head in the backward,
+        saving only their inputs and outputs (the stage maps, the block maps the CAMs and max pools read,
+        the pooled features); 'stages' also recomputes the backbone's stem and each of its stages, saving
+        only the stage outputs (backbones that declare the 'remat' build option). Evaluation never remats.
+        `bn_group_size` > 0: every BatchNorm normalises training batches in groups of that many images
+        (`layers.BatchNorm`, ghost BatchNorm), keeping the running statistics `bn_group_stats` says.
+        """
+        if self.remat not in REMAT:
+            raise ValueError(f"PMG remat must be one of {REMAT}, got {self.remat!r}")
+        remat = self.remat if train else "none"
+        groups = {"group_size": self.bn_group_size, "group_stats": self.bn_group_stats}
         arch = backbones.resolve(self.backbone, self.width, self.stage_sizes)
-        stages = arch.build(self.dtype, name=BACKBONE)(x, train)
+        stages = arch.build(self.dtype, name=BACKBONE, remat=remat == "stages", bn_group_size=self.bn_group_size,
+                            bn_group_stats=self.bn_group_stats)(x, train)
+        block = checkpointed(_block, 3) if remat != "none" else _block
+        classifier = checkpointed(_classifier, 5) if remat != "none" else _classifier
+        conv = functools.partial(BasicConv, dtype=self.dtype, bn_group_size=self.bn_group_size,
+                                 bn_group_stats=self.bn_group_stats)
         pooled = []
         for k, (stage_name, feat) in enumerate(zip(STAGES, stages[-len(BLOCKS):]), start=1):
             feat = self._expose(stage_name, feat)
-            y = BasicConv(self.feature_size, 1, 0, self.dtype, name=f"conv_block{k}_0")(feat, train)
-            y = BasicConv(2 * self.feature_size, 3, 1, self.dtype, name=f"conv_block{k}_1")(y, train)
+            y = block(conv(self.feature_size, 1, 0, name=f"conv_block{k}_0"),
+                      conv(2 * self.feature_size, 3, 1, name=f"conv_block{k}_1"), feat, train)
             y = self._expose(BLOCKS[k - 1], y)
             pooled.append(jnp.max(y, axis=(1, 2)))
-        logits = [
-            _head(f"classifier{k}", p, self.feature_size, self.num_classes, train, self.dtype)
-            for k, p in enumerate(pooled, start=1)
-        ]
-        concat = jnp.concatenate(pooled, axis=-1)
-        logits.append(_head("classifier_concat", concat, self.feature_size, self.num_classes, train, self.dtype))
+        inputs = [*pooled, jnp.concatenate(pooled, axis=-1)]
+        logits = []
+        prefixes = [f"classifier{k}" for k in range(1, len(BLOCKS) + 1)] + ["classifier_concat"]
+        for prefix, p in zip(prefixes, inputs, strict=True):
+            out = classifier(BatchNorm(momentum=0.1, dtype=self.dtype, name=f"{prefix}_0", **groups),
+                             Linear(self.feature_size, dtype=self.dtype, name=f"{prefix}_1"),
+                             BatchNorm(momentum=0.1, dtype=self.dtype, name=f"{prefix}_2", **groups),
+                             Linear(self.num_classes, dtype=self.dtype, name=f"{prefix}_4"), p, train)
+            logits.append(out.astype(jnp.promote_types(out.dtype, jnp.float32)))  # bf16 -> f32 for the loss
         return tuple(logits)
 
     def _expose(self, name: str, y: jax.Array) -> jax.Array:

@@ -36,13 +36,14 @@ def make_optimizer(
     steps_per_epoch: int,
     momentum: float = 0.9,
     weight_decay: float = 5e-4,
+    schedule: str = "progressive",
 ) -> optax.GradientTransformation:
     """PyTorch SGD semantics: g += wd * p; buf = momentum * buf + g; p -= lr * buf.
 
     The learning rate is constant within an epoch; epochs are counted in iterations of
-    model.UPDATES_PER_ITERATION optimizer updates each (one per pass).
+    model.updates_per_iteration(schedule) optimizer updates each (progressive: one per pass; joint: one).
     """
-    updates_per_epoch = model_lib.UPDATES_PER_ITERATION * steps_per_epoch
+    updates_per_epoch = model_lib.updates_per_iteration(schedule) * steps_per_epoch
 
     def group(base_lr: float) -> optax.GradientTransformation:
         lr = epoch_cosine(base_lr, num_epochs)
@@ -59,4 +60,5 @@ def from_config(config: ml_collections.ConfigDict, steps_per_epoch: int) -> opta
     """The optimizer `config.optim` describes, for epochs of `steps_per_epoch` iterations."""
     o = config.optim
     return make_optimizer(lr_new=o.lr_new, lr_backbone=o.lr_backbone, num_epochs=config.num_epochs,
-                          steps_per_epoch=steps_per_epoch, momentum=o.momentum, weight_decay=o.weight_decay)
+                          steps_per_epoch=steps_per_epoch, momentum=o.momentum, weight_decay=o.weight_decay,
+                          schedule=config.schedule)

@@ -43,6 +43,9 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int | None = No
         width=m.width,
         stage_sizes=tuple(m.stage_sizes) if m.stage_sizes else None,
         dtype=jnp.dtype(m.dtype),
+        remat=m.remat,
+        bn_group_size=m.bn_group_size,
+        bn_group_stats=m.bn_group_stats,
     )
 
 

@@ -1,4 +1,4 @@
-"""The jitted steps: one whole progressive training iteration, and evaluation counts; compiled over the mesh."""
+"""The jitted steps: one whole training iteration (progressive or joint) and evaluation counts, over the mesh."""
 
 from __future__ import annotations
 
@@ -33,6 +33,17 @@ def _all_finite(tree) -> jax.Array:
     return jnp.isfinite(jnp.sum(jnp.concatenate(sums)))
 
 
+def micro_batches(x: jax.Array, k: int) -> jax.Array:
+    """(B, ...) -> (k, B / k, ...): micro-batch i holds examples i, i + k, i + 2k, ... (strided, so that a batch
+    sharded in contiguous blocks over the devices gives every device its share of each micro-batch)."""
+    return x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+
+
+def whole_batch(x: jax.Array) -> jax.Array:
+    """The inverse of `micro_batches`: (k, B / k, ...) -> (B, ...) in the original order."""
+    return x.swapaxes(0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
 def make_train_step(
     model: PMG,
     tx: optax.GradientTransformation,
@@ -42,60 +53,110 @@ def make_train_step(
     concat_weight: float = 2.0,
     permutations: dict[int, jax.Array] | None = None,
     bn_stats: str = "all",
+    schedule: str = "progressive",
+    accumulation_steps: int = 1,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    """One whole PMG iteration: the passes of `model_lib.PASSES`, each followed by its own optimizer update.
+    """One whole PMG iteration: the updates of `model_lib.SCHEDULES[schedule]`, each an optimizer update of
+    the weighted loss of its passes.
 
     A jigsaw pass shuffles the batch into n x n blocks (n from `granularities`) and trains its head;
     the concat pass trains the concat head on the unshuffled images with weight `concat_weight`.
-    Each pass runs the whole network in train mode (every BN updates its running statistics). If any
+    'progressive' (the reference) updates after each pass; 'joint' runs the four inputs through the
+    network as one batch of 4B (BatchNorm then normalises over all of them) and updates once, on the sum
+    of the four weighted losses. Every forward runs the whole network in train mode (every BN updates its
+    running statistics). With `accumulation_steps` k > 1 each update's gradient is the mean of the
+    gradients of k micro-batches (`micro_batches`, a `lax.scan`): BatchNorm normalises each micro-batch on
+    its own and the running statistics are updated once per micro-batch, k times per update. If any
     loss or gradient is non-finite the state is returned unchanged and metrics['nonfinite_pass'] names
-    the first bad pass (1-based; 0 when all are finite). `permutations` fixes the jigsaw per
-    granularity (tests); otherwise they are drawn from the state's RNG. bn_stats='used' keeps only
-    the running statistics of the modules that feed the pass's head (`model_lib.feeds`): XLA then
+    the first bad update (1-based, see `pass_name`; 0 when all are finite). `permutations` fixes the
+    jigsaw per granularity (tests); otherwise they are drawn from the state's RNG. bn_stats='used' keeps
+    only the running statistics of the modules that feed the update's heads (`model_lib.feeds`): XLA then
     drops the forward of the rest as dead code.
     """
     if bn_stats not in ("all", "used"):
         raise ValueError(f"bn_stats must be 'all' or 'used', got {bn_stats!r}")
+    if schedule not in model_lib.SCHEDULES:
+        raise ValueError(f"schedule must be one of {tuple(model_lib.SCHEDULES)}, got {schedule!r}")
+    if accumulation_steps < 1:
+        raise ValueError(f"accumulation_steps must be at least 1, got {accumulation_steps}")
     backbone = backbones.get(model.backbone)
+    k = accumulation_steps
 
     def cross_entropy(logits, labels):
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
-    def keep_used(head: int, new: Any, old: Any) -> Any:
-        """`new` statistics where they feed `head`, `old` elsewhere."""
-        return jax.tree_util.tree_map_with_path(
-            lambda path, n, o: n if model_lib.feeds(head, [k.key for k in path], backbone) else o, new, old)
+    def keep_used(heads: tuple[int, ...], new: Any, old: Any) -> Any:
+        """`new` statistics where they feed one of `heads`, `old` elsewhere."""
+        def pick(path, n, o):
+            return n if any(model_lib.feeds(h, [p.key for p in path], backbone) for h in heads) else o
+
+        return jax.tree_util.tree_map_with_path(pick, new, old)
+
+    def make_loss(group: tuple[model_lib.Pass, ...]) -> Callable:
+        """loss_fn(params, stats, inputs, labels) of one update: its passes' inputs as one batch."""
+        heads = tuple(p.head for p in group)
+        weights = [concat_weight if p.jigsaw is None else 1.0 for p in group]
+
+        def loss_fn(params, stats, inputs, labels):
+            x = inputs[0] if len(inputs) == 1 else jnp.concatenate(inputs)
+            logits, updated = model.apply(
+                {"params": params, "batch_stats": stats}, x, train=True, mutable=["batch_stats"]
+            )
+            new_stats = updated["batch_stats"]
+            if bn_stats == "used":
+                new_stats = keep_used(heads, new_stats, stats)
+            n = labels.shape[0]
+            outs = [logits[h] if len(group) == 1 else logits[h][j * n:(j + 1) * n] for j, h in enumerate(heads)]
+            losses = [w * cross_entropy(o, labels) for w, o in zip(weights, outs, strict=True)]
+            return sum(losses[1:], losses[0]), (new_stats, losses, outs)
+
+        return jax.value_and_grad(loss_fn, has_aux=True)
+
+    def accumulate(grad_fn, params, stats, inputs, labels):
+        """grad_fn over k micro-batches: the mean loss terms and gradient, the statistics after the last."""
+        def micro(carry, batch):
+            stats, total = carry
+            (_, (stats, losses, outs)), grads = grad_fn(params, stats, *batch)
+            return (stats, jax.tree.map(jnp.add, total, grads)), (losses, outs)
+
+        split = ([micro_batches(x, k) for x in inputs], micro_batches(labels, k))
+        (stats, total), (losses, outs) = jax.lax.scan(micro, (stats, jax.tree.map(jnp.zeros_like, params)), split)
+        grads = jax.tree.map(lambda g: g / k, total)
+        losses = [jnp.mean(term) for term in losses]
+        return sum(losses[1:], losses[0]), (stats, losses, [whole_batch(o) for o in outs]), grads
+
+    updates = [(group, make_loss(group)) for group in model_lib.SCHEDULES[schedule]]
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         images, labels = batch["image"], batch["label"]
         key = jax.random.fold_in(state.rng, state.step)
         params, stats, opt_state = state.params, state.batch_stats, state.opt_state
         metrics, bad_pass = {}, jnp.zeros((), jnp.int32)
-        for i, p in enumerate(model_lib.PASSES):
-            weight = concat_weight if p.jigsaw is None else 1.0
-            if p.jigsaw is None:
-                x = images
-            elif permutations is not None:
-                x = jigsaw_lib.shuffle_blocks(images, granularities[p.jigsaw], permutations[granularities[p.jigsaw]])
+        for u, (group, grad_fn) in enumerate(updates):
+            inputs = []
+            for p in group:
+                i = model_lib.PASSES.index(p)
+                if p.jigsaw is None:
+                    inputs.append(images)
+                elif permutations is not None:
+                    n = granularities[p.jigsaw]
+                    inputs.append(jigsaw_lib.shuffle_blocks(images, n, permutations[n]))
+                else:
+                    inputs.append(jigsaw_lib.jigsaw(jax.random.fold_in(key, i), images, granularities[p.jigsaw],
+                                                    jigsaw_mode))
+            if k == 1:
+                (loss, (stats, losses, outs)), grads = grad_fn(params, stats, inputs, labels)
             else:
-                x = jigsaw_lib.jigsaw(jax.random.fold_in(key, i), images, granularities[p.jigsaw], jigsaw_mode)
-
-            def loss_fn(params, x=x, head=p.head, weight=weight):
-                logits, updated = model.apply(
-                    {"params": params, "batch_stats": stats}, x, train=True, mutable=["batch_stats"]
-                )
-                new_stats = updated["batch_stats"]
-                if bn_stats == "used":
-                    new_stats = keep_used(head, new_stats, stats)
-                return weight * cross_entropy(logits[head], labels), (new_stats, logits[head])
-
-            (loss, (stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+                loss, (stats, losses, outs), grads = accumulate(grad_fn, params, stats, inputs, labels)
             finite = jnp.isfinite(loss) & _all_finite(grads)
-            bad_pass = jnp.where((bad_pass == 0) & ~finite, i + 1, bad_pass)
-            updates, opt_state = tx.update(grads, opt_state, params)
-            params = optax.apply_updates(params, updates)
-            metrics[LOSS_NAMES[p.head]] = loss
-        metrics["accuracy"] = 100.0 * jnp.mean(jnp.argmax(logits, -1) == labels)  # the last (concat) pass's, in %
+            bad_pass = jnp.where((bad_pass == 0) & ~finite, u + 1, bad_pass)
+            grad_updates, opt_state = tx.update(grads, opt_state, params)
+            params = optax.apply_updates(params, grad_updates)
+            for p, term, o in zip(group, losses, outs, strict=True):
+                metrics[LOSS_NAMES[p.head]] = term
+                if p.head == model_lib.CONCAT:
+                    concat_logits = o
+        metrics["accuracy"] = 100.0 * jnp.mean(jnp.argmax(concat_logits, -1) == labels)  # the concat pass's, in %
         metrics["nonfinite_pass"] = bad_pass
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=stats, opt_state=opt_state)
         ok = bad_pass == 0
@@ -105,9 +166,10 @@ def make_train_step(
     return train_step
 
 
-def pass_name(nonfinite_pass: int) -> str:
-    """The head of the 1-based pass that `metrics['nonfinite_pass']` names."""
-    return model_lib.HEADS[model_lib.PASSES[nonfinite_pass - 1].head]
+def pass_name(nonfinite_pass: int, schedule: str = "progressive") -> str:
+    """The heads of the 1-based update that `metrics['nonfinite_pass']` names."""
+    group = model_lib.SCHEDULES[schedule][nonfinite_pass - 1]
+    return " + ".join(model_lib.HEADS[p.head] for p in group)
 
 
 def make_eval_step(model: PMG) -> Callable[[TrainState, dict], jax.Array]:
@@ -135,6 +197,8 @@ def compile_steps(model, tx, config: ml_collections.ConfigDict, mesh, kernel_cho
         jigsaw_mode=config.jigsaw.mode,
         concat_weight=config.concat_loss_weight,
         bn_stats=config.bn_stats,
+        schedule=config.schedule,
+        accumulation_steps=config.accumulation_steps,
     )
     spec = transform_spec(config)
     chosen = kernels.resolve(config.model.kernels if kernel_choice is None else kernel_choice)

@@ -8,11 +8,13 @@ from flax.traverse_util import flatten_dict
 import os
 
 from pmg_jax import backbones, kernels
+from pmg_jax import model as model_lib
 from pmg_jax import checkpoint as ckpt_lib
 from pmg_jax import config as config_lib
 from pmg_jax import jigsaw
 from pmg_jax.data import transforms
 from pmg_jax.errors import ConfigError
+from pmg_jax.layers import GROUP_STATS
 
 DTYPES = ("float32", "bfloat16", "float64")
 BN_STATS = ("all", "used")
@@ -75,6 +77,7 @@ def check(config: ml_collections.ConfigDict, num_devices: int, num_processes: in
             raise ConfigError(f"config.{field}={value} must be a positive multiple of the {num_devices} devices")
         if value % num_processes:
             raise ConfigError(f"config.{field}={value} must be divisible by the {num_processes} processes")
+    check_accelerator_options(config, backbone, num_devices)
     for field in ("num_epochs", "eval_every_epochs", "log_every_steps", "dataset.num_classes", "checkpoint.keep"):
         node = config
         for part in field.split("."):
@@ -86,6 +89,35 @@ def check(config: ml_collections.ConfigDict, num_devices: int, num_processes: in
     for field in ("lr_new", "lr_backbone", "weight_decay"):
         if config.optim[field] < 0:
             raise ConfigError(f"config.optim.{field}={config.optim[field]} must be >= 0")
+
+
+def check_accelerator_options(config: ml_collections.ConfigDict, backbone: backbones.Backbone,
+                              num_devices: int) -> None:
+    """The schedule, gradient accumulation, rematerialisation and ghost BatchNorm fields."""
+    m, k = config.model, config.accumulation_steps
+    if config.schedule not in model_lib.SCHEDULES:
+        raise ConfigError(f"config.schedule={config.schedule!r} must be one of {tuple(model_lib.SCHEDULES)}")
+    if not isinstance(k, int) or k < 1:
+        raise ConfigError(f"config.accumulation_steps={k!r} must be a positive integer")
+    if config.batch_size % (k * num_devices):
+        raise ConfigError(f"config.accumulation_steps={k}: config.batch_size={config.batch_size} must be divisible "
+                          f"by accumulation_steps x the {num_devices} devices = {k * num_devices}")
+    if m.remat not in model_lib.REMAT:
+        raise ConfigError(f"config.model.remat={m.remat!r} must be one of {model_lib.REMAT}")
+    if m.remat == "stages" and "remat" not in backbone.options:
+        raise ConfigError(f"config.model.remat='stages': backbone {backbone.name} does not declare the 'remat' "
+                          f"build option (use 'blocks')")
+    if not isinstance(m.bn_group_size, int) or m.bn_group_size < 0:
+        raise ConfigError(f"config.model.bn_group_size={m.bn_group_size!r} must be 0 (whole batch) or a positive "
+                          f"integer")
+    if m.bn_group_size and (config.batch_size // k) % m.bn_group_size:
+        raise ConfigError(f"config.model.bn_group_size={m.bn_group_size} must divide the {config.batch_size // k} "
+                          f"images each forward normalises (batch_size / accumulation_steps)")
+    if m.bn_group_size and "bn_group_size" not in backbone.options:
+        raise ConfigError(f"config.model.bn_group_size={m.bn_group_size}: backbone {backbone.name} does not declare "
+                          f"the 'bn_group_size' build option")
+    if m.bn_group_stats not in GROUP_STATS:
+        raise ConfigError(f"config.model.bn_group_stats={m.bn_group_stats!r} must be one of {GROUP_STATS}")
 
 
 def check_compatible(saved: dict, config: ml_collections.ConfigDict, where: str) -> None:

@@ -9,6 +9,10 @@
   in the granularity blocks' 3x3 convolutions ahead of the heads' max pooling, which made
   it 12% slower (bench/RESULTS.md). Where this XLA lacks that fusion type, the training
   step gets YNNPACK off too and BatchNorm sums with GEMVs (`layers.channel_sum`).
+  The training step also keeps its optimisation barriers: XLA:CPU's cse_barrier_expander pass
+  drops them early, after which common-subexpression elimination merges the backward's
+  recomputation (config.model.remat) back into the forward, so remat saved no memory there
+  (a step without remat has no barriers, so nothing else changes).
 - gpu: XLA's Triton GEMM fusion is switched off. With jax/jaxlib 0.11.2 on an H200 it
   aborted the process while compiling the Grad-CAM pass at 448 px in bfloat16 ("Check failed:
   subdim_size_accumulator == dim_size (3136 vs. 112)" in triton_tiling_propagation.cc); with
@@ -29,6 +33,7 @@ import jax
 
 YNN = "xla_cpu_experimental_ynn_fusion_type"
 YNN_REDUCE = "LIBRARY_FUSION_TYPE_REDUCE"
+DISABLED_PASSES = "xla_disable_hlo_passes"
 PROGRAMS = ("train", "other")
 
 # per platform: option -> values to try, best first; TRAIN entries replace them for the training step
@@ -37,7 +42,7 @@ OPTIONS: dict[str, dict[str, tuple[Any, ...]]] = {
     "gpu": {"xla_gpu_enable_triton_gemm": (False,)},
 }
 TRAIN: dict[str, dict[str, tuple[Any, ...]]] = {
-    "cpu": {YNN: (YNN_REDUCE, "")},
+    "cpu": {YNN: (YNN_REDUCE, ""), DISABLED_PASSES: ("cse_barrier_expander",)},
 }
 
 

@@ -136,7 +136,11 @@ def test_gpu_sh_tiny_runs_every_benchmark(tmp_path):
         else:
             assert h["model_tflops_per_step"] > 0 and h["compile_s"] >= 0 and h["warmup_s"] > 0, h
     assert "| bench |" in proc.stdout and proc.stdout.count("\n| train |") == 2
+    assert proc.stdout.count("\n| train (remat=blocks, schedule=joint) |") == 1  # the one accelerator variant
     assert "train bfloat16 batch 2 on cpu: " in proc.stdout and "x the reference's float32" in proc.stdout
+    assert all(h["xla_temp_bytes"] > 0 for h in headlines if h["bench"] == "train")
+    profile = (tmp_path / "gpu.profile.md").read_text()  # the profile of the first run, summarised
+    assert "| # | op | module |" in profile and profile.count("\n| ") == 1 + 15 and profile in proc.stdout
 
 
 def test_train_bench_can_force_either_channel_sum_form():
@@ -199,6 +203,43 @@ def test_bench_winograd_off_makes_every_convolution_direct():
         assert ("platform_index" in jaxpr) == winograd, flag  # ... and only 'auto' takes the Winograd path
     with pytest.raises(ValueError, match="winograd"):
         kernels.Kernels(winograd="on")
+
+
+def test_train_bench_alternates_variants_and_reports_their_time_ratios(capsys):
+    from bench import train as train_bench
+
+    headline = train_bench.main(["--size", "64", "--batch", "2", "--steps", "2", "--warmup", "0", *SMOKE,
+                                 "--schedule", "joint", "--remat", "none,stages"])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    names = ["remat=none,schedule=joint", "remat=stages,schedule=joint"]
+    steps = [(l["variant"], l["round"]) for l in lines if l.get("kind") == "step"]
+    assert steps == [(names[0], 0), (names[1], 0), (names[0], 1), (names[1], 1)]
+    seconds = {n: sorted(l["seconds"] for l in lines if l.get("kind") == "step" and l["variant"] == n) for n in names}
+    ratio = next(l for l in lines if l.get("kind") == "ratio" and l["variant"] == names[1])
+    assert ratio["time_ratio"] == pytest.approx(np.median(seconds[names[1]]) / np.median(seconds[names[0]]))
+    assert ratio["speed_ratio"] == pytest.approx(1 / ratio["time_ratio"]) and ratio["xla_temp_bytes"] > 0
+    assert lines[-1] == headline and headline["time_ratios"] == {names[0]: 1.0, names[1]: ratio["time_ratio"]}
+    with pytest.raises(SystemExit):
+        train_bench.parse(["--remat", "none,all"])
+    with pytest.raises(SystemExit):
+        train_bench.parse(["--remat", "none,blocks", "--profile", "/tmp/trace"])
+
+
+def test_memory_bench_reads_xla_buffer_sizes_per_case(capsys):
+    from bench import memory
+
+    records = memory.main(["--size", "64", "--batch", "4", *SMOKE,
+                           "--cases", "float32:none:1:joint,float32:stages:2:joint"])
+    out = capsys.readouterr().out.splitlines()
+    assert [json.loads(line) for line in out[:2]] == records
+    for r in records:
+        assert r["temp_size_in_bytes"] > 0 and r["argument_size_in_bytes"] > 0
+        assert r["total_bytes"] == (r["argument_size_in_bytes"] + r["output_size_in_bytes"] - r["alias_size_in_bytes"]
+                                    + r["temp_size_in_bytes"])
+    assert [(r["remat"], r["accumulation_steps"]) for r in records] == [("none", 1), ("stages", 2)]
+    assert out[2].startswith("| dtype | remat |") and out[4].startswith("| float32 | none | 1 | joint |")
+    with pytest.raises(SystemExit):
+        memory.parse(["--cases", "float32:all:1:joint"])
 
 
 def test_compare_alternates_and_reports_a_ratio(capsys):

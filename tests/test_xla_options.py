@@ -17,9 +17,11 @@ def fresh_cache():
 
 def test_cpu_takes_the_first_value_this_xla_accepts_and_drops_unknown_options(fresh_cache, monkeypatch):
     assert jax.default_backend() == "cpu"
-    # YNNPACK off for every program, but on for the training step's reductions (this jaxlib has them)
+    # YNNPACK off for every program, but on for the training step's reductions (this jaxlib has them);
+    # the training step keeps its optimisation barriers (remat)
     assert xla_options.for_platform() == {xla_options.YNN: ""}
-    assert xla_options.for_platform("cpu", "train") == {xla_options.YNN: xla_options.YNN_REDUCE}
+    assert xla_options.for_platform("cpu", "train") == {xla_options.YNN: xla_options.YNN_REDUCE,
+                                                         xla_options.DISABLED_PASSES: "cse_barrier_expander"}
     assert xla_options.fast_reductions("cpu") and xla_options.fast_reductions("gpu")
     with pytest.raises(ValueError, match="program"):
         xla_options.for_platform("cpu", "eval")

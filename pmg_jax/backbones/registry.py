@@ -20,6 +20,10 @@ class Backbone:
     feeds each head; `infer(shapes)` reads a PyTorch state dict's {name: shape} (names without
     a `features.` prefix) and returns {'width', 'stage_sizes'} when it holds this backbone, else
     None; `torch_ignore` are name prefixes of such state dicts PMG does not use (its classifier).
+    `options` are the keywords of OPTIONS that build also takes (a backbone without them builds
+    only with their defaults): remat=True recomputes its stem and each stage in the backward,
+    saving only the stage outputs, with parameter names unchanged; bn_group_size / bn_group_stats
+    are those of its BatchNorms (`layers.BatchNorm` group_size / group_stats).
     """
 
     name: str
@@ -31,6 +35,7 @@ class Backbone:
     infer: Callable[[Mapping[str, tuple[int, ...]]], dict | None] | None = None
     torch_ignore: tuple[str, ...] = ()
     stride: int = 32  # input pixels per pixel of the last stage: the input side must be a multiple
+    options: tuple[str, ...] = ()
 
     @property
     def num_stages(self) -> int:
@@ -38,6 +43,7 @@ class Backbone:
 
 
 REGISTRY: dict[str, Backbone] = {}
+OPTIONS = {"remat": False, "bn_group_size": 0, "bn_group_stats": "mean"}  # build options and their defaults
 
 
 def register(backbone: Backbone) -> Backbone:
@@ -67,8 +73,14 @@ class Arch:
     def channels(self) -> tuple[int, ...]:
         return self.backbone.channels(self.width, self.stage_sizes)
 
-    def build(self, dtype, name: str) -> nn.Module:
-        return self.backbone.build(width=self.width, stage_sizes=self.stage_sizes, dtype=dtype, name=name)
+    def build(self, dtype, name: str, **options) -> nn.Module:
+        """The backbone's module; `options` (of OPTIONS) reach build where the backbone declares them and
+        must be at their defaults where it does not (ValueError)."""
+        declared = {k: v for k, v in options.items() if k in self.backbone.options}
+        for key, value in options.items():
+            if key not in declared and value != OPTIONS[key]:
+                raise ValueError(f"backbone {self.backbone.name} does not take the build option {key}={value!r}")
+        return self.backbone.build(width=self.width, stage_sizes=self.stage_sizes, dtype=dtype, name=name, **declared)
 
 
 def resolve(name: str, width: int = 0, stage_sizes: tuple[int, ...] | None = ()) -> Arch:

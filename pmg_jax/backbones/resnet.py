@@ -16,7 +16,7 @@ import flax.linen as nn
 
 from pmg_jax.backbones.registry import Backbone
 from pmg_jax.kernels import max_pool
-from pmg_jax.layers import BatchNorm, Conv
+from pmg_jax.layers import BatchNorm, Conv, checkpointed
 
 STAGE_SIZES: dict[str, tuple[int, ...]] = {
     "resnet18": (2, 2, 2, 2),
@@ -35,11 +35,14 @@ class BasicBlock(nn.Module):
     strides: int
     downsample: bool
     dtype: Any = jnp.float32
+    bn_group_size: int = 0
+    bn_group_stats: str = "mean"
     expansion = 1
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        bn = lambda name: BatchNorm(momentum=0.1, dtype=self.dtype, name=name)
+        bn = lambda name: BatchNorm(momentum=0.1, dtype=self.dtype, group_size=self.bn_group_size,
+                                    group_stats=self.bn_group_stats, name=name)
         y = Conv(self.planes, 3, self.strides, 1, dtype=self.dtype, name="conv1")(x)
         y = nn.relu(bn("bn1")(y, train))
         y = Conv(self.planes, 3, 1, 1, dtype=self.dtype, name="conv2")(y)
@@ -57,11 +60,14 @@ class Bottleneck(nn.Module):
     strides: int
     downsample: bool
     dtype: Any = jnp.float32
+    bn_group_size: int = 0
+    bn_group_stats: str = "mean"
     expansion = 4
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        bn = lambda name: BatchNorm(momentum=0.1, dtype=self.dtype, name=name)
+        bn = lambda name: BatchNorm(momentum=0.1, dtype=self.dtype, group_size=self.bn_group_size,
+                                    group_stats=self.bn_group_stats, name=name)
         y = Conv(self.planes, 1, dtype=self.dtype, name="conv1")(x)
         y = nn.relu(bn("bn1")(y, train))
         y = Conv(self.planes, 3, self.strides, 1, dtype=self.dtype, name="conv2")(y)
@@ -74,34 +80,57 @@ class Bottleneck(nn.Module):
         return nn.relu(y + x)
 
 
+def _stem(conv: Conv, bn: BatchNorm, x: jax.Array, train: bool) -> jax.Array:
+    """7x7 stride-2 convolution, BN, ReLU, 3x3 stride-2 max pool."""
+    return max_pool(nn.relu(bn(conv(x), train)), 3, 2, 1)
+
+
+def _stage(first: nn.Module, rest: tuple[nn.Module, ...], x: jax.Array, train: bool) -> jax.Array:
+    """The residual blocks of one stage in turn."""
+    x = first(x, train)
+    for block in rest:
+        x = block(x, train)
+    return x
+
+
 class ResNet(nn.Module):
     """ResNet trunk; returns (layer1, layer2, layer3, layer4) NHWC maps.
 
     `width` is the stem/first-stage width (64 in torchvision; small values give tiny
-    test models), `stage_sizes` overrides the blocks per stage of `arch`.
+    test models), `stage_sizes` overrides the blocks per stage of `arch`. `remat` recomputes
+    the stem and each stage in the backward from the map it reads (only stage outputs are
+    saved; the modules keep their names); `bn_group_size` / `bn_group_stats` go to every BatchNorm.
     """
 
     arch: str = "resnet50"
     width: int = 64
     stage_sizes: Sequence[int] | None = None
     dtype: Any = jnp.float32
+    remat: bool = False
+    bn_group_size: int = 0
+    bn_group_stats: str = "mean"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, ...]:
         block = Bottleneck if BOTTLENECK[self.arch] else BasicBlock
         sizes = tuple(self.stage_sizes or STAGE_SIZES[self.arch])
-        x = Conv(self.width, 7, 2, 3, dtype=self.dtype, name="conv1")(x)
-        x = nn.relu(BatchNorm(momentum=0.1, dtype=self.dtype, name="bn1")(x, train))
-        x = max_pool(x, 3, 2, 1)
+        groups = {"bn_group_size": self.bn_group_size, "bn_group_stats": self.bn_group_stats}
+        stem, stage = (checkpointed(_stem, 3), checkpointed(_stage, 3)) if self.remat else (_stem, _stage)
+        x = stem(Conv(self.width, 7, 2, 3, dtype=self.dtype, name="conv1"),
+                 BatchNorm(momentum=0.1, dtype=self.dtype, group_size=self.bn_group_size,
+                           group_stats=self.bn_group_stats, name="bn1"), x, train)
         stages = []
         in_ch = self.width
         for i, n_blocks in enumerate(sizes):
             planes = self.width * 2**i
+            blocks = []
             for j in range(n_blocks):
                 strides = 2 if (i > 0 and j == 0) else 1
                 downsample = j == 0 and (strides != 1 or in_ch != planes * block.expansion)
-                x = block(planes, strides, downsample, dtype=self.dtype, name=f"layer{i + 1}_{j}")(x, train)
+                blocks.append(block(planes, strides, downsample, dtype=self.dtype, name=f"layer{i + 1}_{j}",
+                                    **groups))
                 in_ch = planes * block.expansion
+            x = stage(blocks[0], tuple(blocks[1:]), x, train)
             stages.append(x)
         return tuple(stages)
 
@@ -132,5 +161,5 @@ def infer_resnet(shapes: Mapping[str, tuple[int, ...]]) -> dict | None:
 BACKBONES = tuple(
     Backbone(name=name, build=functools.partial(ResNet, arch=name), width=64, stage_sizes=STAGE_SIZES[name],
              channels=lambda width, sizes, name=name: stage_channels(name, width), stage_of=_stage_of,
-             infer=infer_resnet, torch_ignore=("fc.",))
+             infer=infer_resnet, torch_ignore=("fc.",), options=("remat", "bn_group_size", "bn_group_stats"))
     for name in STAGE_SIZES)
