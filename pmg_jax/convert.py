@@ -2,10 +2,13 @@
 
 Names are mapped mechanically: a numeric path component joins the one before it
 (`layer1.0.conv1` -> `layer1_0/conv1`, `classifier1.4` -> `classifier1_4`), which
-is how the Flax modules are named. Leaves: conv weight OIHW -> kernel HWIO, linear
-weight (out, in) -> kernel (in, out), BN weight/bias -> scale/bias, running stats
--> batch_stats mean/var. Accepted spellings: the reference PMG's names, torchvision
-or timm ResNet names with or without `features.`, and a DataParallel `module.` prefix.
+is how the Flax modules are named. Leaves: conv weight OIHW -> kernel HWIO (a depthwise
+(C, 1, k, k) -> (k, k, 1, C), Flax's grouped layout), linear weight (out, in) -> kernel
+(in, out), BN and LayerNorm weight/bias -> scale/bias, conv and linear bias -> bias,
+running stats -> batch_stats mean/var, ConvNeXt's layer scale `gamma` -> gamma.
+Accepted spellings: the reference PMG's names, torchvision or timm ResNet (ResNet-D
+included) and timm ConvNeXt names with or without `features.`, and a DataParallel
+`module.` prefix. The classifiers of bare backbones (`fc`, `head`) are dropped.
 
 Files: `.safetensors` and `.npz` are read with numpy alone; anything else is read
 with torch (a state dict, a training checkpoint holding one, or a whole pickled
@@ -37,9 +40,15 @@ from pmg_jax import config as config_lib
 from pmg_jax import train_lib
 from pmg_jax.data import sources
 from pmg_jax.optim import make_optimizer
-from pmg_jax.resnet import BOTTLENECK, STAGE_SIZES
+from pmg_jax.convnext import VARIANTS as CONVNEXT_VARIANTS
+from pmg_jax.resnet import BOTTLENECK, RESNET_D, STAGE_SIZES, base_arch, stage_channels
 
 _SKIPPED_SUFFIXES = ("num_batches_tracked",)
+# Parts of bare ImageNet backbones that PMG does not use: the ResNet classifier, timm ConvNeXt's
+# head (its LayerNorm and classifier) and the pre-head norm some timm ConvNeXt configurations have.
+_UNUSED_PREFIXES = ("features.fc.", "features.head.", "features.norm_pre.")
+# Parameters stored under their own name, unchanged: ConvNeXt's layer scale.
+_PLAIN_PARAMS = ("gamma",)
 _PMG_ROOTS = ("features", "conv_block", "classifier")
 # Keys under which training scripts commonly nest the weights in a saved dict.
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net")
@@ -63,18 +72,18 @@ def _module_path(torch_path: list[str]) -> tuple[str, ...]:
 
 
 def canonical_name(name: str) -> str | None:
-    """The reference-PMG spelling of a parameter name, or None for weights PMG does not use (ResNet fc)."""
+    """The reference-PMG spelling of a parameter name, or None for weights PMG does not use (classifiers)."""
     while name.startswith("module."):
         name = name[len("module."):]
     if not name.startswith(_PMG_ROOTS):
         name = "features." + name  # a bare ResNet (torchvision / timm)
-    if name.startswith("features.fc."):
+    if name.startswith(_UNUSED_PREFIXES):
         return None
     return name
 
 
 def variables_from_torch(state_dict: Mapping[str, Any], target: Mapping | None = None) -> dict:
-    """{'params', 'batch_stats'} for PMG (or a bare ResNet under 'features') from a PyTorch state dict.
+    """{'params', 'batch_stats'} for PMG (or a bare backbone under 'features') from a PyTorch state dict.
 
     Values may be torch tensors or numpy arrays. With `target` (variables or their
     shapes, e.g. from `jax.eval_shape(model.init, ...)`), every key and shape is
@@ -95,8 +104,8 @@ def variables_from_torch(state_dict: Mapping[str, Any], target: Mapping | None =
             flat[("params", *path, "kernel")] = array.T
         elif leaf == "weight":
             flat[("params", *path, "scale")] = array
-        elif leaf == "bias":
-            flat[("params", *path, "bias")] = array
+        elif leaf == "bias" or leaf in _PLAIN_PARAMS:
+            flat[("params", *path, leaf)] = array
         elif leaf == "running_mean":
             flat[("batch_stats", *path, "mean")] = array
         elif leaf == "running_var":
@@ -276,21 +285,96 @@ def infer_architecture(state_dict: Mapping[str, Any]) -> Architecture:
 # ----------------------------------------------------------------------------- backbones
 
 
-def with_backbone(state_dict: Mapping[str, Any], variables: Mapping) -> dict:
-    """`variables` with params['features'] and batch_stats['features'] taken from a ResNet or PMG state dict.
+class Backbone(NamedTuple):
+    """A backbone as its state dict's names and shapes tell it: architecture, blocks and channels per stage."""
 
-    Everything outside `features` (blocks, heads, fc) in the state dict is ignored;
+    arch: str  # 'convnext', or the ResNet whose stem and blocks it has: 'resnet50', 'resnet101d', 'resnet18', ...
+    depths: tuple[int, ...]  # blocks in each of the four stages
+    dims: tuple[int, ...]  # output channels of each stage
+
+    @property
+    def variant(self) -> str | None:
+        """timm's or torchvision's name for exactly these stages ('convnext_tiny', 'resnet50d'), else None."""
+        if self.arch == "convnext":
+            return next((n for n, v in CONVNEXT_VARIANTS.items() if v == (self.depths, self.dims)), None)
+        standard = self.depths == STAGE_SIZES[base_arch(self.arch)] and self.dims == stage_channels(self.arch)
+        return self.arch if standard else None
+
+    def __str__(self) -> str:
+        return f"a {self.variant or self.arch} backbone (blocks {self.depths}, channels {self.dims})"
+
+
+def _count_blocks(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> int:
+    """Distinct block indices among the names `prefix<index>.*` (`prefix` includes its dot)."""
+    return len({k[len(prefix):].split(".")[0] for k in shapes if k.startswith(prefix)})
+
+
+def _convnext(shapes: Mapping[str, tuple[int, ...]]) -> Backbone:
+    depths = tuple(_count_blocks(shapes, f"features.stages.{i}.blocks.") for i in range(4))
+    dw = [shapes.get(f"features.stages.{i}.blocks.0.conv_dw.weight") for i in range(4)]
+    if not all(depths) or None in dw:
+        raise ConversionError(f"a ConvNeXt stem without 4 stages of blocks (blocks per stage {depths})")
+    if len(shapes.get("features.stages.0.blocks.0.mlp.fc1.weight", (0, 0))) != 2:
+        raise ConversionError("a ConvNeXt with 1x1-convolution MLPs (timm's conv_mlp=True, e.g. convnext_atto to "
+                              "convnext_nano): only the Linear-MLP form (conv_mlp=False, the default) is supported")
+    return Backbone("convnext", depths, tuple(w[0] for w in dw))
+
+
+def _resnet(shapes: Mapping[str, tuple[int, ...]]) -> Backbone:
+    depths = tuple(_count_blocks(shapes, f"features.layer{i}.") for i in range(1, 5))
+    if not all(depths) or "features.bn1.weight" not in shapes:
+        raise ConversionError(f"a ResNet stem without 4 stages of blocks (blocks per stage {depths})")
+    deep_stem = "features.conv1.0.weight" in shapes
+    avg_down = "features.layer2.0.downsample.2.weight" in shapes
+    if deep_stem != avg_down:
+        raise ConversionError("a timm ResNet with " + ("a deep stem but a strided-conv shortcut (resnet*c)"
+                              if deep_stem else "an average-pool shortcut but a 7x7 stem") +
+                              ": only torchvision's ResNet and ResNet-D (deep stem and average-pool shortcut)")
+    bottleneck = "features.layer1.0.conv3.weight" in shapes
+    standard = [n for n in STAGE_SIZES if BOTTLENECK[n] == bottleneck and STAGE_SIZES[n] == depths]
+    arch = standard[0] if standard else ("resnet50" if bottleneck else "resnet18")
+    arch = next(d for d, b in RESNET_D.items() if b == arch) if deep_stem else arch
+    return Backbone(arch, depths, stage_channels(arch, shapes["features.bn1.weight"][0]))
+
+
+def infer_backbone(state_dict: Mapping[str, Any]) -> Backbone:
+    """The ResNet (torchvision, timm, ResNet-D) or timm ConvNeXt in a state dict (bare, or a PMG's `features`)."""
+    shapes = _canonical_shapes(state_dict)
+    if "features.stem.0.weight" in shapes:
+        return _convnext(shapes)
+    if "features.conv1.weight" in shapes or "features.conv1.0.weight" in shapes:
+        return _resnet(shapes)
+    first = ", ".join(list(state_dict)[:3])
+    raise ConversionError(f"not a backbone state dict: no ResNet (conv1, layer1-4) or ConvNeXt (stem, stages) weights "
+                          f"among its {len(state_dict)} tensors (first: {first})")
+
+
+def with_backbone(state_dict: Mapping[str, Any], variables: Mapping) -> dict:
+    """`variables` with params['features'] (and batch_stats['features'], where the backbone has BatchNorm)
+    taken from a backbone or PMG state dict.
+
+    Everything outside `features` (blocks, heads, classifiers) in the state dict is ignored;
     the backbone's keys and shapes must match those in `variables` exactly.
     """
     backbone = {k: v for k, v in state_dict.items() if (canonical_name(k) or "").startswith("features.")}
-    target = {c: {"features": variables[c]["features"]} for c in ("params", "batch_stats")}
-    loaded = variables_from_torch(backbone, target=target)
-    return {c: {**variables[c], "features": loaded[c]["features"]} for c in ("params", "batch_stats")}
+    collections = [c for c in ("params", "batch_stats") if "features" in variables.get(c, {})]
+    loaded = variables_from_torch(backbone, target={c: {"features": variables[c]["features"]} for c in collections})
+    return {c: {**variables[c], "features": loaded[c]["features"]} if c in collections else variables[c]
+            for c in variables}
 
 
 def load_backbone(path: str, variables: Mapping) -> dict:
-    """`variables` with the backbone (weights and BN statistics) read from a torchvision/timm ResNet or PMG file."""
-    return with_backbone(load_state_dict(path), variables)
+    """`variables` with the backbone (weights, and BN statistics) read from a torchvision/timm ResNet, a timm
+    ConvNeXt or a PMG file; an unreadable file, one with no backbone, or one that does not fit raises one line."""
+    state_dict = load_state_dict(path)
+    try:
+        found = infer_backbone(state_dict)
+    except ConversionError as e:
+        raise ConversionError(f"{path}: {e}") from None
+    try:
+        return with_backbone(state_dict, variables)
+    except ConversionError as e:
+        raise ConversionError(f"{e} ({path} holds {found})") from None
 
 
 # ----------------------------------------------------------------------------- checkpoints
