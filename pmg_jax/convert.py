@@ -300,7 +300,8 @@ class Backbone(NamedTuple):
         standard = self.depths == STAGE_SIZES[base_arch(self.arch)] and self.dims == stage_channels(self.arch)
         return self.arch if standard else None
 
-    def __str__(self) -> str:
+    def describe(self) -> str:
+        """E.g. 'a resnet50d backbone (blocks (3, 4, 6, 3), channels (256, 512, 1024, 2048))'."""
         return f"a {self.variant or self.arch} backbone (blocks {self.depths}, channels {self.dims})"
 
 
@@ -374,7 +375,7 @@ def load_backbone(path: str, variables: Mapping) -> dict:
     try:
         return with_backbone(state_dict, variables)
     except ConversionError as e:
-        raise ConversionError(f"{e} ({path} holds {found})") from None
+        raise ConversionError(f"{e} ({path} holds {found.describe()})") from None
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -33,11 +33,13 @@ VARIANTS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
 }
 
 LN_EPS = 1e-6
-_init = nn.initializers.truncated_normal(0.02)  # timm's trunc_normal_(std=.02) for convs and linears, zero biases
+# Conv and linear weights: std 0.02, zero biases, as timm's init (its trunc_normal_ cuts at +-2, i.e. 100 std;
+# this one at 2 std). Only training from scratch sees it: PMG starts from ImageNet weights.
+_init = nn.initializers.truncated_normal(0.02)
 
 
-def _layer_norm(dtype: Any, name: str) -> nn.LayerNorm:
-    """LayerNorm over channels with two-pass float32 statistics (as torch's layer_norm)."""
+def layer_norm(dtype: Any, name: str | None = None) -> nn.LayerNorm:
+    """LayerNorm over the channels, its statistics two-pass and at least float32 whatever `dtype` (as torch's)."""
     return nn.LayerNorm(epsilon=LN_EPS, use_fast_variance=False, dtype=dtype, name=name)
 
 
@@ -73,7 +75,7 @@ class Block(nn.Module):
         c = x.shape[-1]
         y = nn.Conv(c, (7, 7), padding=((3, 3), (3, 3)), feature_group_count=c, dtype=self.dtype,
                     kernel_init=_init, name="conv_dw")(x)
-        y = _layer_norm(self.dtype, "norm")(y)
+        y = layer_norm(self.dtype, "norm")(y)
         y = Mlp(4 * c, dtype=self.dtype, name="mlp")(y)
         if self.layer_scale_init is not None:
             gamma = self.param("gamma", nn.initializers.constant(self.layer_scale_init), (c,))
@@ -95,7 +97,7 @@ class Stage(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         if self.downsample:
-            x = _layer_norm(self.dtype, "downsample_0")(x)
+            x = layer_norm(self.dtype, "downsample_0")(x)
             x = nn.Conv(self.dim, (2, 2), strides=2, padding="VALID", dtype=self.dtype, kernel_init=_init,
                         name="downsample_1")(x)
         for j, rate in enumerate(self.drop_path_rates):
@@ -123,8 +125,8 @@ class ConvNeXt(nn.Module):
             raise ValueError(f"ConvNeXt needs 4 depths and 4 dims, got {tuple(self.depths)} and {tuple(self.dims)}")
         rates = np.linspace(0.0, self.drop_path_rate, sum(self.depths)).tolist()
         x = nn.Conv(self.dims[0], (4, 4), strides=4, padding="VALID", dtype=self.dtype, kernel_init=_init,
-                    name="stem_0")(x.astype(self.dtype))
-        x = _layer_norm(self.dtype, "stem_1")(x)
+                    name="stem_0")(x)
+        x = layer_norm(self.dtype, "stem_1")(x)
         stages, start = [], 0
         for i, (depth, dim) in enumerate(zip(self.depths, self.dims)):
             x = Stage(dim, tuple(rates[start:start + depth]), downsample=i > 0, layer_scale_init=self.layer_scale_init,

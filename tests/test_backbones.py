@@ -1,5 +1,7 @@
 """ConvNeXt and ResNet-D against timm on the same weights, their conversion from timm files, and drop path."""
 
+import math
+
 import flax.errors
 import flax.linen as nn
 import jax
@@ -10,7 +12,7 @@ import safetensors.torch
 import torch
 
 from pmg_jax import convert
-from pmg_jax.convnext import Block, ConvNeXt, drop_path
+from pmg_jax.convnext import Block, ConvNeXt, drop_path, layer_norm
 from pmg_jax.resnet import ResNet
 from timm_import import import_timm
 
@@ -22,7 +24,7 @@ TINY_RESNET = dict(layers=(1, 1, 1, 1), channels=(8, 16, 32, 64), stem_width=4) 
 
 
 def randomize(model: torch.nn.Module, seed: int, calibrate: torch.Tensor | None = None) -> torch.nn.Module:
-    """Non-trivial norm affine parameters, biases and layer scales, and (with `calibrate`) BN running
+    """Random weights, norm affine parameters, biases and layer scales, and (with `calibrate`) BN running
     statistics measured on that batch, so every mapped tensor shapes the output and activations stay O(1)."""
     g = torch.Generator().manual_seed(seed)
     names = [name for name, _ in model.named_parameters()]
@@ -30,10 +32,12 @@ def randomize(model: torch.nn.Module, seed: int, calibrate: torch.Tensor | None 
     last_bn = ".bn3.weight" if any(n.endswith(".bn3.weight") for n in names) else ".bn2.weight"
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("gamma"):  # ConvNeXt's layer scale, 1e-6 at init: blocks would be no-ops
+            if p.ndim >= 2:  # conv / linear weights with unit gain: GELU inputs of O(1), not timm's std 0.02
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
+            elif name.endswith("gamma"):  # ConvNeXt's layer scale, 1e-6 at init: blocks would be no-ops
                 p.copy_(0.1 + 0.5 * torch.rand(p.shape, generator=g))
             elif name.endswith(last_bn):  # small, like a trained ResNet's
-                p.copy_(0.1 + 0.3 * torch.rand(p.shape, generator=g))
+                p.copy_(0.05 + 0.2 * torch.rand(p.shape, generator=g))
             elif p.ndim == 1 and name.endswith("weight"):
                 p.copy_(0.5 + torch.rand(p.shape, generator=g))
             elif name.endswith("bias"):
@@ -109,7 +113,7 @@ def test_tiny_resnet_d_matches_timm_on_odd_sides(name):
     x = torch.randn(2, 3, 100, 100, generator=torch.Generator().manual_seed(3))
     model = randomize(timm.create_model(name, pretrained=False, **TINY_RESNET), seed=4, calibrate=x)
     found = convert.infer_backbone(model.state_dict())
-    assert found == convert.Backbone(name, TINY_RESNET["layers"], stage_channels(model))
+    assert found == convert.Backbone(name, TINY_RESNET["layers"], stage_channels(model)) and found.variant is None
     module = ResNet(name, width=8, stage_sizes=found.depths)
     variables = convert.variables_from_torch(model.state_dict(), target=under_features(module, 100))
     assert_maps_equal(jax.jit(module.apply, static_argnames="train")(features(variables), nhwc(x), train=False),
@@ -217,6 +221,24 @@ def test_bfloat16_compute_keeps_float32_parameters_and_stays_near_timm(tiny_conv
 
     assert all(m.dtype == jnp.bfloat16 for m in maps)
     assert_maps_equal([m.astype(jnp.float32) for m in maps], stage_maps(model, x, resnet=False), tolerance=3e-2)
+
+
+def test_bfloat16_layer_norm_statistics_are_float32():
+    """Pixels of mean 50 and std 1: bfloat16 sums of them lose the mean (bfloat16 spacing at 64 is 0.5)."""
+    x = (50 + jax.random.normal(jax.random.PRNGKey(0), (4, 2, 2, 256))).astype(jnp.bfloat16)
+    norm = layer_norm(jnp.bfloat16)
+    variables = {"params": {"scale": jnp.ones(256), "bias": jnp.zeros(256)}}
+    xf = np.asarray(x, np.float64)
+    want = (xf - xf.mean(-1, keepdims=True)) / np.sqrt(xf.var(-1, keepdims=True) + 1e-6)
+    got = jax.jit(norm.apply)(variables, x)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=0.05)  # bfloat16 output rounding
+
+
+def test_convnext_needs_four_stages():
+    with pytest.raises(ValueError, match=r"ConvNeXt needs 4 depths and 4 dims, got \(1, 1, 1\) and \(8, 16, 32\)"):
+        jax.eval_shape(lambda: ConvNeXt((1, 1, 1), (8, 16, 32)).init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)),
+                                                                      train=False))
 
 
 def test_layer_scale_starts_at_its_init_value():
