@@ -9,6 +9,12 @@ from typing import Callable, Mapping
 
 import flax.linen as nn
 
+from pmg_jax.errors import PMGError
+
+
+class UnsupportedWeights(PMGError, ValueError):
+    """A state dict of a backbone's family in a form it cannot build (e.g. timm's resnet50c); one line."""
+
 
 @dataclasses.dataclass(frozen=True)
 class Backbone:
@@ -30,6 +36,7 @@ class Backbone:
     stage_of: Callable[[tuple[str, ...]], int]
     infer: Callable[[Mapping[str, tuple[int, ...]]], dict | None] | None = None
     torch_ignore: tuple[str, ...] = ()
+    options: tuple[str, ...] = ()
     stride: int = 32  # input pixels per pixel of the last stage: the input side must be a multiple
 
     @property
@@ -67,8 +74,9 @@ class Arch:
     def channels(self) -> tuple[int, ...]:
         return self.backbone.channels(self.width, self.stage_sizes)
 
-    def build(self, dtype, name: str) -> nn.Module:
-        return self.backbone.build(width=self.width, stage_sizes=self.stage_sizes, dtype=dtype, name=name)
+    def build(self, dtype, name: str, **options) -> nn.Module:
+        """The module; `options` are some of the backbone's declared `options`."""
+        return self.backbone.build(width=self.width, stage_sizes=self.stage_sizes, dtype=dtype, name=name, **options)
 
 
 def resolve(name: str, width: int = 0, stage_sizes: tuple[int, ...] | None = ()) -> Arch:
