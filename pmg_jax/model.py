@@ -28,6 +28,9 @@ STAGES = ("layer2", "layer3", "layer4")  # the backbone stage maps the blocks re
 # 'concat' is the concat head (or the seed's sum of the block maps, see pmg_jax.cam).
 CAM_HEAD = {**{b: k for k, b in enumerate(BLOCKS)}, **{s: k for k, s in enumerate(STAGES)}, "concat": CONCAT}
 CAM_MAPS = (*BLOCKS, "concat", *STAGES)
+# PMG fields (config.model fields of the same name) that go to the backbone's build where its registry entry
+# lists them in `options`, with what each is; a value other than 0 for a backbone without it is refused.
+BACKBONE_OPTIONS = {"drop_path_rate": "stochastic depth"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +57,17 @@ def feeds(head: int, path: Sequence[str], backbone: backbones.Backbone) -> bool:
     if top.startswith("conv_block"):
         return head == CONCAT or top.startswith(f"conv_block{head + 1}_")
     return top.startswith(f"classifier{head + 1}_" if head < CONCAT else "classifier_concat_")
+
+
+def backbone_options(fields: Any, backbone: backbones.Backbone) -> dict[str, Any]:
+    """The BACKBONE_OPTIONS values of `fields` (a PMG or config.model) that `backbone` takes; ValueError for
+    one it does not take that is set (not 0)."""
+    for name, what in BACKBONE_OPTIONS.items():
+        if getattr(fields, name) and name not in backbone.options:
+            takers = ", ".join(b.name for b in backbones.REGISTRY.values() if name in b.options) or "none"
+            raise ValueError(f"{name}={getattr(fields, name)}: backbone {backbone.name} has no {what} "
+                             f"(backbones with it: {takers})")
+    return {name: getattr(fields, name) for name in BACKBONE_OPTIONS if name in backbone.options}
 
 
 class BasicConv(nn.Module):
@@ -86,6 +100,8 @@ class PMG(nn.Module):
 
     `backbone` names a registered backbone (pmg_jax.backbones); `width` and `stage_sizes` override its
     base width and blocks per stage (0 / empty: its standard ones). Block channels follow the stages.
+    `drop_path_rate` is the backbone's stochastic depth (those with it only); above 0, train-mode calls
+    need `rngs={'dropout': key}`.
     Works for any input side divisible by the backbone's stride. Parameters are float32; `dtype` is the
     compute dtype (e.g. bfloat16).
     """
@@ -95,12 +111,13 @@ class PMG(nn.Module):
     feature_size: int = 512
     width: int = 0
     stage_sizes: Sequence[int] | None = None
+    drop_path_rate: float = 0.0
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, ...]:
         arch = backbones.resolve(self.backbone, self.width, self.stage_sizes)
-        stages = arch.build(self.dtype, name=BACKBONE)(x, train)
+        stages = arch.build(self.dtype, name=BACKBONE, **backbone_options(self, arch.backbone))(x, train)
         pooled = []
         for k, (stage_name, feat) in enumerate(zip(STAGES, stages[-len(BLOCKS):]), start=1):
             feat = self._expose(stage_name, feat)

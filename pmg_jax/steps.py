@@ -52,7 +52,8 @@ def make_train_step(
     the first bad pass (1-based; 0 when all are finite). `permutations` fixes the jigsaw per
     granularity (tests); otherwise they are drawn from the state's RNG. bn_stats='used' keeps only
     the running statistics of the modules that feed the pass's head (`model_lib.feeds`): XLA then
-    drops the forward of the rest as dead code.
+    drops the forward of the rest as dead code. Each pass's 'dropout' rng (the backbone's stochastic
+    depth) is derived from the state's rng and step too, so a resumed run draws the same.
     """
     if bn_stats not in ("all", "used"):
         raise ValueError(f"bn_stats must be 'all' or 'used', got {bn_stats!r}")
@@ -80,9 +81,12 @@ def make_train_step(
             else:
                 x = jigsaw_lib.jigsaw(jax.random.fold_in(key, i), images, granularities[p.jigsaw], jigsaw_mode)
 
-            def loss_fn(params, x=x, head=p.head, weight=weight):
+            dropout = jax.random.fold_in(key, len(model_lib.PASSES) + i)  # not the jigsaw's fold_in(key, i)
+
+            def loss_fn(params, x=x, head=p.head, weight=weight, dropout=dropout):
                 logits, updated = model.apply(
-                    {"params": params, "batch_stats": stats}, x, train=True, mutable=["batch_stats"]
+                    {"params": params, "batch_stats": stats}, x, train=True, mutable=["batch_stats"],
+                    rngs={"dropout": dropout},
                 )
                 new_stats = updated["batch_stats"]
                 if bn_stats == "used":

@@ -11,6 +11,7 @@ from pmg_jax import backbones, kernels
 from pmg_jax import checkpoint as ckpt_lib
 from pmg_jax import config as config_lib
 from pmg_jax import jigsaw
+from pmg_jax import model as model_lib
 from pmg_jax.data import transforms
 from pmg_jax.errors import ConfigError
 
@@ -56,6 +57,12 @@ def check(config: ml_collections.ConfigDict, num_devices: int, num_processes: in
                           f"block counts or ()")
     if m.width < 0:
         raise ConfigError(f"config.model.width={m.width} must be positive, or 0 for the backbone's standard width")
+    if not 0 <= m.drop_path_rate < 1:
+        raise ConfigError(f"config.model.drop_path_rate={m.drop_path_rate} must be in [0, 1)")
+    try:
+        model_lib.backbone_options(m, backbone)
+    except ValueError as e:
+        raise ConfigError(f"config.model.{e}") from None
     if m.kernels not in kernels.PRESETS:
         raise ConfigError(f"config.model.kernels={m.kernels!r} must be one of {tuple(kernels.PRESETS)}")
     if d.resize_backend not in transforms.RESIZE_BACKENDS:

@@ -1,6 +1,7 @@
 """ConvNeXt and ResNet-D against timm on the same weights, their conversion from timm files, and drop path."""
 
 import math
+import json
 
 import flax.errors
 import flax.linen as nn
@@ -301,3 +302,40 @@ def test_train_mode_drop_path_draws_from_the_dropout_rng(tiny_convnext):
         jax.eval_shape(lambda: dropping.apply(variables, x, train=True))  # train mode needs a 'dropout' rng
     # at rate 0, train mode draws nothing and equals eval mode
     np.testing.assert_array_equal(apply(variables, x, train=True)[-1], eval_out)
+
+
+def test_tiny_convnext_pmg_trains_with_stochastic_depth_and_explains(tmp_path):
+    """configs/demo.py on a tiny ConvNeXt with drop_path_rate 0.2: the train step feeds the 'dropout' rng
+    (without it apply() raises), the loss stays finite, and explain.py reads the checkpoint."""
+    import glob
+
+    from conftest import tiny_demo_config
+
+    from pmg_jax import loop
+    from pmg_jax.cli import explain as explain_cli
+
+    c = tiny_demo_config(**{"model.backbone": "convnext_tiny", "model.width": 8, "model.stage_sizes": (1, 1, 1, 1),
+                            "model.feature_size": 16, "model.drop_path_rate": 0.2, "num_epochs": 1,
+                            "dataset.demo_train_size": 48, "dataset.demo_test_size": 16})
+    best = loop.train_and_evaluate(c, str(tmp_path))
+    lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    losses = [v for line in lines if line["kind"] == "train" for k, v in line.items() if k.startswith("loss")]
+    assert losses and np.all(np.isfinite(losses)), lines
+    assert best is not None
+    out = tmp_path / "explain"
+    assert explain_cli.main(["--ckpt", str(tmp_path), "--block", "3", "--num-images", "2", "--out", str(out)]) == 0
+    assert len(glob.glob(str(out / "*.png"))) >= 2
+
+
+@pytest.mark.parametrize("source", ["folder", "tfds"])
+def test_convnext_config_is_valid_and_stochastic_depth_is_refused_on_a_resnet(source):
+    from configs import cub_convnext_tiny
+
+    from pmg_jax import validate
+    from pmg_jax.errors import ConfigError
+
+    c = cub_convnext_tiny.get_config(source)
+    validate.check(c, num_devices=1, num_processes=1)
+    c.model.backbone = "resnet50"
+    with pytest.raises(ConfigError, match="drop_path_rate=0.1: backbone resnet50 has no stochastic depth"):
+        validate.check(c, num_devices=1, num_processes=1)
