@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench import common
-from pmg_jax import cam, kernels, xla_options
+from pmg_jax import backbones, cam, kernels, xla_options
 from pmg_jax.model import PMG
 
 MAPS = ("block1", "block2", "block3", "concat")
@@ -125,9 +125,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--size", type=int, default=448, help="input side (divisible by 32)")
     p.add_argument("--batch", type=int, default=8, help="images per one-pass call")
     p.add_argument("--steps", type=int, default=2, help="timed iterations of each mode")
-    p.add_argument("--backbone", default="resnet50", help="resnet18 | resnet34 | resnet50 | resnet101 | resnet152")
+    p.add_argument("--backbone", default="resnet50", choices=tuple(backbones.REGISTRY),
+                   help="a registered backbone (pmg_jax.backbones)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
-    p.add_argument("--width", type=int, default=64, help="ResNet base width (small values for smoke runs)")
+    p.add_argument("--width", type=int, default=0, help="base width; 0 = the backbone's standard (small for smoke runs)")
     p.add_argument("--stage-sizes", default=None, help="blocks per stage, e.g. 1,1,1,1 (smoke runs)")
     p.add_argument("--feature-size", type=int, default=512, help="channels of the blocks' 1x1 convs (smoke runs)")
     args = common.add_winograd_arg(p).parse_args(argv)

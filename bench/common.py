@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 
 from bench import flops
+from pmg_jax import backbones
 from pmg_jax import config as default
 from pmg_jax.optim import make_optimizer
 
@@ -27,8 +28,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
     parser.add_argument("--steps", type=int, default=5, help="timed iterations after the warm-up")
     parser.add_argument("--warmup", type=int, default=1, help="untimed iterations after compilation")
-    parser.add_argument("--backbone", default="resnet50", help="resnet18 | resnet34 | resnet50 | resnet101 | resnet152")
-    parser.add_argument("--width", type=int, default=64, help="ResNet base width (64 = torchvision)")
+    parser.add_argument("--backbone", default="resnet50", choices=tuple(backbones.REGISTRY),
+                        help="a registered backbone (pmg_jax.backbones)")
+    parser.add_argument("--width", type=int, default=0,
+                        help="base width; 0 = the backbone's standard (64 for ResNets, 96 for convnext_tiny)")
     parser.add_argument("--feature-size", type=int, default=512, help="channels of the blocks' 1x1 convs")
     parser.add_argument("--stage-sizes", type=_ints, default=None, help="blocks per stage, e.g. 1,1,1,1")
     parser.add_argument("--classes", type=int, default=200, help="number of classes")

@@ -19,6 +19,7 @@ import torch
 
 from bench import common, flops
 from bench import torch_reference as ref
+from pmg_jax import backbones
 
 
 def _sync(device: torch.device) -> None:
@@ -43,7 +44,8 @@ def prepare(mode: str, size: int, batch: int, dtype: str, device: str = "cpu", *
     """The reference model on `device` and one synthetic batch; `run` does one training iteration or eval."""
     dev = torch.device(device)
     torch.manual_seed(0)
-    net = ref.PMG(ref.make_resnet(model["backbone"], model["width"], model["stage_sizes"]),
+    width = backbones.resolve(model["backbone"], model["width"]).width  # 0: the backbone's standard
+    net = ref.PMG(ref.make_resnet(model["backbone"], width, model["stage_sizes"]),
                   model["feature_size"], model["num_classes"]).to(dev)
     data = common.synthetic_batch(size, batch, model["num_classes"])
     images = torch.from_numpy(data["image"]).permute(0, 3, 1, 2).contiguous().to(dev)
@@ -79,7 +81,10 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     model = common.model_kwargs(args)
-    prepared = prepare(args.mode, args.size, args.batch, args.dtype, args.device, **model)
+    try:
+        prepared = prepare(args.mode, args.size, args.batch, args.dtype, args.device, **model)
+    except ValueError as e:  # the reference builds torchvision ResNets only
+        parser.error(f"--backbone {args.backbone}: {e}")
     count = flops.train_iteration_flops if args.mode == "train" else flops.eval_flops
     return common.measure(f"torch_{args.mode}", prepared, args, count(args.batch, size=args.size, **model),
                           threads=torch.get_num_threads(), cudnn_benchmark=args.cudnn_benchmark)

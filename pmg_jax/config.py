@@ -43,10 +43,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.prefetch = 4  # batches buffered per worker
 
     c.model = ml_collections.ConfigDict()
-    c.model.backbone = "resnet50"  # a registered backbone (pmg_jax.backbones): resnet18/34/50/101/152
-    c.model.width = 0  # base width (stem / first stage); 0 = the backbone's standard (64 for ResNets)
+    c.model.backbone = "resnet50"  # pmg_jax.backbones: resnet18..152, resnet18d..152d, convnext_tiny/small/base
+    c.model.width = 0  # base width (stem / first stage); 0 = the backbone's standard (64 for ResNets, 96 ConvNeXt-T)
     c.model.stage_sizes = ()  # blocks per stage; empty = the backbone's standard counts
     c.model.feature_size = 512  # channels of each block's 1x1 conv (its output has twice this)
+    c.model.drop_path_rate = 0.0  # stochastic depth of the backbone's last block, rising from 0 (convnext_* only)
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
     c.model.kernels = "auto"  # auto: platform fast paths where they pay (pmg_jax.kernels) | xla: plain XLA ops
     c.model.remat = "none"  # none | blocks: backward recomputes blocks and heads | stages: and backbone stages
@@ -59,7 +60,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr_new = 0.002  # learning rate of the blocks and heads (epoch-cosine decayed)
-    c.optim.lr_backbone = 0.0002  # learning rate of the ResNet trunk
+    c.optim.lr_backbone = 0.0002  # learning rate of the backbone (the ResNet trunk)
     c.optim.momentum = 0.9  # SGD momentum (no Nesterov)
     c.optim.weight_decay = 5e-4  # added to the gradient of every parameter
 

@@ -2,10 +2,13 @@
 
 Names are mapped mechanically: a numeric path component joins the one before it
 (`layer1.0.conv1` -> `layer1_0/conv1`, `classifier1.4` -> `classifier1_4`), which
-is how the Flax modules are named. Leaves: conv weight OIHW -> kernel HWIO, linear
-weight (out, in) -> kernel (in, out), BN weight/bias -> scale/bias, running stats
--> batch_stats mean/var. Accepted spellings: the reference PMG's names, torchvision
-or timm ResNet names with or without `features.`, and a DataParallel `module.` prefix.
+is how the Flax modules are named. Leaves: conv weight OIHW -> kernel HWIO (a depthwise
+(C, 1, k, k) becomes (k, k, 1, C), Flax's grouped layout), linear weight (out, in) ->
+kernel (in, out), BN and LayerNorm weight/bias -> scale/bias, running stats ->
+batch_stats mean/var, a layer scale `gamma` -> gamma. Accepted spellings: the reference
+PMG's names, the names of any registered backbone's PyTorch state dicts (torchvision
+ResNets, timm ResNet-D and ConvNeXt) with or without `features.`, and a DataParallel
+`module.` prefix. What a bare backbone's registry entry ignores (its classifier) is dropped.
 
 Files: `.safetensors` and `.npz` are read with numpy alone; anything else is read
 with torch (a state dict, a training checkpoint holding one, or a whole pickled
@@ -41,6 +44,7 @@ from pmg_jax.data import sources
 from pmg_jax.errors import PMGError
 
 _SKIPPED_SUFFIXES = ("num_batches_tracked",)
+_PLAIN_PARAMS = ("gamma",)  # parameters kept under their own name, unchanged (ConvNeXt's layer scale)
 _PMG_ROOTS = (model_lib.BACKBONE, "conv_block", "classifier")
 # Keys under which training scripts commonly nest the weights in a saved dict.
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net")
@@ -102,8 +106,8 @@ def variables_from_torch(state_dict: Mapping[str, Any], target: Mapping | None =
             flat[("params", *path, "kernel")] = array.T
         elif leaf == "weight":
             flat[("params", *path, "scale")] = array
-        elif leaf == "bias":
-            flat[("params", *path, "bias")] = array
+        elif leaf == "bias" or leaf in _PLAIN_PARAMS:
+            flat[("params", *path, leaf)] = array
         elif leaf == "running_mean":
             flat[("batch_stats", *path, "mean")] = array
         elif leaf == "running_var":
@@ -239,13 +243,19 @@ def _stand_in_pickle(torch: types.ModuleType) -> types.ModuleType:
 
 @dataclasses.dataclass(frozen=True)
 class Architecture:
-    """The PMG (or bare ResNet) that a state dict holds, in config.model terms."""
+    """The PMG (or bare backbone) that a state dict holds, in config.model terms."""
 
     backbone: str
     width: int
     stage_sizes: tuple[int, ...]  # () when the backbone's standard block counts
-    feature_size: int | None  # None: a bare ResNet, no PMG blocks
+    feature_size: int | None  # None: a bare backbone, no PMG blocks
     num_classes: int | None  # None: no heads
+
+    def describe(self) -> str:
+        """E.g. 'a resnet50d backbone (blocks (3, 4, 6, 3), channels (256, 512, 1024, 2048))'."""
+        arch = backbones.resolve(self.backbone, self.width, self.stage_sizes)
+        pmg = "" if self.feature_size is None else f"PMG (feature size {self.feature_size}) on "
+        return f"a {pmg}{self.backbone} backbone (blocks {arch.stage_sizes}, channels {arch.channels})"
 
 
 def _canonical_shapes(state_dict: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
@@ -265,8 +275,11 @@ def infer_architecture(state_dict: Mapping[str, Any]) -> Architecture:
     prefix = f"{model_lib.BACKBONE}."
     inner = {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
     found = None
-    for infer in dict.fromkeys(b.infer for b in backbones.REGISTRY.values() if b.infer):
-        found = found or infer(inner)
+    try:
+        for infer in dict.fromkeys(b.infer for b in backbones.REGISTRY.values() if b.infer):
+            found = found or infer(inner)
+    except backbones.UnsupportedWeights as e:
+        raise ConversionError(str(e)) from None
     if found is None:
         first = ", ".join(list(state_dict)[:3])
         raise ConversionError(f"not a state dict of a known backbone or PMG (registered: "
@@ -285,21 +298,32 @@ def infer_architecture(state_dict: Mapping[str, Any]) -> Architecture:
 
 
 def with_backbone(state_dict: Mapping[str, Any], variables: Mapping) -> dict:
-    """`variables` with the backbone's params and batch_stats taken from a backbone or PMG state dict.
+    """`variables` with the backbone's params (and batch_stats, where it has BatchNorm) taken from a backbone
+    or PMG state dict.
 
-    Everything outside `features` (blocks, heads, fc) in the state dict is ignored;
+    Everything outside `features` (blocks, heads, classifiers) in the state dict is ignored;
     the backbone's keys and shapes must match those in `variables` exactly.
     """
     scope = model_lib.BACKBONE
     backbone = {k: v for k, v in state_dict.items() if (canonical_name(k) or "").startswith(f"{scope}.")}
-    target = {c: {scope: variables[c][scope]} for c in ("params", "batch_stats")}
-    loaded = variables_from_torch(backbone, target=target)
-    return {c: {**variables[c], scope: loaded[c][scope]} for c in ("params", "batch_stats")}
+    collections = [c for c in ("params", "batch_stats") if scope in variables.get(c, {})]
+    loaded = variables_from_torch(backbone, target={c: {scope: variables[c][scope]} for c in collections})
+    return {c: {**tree, scope: loaded[c][scope]} if c in collections else tree for c, tree in variables.items()}
 
 
 def load_backbone(path: str, variables: Mapping) -> dict:
-    """`variables` with the backbone (weights and BN statistics) read from a torchvision/timm ResNet or PMG file."""
-    return with_backbone(load_state_dict(path), variables)
+    """`variables` with the backbone (weights, and BN statistics where it has them) read from a registered
+    backbone's PyTorch file (torchvision ResNet, timm ResNet-D or ConvNeXt) or a PMG file; a file that
+    cannot be read, holds no known backbone or does not fit raises one line naming it."""
+    state_dict = load_state_dict(path)
+    try:
+        found = infer_architecture(state_dict)
+    except ConversionError as e:
+        raise ConversionError(f"{path}: {e}") from None
+    try:
+        return with_backbone(state_dict, variables)
+    except ConversionError as e:
+        raise ConversionError(f"{e} ({path} holds {found.describe()})") from None
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -99,6 +99,8 @@ class PMG(nn.Module):
 
     `backbone` names a registered backbone (pmg_jax.backbones); `width` and `stage_sizes` override its
     base width and blocks per stage (0 / empty: its standard ones). Block channels follow the stages.
+    `drop_path_rate` is the backbone's stochastic depth (those with it only); above 0, train-mode calls
+    need `rngs={'dropout': key}`.
     Works for any input side divisible by the backbone's stride. Parameters are float32; `dtype` is the
     compute dtype (e.g. bfloat16).
     """
@@ -108,6 +110,7 @@ class PMG(nn.Module):
     feature_size: int = 512
     width: int = 0
     stage_sizes: Sequence[int] | None = None
+    drop_path_rate: float = 0.0
     dtype: Any = jnp.float32
     remat: str = "none"
     bn_group_size: int = 0
@@ -129,7 +132,7 @@ class PMG(nn.Module):
         groups = {"group_size": self.bn_group_size, "group_stats": self.bn_group_stats}
         arch = backbones.resolve(self.backbone, self.width, self.stage_sizes)
         stages = arch.build(self.dtype, name=BACKBONE, remat=remat == "stages", bn_group_size=self.bn_group_size,
-                            bn_group_stats=self.bn_group_stats)(x, train)
+                            bn_group_stats=self.bn_group_stats, drop_path_rate=self.drop_path_rate)(x, train)
         block = checkpointed(_block, 3) if remat != "none" else _block
         classifier = checkpointed(_classifier, 5) if remat != "none" else _classifier
         conv = functools.partial(BasicConv, dtype=self.dtype, bn_group_size=self.bn_group_size,

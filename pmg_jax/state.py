@@ -42,6 +42,7 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int | None = No
         feature_size=m.feature_size,
         width=m.width,
         stage_sizes=tuple(m.stage_sizes) if m.stage_sizes else None,
+        drop_path_rate=m.drop_path_rate,
         dtype=jnp.dtype(m.dtype),
         remat=m.remat,
         bn_group_size=m.bn_group_size,

@@ -71,7 +71,8 @@ def make_train_step(
     the first bad update (1-based, see `pass_name`; 0 when all are finite). `permutations` fixes the
     jigsaw per granularity (tests); otherwise they are drawn from the state's RNG. bn_stats='used' keeps
     only the running statistics of the modules that feed the update's heads (`model_lib.feeds`): XLA then
-    drops the forward of the rest as dead code.
+    drops the forward of the rest as dead code. Each update's 'dropout' rng (the backbone's stochastic
+    depth; one per micro-batch) comes from the state's rng and step too, so a resumed run draws the same.
     """
     if bn_stats not in ("all", "used"):
         raise ValueError(f"bn_stats must be 'all' or 'used', got {bn_stats!r}")
@@ -97,10 +98,11 @@ def make_train_step(
         heads = tuple(p.head for p in group)
         weights = [concat_weight if p.jigsaw is None else 1.0 for p in group]
 
-        def loss_fn(params, stats, inputs, labels):
+        def loss_fn(params, stats, inputs, labels, dropout):
             x = inputs[0] if len(inputs) == 1 else jnp.concatenate(inputs)
             logits, updated = model.apply(
-                {"params": params, "batch_stats": stats}, x, train=True, mutable=["batch_stats"]
+                {"params": params, "batch_stats": stats}, x, train=True, mutable=["batch_stats"],
+                rngs={"dropout": dropout},
             )
             new_stats = updated["batch_stats"]
             if bn_stats == "used":
@@ -112,14 +114,14 @@ def make_train_step(
 
         return jax.value_and_grad(loss_fn, has_aux=True)
 
-    def accumulate(grad_fn, params, stats, inputs, labels):
+    def accumulate(grad_fn, params, stats, inputs, labels, dropout):
         """grad_fn over k micro-batches: the mean loss terms and gradient, the statistics after the last."""
         def micro(carry, batch):
             stats, total = carry
             (_, (stats, losses, outs)), grads = grad_fn(params, stats, *batch)
             return (stats, jax.tree.map(jnp.add, total, grads)), (losses, outs)
 
-        split = ([micro_batches(x, k) for x in inputs], micro_batches(labels, k))
+        split = ([micro_batches(x, k) for x in inputs], micro_batches(labels, k), jax.random.split(dropout, k))
         (stats, total), (losses, outs) = jax.lax.scan(micro, (stats, jax.tree.map(jnp.zeros_like, params)), split)
         grads = jax.tree.map(lambda g: g / k, total)
         losses = [jnp.mean(term) for term in losses]
@@ -144,10 +146,11 @@ def make_train_step(
                 else:
                     inputs.append(jigsaw_lib.jigsaw(jax.random.fold_in(key, i), images, granularities[p.jigsaw],
                                                     jigsaw_mode))
+            dropout = jax.random.fold_in(key, len(model_lib.PASSES) + u)  # not a jigsaw's fold_in(key, i)
             if k == 1:
-                (loss, (stats, losses, outs)), grads = grad_fn(params, stats, inputs, labels)
+                (loss, (stats, losses, outs)), grads = grad_fn(params, stats, inputs, labels, dropout)
             else:
-                loss, (stats, losses, outs), grads = accumulate(grad_fn, params, stats, inputs, labels)
+                loss, (stats, losses, outs), grads = accumulate(grad_fn, params, stats, inputs, labels, dropout)
             finite = jnp.isfinite(loss) & _all_finite(grads)
             bad_pass = jnp.where((bad_pass == 0) & ~finite, u + 1, bad_pass)
             grad_updates, opt_state = tx.update(grads, opt_state, params)

@@ -58,6 +58,12 @@ def check(config: ml_collections.ConfigDict, num_devices: int, num_processes: in
                           f"block counts or ()")
     if m.width < 0:
         raise ConfigError(f"config.model.width={m.width} must be positive, or 0 for the backbone's standard width")
+    if not 0 <= m.drop_path_rate < 1:
+        raise ConfigError(f"config.model.drop_path_rate={m.drop_path_rate} must be in [0, 1)")
+    if m.drop_path_rate and "drop_path_rate" not in backbone.options:
+        takers = ", ".join(b.name for b in backbones.REGISTRY.values() if "drop_path_rate" in b.options) or "none"
+        raise ConfigError(f"config.model.drop_path_rate={m.drop_path_rate}: backbone {backbone.name} has no "
+                          f"stochastic depth (backbones with it: {takers})")
     if m.kernels not in kernels.PRESETS:
         raise ConfigError(f"config.model.kernels={m.kernels!r} must be one of {tuple(kernels.PRESETS)}")
     if d.resize_backend not in transforms.RESIZE_BACKENDS:

@@ -66,12 +66,31 @@ def forward_macs(size: int, num_classes: int, backbone: str = "resnet50", width:
             m, side, channels = _residual_block(side, channels, width * 2**i, 2 if i > 0 and j == 0 else 1, bottleneck)
             macs += m
         stages.append((side, channels))
-    hidden = 2 * feature_size
+    return macs + _pmg_macs(stages, feature_size, num_classes)
+
+
+def _pmg_macs(stages: list[tuple[int, int]], feature_size: int, num_classes: int) -> int:
+    """MACs of PMG's blocks and heads on the last three of the backbone's (side, channels) stage maps."""
+    hidden, macs = 2 * feature_size, 0
     for side, channels in stages[1:]:
         macs += _conv(side, channels, feature_size, 1)[0] + _conv(side, feature_size, hidden, 3, 1, 1)[0]
         macs += hidden * feature_size + feature_size * num_classes
-    macs += 3 * hidden * feature_size + feature_size * num_classes
-    return macs
+    return macs + 3 * hidden * feature_size + feature_size * num_classes
+
+
+def convnext_forward_macs(size: int, num_classes: int, width: int = 96, stage_sizes=(3, 3, 9, 3),
+                          feature_size: int = 512) -> int:
+    """The same for a ConvNeXt PMG, from timm's ConvNeXt: a 7x7 depthwise conv is 49 MACs per output value."""
+    macs, side = _conv(size, 3, width, 4, 4)  # the patchify stem
+    stages = []
+    for i, blocks in enumerate(stage_sizes):
+        channels = width * 2**i
+        if i > 0:  # LayerNorm, then a 2x2 stride-2 conv
+            m, side = _conv(side, channels // 2, channels, 2, 2)
+            macs += m
+        macs += blocks * side * side * (channels * 49 + 2 * channels * 4 * channels)  # depthwise, then the MLP
+        stages.append((side, channels))
+    return macs + _pmg_macs(stages, feature_size, num_classes)
 
 
 @pytest.mark.parametrize("size,model", [
@@ -83,6 +102,15 @@ def test_flop_counter_matches_a_count_by_hand(size, model):
     """The jaxpr-based counter equals the architecture's convolutions and linear layers counted by hand."""
     assert flops.eval_flops(2, size=size, **model) == 2 * 2 * forward_macs(size, **model)
     assert flops.train_iteration_flops(2, size=size, **model) == 12 * flops.eval_flops(2, size=size, **model)
+
+
+@pytest.mark.parametrize("size,model", [
+    (224, {"num_classes": 200}),
+    (64, {"num_classes": 5, "width": 8, "stage_sizes": (1, 2, 1, 1), "feature_size": 16}),
+])
+def test_flop_counter_counts_convnext_depthwise_convolutions_per_group(size, model):
+    got = flops.forward_macs(size=size, backbone="convnext_tiny", **model)
+    assert got == convnext_forward_macs(size, **model)
 
 
 def test_peak_flops_table():

@@ -6,10 +6,6 @@ bilinear resizing and vanishes in a min-max normalisation, so its maps are our m
 normalised: that is what is compared, to the Grad-CAM parity tolerance (test_cam.MAP_TOL).
 """
 
-import functools
-import sys
-import types
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -20,45 +16,7 @@ from pmg_jax.data import pipeline, synthetic
 from pmg_jax.model import PMG
 from test_cam import MAP_TOL, TINY, TINY_SIZE, torch_modules
 from test_parity import flax_variables, nhwc, resnet50_pair, torch_pmg  # noqa: F401 (a fixture)
-
-_TORCHVISION_NAMES = {"torchvision": (), "torchvision.transforms": ("Compose", "Normalize", "ToTensor"),
-                      "torchvision.transforms.functional": ("resize",)}
-
-
-def _unavailable(*args, **kwargs):
-    raise RuntimeError("torchvision is not importable here")
-
-
-@functools.cache
-def import_grad_cam() -> types.ModuleType:
-    """pytorch_grad_cam, whose package imports torchvision at the top for features FinerCAM does not use.
-
-    PyPI's torchvision wheels are linked against CUDA builds of torch and fail to import with the
-    CPU-only torch of the test extra; where torchvision does not import, inert stand-ins for the
-    names pytorch_grad_cam takes from it are in sys.modules during this import only.
-    """
-    try:
-        import torchvision  # noqa: F401
-    except (ImportError, RuntimeError, OSError):
-        stubs = {name: types.ModuleType(name) for name in _TORCHVISION_NAMES}
-        for name, attributes in _TORCHVISION_NAMES.items():
-            for attribute in attributes:
-                setattr(stubs[name], attribute, _unavailable)
-        stubs["torchvision"].transforms = stubs["torchvision.transforms"]
-        stubs["torchvision.transforms"].functional = stubs["torchvision.transforms.functional"]
-        saved = {name: sys.modules.get(name) for name in stubs}
-        sys.modules.update(stubs)
-        try:
-            import pytorch_grad_cam
-        finally:
-            for name, module in saved.items():
-                if module is None:
-                    del sys.modules[name]
-                else:
-                    sys.modules[name] = module
-        return pytorch_grad_cam
-    import pytorch_grad_cam
-    return pytorch_grad_cam
+from torchvision_stand_in import import_beside_cpu_torch
 
 
 class HeadLogits(torch.nn.Module):
@@ -74,7 +32,7 @@ class HeadLogits(torch.nn.Module):
 
 def finer_cam_maps(model_t, x, names, k, alpha, target_idx=None) -> dict[str, np.ndarray]:
     """pytorch-grad-cam's FinerCAM (base GradCAM) of each map, explained by that map's own head."""
-    gc = import_grad_cam()
+    gc = import_beside_cpu_torch("pytorch_grad_cam")
     modules = torch_modules(model_t)
     out = {}
     for name in names:
@@ -97,7 +55,7 @@ def test_resnet50_finer_cam_matches_pytorch_grad_cam_at_every_block(resnet50_pai
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(7)).requires_grad_(True)
     want = finer_cam_maps(model_t, x, cam.BLOCKS, cam.FINER_K, cam.FINER_ALPHA)
     got = cam.make_explainer(model_j, cam.BLOCKS, "gradcam", "finer")(variables, nhwc(x.detach())).maps
-    gc = import_grad_cam()
+    gc = import_beside_cpu_torch("pytorch_grad_cam")
     for k, name in enumerate(cam.BLOCKS):
         np.testing.assert_allclose(min_max(got[name]), want[name], atol=MAP_TOL, rtol=0, err_msg=name)
         with gc.GradCAM(HeadLogits(model_t, k), [torch_modules(model_t)[name]]) as plain:

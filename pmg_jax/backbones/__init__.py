@@ -5,10 +5,10 @@ PMG puts its granularity blocks on the last three stages. Register your own with
 nothing else in pmg_jax names a backbone's modules.
 """
 
-from pmg_jax.backbones import resnet
-from pmg_jax.backbones.registry import REGISTRY, Arch, Backbone, get, register, resolve
+from pmg_jax.backbones import convnext, resnet
+from pmg_jax.backbones.registry import REGISTRY, Arch, Backbone, UnsupportedWeights, get, register, resolve
 
-__all__ = ["REGISTRY", "Arch", "Backbone", "get", "register", "resolve"]
+__all__ = ["REGISTRY", "Arch", "Backbone", "UnsupportedWeights", "get", "register", "resolve"]
 
-for _backbone in resnet.BACKBONES:
+for _backbone in (*resnet.BACKBONES, *convnext.BACKBONES):
     register(_backbone)

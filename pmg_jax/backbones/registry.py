@@ -9,6 +9,12 @@ from typing import Callable, Mapping
 
 import flax.linen as nn
 
+from pmg_jax.errors import PMGError
+
+
+class UnsupportedWeights(PMGError, ValueError):
+    """A state dict of a backbone's family in a form it cannot build (e.g. timm's resnet50c); one line."""
+
 
 @dataclasses.dataclass(frozen=True)
 class Backbone:
@@ -24,6 +30,8 @@ class Backbone:
     only with their defaults): remat=True recomputes its stem and each stage in the backward,
     saving only the stage outputs, with parameter names unchanged; bn_group_size / bn_group_stats
     are those of its BatchNorms (`layers.BatchNorm` group_size / group_stats).
+    drop_path_rate is its stochastic depth (the rate of the last block; train-mode calls then draw
+    from the 'dropout' rng).
     """
 
     name: str
@@ -43,7 +51,7 @@ class Backbone:
 
 
 REGISTRY: dict[str, Backbone] = {}
-OPTIONS = {"remat": False, "bn_group_size": 0, "bn_group_stats": "mean"}  # build options and their defaults
+OPTIONS = {"remat": False, "bn_group_size": 0, "bn_group_stats": "mean", "drop_path_rate": 0.0}  # build options and their defaults
 
 
 def register(backbone: Backbone) -> Backbone:
