@@ -63,6 +63,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.lr_backbone = 0.0002  # learning rate of the backbone (the ResNet trunk)
     c.optim.momentum = 0.9  # SGD momentum (no Nesterov)
     c.optim.weight_decay = 5e-4  # added to the gradient of every parameter
+    c.optim.warmup_epochs = 0  # epochs of linear learning-rate warm-up per update (0: none, as the reference)
 
     c.concat_loss_weight = 2.0  # the concat pass trains on 2 x cross-entropy
     c.schedule = "progressive"  # progressive: 4 passes, 4 updates | joint: 4 inputs as one 4B batch, 1 update

@@ -1,4 +1,4 @@
-"""The reference optimizer: SGD + momentum + weight decay, two learning rates, per-epoch cosine."""
+"""The reference optimizer: SGD + momentum + weight decay, two learning rates, per-epoch cosine (optional warm-up)."""
 
 from __future__ import annotations
 
@@ -37,17 +37,28 @@ def make_optimizer(
     momentum: float = 0.9,
     weight_decay: float = 5e-4,
     schedule: str = "progressive",
+    warmup_epochs: int = 0,
 ) -> optax.GradientTransformation:
     """PyTorch SGD semantics: g += wd * p; buf = momentum * buf + g; p -= lr * buf.
 
     The learning rate is constant within an epoch; epochs are counted in iterations of
     model.updates_per_iteration(schedule) optimizer updates each (progressive: one per pass; joint: one).
+    With warmup_epochs > 0 (not in the reference) it instead rises linearly per update from 0 to the
+    base rate over the first warmup_epochs epochs, and is the reference's cosine of the epoch after.
     """
     updates_per_epoch = model_lib.updates_per_iteration(schedule) * steps_per_epoch
+    warmup_updates = warmup_epochs * updates_per_epoch
 
     def group(base_lr: float) -> optax.GradientTransformation:
         lr = epoch_cosine(base_lr, num_epochs)
-        return optax.scale_by_learning_rate(lambda count: lr(count // updates_per_epoch))
+        if not warmup_updates:
+            return optax.scale_by_learning_rate(lambda count: lr(count // updates_per_epoch))
+
+        def cosine(count):  # join_schedules passes the count since the boundary
+            return lr((count + warmup_updates) // updates_per_epoch)
+
+        warmup = optax.linear_schedule(0.0, base_lr, warmup_updates)
+        return optax.scale_by_learning_rate(optax.join_schedules([warmup, cosine], [warmup_updates]))
 
     return optax.chain(
         optax.add_decayed_weights(weight_decay),
@@ -61,4 +72,4 @@ def from_config(config: ml_collections.ConfigDict, steps_per_epoch: int) -> opta
     o = config.optim
     return make_optimizer(lr_new=o.lr_new, lr_backbone=o.lr_backbone, num_epochs=config.num_epochs,
                           steps_per_epoch=steps_per_epoch, momentum=o.momentum, weight_decay=o.weight_decay,
-                          schedule=config.schedule)
+                          schedule=config.schedule, warmup_epochs=o.warmup_epochs)

@@ -52,6 +52,7 @@ def tiny_demo_config(**overrides):
     c.dataset.demo_train_size = 512
     c.dataset.demo_test_size = 128
     c.num_epochs = 6
+    c.optim.lr_new = c.optim.lr_backbone = 0.02  # few steps: a higher rate than the demo's so that it learns
     c.log_every_steps = 4
     for key, value in overrides.items():
         node = c

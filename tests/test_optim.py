@@ -1,0 +1,63 @@
+"""The learning rate of every optimizer update: the reference's per-epoch cosine, and the optional warm-up."""
+
+import math
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from pmg_jax import config as config_lib
+from pmg_jax import validate
+from pmg_jax.optim import make_optimizer
+
+STEPS_PER_EPOCH, EPOCHS = 3, 5
+UPDATES_PER_EPOCH = 4 * STEPS_PER_EPOCH  # four passes, four updates per iteration
+LR_NEW, LR_BACKBONE = 0.3, 0.05
+
+
+def learning_rates(warmup_epochs: int) -> dict[str, list[float]]:
+    """The rate each group got at every update: with no momentum or decay, a unit gradient moves a parameter by -lr."""
+    tx = make_optimizer(lr_new=LR_NEW, lr_backbone=LR_BACKBONE, num_epochs=EPOCHS, steps_per_epoch=STEPS_PER_EPOCH,
+                        momentum=0.0, weight_decay=0.0, warmup_epochs=warmup_epochs)
+    params = {"features": {"w": jnp.zeros(2)}, "head1": {"w": jnp.zeros(2)}}
+    grads = {"features": {"w": jnp.ones(2)}, "head1": {"w": jnp.ones(2)}}
+    state, rates = tx.init(params), {"backbone": [], "new": []}
+    for _ in range(EPOCHS * UPDATES_PER_EPOCH):
+        updates, state = tx.update(grads, state, params)
+        rates["backbone"].append(-float(updates["features"]["w"][0]))
+        rates["new"].append(-float(updates["head1"]["w"][0]))
+    return rates
+
+
+def cosine(base: float, update: int) -> float:
+    epoch = update // UPDATES_PER_EPOCH
+    return base / 2 * (math.cos(math.pi * epoch / EPOCHS) + 1)
+
+
+def test_without_warmup_the_rate_is_the_reference_cosine_of_the_epoch():
+    rates = learning_rates(warmup_epochs=0)
+    last = EPOCHS * UPDATES_PER_EPOCH - 1
+    for update in (0, 5, UPDATES_PER_EPOCH - 1, UPDATES_PER_EPOCH, 2 * UPDATES_PER_EPOCH + 7, last):
+        assert rates["new"][update] == pytest.approx(cosine(LR_NEW, update), rel=1e-5)
+        assert rates["backbone"][update] == pytest.approx(cosine(LR_BACKBONE, update), rel=1e-5)
+
+
+def test_warmup_rises_linearly_per_update_then_follows_the_cosine():
+    warmup = 2 * UPDATES_PER_EPOCH
+    rates = learning_rates(warmup_epochs=2)
+    for update, fraction in ((0, 0.0), (1, 1 / warmup), (UPDATES_PER_EPOCH + 3, (UPDATES_PER_EPOCH + 3) / warmup),
+                             (warmup - 1, (warmup - 1) / warmup)):
+        assert rates["new"][update] == pytest.approx(LR_NEW * fraction, rel=1e-5, abs=1e-9)
+        assert rates["backbone"][update] == pytest.approx(LR_BACKBONE * fraction, rel=1e-5, abs=1e-9)
+    for update in (warmup, warmup + UPDATES_PER_EPOCH - 1, 3 * UPDATES_PER_EPOCH + 4, EPOCHS * UPDATES_PER_EPOCH - 1):
+        assert rates["new"][update] == pytest.approx(cosine(LR_NEW, update), rel=1e-5)
+        assert rates["backbone"][update] == pytest.approx(cosine(LR_BACKBONE, update), rel=1e-5)
+    assert np.all(np.diff(rates["new"][:warmup]) > 0)
+
+
+def test_a_negative_warmup_is_refused_naming_the_field():
+    c: ml_collections.ConfigDict = config_lib.for_dataset("demo")
+    c.optim.warmup_epochs = -1
+    with pytest.raises(validate.ConfigError, match=r"config\.optim\.warmup_epochs=-1 must be >= 0"):
+        validate.check(c, num_devices=1)
