@@ -22,7 +22,8 @@ import argparse
 import json
 import statistics
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -56,9 +57,15 @@ def block_pass(model: PMG, block: str, with_param_grads: bool) -> Callable:
 
         def score(params, perturbation):
             logits, state = model.apply(
-                {"params": params, "batch_stats": variables["batch_stats"],
-                 "perturbations": {**zeros, block: perturbation}},
-                image, train=False, mutable=["intermediates"])
+                {
+                    "params": params,
+                    "batch_stats": variables["batch_stats"],
+                    "perturbations": {**zeros, block: perturbation},
+                },
+                image,
+                train=False,
+                mutable=["intermediates"],
+            )
             return jnp.sum(cam.target_score(logits[head], "seed")), state["intermediates"][block][0]
 
         argnums = (0, 1) if with_param_grads else 1
@@ -85,14 +92,14 @@ def per_image_runner(model: PMG, variables: dict, images: np.ndarray, with_param
     passes, compile_s = {}, 0.0
     for block in cam.BLOCKS:
         fn = block_pass(model, block, with_param_grads)
-        compile_s += seconds(lambda: passes.__setitem__(block, fn.lower(variables, one).compile()))
+        compile_s += seconds(lambda block=block, fn=fn: passes.__setitem__(block, fn.lower(variables, one).compile()))
     raws = [passes[b](variables, one)[0] for b in cam.BLOCKS]
     finish = seed_concat(images.shape[1:3])
     compile_s += seconds(lambda: finish.lower(raws).compile())
 
     def run() -> None:
         for i in range(len(images)):
-            image = images[i:i + 1]
+            image = images[i : i + 1]
             jax.block_until_ready(finish([passes[b](variables, image)[0] for b in cam.BLOCKS]))
 
     return run, compile_s
@@ -125,10 +132,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--size", type=int, default=448, help="input side (divisible by 32)")
     p.add_argument("--batch", type=int, default=8, help="images per one-pass call")
     p.add_argument("--steps", type=int, default=2, help="timed iterations of each mode")
-    p.add_argument("--backbone", default="resnet50", choices=tuple(backbones.REGISTRY),
-                   help="a registered backbone (pmg_jax.backbones)")
+    p.add_argument(
+        "--backbone",
+        default="resnet50",
+        choices=tuple(backbones.REGISTRY),
+        help="a registered backbone (pmg_jax.backbones)",
+    )
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
-    p.add_argument("--width", type=int, default=0, help="base width; 0 = the backbone's standard (small for smoke runs)")
+    p.add_argument(
+        "--width", type=int, default=0, help="base width; 0 = the backbone's standard (small for smoke runs)"
+    )
     p.add_argument("--stage-sizes", default=None, help="blocks per stage, e.g. 1,1,1,1 (smoke runs)")
     p.add_argument("--feature-size", type=int, default=512, help="channels of the blocks' 1x1 convs (smoke runs)")
     args = common.add_winograd_arg(p).parse_args(argv)
@@ -139,24 +152,46 @@ def main(argv: list[str] | None = None) -> dict:
 def _run(args: argparse.Namespace) -> dict:
     """The three ways, measured; returns the headline."""
     stage_sizes = tuple(int(s) for s in args.stage_sizes.split(",")) if args.stage_sizes else None
-    model = PMG(num_classes=200, backbone=args.backbone, feature_size=args.feature_size, width=args.width,
-                stage_sizes=stage_sizes, dtype=jnp.dtype(args.dtype))
+    model = PMG(
+        num_classes=200,
+        backbone=args.backbone,
+        feature_size=args.feature_size,
+        width=args.width,
+        stage_sizes=stage_sizes,
+        dtype=jnp.dtype(args.dtype),
+    )
     x = jnp.zeros((1, args.size, args.size, 3))
     variables = jax.jit(lambda: model.init(jax.random.PRNGKey(0), x, train=False))()
     variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
     images = np.random.default_rng(0).uniform(-1, 1, (args.batch, args.size, args.size, 3)).astype(np.float32)
     device = jax.devices()[0]
-    tags = {"bench": "cam", "size": args.size, "batch": args.batch, "dtype": args.dtype, "backbone": args.backbone,
-            "maps": list(MAPS), "method": "gradcam", "target": "seed", "winograd": args.winograd,
-            "platform": device.platform, "device_kind": device.device_kind}
+    tags = {
+        "bench": "cam",
+        "size": args.size,
+        "batch": args.batch,
+        "dtype": args.dtype,
+        "backbone": args.backbone,
+        "maps": list(MAPS),
+        "method": "gradcam",
+        "target": "seed",
+        "winograd": args.winograd,
+        "platform": device.platform,
+        "device_kind": device.device_kind,
+    }
     rates = {
         "one_pass": measure("one_pass", one_pass_runner(model, variables, images), args, tags),
         "seed_way": measure("seed_way", per_image_runner(model, variables, images, True), args, tags),
         "per_image_block": measure("per_image_block", per_image_runner(model, variables, images, False), args, tags),
     }
-    headline = {**tags, "kind": "headline", **{f"{k}_images_per_s": v for k, v in rates.items()},
-                "images_per_s": rates["one_pass"], "ratio": rates["one_pass"] / rates["seed_way"],
-                "ratio_vs_per_image_block": rates["one_pass"] / rates["per_image_block"], **common.peak_memory()}
+    headline = {
+        **tags,
+        "kind": "headline",
+        **{f"{k}_images_per_s": v for k, v in rates.items()},
+        "images_per_s": rates["one_pass"],
+        "ratio": rates["one_pass"] / rates["seed_way"],
+        "ratio_vs_per_image_block": rates["one_pass"] / rates["per_image_block"],
+        **common.peak_memory(),
+    }
     emit(headline)
     return headline
 

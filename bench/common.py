@@ -9,7 +9,8 @@ import os
 import resource
 import statistics
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import ml_collections
@@ -28,10 +29,18 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
     parser.add_argument("--steps", type=int, default=5, help="timed iterations after the warm-up")
     parser.add_argument("--warmup", type=int, default=1, help="untimed iterations after compilation")
-    parser.add_argument("--backbone", default="resnet50", choices=tuple(backbones.REGISTRY),
-                        help="a registered backbone (pmg_jax.backbones)")
-    parser.add_argument("--width", type=int, default=0,
-                        help="base width; 0 = the backbone's standard (64 for ResNets, 96 for convnext_tiny)")
+    parser.add_argument(
+        "--backbone",
+        default="resnet50",
+        choices=tuple(backbones.REGISTRY),
+        help="a registered backbone (pmg_jax.backbones)",
+    )
+    parser.add_argument(
+        "--width",
+        type=int,
+        default=0,
+        help="base width; 0 = the backbone's standard (64 for ResNets, 96 for convnext_tiny)",
+    )
     parser.add_argument("--feature-size", type=int, default=512, help="channels of the blocks' 1x1 convs")
     parser.add_argument("--stage-sizes", type=_ints, default=None, help="blocks per stage, e.g. 1,1,1,1")
     parser.add_argument("--classes", type=int, default=200, help="number of classes")
@@ -41,9 +50,13 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def add_winograd_arg(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """--winograd: auto (kernels.use_winograd picks the 3x3 convolutions that run as Winograd on CPU)
     or off (every one direct), for A/B runs (a pmg_jax.kernels.Kernels field)."""
-    parser.add_argument("--winograd", choices=("auto", "off"), default="auto",
-                        help="3x3 convolutions on CPU: auto = Winograd F(4x4,3x3) where kernels.use_winograd "
-                             "says it pays, off = all direct (XLA's convolution)")
+    parser.add_argument(
+        "--winograd",
+        choices=("auto", "off"),
+        default="auto",
+        help="3x3 convolutions on CPU: auto = Winograd F(4x4,3x3) where kernels.use_winograd "
+        "says it pays, off = all direct (XLA's convolution)",
+    )
     return parser
 
 
@@ -53,12 +66,17 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The model description shared by our model, the torch reference and the FLOP counter."""
-    return {"num_classes": args.classes, "backbone": args.backbone, "width": args.width,
-            "feature_size": args.feature_size, "stage_sizes": args.stage_sizes}
+    return {
+        "num_classes": args.classes,
+        "backbone": args.backbone,
+        "width": args.width,
+        "feature_size": args.feature_size,
+        "stage_sizes": args.stage_sizes,
+    }
 
 
 def make_config(args: argparse.Namespace, **top_level: Any) -> ml_collections.ConfigDict:
-    """The default config (pmg_jax/config.py) with the model and batch of `args` (top-level fields such as bn_stats too)."""
+    """The default config (pmg_jax/config.py) with the model and batch of `args` (and top-level fields: bn_stats)."""
     c = default.get_config()
     c.dataset.num_classes = args.classes
     c.data.crop_size = args.size
@@ -75,9 +93,15 @@ def make_config(args: argparse.Namespace, **top_level: Any) -> ml_collections.Co
 def make_tx(config: ml_collections.ConfigDict):
     """The training optimizer of `config` (a long epoch: the learning rate stays at its first value)."""
     o = config.optim
-    return make_optimizer(lr_new=o.lr_new, lr_backbone=o.lr_backbone, num_epochs=config.num_epochs,
-                          steps_per_epoch=10_000, momentum=o.momentum, weight_decay=o.weight_decay,
-                          schedule=config.schedule)
+    return make_optimizer(
+        lr_new=o.lr_new,
+        lr_backbone=o.lr_backbone,
+        num_epochs=config.num_epochs,
+        steps_per_epoch=10_000,
+        momentum=o.momentum,
+        weight_decay=o.weight_decay,
+        schedule=config.schedule,
+    )
 
 
 def synthetic_batch(size: int, batch: int, num_classes: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -102,8 +126,10 @@ def peak_memory() -> dict[str, Any]:
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         return {"peak_memory_bytes": int(stats["peak_bytes_in_use"]), "memory_source": "device peak_bytes_in_use"}
-    return {"peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "memory_source": "process max RSS"}
+    return {
+        "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "memory_source": "process max RSS",
+    }
 
 
 def device_info() -> dict[str, Any]:
@@ -142,15 +168,24 @@ def compiled_memory(compiled: jax.stages.Compiled) -> dict[str, int]:
     analysis = compiled.memory_analysis()
     if analysis is None:
         return {}
-    return {f"xla_{name}_bytes": int(getattr(analysis, f"{name}_size_in_bytes"))
-            for name in ("temp", "argument", "output", "alias")}
+    return {
+        f"xla_{name}_bytes": int(getattr(analysis, f"{name}_size_in_bytes"))
+        for name in ("temp", "argument", "output", "alias")
+    }
 
 
-def measure(bench: str, prepared: Prepared, args: argparse.Namespace, flops_per_step: int,
-            **fields: Any) -> dict[str, Any]:
+def measure(
+    bench: str, prepared: Prepared, args: argparse.Namespace, flops_per_step: int, **fields: Any
+) -> dict[str, Any]:
     """Warm up, time `args.steps` iterations one by one and print a line each, then the headline; returns it."""
-    tags = {"bench": bench, "size": args.size, "batch": args.batch, "dtype": args.dtype,
-            "backbone": args.backbone, **fields}
+    tags = {
+        "bench": bench,
+        "size": args.size,
+        "batch": args.batch,
+        "dtype": args.dtype,
+        "backbone": args.backbone,
+        **fields,
+    }
     emit({**tags, "kind": "compile", "seconds": prepared.compile_s})
     warmup_s = sum(timed(prepared.run) for _ in range(args.warmup))
     emit({**tags, "kind": "warmup", "seconds": warmup_s, "iterations": args.warmup})
@@ -161,12 +196,24 @@ def measure(bench: str, prepared: Prepared, args: argparse.Namespace, flops_per_
     median = statistics.median(seconds)
     achieved = flops_per_step / median
     peak = flops.peak_flops(prepared.device["device_kind"], args.dtype)
-    headline = {**tags, "kind": "headline", "images_per_s": args.batch / median, "step_s_median": median,
-                "step_s_min": min(seconds), "step_s_max": max(seconds), "steps": args.steps,
-                "compile_s": prepared.compile_s, "warmup_s": warmup_s, "model_tflops_per_step": flops_per_step / 1e12,
-                "xla_tflops_per_step": prepared.xla_flops / 1e12 if prepared.xla_flops else None,
-                "model_tflop_per_s": achieved / 1e12, "mfu": achieved / peak if peak else None,
-                **prepared.memory(), **prepared.compiled_memory, **prepared.device}
+    headline = {
+        **tags,
+        "kind": "headline",
+        "images_per_s": args.batch / median,
+        "step_s_median": median,
+        "step_s_min": min(seconds),
+        "step_s_max": max(seconds),
+        "steps": args.steps,
+        "compile_s": prepared.compile_s,
+        "warmup_s": warmup_s,
+        "model_tflops_per_step": flops_per_step / 1e12,
+        "xla_tflops_per_step": prepared.xla_flops / 1e12 if prepared.xla_flops else None,
+        "model_tflop_per_s": achieved / 1e12,
+        "mfu": achieved / peak if peak else None,
+        **prepared.memory(),
+        **prepared.compiled_memory,
+        **prepared.device,
+    }
     emit(headline)
     return headline
 

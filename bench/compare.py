@@ -30,7 +30,9 @@ import time
 
 import torch
 
-from bench import common, eval as eval_bench, torch_bench, train as train_bench
+from bench import common, torch_bench
+from bench import eval as eval_bench
+from bench import train as train_bench
 
 # Acceptance on a 2-core CPU in float32 (issue 6): minimum ours/reference per case.
 TARGETS = {"train:224:8": 1.0, "train:448:4": 1.0, "eval:448:8": 1.2}
@@ -45,13 +47,23 @@ def _case(text: str) -> tuple[str, int, int]:
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = common.add_model_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
-    parser.add_argument("--cases", type=lambda s: [_case(c) for c in s.split(",")],
-                        default=[_case(c) for c in TARGETS], help="comma-separated mode:size:batch")
+    parser.add_argument(
+        "--cases",
+        type=lambda s: [_case(c) for c in s.split(",")],
+        default=[_case(c) for c in TARGETS],
+        help="comma-separated mode:size:batch",
+    )
     parser.add_argument("--rounds", type=int, default=3, help="timed iterations of each, alternating")
-    parser.add_argument("--pause", type=float, default=1.0, help="seconds idle between the two, so spinning threads settle")
+    parser.add_argument(
+        "--pause", type=float, default=1.0, help="seconds idle between the two, so spinning threads settle"
+    )
     parser.add_argument("--bn-stats", choices=("all", "used"), default="all", help="config.bn_stats of ours")
-    parser.add_argument("--processes", type=int, default=1,
-                        help="run the comparison in this many fresh processes; ratios are their median")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="run the comparison in this many fresh processes; ratios are their median",
+    )
     args = parser.parse_args(argv)
     if args.processes < 1:
         parser.error(f"--processes must be at least 1, got {args.processes}")
@@ -76,16 +88,34 @@ def compare_case(args: argparse.Namespace, mode: str, size: int, batch: int) -> 
             time.sleep(args.pause)
             kind = "warmup" if r < args.warmup else "step"
             # Page faults: memory the step touched fresh (on VMs each costs far more than a copy).
-            common.emit({**tags, "kind": kind, "impl": impl, "round": r, "seconds": seconds,
-                         "images_per_s": batch / seconds, "minor_page_faults": faults})
+            common.emit(
+                {
+                    **tags,
+                    "kind": kind,
+                    "impl": impl,
+                    "round": r,
+                    "seconds": seconds,
+                    "images_per_s": batch / seconds,
+                    "minor_page_faults": faults,
+                }
+            )
             if kind == "step":
                 times[impl].append(seconds)
     ips = {impl: batch / statistics.median(t) for impl, t in times.items()}
     paired = [b / a for a, b in zip(times["ours"], times["reference"])]
-    record = {**tags, "kind": "ratio", "ours_images_per_s": ips["ours"], "reference_images_per_s": ips["reference"],
-              "ratio": ips["ours"] / ips["reference"], "paired_ratio_min": min(paired),
-              "paired_ratio_max": max(paired), "rounds": args.rounds, "target": TARGETS.get(name),
-              "threads": torch.get_num_threads(), **common.peak_memory()}
+    record = {
+        **tags,
+        "kind": "ratio",
+        "ours_images_per_s": ips["ours"],
+        "reference_images_per_s": ips["reference"],
+        "ratio": ips["ours"] / ips["reference"],
+        "paired_ratio_min": min(paired),
+        "paired_ratio_max": max(paired),
+        "rounds": args.rounds,
+        "target": TARGETS.get(name),
+        "threads": torch.get_num_threads(),
+        **common.peak_memory(),
+    }
     common.emit(record)
     return record
 
@@ -96,8 +126,13 @@ def in_processes(argv: list[str], processes: int) -> dict[str, list[float]]:
     ratios: dict[str, list[float]] = {}
     root = pathlib.Path(__file__).resolve().parents[1]
     for i in range(processes):
-        child = subprocess.run([sys.executable, "-m", "bench.compare", *argv, "--processes", "1"], cwd=root,
-                               stdout=subprocess.PIPE, text=True, check=True)
+        child = subprocess.run(
+            [sys.executable, "-m", "bench.compare", *argv, "--processes", "1"],
+            cwd=root,
+            stdout=subprocess.PIPE,
+            text=True,
+            check=True,
+        )
         for line in child.stdout.splitlines():
             if not line.startswith("{"):
                 continue
@@ -126,9 +161,17 @@ def main(argv: list[str] | None = None) -> dict:
             ratios[record["case"]] = record["ratio"]
             gc.collect()
     meets = {c: r >= TARGETS[c] for c, r in ratios.items() if c in TARGETS}
-    headline = {"bench": "compare", "kind": "headline", "dtype": args.dtype, "backbone": args.backbone,
-                "bn_stats": args.bn_stats, "ratios": ratios, "meets_target": meets,
-                "torch_threads": torch.get_num_threads(), **common.device_info()}
+    headline = {
+        "bench": "compare",
+        "kind": "headline",
+        "dtype": args.dtype,
+        "backbone": args.backbone,
+        "bn_stats": args.bn_stats,
+        "ratios": ratios,
+        "meets_target": meets,
+        "torch_threads": torch.get_num_threads(),
+        **common.device_info(),
+    }
     if per_process is not None:
         headline.update(processes=args.processes, ratios_per_process=per_process)
     common.emit(headline)

@@ -57,8 +57,12 @@ def main(argv: list[str] | None = None) -> dict:
     """Alternate the two back ends and the reference; returns the ratios record."""
     parser = common.add_model_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--mode", choices=("train", "eval"), default="train")
-    parser.add_argument("--backends", type=lambda t: t.split(","), default=["ynnpack", "eigen", "eigen_ynn_reduce"],
-                        help=f"comma-separated, of {', '.join(BACKENDS)}")
+    parser.add_argument(
+        "--backends",
+        type=lambda t: t.split(","),
+        default=["ynnpack", "eigen", "eigen_ynn_reduce"],
+        help=f"comma-separated, of {', '.join(BACKENDS)}",
+    )
     args = parser.parse_args(argv)
     unknown = set(args.backends) - set(BACKENDS)
     if unknown:
@@ -66,8 +70,9 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(common.cpu_threads())
     config = common.make_config(args)
     runs = {name: prepare(config, args.mode, BACKENDS[name]) for name in args.backends}
-    runs["reference"] = torch_bench.prepare(args.mode, args.size, args.batch, args.dtype, "cpu",
-                                            **common.model_kwargs(args))
+    runs["reference"] = torch_bench.prepare(
+        args.mode, args.size, args.batch, args.dtype, "cpu", **common.model_kwargs(args)
+    )
     tags = {"bench": "cpu_convs", "mode": args.mode, "size": args.size, "batch": args.batch, "dtype": args.dtype}
     for name in args.backends:
         common.emit({**tags, "kind": "compile", "impl": name, "seconds": runs[name].compile_s})
@@ -76,13 +81,26 @@ def main(argv: list[str] | None = None) -> dict:
         for name, prepared in runs.items():
             seconds = common.timed(prepared.run)
             time.sleep(1.0)
-            common.emit({**tags, "kind": "warmup" if r < args.warmup else "step", "impl": name, "round": r,
-                         "seconds": seconds, "images_per_s": args.batch / seconds})
+            common.emit(
+                {
+                    **tags,
+                    "kind": "warmup" if r < args.warmup else "step",
+                    "impl": name,
+                    "round": r,
+                    "seconds": seconds,
+                    "images_per_s": args.batch / seconds,
+                }
+            )
             if r >= args.warmup:
                 times[name].append(seconds)
     median = {name: statistics.median(t) for name, t in times.items()}
-    record = {**tags, "kind": "ratio", "median_s": median, "threads": torch.get_num_threads(),
-              **{f"ratio_{name}": median["reference"] / median[name] for name in args.backends}}
+    record = {
+        **tags,
+        "kind": "ratio",
+        "median_s": median,
+        "threads": torch.get_num_threads(),
+        **{f"ratio_{name}": median["reference"] / median[name] for name in args.backends},
+    }
     common.emit(record)
     return record
 

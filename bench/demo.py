@@ -38,14 +38,26 @@ def read_metrics(path: str) -> dict:
     if not evals:
         raise ValueError(f"{path}: no evaluation lines")
     best = max(reversed(evals), key=lambda r: r["combined"])  # max keeps the first maximum: the latest one
-    return {"combined": evals[-1]["combined"], "best_combined": best["combined"],
-            "best_epoch": epoch_of_step[best["step"]], "epochs": max(epoch_of_step.values())}
+    return {
+        "combined": evals[-1]["combined"],
+        "best_combined": best["combined"],
+        "best_epoch": epoch_of_step[best["step"]],
+        "epochs": max(epoch_of_step.values()),
+    }
 
 
 def command(config: str, workdir: str, overrides: list[str], seed: int) -> list[str]:
     """The train.py command line of one seed."""
-    return [sys.executable, "train.py", "--config", config, "--workdir", workdir,
-            *(f"--config.{o}" for o in overrides), f"--config.seed={seed}"]
+    return [
+        sys.executable,
+        "train.py",
+        "--config",
+        config,
+        "--workdir",
+        workdir,
+        *(f"--config.{o}" for o in overrides),
+        f"--config.seed={seed}",
+    ]
 
 
 def uptime() -> str:
@@ -64,8 +76,13 @@ def run_seed(config: str, overrides: list[str], seed: int, workdir: str) -> dict
         last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
         sys.exit(f"error: seed {seed}: train.py exited with status {done.returncode}: {last}")
     metrics = read_metrics(os.path.join(workdir, "metrics.jsonl"))
-    return {"seed": seed, **metrics, "seconds": round(seconds, 1), "cpu_seconds": round(cpu_seconds, 1),
-            "uptime": uptime()}
+    return {
+        "seed": seed,
+        **metrics,
+        "seconds": round(seconds, 1),
+        "cpu_seconds": round(cpu_seconds, 1),
+        "uptime": uptime(),
+    }
 
 
 def commit() -> str:
@@ -79,18 +96,32 @@ def commit() -> str:
 def summarize(runs: list[dict]) -> dict:
     """Mean, min and max of the final combined accuracy over the seeds, and where and when they ran."""
     final = [r["combined"] for r in runs]
-    return {"summary": True, "seeds": [r["seed"] for r in runs], "mean": statistics.mean(final),
-            "min": min(final), "max": max(final), "mean_best": statistics.mean(r["best_combined"] for r in runs),
-            "max_seconds": max(r["seconds"] for r in runs), "commit": commit(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "uptime": uptime()}
+    return {
+        "summary": True,
+        "seeds": [r["seed"] for r in runs],
+        "mean": statistics.mean(final),
+        "min": min(final),
+        "max": max(final),
+        "mean_best": statistics.mean(r["best_combined"] for r in runs),
+        "max_seconds": max(r["seconds"] for r in runs),
+        "commit": commit(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "uptime": uptime(),
+    }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="config.seed of each run")
     parser.add_argument("--config", default="configs/demo.py", help="config file (default configs/demo.py)")
-    parser.add_argument("--override", nargs="+", action="extend", default=[], metavar="FIELD=VALUE",
-                        help="config overrides for every run, e.g. num_epochs=4 (passed as --config.FIELD=VALUE)")
+    parser.add_argument(
+        "--override",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="config overrides for every run, e.g. num_epochs=4 (passed as --config.FIELD=VALUE)",
+    )
     parser.add_argument("--workdirs", help="keep the runs as WORKDIRS/seed<N> (default: temporary, removed)")
     args = parser.parse_args(argv)
     if not os.path.isfile(args.config):

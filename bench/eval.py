@@ -27,15 +27,22 @@ def prepare(config: ml_collections.ConfigDict, kernel_choice: kernels.Kernels | 
     model = state_lib.create_model(config)
     mesh = parallel.make_mesh()
     variables = state_lib.init_variables(model, jax.random.PRNGKey(config.seed), size)
-    state = jax.device_put(state_lib.TrainState(step=0, params=variables["params"], batch_stats=variables["batch_stats"],
-                                                opt_state=None, rng=None), parallel.replicated(mesh))
-    data = jax.device_put(common.synthetic_batch(size, batch, config.dataset.num_classes), parallel.batch_sharding(mesh))
+    state = jax.device_put(
+        state_lib.TrainState(
+            step=0, params=variables["params"], batch_stats=variables["batch_stats"], opt_state=None, rng=None
+        ),
+        parallel.replicated(mesh),
+    )
+    data = jax.device_put(
+        common.synthetic_batch(size, batch, config.dataset.num_classes), parallel.batch_sharding(mesh)
+    )
     _, eval_step = steps_lib.compile_steps(model, None, config, mesh, kernel_choice)
     start = time.perf_counter()
     compiled = eval_step.lower(state, data).compile()
     compile_s = time.perf_counter() - start
-    return common.Prepared(lambda: jax.block_until_ready(compiled(state, data)), compile_s,
-                           xla_flops=common.xla_flops(compiled))
+    return common.Prepared(
+        lambda: jax.block_until_ready(compiled(state, data)), compile_s, xla_flops=common.xla_flops(compiled)
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:

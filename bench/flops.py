@@ -58,13 +58,24 @@ def jaxpr_macs(jaxpr: jcore.Jaxpr) -> int:
 
 
 @functools.cache
-def forward_macs(size: int, num_classes: int, backbone: str = "resnet50", width: int = 0,
-                 feature_size: int = 512, stage_sizes: tuple[int, ...] | None = None) -> int:
+def forward_macs(
+    size: int,
+    num_classes: int,
+    backbone: str = "resnet50",
+    width: int = 0,
+    feature_size: int = 512,
+    stage_sizes: tuple[int, ...] | None = None,
+) -> int:
     """Multiply-accumulates of one PMG forward on one size x size image (all four heads), read from the
     model's own jaxpr traced with plain XLA kernels, so every convolution counts as a direct one whatever
     computes it (Winograd's would count fewer multiplies, and twice: one form per platform)."""
-    net = PMG(num_classes=num_classes, backbone=backbone, width=width, feature_size=feature_size,
-              stage_sizes=tuple(stage_sizes) if stage_sizes else None)
+    net = PMG(
+        num_classes=num_classes,
+        backbone=backbone,
+        width=width,
+        feature_size=feature_size,
+        stage_sizes=tuple(stage_sizes) if stage_sizes else None,
+    )
     x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
     with kernels.use("xla"):
         variables = jax.eval_shape(lambda: net.init(jax.random.PRNGKey(0), jnp.zeros(x.shape), train=False))

@@ -68,13 +68,15 @@ def raw_rate(paths: list[str], resize: int, crop: int, threads: int | None = Non
         cv2.setNumThreads(default)
 
 
-def pipeline_rate(source: sources.FileSource, spec: pipeline.TransformSpec, batch: int, batches: int,
-                  workers: int) -> float:
+def pipeline_rate(
+    source: sources.FileSource, spec: pipeline.TransformSpec, batch: int, batches: int, workers: int
+) -> float:
     """Images/s that train_batches delivers in steady state (worker start-up and buffer filling excluded)."""
     warmup = 2 + 2 * workers
     epochs = -(-(warmup + batches) * batch // len(source))
-    _, it = pipeline.train_batches(source, spec, pipeline.Layout(batch), seed=0, num_epochs=epochs,
-                                   workers=workers, prefetch=2)
+    _, it = pipeline.train_batches(
+        source, spec, pipeline.Layout(batch), seed=0, num_epochs=epochs, workers=workers, prefetch=2
+    )
     for _ in range(warmup):
         next(it)
     start = time.perf_counter()
@@ -90,13 +92,16 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=64, help="batches timed per pipeline measurement")
     parser.add_argument("--rounds", type=int, default=3, help="repetitions; the best of each is reported")
     args = parser.parse_args()
-    specs = {output: pipeline.TransformSpec(resize_size=550, crop_size=448, pad=8,
-                                            normalize_on_device=output == "uint8")
-             for output in ("float32", "uint8")}
+    specs = {
+        output: pipeline.TransformSpec(resize_size=550, crop_size=448, pad=8, normalize_on_device=output == "uint8")
+        for output in ("float32", "uint8")
+    }
     common = {"crop": 448, "cpus": os.cpu_count()}
     with tempfile.TemporaryDirectory() as folder:
         source = write_jpegs(folder, args.images)
-        common["image"] = f"{SIZE[0]}x{SIZE[1]} JPEG {np.mean([os.path.getsize(p) for p in source.paths]) / 1024:.0f} KiB"
+        common["image"] = (
+            f"{SIZE[0]}x{SIZE[1]} JPEG {np.mean([os.path.getsize(p) for p in source.paths]) / 1024:.0f} KiB"
+        )
         runs: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
         for _ in range(args.rounds):
             for output, spec in specs.items():
@@ -107,24 +112,52 @@ def main() -> None:
                     runs.setdefault((output, workers), []).append((rate, raw1, raw))
     for index, name in ((1, "raw_opencv_1_thread"), (2, "raw_opencv")):
         raws = [pair[index] for pairs in runs.values() for pair in pairs]
-        print(json.dumps({"measurement": name, "workers": None, "images_per_s": round(max(raws), 1),
-                          "median_images_per_s": round(float(np.median(raws)), 1), **common}))
+        print(
+            json.dumps(
+                {
+                    "measurement": name,
+                    "workers": None,
+                    "images_per_s": round(max(raws), 1),
+                    "median_images_per_s": round(float(np.median(raws)), 1),
+                    **common,
+                }
+            )
+        )
     for (output, workers), pairs in runs.items():
         rate, raw1, raw = max(pairs)
-        print(json.dumps({"measurement": f"pipeline_{output}", "workers": workers, "images_per_s": round(rate, 1),
-                          "raw_1_thread_images_per_s_just_before": round(raw1, 1),
-                          "raw_images_per_s_just_before": round(raw, 1), "rounds": [round(r[0], 1) for r in pairs],
-                          **common}))
+        print(
+            json.dumps(
+                {
+                    "measurement": f"pipeline_{output}",
+                    "workers": workers,
+                    "images_per_s": round(rate, 1),
+                    "raw_1_thread_images_per_s_just_before": round(raw1, 1),
+                    "raw_images_per_s_just_before": round(raw, 1),
+                    "rounds": [round(r[0], 1) for r in pairs],
+                    **common,
+                }
+            )
+        )
     for output in specs:
         # The goal: 2 workers against twice one process's raw rate on one core (the ideal for two
         # processes on two cores); also against OpenCV's default (multi-threaded) raw rate.
         rate, raw1 = max(((rate, raw1) for rate, raw1, _ in runs[output, 2]), key=lambda p: p[0] / p[1])
         ratio = rate / (2 * raw1)
         vs_default = max(rate / raw for rate, _, raw in runs[output, 2])
-        print(json.dumps({"measurement": f"goal_{output}_2_workers_vs_2x_raw_1_thread", "workers": 2,
-                          "images_per_s": round(rate, 1), "raw_1_thread_images_per_s": round(raw1, 1),
-                          "ratio": round(ratio, 3), "goal": 0.8, "met": bool(ratio >= 0.8),
-                          "vs_raw_default_threads": round(vs_default, 3)}))
+        print(
+            json.dumps(
+                {
+                    "measurement": f"goal_{output}_2_workers_vs_2x_raw_1_thread",
+                    "workers": 2,
+                    "images_per_s": round(rate, 1),
+                    "raw_1_thread_images_per_s": round(raw1, 1),
+                    "ratio": round(ratio, 3),
+                    "goal": 0.8,
+                    "met": bool(ratio >= 0.8),
+                    "vs_raw_default_threads": round(vs_default, 3),
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -29,8 +29,9 @@ def random_run(args: argparse.Namespace) -> predict.Restored:
     config = common.make_config(args)
     model = state_lib.create_model(config)
     variables = state_lib.init_variables(model, jax.random.PRNGKey(config.seed), args.size)
-    return predict.Restored("(random weights)", 0, model, variables, config,
-                            {"class_names": [f"class_{i}" for i in range(args.classes)]})
+    return predict.Restored(
+        "(random weights)", 0, model, variables, config, {"class_names": [f"class_{i}" for i in range(args.classes)]}
+    )
 
 
 def timed_s(fn) -> tuple[float, object]:
@@ -61,15 +62,23 @@ def main(argv: list[str] | None = None) -> dict:
     onnx_s, proto = timed_s(lambda: export.onnx_model(restored))
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = common.cpu_threads()
-    session_s, session = timed_s(lambda: onnxruntime.InferenceSession(proto.SerializeToString(), options,
-                                                                      providers=["CPUExecutionProvider"]))
+    session_s, session = timed_s(
+        lambda: onnxruntime.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    )
     common.emit({**tags, "kind": "compile", "impl": "onnx", "export_s": onnx_s, "session_s": session_s})
     run_onnx = lambda: session.run(None, {export.INPUT_NAME: images})  # noqa: E731
     onnx_diff = export.max_relative_difference(run_onnx()[1:], reference)
     shlo_s, exported = timed_s(lambda: export.stablehlo(restored))
     shlo_diff = export.max_relative_difference([np.asarray(o) for o in exported.call(images)[1:]], reference)
-    common.emit({**tags, "kind": "parity", "onnx_max_rel_logit_diff": onnx_diff,
-                 "stablehlo_max_rel_logit_diff": shlo_diff, "stablehlo_export_s": shlo_s})
+    common.emit(
+        {
+            **tags,
+            "kind": "parity",
+            "onnx_max_rel_logit_diff": onnx_diff,
+            "stablehlo_max_rel_logit_diff": shlo_diff,
+            "stablehlo_export_s": shlo_s,
+        }
+    )
 
     seconds: dict[str, list[float]] = {"jax": [], "onnx": []}
     for r in range(args.warmup + args.rounds):
@@ -78,15 +87,35 @@ def main(argv: list[str] | None = None) -> dict:
             time.sleep(args.pause)
             if r >= args.warmup:
                 seconds[impl].append(s)
-                common.emit({**tags, "kind": "step", "impl": impl, "round": r - args.warmup, "seconds": s,
-                             "images_per_s": args.batch / s})
+                common.emit(
+                    {
+                        **tags,
+                        "kind": "step",
+                        "impl": impl,
+                        "round": r - args.warmup,
+                        "seconds": s,
+                        "images_per_s": args.batch / s,
+                    }
+                )
     rates = {impl: args.batch / statistics.median(s) for impl, s in seconds.items()}
-    headline = {**tags, "kind": "headline", "jax_images_per_s": rates["jax"], "onnx_images_per_s": rates["onnx"],
-                "onnx_over_jax": rates["onnx"] / rates["jax"], "rounds": args.rounds,
-                "onnx_max_rel_logit_diff": onnx_diff, "stablehlo_max_rel_logit_diff": shlo_diff,
-                "jax_first_call_s": first_s, "onnx_export_s": onnx_s, "onnx_session_s": session_s,
-                "stablehlo_export_s": shlo_s, "threads": common.cpu_threads(),
-                "onnxruntime": onnxruntime.__version__, **common.peak_memory(), **common.device_info()}
+    headline = {
+        **tags,
+        "kind": "headline",
+        "jax_images_per_s": rates["jax"],
+        "onnx_images_per_s": rates["onnx"],
+        "onnx_over_jax": rates["onnx"] / rates["jax"],
+        "rounds": args.rounds,
+        "onnx_max_rel_logit_diff": onnx_diff,
+        "stablehlo_max_rel_logit_diff": shlo_diff,
+        "jax_first_call_s": first_s,
+        "onnx_export_s": onnx_s,
+        "onnx_session_s": session_s,
+        "stablehlo_export_s": shlo_s,
+        "threads": common.cpu_threads(),
+        "onnxruntime": onnxruntime.__version__,
+        **common.peak_memory(),
+        **common.device_info(),
+    }
     common.emit(headline)
     return headline
 

@@ -22,11 +22,14 @@ import pathlib
 
 def find_trace(folder: str) -> pathlib.Path:
     """The newest profiler run's trace-event file under `folder`; FileNotFoundError naming it otherwise."""
-    files = [p for pattern in ("perfetto_trace.json.gz", "*.trace.json.gz")
-             for p in pathlib.Path(folder).rglob(pattern)]
+    files = [
+        p for pattern in ("perfetto_trace.json.gz", "*.trace.json.gz") for p in pathlib.Path(folder).rglob(pattern)
+    ]
     if not files:
-        raise FileNotFoundError(f"{folder}: no perfetto_trace.json.gz or *.trace.json.gz (a jax.profiler.trace "
-                                f"folder written with create_perfetto_trace=True)")
+        raise FileNotFoundError(
+            f"{folder}: no perfetto_trace.json.gz or *.trace.json.gz (a jax.profiler.trace "
+            f"folder written with create_perfetto_trace=True)"
+        )
     newest_run = max(p.parent for p in files)  # run folders are named by their start time
     run_files = [p for p in files if p.parent == newest_run]
     return next((p for p in run_files if p.name == "perfetto_trace.json.gz"), run_files[0])
@@ -35,8 +38,7 @@ def find_trace(folder: str) -> pathlib.Path:
 def op_times(events: list[dict]) -> dict[tuple[str, str], list[float]]:
     """{(hlo_module, hlo_op): [microseconds of each run]} over the device planes' events, or the host's
     where the trace has no device plane."""
-    names = {e["pid"]: e["args"]["name"] for e in events
-             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    names = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
     ops = [e for e in events if e.get("ph") == "X" and "hlo_op" in e.get("args", {})]
     on_device = [e for e in ops if names.get(e["pid"], "").startswith("/device:")]
     times: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
@@ -56,8 +58,15 @@ def summarise(folder: str, top: int = 15, steps: int = 0) -> list[dict]:
     total = sum(sum(t) for t in times.values())
     rows = []
     for (module, op), t in sorted(times.items(), key=lambda item: -sum(item[1]))[:top]:
-        row = {"op": op, "module": module, "count": len(t), "total_ms": sum(t) / 1e3,
-               "mean_us": sum(t) / len(t), "share": sum(t) / total, "trace": str(path)}
+        row = {
+            "op": op,
+            "module": module,
+            "count": len(t),
+            "total_ms": sum(t) / 1e3,
+            "mean_us": sum(t) / len(t),
+            "share": sum(t) / total,
+            "trace": str(path),
+        }
         if steps:
             row["ms_per_step"] = sum(t) / 1e3 / steps
         rows.append(row)
@@ -70,8 +79,10 @@ def table(rows: list[dict]) -> str:
     head = "| # | op | module | count | total ms | mean us | share |" + (" ms/step |" if per_step else "")
     lines = [head, "|" + "---|" * (7 + per_step)]
     for i, r in enumerate(rows, start=1):
-        line = (f"| {i} | {r['op']} | {r['module']} | {r['count']} | {r['total_ms']:.2f} | {r['mean_us']:.1f} | "
-                f"{100 * r['share']:.1f}% |")
+        line = (
+            f"| {i} | {r['op']} | {r['module']} | {r['count']} | {r['total_ms']:.2f} | {r['mean_us']:.1f} | "
+            f"{100 * r['share']:.1f}% |"
+        )
         lines.append(line + (f" {r['ms_per_step']:.2f} |" if per_step else ""))
     return "\n".join(lines)
 

@@ -1,6 +1,6 @@
 """Markdown table of the headline and ratio records in benchmark JSON-lines files.
 
-    python -m bench.report bench/gpu_results.jsonl [more.jsonl ...]
+python -m bench.report bench/gpu_results.jsonl [more.jsonl ...]
 """
 
 from __future__ import annotations
@@ -8,11 +8,27 @@ from __future__ import annotations
 import argparse
 import json
 
-COLUMNS = ("bench", "device_kind", "size", "batch", "dtype", "images_per_s", "step_s_median", "compile_s",
-           "mfu", "peak_memory_gib", "xla_temp_gib")
+COLUMNS = (
+    "bench",
+    "device_kind",
+    "size",
+    "batch",
+    "dtype",
+    "images_per_s",
+    "step_s_median",
+    "compile_s",
+    "mfu",
+    "peak_memory_gib",
+    "xla_temp_gib",
+)
 # A/B and accelerator options of bench/train.py, with their defaults: a headline names those it changes.
-VARIANTS = {"channel_sum": "auto", "layers": "custom", "remat": "none", "schedule": "progressive",
-            "accumulation_steps": 1}
+VARIANTS = {
+    "channel_sum": "auto",
+    "layers": "custom",
+    "remat": "none",
+    "schedule": "progressive",
+    "accumulation_steps": 1,
+}
 
 
 def _cell(value) -> str:
@@ -34,16 +50,33 @@ def rows(lines: list[str]) -> list[dict]:
             changed = [f"{k}={record[k]}" for k, default in VARIANTS.items() if record.get(k, default) != default]
             name = record["bench"] if not changed else f"{record['bench']} ({', '.join(changed)})"
             temp = record.get("xla_temp_bytes")
-            out.append({**record, "bench": name, "peak_memory_gib": record["peak_memory_bytes"] / 2**30,
-                        "xla_temp_gib": None if temp is None else temp / 2**30})
+            out.append(
+                {
+                    **record,
+                    "bench": name,
+                    "peak_memory_gib": record["peak_memory_bytes"] / 2**30,
+                    "xla_temp_gib": None if temp is None else temp / 2**30,
+                }
+            )
         elif record.get("kind") == "ratio" and "case" in record:
-            out.append({"bench": f"compare {record['case']} ours/reference = {record['ratio']:.2f}",
-                        "dtype": record["dtype"], "images_per_s": record["ours_images_per_s"]})
+            out.append(
+                {
+                    "bench": f"compare {record['case']} ours/reference = {record['ratio']:.2f}",
+                    "dtype": record["dtype"],
+                    "images_per_s": record["ours_images_per_s"],
+                }
+            )
         elif record.get("kind") == "ratio":
-            out.append({"bench": f"train ({record['variant']}) time / ({record['baseline']}) = "
-                                 f"{record['time_ratio']:.2f}", "size": record["size"], "batch": record["batch"],
-                        "dtype": record["dtype"], "images_per_s": record["images_per_s"],
-                        "step_s_median": record["step_s_median"]})
+            out.append(
+                {
+                    "bench": f"train ({record['variant']}) time / ({record['baseline']}) = {record['time_ratio']:.2f}",
+                    "size": record["size"],
+                    "batch": record["batch"],
+                    "dtype": record["dtype"],
+                    "images_per_s": record["images_per_s"],
+                    "step_s_median": record["step_s_median"],
+                }
+            )
     return out
 
 
@@ -57,14 +90,19 @@ def table(records: list[dict]) -> str:
 def speedups(records: list[dict]) -> list[str]:
     """Ours/reference images/s for each of our train and eval headlines that has a reference float32
     headline of the same bench, device, size and batch (the issue's measure: bf16 ours vs float32 reference)."""
-    reference = {(r["bench"][len("torch_"):], r.get("device_kind"), r.get("size"), r.get("batch")): r
-                 for r in records if r["bench"].startswith("torch_") and r.get("dtype") == "float32"}
+    reference = {
+        (r["bench"][len("torch_") :], r.get("device_kind"), r.get("size"), r.get("batch")): r
+        for r in records
+        if r["bench"].startswith("torch_") and r.get("dtype") == "float32"
+    }
     lines = []
     for r in records:
         ref = reference.get((r["bench"].split(" (")[0], r.get("device_kind"), r.get("size"), r.get("batch")))
         if ref is not None:
-            lines.append(f"{r['bench']} {r['dtype']} batch {r['batch']} on {r.get('device_kind')}: "
-                         f"{r['images_per_s'] / ref['images_per_s']:.2f}x the reference's float32")
+            lines.append(
+                f"{r['bench']} {r['dtype']} batch {r['batch']} on {r.get('device_kind')}: "
+                f"{r['images_per_s'] / ref['images_per_s']:.2f}x the reference's float32"
+            )
     return lines
 
 
@@ -72,7 +110,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("files", nargs="+")
     args = parser.parse_args(argv)
-    lines = [line for path in args.files for line in open(path)]
+    lines = []
+    for path in args.files:
+        with open(path) as f:
+            lines.extend(f)
     records = rows(lines)
     print(table(records))
     for line in speedups(records):

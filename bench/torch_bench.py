@@ -29,10 +29,14 @@ def _sync(device: torch.device) -> None:
 
 def _memory(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
-        return {"peak_memory_bytes": torch.cuda.max_memory_allocated(device),
-                "memory_source": "torch.cuda.max_memory_allocated"}
-    return {"peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "memory_source": "process max RSS"}
+        return {
+            "peak_memory_bytes": torch.cuda.max_memory_allocated(device),
+            "memory_source": "torch.cuda.max_memory_allocated",
+        }
+    return {
+        "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "memory_source": "process max RSS",
+    }
 
 
 def _device_info(device: torch.device) -> dict[str, Any]:
@@ -45,13 +49,13 @@ def prepare(mode: str, size: int, batch: int, dtype: str, device: str = "cpu", *
     dev = torch.device(device)
     torch.manual_seed(0)
     width = backbones.resolve(model["backbone"], model["width"]).width  # 0: the backbone's standard
-    net = ref.PMG(ref.make_resnet(model["backbone"], width, model["stage_sizes"]),
-                  model["feature_size"], model["num_classes"]).to(dev)
+    net = ref.PMG(
+        ref.make_resnet(model["backbone"], width, model["stage_sizes"]), model["feature_size"], model["num_classes"]
+    ).to(dev)
     data = common.synthetic_batch(size, batch, model["num_classes"])
     images = torch.from_numpy(data["image"]).permute(0, 3, 1, 2).contiguous().to(dev)
     labels = torch.from_numpy(data["label"]).long().to(dev)
-    autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if dtype == "bfloat16"
-                else contextlib.nullcontext())
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
     if mode == "train":
         optimizer, rng = ref.make_optimizer(net), random.Random(0)
         step = lambda: ref.train_iteration(net, optimizer, images, labels, rng=rng)
@@ -74,9 +78,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--mode", choices=("train", "eval"), default="train")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=common.cpu_threads(), help="torch intra-op threads on CPU")
-    parser.add_argument("--no-cudnn-benchmark", dest="cudnn_benchmark", action="store_false",
-                        help="leave cuDNN's algorithm search off (the original code does not turn it on); by "
-                             "default it is on, the reference's fastest usual setting, and the warm-up runs it")
+    parser.add_argument(
+        "--no-cudnn-benchmark",
+        dest="cudnn_benchmark",
+        action="store_false",
+        help="leave cuDNN's algorithm search off (the original code does not turn it on); by "
+        "default it is on, the reference's fastest usual setting, and the warm-up runs it",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
@@ -86,8 +94,14 @@ def main(argv: list[str] | None = None) -> dict:
     except ValueError as e:  # the reference builds torchvision ResNets only
         parser.error(f"--backbone {args.backbone}: {e}")
     count = flops.train_iteration_flops if args.mode == "train" else flops.eval_flops
-    return common.measure(f"torch_{args.mode}", prepared, args, count(args.batch, size=args.size, **model),
-                          threads=torch.get_num_threads(), cudnn_benchmark=args.cudnn_benchmark)
+    return common.measure(
+        f"torch_{args.mode}",
+        prepared,
+        args,
+        count(args.batch, size=args.size, **model),
+        threads=torch.get_num_threads(),
+        cudnn_benchmark=args.cudnn_benchmark,
+    )
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import time
 
 import jax
 import ml_collections
+
 from bench import common, flops
 from pmg_jax import kernels, parallel
 from pmg_jax import model as model_lib
@@ -47,8 +48,9 @@ def prepare(config: ml_collections.ConfigDict, kernel_choice: kernels.Kernels | 
         state, metrics = compiled(state, data)
         jax.block_until_ready((state, metrics))
 
-    return common.Prepared(run, compile_s, xla_flops=common.xla_flops(compiled),
-                           compiled_memory=common.compiled_memory(compiled))
+    return common.Prepared(
+        run, compile_s, xla_flops=common.xla_flops(compiled), compiled_memory=common.compiled_memory(compiled)
+    )
 
 
 def _choices(allowed: tuple[str, ...]):
@@ -63,23 +65,44 @@ def _choices(allowed: tuple[str, ...]):
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = common.add_winograd_arg(common.add_model_args(argparse.ArgumentParser(description=__doc__.splitlines()[0])))
+    parser = common.add_winograd_arg(
+        common.add_model_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    )
     parser.add_argument("--bn-stats", choices=("all", "used"), default="all", help="config.bn_stats")
-    parser.add_argument("--channel-sum", choices=("auto", "gemv", "reduce"), default="auto",
-                        help="BatchNorm's channel sums: auto = kernels.channel_sum (a reduction, or GEMVs on an "
-                             "XLA:CPU without YNNPACK reductions); gemv or reduce forces one form, for A/B runs")
-    parser.add_argument("--layers", choices=("custom", "autodiff"), default="custom",
-                        help="custom = pmg_jax.kernels' hand-written gradients (1x1 convolutions, BatchNorm, max "
-                             "pool; written for XLA:CPU); autodiff = the plain formulations and JAX's own "
-                             "gradients, for A/B runs on other platforms")
-    parser.add_argument("--remat", type=_choices(model_lib.REMAT), default=["none"],
-                        help="config.model.remat; several, comma-separated, alternate in one process")
-    parser.add_argument("--schedule", type=_choices(tuple(model_lib.SCHEDULES)), default=["progressive"],
-                        help="config.schedule; several, comma-separated, alternate in one process")
+    parser.add_argument(
+        "--channel-sum",
+        choices=("auto", "gemv", "reduce"),
+        default="auto",
+        help="BatchNorm's channel sums: auto = kernels.channel_sum (a reduction, or GEMVs on an "
+        "XLA:CPU without YNNPACK reductions); gemv or reduce forces one form, for A/B runs",
+    )
+    parser.add_argument(
+        "--layers",
+        choices=("custom", "autodiff"),
+        default="custom",
+        help="custom = pmg_jax.kernels' hand-written gradients (1x1 convolutions, BatchNorm, max "
+        "pool; written for XLA:CPU); autodiff = the plain formulations and JAX's own "
+        "gradients, for A/B runs on other platforms",
+    )
+    parser.add_argument(
+        "--remat",
+        type=_choices(model_lib.REMAT),
+        default=["none"],
+        help="config.model.remat; several, comma-separated, alternate in one process",
+    )
+    parser.add_argument(
+        "--schedule",
+        type=_choices(tuple(model_lib.SCHEDULES)),
+        default=["progressive"],
+        help="config.schedule; several, comma-separated, alternate in one process",
+    )
     parser.add_argument("--accumulation-steps", type=int, default=1, help="config.accumulation_steps")
-    parser.add_argument("--profile", default="",
-                        help="after timing, trace --profile-steps iterations with jax.profiler into this folder "
-                             "(summarise it with python -m bench.profile_summary FOLDER); one variant only")
+    parser.add_argument(
+        "--profile",
+        default="",
+        help="after timing, trace --profile-steps iterations with jax.profiler into this folder "
+        "(summarise it with python -m bench.profile_summary FOLDER); one variant only",
+    )
     parser.add_argument("--profile-steps", type=int, default=2, help="iterations traced with --profile")
     args = parser.parse_args(argv)
     if args.profile and len(args.remat) * len(args.schedule) > 1:
@@ -89,14 +112,18 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def kernel_choice(args: argparse.Namespace) -> kernels.Kernels:
     """The kernels the A/B flags ask for (pmg_jax.kernels; the defaults are 'auto')."""
-    return kernels.Kernels(winograd=args.winograd, channel_sum=args.channel_sum,
-                           gradients="custom" if args.layers == "custom" else "autodiff")
+    return kernels.Kernels(
+        winograd=args.winograd,
+        channel_sum=args.channel_sum,
+        gradients="custom" if args.layers == "custom" else "autodiff",
+    )
 
 
 def variant_config(args: argparse.Namespace, remat: str, schedule: str) -> ml_collections.ConfigDict:
     """The benchmark's config with one remat setting and schedule."""
-    config = common.make_config(args, bn_stats=args.bn_stats, schedule=schedule,
-                                accumulation_steps=args.accumulation_steps)
+    config = common.make_config(
+        args, bn_stats=args.bn_stats, schedule=schedule, accumulation_steps=args.accumulation_steps
+    )
     config.model.remat = remat
     return config
 
@@ -113,8 +140,16 @@ def alternate(args: argparse.Namespace, variants: list[tuple[str, str]], tags: d
         for v, p in prepared.items():
             seconds = common.timed(p.run)
             kind = "warmup" if r < args.warmup else "step"
-            common.emit({**tags, "kind": kind, "variant": name[v], "round": r, "seconds": seconds,
-                         "images_per_s": args.batch / seconds})
+            common.emit(
+                {
+                    **tags,
+                    "kind": kind,
+                    "variant": name[v],
+                    "round": r,
+                    "seconds": seconds,
+                    "images_per_s": args.batch / seconds,
+                }
+            )
             if kind == "step":
                 times[v].append(seconds)
     first = variants[0]
@@ -124,13 +159,30 @@ def alternate(args: argparse.Namespace, variants: list[tuple[str, str]], tags: d
         median = statistics.median(times[v])
         time_ratio = median / statistics.median(times[first])
         ratios[name[v]] = time_ratio
-        common.emit({**tags, "kind": "ratio", "variant": name[v], "baseline": name[first],
-                     "step_s_median": median, "images_per_s": args.batch / median,
-                     "time_ratio": time_ratio, "speed_ratio": 1 / time_ratio, "paired_time_ratio_min": min(paired),
-                     "paired_time_ratio_max": max(paired), "rounds": args.steps,
-                     **prepared[v].compiled_memory})
-    headline = {**tags, "kind": "headline", "baseline": name[first], "time_ratios": ratios, **common.peak_memory(),
-                **common.device_info()}
+        common.emit(
+            {
+                **tags,
+                "kind": "ratio",
+                "variant": name[v],
+                "baseline": name[first],
+                "step_s_median": median,
+                "images_per_s": args.batch / median,
+                "time_ratio": time_ratio,
+                "speed_ratio": 1 / time_ratio,
+                "paired_time_ratio_min": min(paired),
+                "paired_time_ratio_max": max(paired),
+                "rounds": args.steps,
+                **prepared[v].compiled_memory,
+            }
+        )
+    headline = {
+        **tags,
+        "kind": "headline",
+        "baseline": name[first],
+        "time_ratios": ratios,
+        **common.peak_memory(),
+        **common.device_info(),
+    }
     common.emit(headline)
     return headline
 
@@ -145,13 +197,29 @@ def profile(prepared: common.Prepared, folder: str, iterations: int) -> None:
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark; returns the headline record."""
     args = parse(argv)
-    tags = {"bn_stats": args.bn_stats, "channel_sum": args.channel_sum, "winograd": args.winograd,
-            "layers": args.layers, "accumulation_steps": args.accumulation_steps, "threads": common.cpu_threads()}
+    tags = {
+        "bn_stats": args.bn_stats,
+        "channel_sum": args.channel_sum,
+        "winograd": args.winograd,
+        "layers": args.layers,
+        "accumulation_steps": args.accumulation_steps,
+        "threads": common.cpu_threads(),
+    }
     variants = list(itertools.product(args.remat, args.schedule))
     if len(variants) > 1:
-        return alternate(args, variants, {"bench": "train", "size": args.size, "batch": args.batch,
-                                          "dtype": args.dtype, "backbone": args.backbone, **tags})
-    (remat, schedule), = variants
+        return alternate(
+            args,
+            variants,
+            {
+                "bench": "train",
+                "size": args.size,
+                "batch": args.batch,
+                "dtype": args.dtype,
+                "backbone": args.backbone,
+                **tags,
+            },
+        )
+    ((remat, schedule),) = variants
     prepared = prepare(variant_config(args, remat, schedule), kernel_choice(args))
     model_flops = flops.train_iteration_flops(args.batch, size=args.size, **common.model_kwargs(args))
     headline = common.measure("train", prepared, args, model_flops, remat=remat, schedule=schedule, **tags)

@@ -17,7 +17,8 @@ bilinearly to the input size, so it lies in [0, 1].
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -63,8 +64,14 @@ def prepare(image: np.ndarray, size: int, mean: Sequence[float], std: Sequence[f
     return transforms.normalize(transforms.resize(image, size), mean, std)
 
 
-def target_score(logits: jax.Array, target: str, classes: jax.Array | None = None, *, finer_k: int = FINER_K,
-                 finer_alpha: float = FINER_ALPHA) -> jax.Array:
+def target_score(
+    logits: jax.Array,
+    target: str,
+    classes: jax.Array | None = None,
+    *,
+    finer_k: int = FINER_K,
+    finer_alpha: float = FINER_ALPHA,
+) -> jax.Array:
     """Per-image score (B,) whose gradient a map explains: a class's logit, the Finer-CAM contrast, or the seed's
     0.5 * sum_c z_c^2."""
     if target == "seed":
@@ -116,7 +123,8 @@ def _variables(variables: dict) -> dict:
 def perturbation_zeros(model: nn.Module, variables: dict, images: jax.Array) -> dict[str, jax.Array]:
     """Zero perturbations shaped for this very batch (via `jax.eval_shape`, nothing is computed)."""
     shapes = jax.eval_shape(
-        lambda v, x: model.apply(v, x, train=False, mutable=["perturbations"])[1]["perturbations"], variables, images)
+        lambda v, x: model.apply(v, x, train=False, mutable=["perturbations"])[1]["perturbations"], variables, images
+    )
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
@@ -150,10 +158,12 @@ def capture(
 
     def scores(perturbed: dict[str, jax.Array]):
         """Summed target score per requested head, with the logits and sown maps as aux."""
-        logits, state = model.apply({**variables, "perturbations": {**zeros, **perturbed}}, images, train=False,
-                                    mutable=["intermediates"])
-        per_head = jnp.stack([jnp.sum(target_score(logits[h], target, classes, finer_k=finer_k,
-                                                   finer_alpha=finer_alpha)) for h in heads])
+        logits, state = model.apply(
+            {**variables, "perturbations": {**zeros, **perturbed}}, images, train=False, mutable=["intermediates"]
+        )
+        per_head = jnp.stack(
+            [jnp.sum(target_score(logits[h], target, classes, finer_k=finer_k, finer_alpha=finer_alpha)) for h in heads]
+        )
         return per_head, (logits, state["intermediates"])
 
     jacobian, (logits, sown) = jax.jacrev(scores, has_aux=True)({name: zeros[name] for name in names})
@@ -269,8 +279,10 @@ def maps_from_capture(
     captured: Captured, method: str, maps: Sequence[str], size: tuple[int, int], concat: str = "seed"
 ) -> dict[str, jax.Array]:
     """Final maps at `size`; 'concat' is ReLU + normalise of the sum of the upsampled raw block maps."""
-    raw = {(name, head): raw_map(method, captured.acts[name], captured.grads.get((name, head)))
-           for name, head in requests_for(maps, concat)}
+    raw = {
+        (name, head): raw_map(method, captured.acts[name], captured.grads.get((name, head)))
+        for name, head in requests_for(maps, concat)
+    }
     out = {}
     for name in maps:
         if name == "concat":
@@ -281,11 +293,15 @@ def maps_from_capture(
     return out
 
 
-def check_options(maps: Sequence[str], method: str, target: str, concat: str, finer_k: int = FINER_K,
-                  finer_alpha: float = FINER_ALPHA) -> None:
+def check_options(
+    maps: Sequence[str], method: str, target: str, concat: str, finer_k: int = FINER_K, finer_alpha: float = FINER_ALPHA
+) -> None:
     """Raise ValueError for an unknown map, method, target kind or concat mode, or a Finer-CAM it cannot do."""
-    for value, allowed, what in ((method, METHODS, "method"), (target, TARGETS, "target"),
-                                 (concat, CONCAT_MODES, "concat mode")):
+    for value, allowed, what in (
+        (method, METHODS, "method"),
+        (target, TARGETS, "target"),
+        (concat, CONCAT_MODES, "concat mode"),
+    ):
         if value not in allowed:
             raise ValueError(f"unknown {what} {value!r}; expected one of {', '.join(allowed)}")
     unknown = [m for m in maps if m not in MAP_NAMES]
@@ -293,8 +309,10 @@ def check_options(maps: Sequence[str], method: str, target: str, concat: str, fi
         raise ValueError(f"maps must be a non-empty subset of {', '.join(MAP_NAMES)}; got {list(maps)}")
     if target == "finer":
         if not _METHODS[method].uses_gradients:
-            raise ValueError(f"target 'finer' needs a gradient method: {method} has no target class to contrast "
-                             f"(use one of {', '.join(m for m, v in _METHODS.items() if v.uses_gradients)})")
+            raise ValueError(
+                f"target 'finer' needs a gradient method: {method} has no target class to contrast "
+                f"(use one of {', '.join(m for m, v in _METHODS.items() if v.uses_gradients)})"
+            )
         if isinstance(finer_k, bool) or not isinstance(finer_k, (int, np.integer)) or finer_k < 1:
             raise ValueError(f"finer_k must be a positive number of similar classes, not {finer_k!r}")
         if not np.isfinite(finer_alpha):
@@ -326,8 +344,16 @@ def explain(
         logits, sown = forward(model, variables, images)
         captured = Captured({name: sown[name] for name, _ in requests_for(maps, concat)}, {}, logits)
     else:
-        captured = capture(model, variables, images, requests_for(maps, concat), target, classes, finer_k=finer_k,
-                           finer_alpha=finer_alpha)
+        captured = capture(
+            model,
+            variables,
+            images,
+            requests_for(maps, concat),
+            target,
+            classes,
+            finer_k=finer_k,
+            finer_alpha=finer_alpha,
+        )
     out = maps_from_capture(captured, method, maps, images.shape[1:3], concat)
     targets = jnp.stack([explained_class(z, target, classes) for z in captured.logits], axis=-1)
     return Explanation(out, captured.logits, targets)
@@ -345,5 +371,15 @@ def make_explainer(
 ) -> Callable[..., Explanation]:
     """`explain` jitted for fixed options: fn(variables, images, classes=None) -> Explanation."""
     check_options(maps, method, target, concat, finer_k, finer_alpha)
-    return xla_options.jit(functools.partial(explain, model, maps=tuple(maps), method=method, target=target,
-                                             concat=concat, finer_k=finer_k, finer_alpha=finer_alpha))
+    return xla_options.jit(
+        functools.partial(
+            explain,
+            model,
+            maps=tuple(maps),
+            method=method,
+            target=target,
+            concat=concat,
+            finer_k=finer_k,
+            finer_alpha=finer_alpha,
+        )
+    )

@@ -22,7 +22,6 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 from pmg_jax import config as config_lib
 from pmg_jax.errors import PMGError
 
-
 WHICH = ("latest", "best")  # the checkpoints of a run one can ask for
 
 
@@ -50,16 +49,21 @@ class Checkpoints:
         # best_step) and keeps / returns the *last* of them, so the highest score wins and, the sort
         # being stable over steps in order, a tie goes to the later step. best_fn also makes the
         # manager write each checkpoint's metrics, so a restarted or read-only manager still knows them.
-        policy = pp.AnyPreservationPolicy([
-            pp.LatestN(n=keep),
-            pp.BestN(get_metric_fn=_score, reverse=False, n=1, keep_checkpoints_without_metrics=False),
-        ])
+        policy = pp.AnyPreservationPolicy(
+            [
+                pp.LatestN(n=keep),
+                pp.BestN(get_metric_fn=_score, reverse=False, n=1, keep_checkpoints_without_metrics=False),
+            ]
+        )
         options = ocp.CheckpointManagerOptions(
-            preservation_policy=policy, best_fn=_score, best_mode="max", create=not read_only, read_only=read_only,
+            preservation_policy=policy,
+            best_fn=_score,
+            best_mode="max",
+            create=not read_only,
+            read_only=read_only,
             cleanup_tmp_directories=True,
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=("state", "meta", "config"))
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta", "config"))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -72,8 +76,9 @@ class Checkpoints:
         """Write asynchronously; `metric` (combined accuracy) ranks the checkpoint for 'best'."""
         self.manager.save(
             step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta),
-                                    config=ocp.args.JsonSave(config)),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta), config=ocp.args.JsonSave(config)
+            ),
             metrics=None if metric is None else {"combined": float(metric)},
             force=True,
         )
@@ -85,7 +90,8 @@ class Checkpoints:
             raise CheckpointNotFound(f"no checkpoint in {self.directory}")
         if abstract_state is not None and sharding is not None:
             abstract_state = jax.tree.map(
-                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract_state)
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract_state
+            )
         restored = self.manager.restore(
             step,
             args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()),
@@ -125,8 +131,9 @@ def find_run(path: str) -> str:
     runs = [os.path.dirname(d.rstrip("/")) for d in glob.glob(os.path.join(path, "*", "checkpoints/"))]
     runs = [r for r in runs if has_checkpoint(os.path.join(r, "checkpoints"))]
     if not runs:
-        raise CheckpointNotFound(f"{path}: no checkpoints found (expected {path}/checkpoints or "
-                                 f"{path}/<run>/checkpoints)")
+        raise CheckpointNotFound(
+            f"{path}: no checkpoints found (expected {path}/checkpoints or {path}/<run>/checkpoints)"
+        )
     return max(runs, key=lambda r: os.path.getmtime(os.path.join(r, "checkpoints")))
 
 

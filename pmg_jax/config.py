@@ -68,7 +68,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.concat_loss_weight = 2.0  # the concat pass trains on 2 x cross-entropy
     c.schedule = "progressive"  # progressive: 4 passes, 4 updates | joint: 4 inputs as one 4B batch, 1 update
     c.accumulation_steps = 1  # k micro-batches per update, gradients averaged; BN per micro-batch (k stat steps)
-    c.bn_stats = "all"  # all: every pass updates every BN's running stats (reference); used: only those feeding its loss (faster)
+    c.bn_stats = "all"  # all: every pass updates every BN's running stats (reference); used: those feeding its loss
     c.batch_size = 16  # global batch (all devices and hosts together)
     c.eval_batch_size = 16  # global eval batch; the last one is padded and masked
     c.num_epochs = 200  # epochs; also the period of the cosine schedule
@@ -92,12 +92,23 @@ def get_config() -> ml_collections.ConfigDict:
 DATASETS: dict[str, dict[str, object]] = {
     "cub": {"data_dir": "data/CUB_200_2011", "num_classes": 200, "data.workers": 8},  # extracted CUB_200_2011.tgz
     "cars": {"data_dir": "data/stanford_cars", "num_classes": 196, "data.workers": 8},
-    "aircraft": {"data_dir": "data/fgvc-aircraft-2013b", "num_classes": 100, "train_split": "trainval",
-                 "data.workers": 8},
+    "aircraft": {
+        "data_dir": "data/fgvc-aircraft-2013b",
+        "num_classes": 100,
+        "train_split": "trainval",
+        "data.workers": 8,
+    },
     "dogs": {"data_dir": "data/stanford_dogs", "num_classes": 120, "data.workers": 8},  # images, annotation, lists
     # the generated demo (no download): 8 classes at 112 px, cropped to 96 (divisible by 32 and by 8)
-    "demo": {"num_classes": 8, "demo_image_size": 112, "demo_train_size": 1024, "demo_test_size": 256,
-             "data.resize_size": 112, "data.crop_size": 96, "data.pad": 0},
+    "demo": {
+        "num_classes": 8,
+        "demo_image_size": 112,
+        "demo_train_size": 1024,
+        "demo_test_size": 256,
+        "data.resize_size": 112,
+        "data.crop_size": 96,
+        "data.pad": 0,
+    },
 }
 TFDS_DATASETS = ("cub", "cars", "dogs")  # those with a TFDS builder (FGVC-Aircraft has none)
 

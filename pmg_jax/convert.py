@@ -27,7 +27,8 @@ import pickle
 import types
 import warnings
 import zipfile
-from typing import Any, Mapping, NamedTuple, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -71,10 +72,10 @@ def canonical_name(name: str) -> str | None:
     """The reference-PMG spelling of a parameter name, or None for weights PMG does not use (a bare
     backbone's classifier, as its registry entry declares)."""
     while name.startswith("module."):
-        name = name[len("module."):]
+        name = name[len("module.") :]
     if not name.startswith(_PMG_ROOTS):
         name = f"{model_lib.BACKBONE}.{name}"  # a bare backbone (torchvision / timm)
-    inner = name[len(model_lib.BACKBONE) + 1:] if name.startswith(f"{model_lib.BACKBONE}.") else None
+    inner = name[len(model_lib.BACKBONE) + 1 :] if name.startswith(f"{model_lib.BACKBONE}.") else None
     if inner is not None and inner.startswith(_ignored_prefixes()):
         return None
     return name
@@ -121,8 +122,10 @@ def variables_from_torch(state_dict: Mapping[str, Any], target: Mapping | None =
 
 def check_against(flat: Mapping[tuple[str, ...], Any], target: Mapping) -> None:
     """Raise ConversionError naming missing, unexpected and wrongly shaped variables."""
-    want = {k: tuple(v.shape) for k, v in flatten_dict(
-        {c: target[c] for c in ("params", "batch_stats") if c in target}).items()}
+    want = {
+        k: tuple(v.shape)
+        for k, v in flatten_dict({c: target[c] for c in ("params", "batch_stats") if c in target}).items()
+    }
     have = {k: tuple(v.shape) for k, v in flat.items()}
     name = lambda k: "/".join(k)
     missing = sorted(name(k) for k in want.keys() - have.keys())
@@ -154,8 +157,9 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
 def _unreadable(path: str, kind: str, error: Exception) -> ConversionError:
     """One line naming the file and the reader's first sentence (truncated files give long reports)."""
     reason = (str(error).splitlines() or [""])[0].split(". ")[0]
-    return ConversionError(f"{path}: cannot read it as a {kind} file (truncated or corrupt?): "
-                           f"{type(error).__name__}: {reason}")
+    return ConversionError(
+        f"{path}: cannot read it as a {kind} file (truncated or corrupt?): {type(error).__name__}: {reason}"
+    )
 
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
@@ -179,8 +183,10 @@ def _read_torch(path: str) -> dict[str, np.ndarray]:
     try:
         import torch
     except ImportError as e:
-        raise ConversionError(f"{path}: reading PyTorch files needs torch (pip install torch); "
-                              ".safetensors and .npz files are read without it") from e
+        raise ConversionError(
+            f"{path}: reading PyTorch files needs torch (pip install torch); "
+            ".safetensors and .npz files are read without it"
+        ) from e
     try:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -273,7 +279,7 @@ def infer_architecture(state_dict: Mapping[str, Any]) -> Architecture:
     (each registered backbone's `infer` recognises its own)."""
     shapes = _canonical_shapes(state_dict)
     prefix = f"{model_lib.BACKBONE}."
-    inner = {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
+    inner = {k[len(prefix) :]: v for k, v in shapes.items() if k.startswith(prefix)}
     found = None
     try:
         for infer in dict.fromkeys(b.infer for b in backbones.REGISTRY.values() if b.infer):
@@ -282,8 +288,10 @@ def infer_architecture(state_dict: Mapping[str, Any]) -> Architecture:
         raise ConversionError(str(e)) from None
     if found is None:
         first = ", ".join(list(state_dict)[:3])
-        raise ConversionError(f"not a state dict of a known backbone or PMG (registered: "
-                              f"{', '.join(backbones.REGISTRY)}) among its {len(state_dict)} tensors (first: {first})")
+        raise ConversionError(
+            f"not a state dict of a known backbone or PMG (registered: "
+            f"{', '.join(backbones.REGISTRY)}) among its {len(state_dict)} tensors (first: {first})"
+        )
     block = shapes.get("conv_block1.0.conv.weight")
     return Architecture(
         backbone=found["name"],
@@ -329,8 +337,13 @@ def load_backbone(path: str, variables: Mapping) -> dict:
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def write_checkpoint(variables: Mapping, out_dir: str, config: ml_collections.ConfigDict,
-                     class_names: Sequence[str], source: str | None = None) -> str:
+def write_checkpoint(
+    variables: Mapping,
+    out_dir: str,
+    config: ml_collections.ConfigDict,
+    class_names: Sequence[str],
+    source: str | None = None,
+) -> str:
     """Write `variables` as step 0 of a new run in `out_dir`; returns the checkpoint directory.
 
     The run restores like a trained one (state, meta with class names, config), and its
@@ -355,8 +368,15 @@ def write_checkpoint(variables: Mapping, out_dir: str, config: ml_collections.Co
     try:
         if checkpoints.latest_step() is not None:
             raise FileExistsError(f"{out_dir} already holds a run; choose a new output directory")
-        meta = {"epoch": 0, "step": 0, "best": {"combined": -1.0, "epoch": -1}, "class_names": list(class_names),
-                "data_state": {"step": 0}, "eval": None, "converted_from": source}
+        meta = {
+            "epoch": 0,
+            "step": 0,
+            "best": {"combined": -1.0, "epoch": -1},
+            "class_names": list(class_names),
+            "data_state": {"step": 0},
+            "eval": None,
+            "converted_from": source,
+        }
         checkpoints.save(0, state, meta, config.to_dict())
         checkpoints.wait()
     finally:
@@ -394,9 +414,16 @@ class Converted(NamedTuple):
     class_names_origin: str
 
 
-def convert_to_run(src: str, out_dir: str, *, dataset: str | None = None, num_classes: int | None = None,
-                   backbone: str | None = None, feature_size: int | None = None,
-                   data_dir: str | None = None) -> Converted:
+def convert_to_run(
+    src: str,
+    out_dir: str,
+    *,
+    dataset: str | None = None,
+    num_classes: int | None = None,
+    backbone: str | None = None,
+    feature_size: int | None = None,
+    data_dir: str | None = None,
+) -> Converted:
     """Convert a PMG file into a run directory that explain.py and evaluation restore like a trained run.
 
     The architecture is read from the weights; `backbone`, `feature_size` and
@@ -406,15 +433,19 @@ def convert_to_run(src: str, out_dir: str, *, dataset: str | None = None, num_cl
     state_dict = load_state_dict(src)
     arch = infer_architecture(state_dict)
     if arch.num_classes is None:
-        raise ConversionError(f"{src} holds a bare {arch.backbone} backbone, not a PMG model: use it to initialise "
-                              f"training instead (--config.init.backbone={src})")
+        raise ConversionError(
+            f"{src} holds a bare {arch.backbone} backbone, not a PMG model: use it to initialise "
+            f"training instead (--config.init.backbone={src})"
+        )
     if num_classes is not None and num_classes != arch.num_classes:
         raise ConversionError(f"{num_classes} classes were asked for but the weights' heads have {arch.num_classes}")
     arch = dataclasses.replace(arch, backbone=backbone or arch.backbone, feature_size=feature_size or arch.feature_size)
     config = load_config(dataset)
     if dataset is not None and config.dataset.num_classes != arch.num_classes:
-        raise ConversionError(f"the weights' heads have {arch.num_classes} classes but the {dataset} preset has "
-                              f"{config.dataset.num_classes}: weights for another dataset?")
+        raise ConversionError(
+            f"the weights' heads have {arch.num_classes} classes but the {dataset} preset has "
+            f"{config.dataset.num_classes}: weights for another dataset?"
+        )
     config.dataset.num_classes = arch.num_classes
     if data_dir is not None:
         config.dataset.data_dir = data_dir
@@ -434,20 +465,32 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pmg_jax.convert", description=__doc__.split("\n")[0])
     parser.add_argument("src", help="model.pth (state dict or whole pickled model), .safetensors or .npz")
     parser.add_argument("--out", required=True, help="new run directory to write (e.g. runs/pmg_cub)")
-    parser.add_argument("--dataset", help=f"dataset preset for the config and class names: {', '.join(config_lib.DATASETS)} (default: none)")
+    parser.add_argument(
+        "--dataset",
+        help=f"dataset preset for the config and class names: {', '.join(config_lib.DATASETS)} (default: none)",
+    )
     parser.add_argument("--data-dir", help="where the dataset lives, to read its class names")
     parser.add_argument("--num-classes", type=int, help="expected classes (default: read from the heads)")
     parser.add_argument("--backbone", help="expected backbone, e.g. resnet50 (default: read from the weights)")
     parser.add_argument("--feature-size", type=int, help="expected block feature size (default: from the weights)")
     args = parser.parse_args(argv)
     try:
-        done = convert_to_run(args.src, args.out, dataset=args.dataset, num_classes=args.num_classes,
-                              backbone=args.backbone, feature_size=args.feature_size, data_dir=args.data_dir)
+        done = convert_to_run(
+            args.src,
+            args.out,
+            dataset=args.dataset,
+            num_classes=args.num_classes,
+            backbone=args.backbone,
+            feature_size=args.feature_size,
+            data_dir=args.data_dir,
+        )
     except (ConversionError, OSError) as e:
         raise SystemExit(f"pmg_jax.convert: error: {e}") from None
     a = done.architecture
-    print(f"converted {args.src}: PMG {a.backbone} (width {a.width}, feature size {a.feature_size}, "
-          f"{a.num_classes} classes) -> {done.checkpoint_dir}")
+    print(
+        f"converted {args.src}: PMG {a.backbone} (width {a.width}, feature size {a.feature_size}, "
+        f"{a.num_classes} classes) -> {done.checkpoint_dir}"
+    )
     print(f"class names: {done.class_names_origin}")
     print(f"use it with: python explain.py --ckpt {args.out}")
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -24,7 +24,6 @@ from pmg_jax import cam, localization, parts, report, viz
 from pmg_jax import model as model_lib
 from pmg_jax.data import decode, pipeline, sources
 from pmg_jax.state import Restored, transform_spec
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,8 +119,9 @@ def _batches(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
         yield batch
 
 
-def _titles(result: Explained, maps: dict[str, np.ndarray], class_names: Sequence[str],
-            concat: str = "seed") -> dict[str, list[str]]:
+def _titles(
+    result: Explained, maps: dict[str, np.ndarray], class_names: Sequence[str], concat: str = "seed"
+) -> dict[str, list[str]]:
     """Grid titles: the image (and its true class), then each map with its head's top class; an all-zero map
     says so (the head saw no positive evidence at that map), rather than showing a silent flat panel. With
     Finer-CAM contrasts, a third line names the classes the map is contrasted with."""
@@ -139,29 +139,43 @@ def _titles(result: Explained, maps: dict[str, np.ndarray], class_names: Sequenc
         titles[name] = [f"{viz.map_label(name)} ({head})", second]
         if result.contrasts:
             seed_sum = name == "concat" and concat == "seed"  # the block maps' sum: each has its own contrast
-            titles[name].append("vs each block's nearest" if seed_sum else
-                                "vs " + ", ".join(class_names[c] for c in result.contrasts[head]))
+            titles[name].append(
+                "vs each block's nearest"
+                if seed_sum
+                else "vs " + ", ".join(class_names[c] for c in result.contrasts[head])
+            )
     return titles
 
 
-def write_grid(folder: str, result: Explained, method: str, class_names: Sequence[str], *, concat: str = "seed",
-               save_npy: bool = False, caption: Sequence[str] = ()) -> str:
+def write_grid(
+    folder: str,
+    result: Explained,
+    method: str,
+    class_names: Sequence[str],
+    *,
+    concat: str = "seed",
+    save_npy: bool = False,
+    caption: Sequence[str] = (),
+) -> str:
     """Write one image's overlays and titled grid of one method into `folder`; returns the grid's path (also
     recorded in result.grids). The caption (stored in the grid) defaults to its origin and heads' top classes."""
     os.makedirs(folder, exist_ok=True)
     top = {h: result.top(h, 1, class_names)[0] for h in model_lib.HEADS}
     caption = caption or [result.item.origin, *(f"{h}: {n} {100 * q:.1f}%" for h, (n, q) in top.items())]
     maps = result.maps[method]
-    grid = viz.save_explanation(folder, result.item.tag, result.item.image, maps,
-                                _titles(result, maps, class_names, concat), save_npy, caption)
+    grid = viz.save_explanation(
+        folder, result.item.tag, result.item.image, maps, _titles(result, maps, class_names, concat), save_npy, caption
+    )
     result.grids[method] = os.path.join(folder, grid)
     return result.grids[method]
 
 
 def contrasts(logits: Sequence[np.ndarray], targets: np.ndarray, k: int = cam.FINER_K) -> list[dict[str, tuple]]:
     """Per image, by head: the classes Finer-CAM contrasts that head's explained class (`targets` (B, 4)) with."""
-    similar = {h: np.asarray(cam.similar_classes(np.asarray(z), np.asarray(targets[:, i]), k))
-               for i, (h, z) in enumerate(zip(model_lib.HEADS, logits, strict=True))}
+    similar = {
+        h: np.asarray(cam.similar_classes(np.asarray(z), np.asarray(targets[:, i]), k))
+        for i, (h, z) in enumerate(zip(model_lib.HEADS, logits, strict=True))
+    }
     return [{h: tuple(int(c) for c in s[b]) for h, s in similar.items()} for b in range(len(targets))]
 
 
@@ -189,26 +203,32 @@ def explain(
         raise ValueError(f"class target {class_id}: the model has {len(restored.class_names)} classes")
     maps = tuple(n for n in cam.MAP_NAMES if n in maps)
     config, names = restored.config, restored.class_names
-    explainers = {m: cam.make_explainer(restored.model, maps, m, target, concat, finer_k=finer_k,
-                                        finer_alpha=finer_alpha) for m in methods}
-    outs = {m: None if out_dir is None else out_dir if len(methods) == 1 else os.path.join(out_dir, m)
-            for m in methods}
+    explainers = {
+        m: cam.make_explainer(restored.model, maps, m, target, concat, finer_k=finer_k, finer_alpha=finer_alpha)
+        for m in methods
+    }
+    outs = {m: None if out_dir is None else out_dir if len(methods) == 1 else os.path.join(out_dir, m) for m in methods}
     size, mean, std = config.data.crop_size, tuple(config.data.mean), tuple(config.data.std)
     # Only a class target takes classes: for 'finer' they would replace each head's prediction.
     classes = np.full(batch_size, class_id, np.int32) if target == "class" else None
     results = []
     for batch in _batches(items, batch_size):
         x = np.zeros((batch_size, size, size, 3), np.float32)  # padded: one compiled shape
-        x[:len(batch)] = [cam.prepare(item.image, size, mean, std) for item in batch]
-        per_method = {m: jax.device_get(explainer(restored.variables, x, classes))
-                      for m, explainer in explainers.items()}
+        x[: len(batch)] = [cam.prepare(item.image, size, mean, std) for item in batch]
+        per_method = {
+            m: jax.device_get(explainer(restored.variables, x, classes)) for m, explainer in explainers.items()
+        }
         first = per_method[methods[0]]
         probs = {h: np.asarray(jax.nn.softmax(z)) for h, z in zip(model_lib.HEADS, first.logits)}
         contrasted = contrasts(first.logits, first.targets, finer_k) if target == "finer" else None
         for i, item in enumerate(batch):
-            result = Explained(item, {m: {n: np.asarray(out.maps[n][i]) for n in maps} for m, out in
-                                      per_method.items()}, {h: p[i] for h, p in probs.items()}, {},
-                               contrasted[i] if contrasted else {})
+            result = Explained(
+                item,
+                {m: {n: np.asarray(out.maps[n][i]) for n in maps} for m, out in per_method.items()},
+                {h: p[i] for h, p in probs.items()},
+                {},
+                contrasted[i] if contrasted else {},
+            )
             for method, folder in outs.items():
                 if folder is not None:
                     write_grid(folder, result, method, names, concat=concat, save_npy=save_npy)
@@ -265,8 +285,17 @@ class _Gatherer:
     """Called with every batch's maps during localization.evaluate's pass: keeps each map's part attribution
     and, by method, a running top `keep_top` of the images whose blocks disagree most."""
 
-    def __init__(self, restored: Restored, source: pipeline.Source, split: str, layout: pipeline.Layout,
-                 maps: Sequence[str], keep_top: int, target: str, finer_k: int):
+    def __init__(
+        self,
+        restored: Restored,
+        source: pipeline.Source,
+        split: str,
+        layout: pipeline.Layout,
+        maps: Sequence[str],
+        keep_top: int,
+        target: str,
+        finer_k: int,
+    ):
         self.restored, self.source, self.split, self.layout, self.maps = restored, source, split, layout, maps
         self.part_names = pipeline.part_names(source)
         self.blocks = tuple(b for b in model_lib.BLOCKS if b in maps)
@@ -289,8 +318,9 @@ class _Gatherer:
         if self.keep_top:
             self._rank(method, out, batch, keep, number, report.disagreement(maps, self.blocks))
 
-    def _rank(self, method: str, out: cam.Explanation, batch: dict, keep: np.ndarray, number: int,
-              scores: np.ndarray) -> None:
+    def _rank(
+        self, method: str, out: cam.Explanation, batch: dict, keep: np.ndarray, number: int, scores: np.ndarray
+    ) -> None:
         """Merge this batch's images into the method's top list (earlier images first among equal scores)."""
         top = self.top.setdefault(method, [])
         merged = np.concatenate([[score for score, _ in top], scores])
@@ -300,8 +330,9 @@ class _Gatherer:
         made = dict(zip(new, self._explained(method, out, batch, slots[new], number), strict=True)) if new else {}
         self.top[method] = [top[i] if i < len(top) else (float(merged[i]), made[int(i) - len(top)]) for i in chosen]
 
-    def _explained(self, method: str, out: cam.Explanation, batch: dict, slots: np.ndarray,
-                   number: int) -> list[Explained]:
+    def _explained(
+        self, method: str, out: cam.Explanation, batch: dict, slots: np.ndarray, number: int
+    ) -> list[Explained]:
         """The images in `slots` of a batch as Explained results of `method` (their crops, maps, probabilities)."""
         config = self.restored.config
         pictures = _display(np.asarray(batch["image"]), config.data.mean, config.data.std)
@@ -310,11 +341,21 @@ class _Gatherer:
         results = []
         for slot in slots:
             index = self.layout.global_position(number, int(slot))
-            item = Item(f"{self.split}_{index:05d}", _origin(self.source[index], config, self.split, index),
-                        pictures[slot].copy(), int(batch["label"][slot]))
-            results.append(Explained(item, {method: {n: np.asarray(out.maps[n][slot]) for n in self.maps}},
-                                     {h: p[slot] for h, p in zip(model_lib.HEADS, probabilities, strict=True)}, {},
-                                     contrasted[slot] if contrasted else {}))
+            item = Item(
+                f"{self.split}_{index:05d}",
+                _origin(self.source[index], config, self.split, index),
+                pictures[slot].copy(),
+                int(batch["label"][slot]),
+            )
+            results.append(
+                Explained(
+                    item,
+                    {method: {n: np.asarray(out.maps[n][slot]) for n in self.maps}},
+                    {h: p[slot] for h, p in zip(model_lib.HEADS, probabilities, strict=True)},
+                    {},
+                    contrasted[slot] if contrasted else {},
+                )
+            )
         return results
 
     def part_tables(self, size: tuple[int, int]) -> dict[str, dict] | None:
@@ -323,9 +364,16 @@ class _Gatherer:
             return None
         all_parts, labels = np.concatenate(self.parts), np.concatenate(self.labels)
         baseline = parts.uniform_baseline(all_parts, size)
-        return {method: parts.tables({name: parts.concatenate(a) for name, a in per_map.items()}, baseline,
-                                     self.part_names, labels=labels, class_names=self.restored.class_names)
-                for method, per_map in self.attributions.items()}
+        return {
+            method: parts.tables(
+                {name: parts.concatenate(a) for name, a in per_map.items()},
+                baseline,
+                self.part_names,
+                labels=labels,
+                class_names=self.restored.class_names,
+            )
+            for method, per_map in self.attributions.items()
+        }
 
 
 def evaluate(
@@ -350,8 +398,9 @@ def evaluate(
     source = sources.make_source(restored.config, split)
     boxes, part_names = has_boxes(source), pipeline.part_names(source)
     if not boxes and not part_names:
-        raise ValueError(f"split {split!r} of {restored.config.dataset.name} has no boxes or part annotations to "
-                         "evaluate against")
+        raise ValueError(
+            f"split {split!r} of {restored.config.dataset.name} has no boxes or part annotations to evaluate against"
+        )
     if max_images:
         source = _Prefix(source, max_images)
     spec, layout = transform_spec(restored.config), pipeline.host_layout(batch_size)
@@ -359,14 +408,27 @@ def evaluate(
     maps = tuple(n for n in cam.MAP_NAMES if n in maps)
     gather = _Gatherer(restored, source, split, layout, maps, report_images, target, finer_k)
     with batches:
-        located = localization.evaluate(restored.model, restored.variables, batches, spec, maps=maps,
-                                        methods=methods, target=target, concat=concat, auc_steps=auc_steps,
-                                        progress=progress, finer_k=finer_k, finer_alpha=finer_alpha, on_maps=gather)
+        located = localization.evaluate(
+            restored.model,
+            restored.variables,
+            batches,
+            spec,
+            maps=maps,
+            methods=methods,
+            target=target,
+            concat=concat,
+            auc_steps=auc_steps,
+            progress=progress,
+            finer_k=finer_k,
+            finer_alpha=finer_alpha,
+            on_maps=gather,
+        )
     return Evaluation(split, located, gather.part_tables((spec.crop_size, spec.crop_size)), gather.top)
 
 
-def write_report(evaluation: Evaluation, restored: Restored, out_dir: str, *, concat: str = "seed",
-                 title: str = "") -> list[str]:
+def write_report(
+    evaluation: Evaluation, restored: Restored, out_dir: str, *, concat: str = "seed", title: str = ""
+) -> list[str]:
     """report.html of an evaluation in `out_dir` (in <out_dir>/<method>/ for each of several methods), with the
     most disagreeing images' grids in its report_images/ subfolder; returns the reports' paths."""
     located = evaluation.localization
@@ -374,12 +436,28 @@ def write_report(evaluation: Evaluation, restored: Restored, out_dir: str, *, co
     paths = []
     for method in methods:
         folder = out_dir if len(methods) == 1 else os.path.join(out_dir, method)
-        grids = [(write_grid(os.path.join(folder, "report_images"), result, method, restored.class_names,
-                             concat=concat, caption=[result.item.origin, f"disagreement {score:.3f}"]),
-                  f"{result.item.origin}: disagreement {score:.3f}")
-                 for score, result in evaluation.disagreeing.get(method, [])]
+        grids = [
+            (
+                write_grid(
+                    os.path.join(folder, "report_images"),
+                    result,
+                    method,
+                    restored.class_names,
+                    concat=concat,
+                    caption=[result.item.origin, f"disagreement {score:.3f}"],
+                ),
+                f"{result.item.origin}: disagreement {score:.3f}",
+            )
+            for score, result in evaluation.disagreeing.get(method, [])
+        ]
         one = {**located, "results": {method: located["results"][method]}} if located["results"] else None
-        paths.append(report.write_report(
-            os.path.join(folder, "report.html"), one, evaluation.parts[method] if evaluation.parts else None, grids,
-            title=f"{method} on {restored.config.dataset.name} {evaluation.split}{title}"))
+        paths.append(
+            report.write_report(
+                os.path.join(folder, "report.html"),
+                one,
+                evaluation.parts[method] if evaluation.parts else None,
+                grids,
+                title=f"{method} on {restored.config.dataset.name} {evaluation.split}{title}",
+            )
+        )
     return paths

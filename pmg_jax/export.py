@@ -17,7 +17,8 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +37,7 @@ PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 
 
 PROG = "pmg_jax.export"  # how its messages start (run as python -m pmg_jax.export)
+
 
 class ExportError(PMGError, RuntimeError):
     """An export that cannot be done as asked (e.g. a missing converter); the message is one line."""
@@ -75,7 +77,8 @@ def _input_spec(restored: Restored) -> jax.ShapeDtypeStruct:
 def stablehlo(restored: Restored) -> jax.export.Exported:
     """The inference function exported by jax.export with a symbolic batch, for PLATFORMS."""
     return jax.export.export(jax.jit(_portable(inference_function(restored))), platforms=PLATFORMS)(
-        _input_spec(restored))
+        _input_spec(restored)
+    )
 
 
 def onnx_model(restored: Restored, path: str | None = None) -> Any:
@@ -85,9 +88,15 @@ def onnx_model(restored: Restored, path: str | None = None) -> Any:
     except ImportError as e:
         raise ExportError(f"ONNX export needs jax2onnx ({e}): pip install 'pmg_jax[onnx]'") from None
     with contextlib.redirect_stdout(sys.stderr):  # the converter's progress lines are not our output
-        return to_onnx(_portable(inference_function(restored)), [_input_spec(restored)], model_name="pmg",
-                       input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
-                       return_mode="proto" if path is None else "file", output_path=path)
+        return to_onnx(
+            _portable(inference_function(restored)),
+            [_input_spec(restored)],
+            model_name="pmg",
+            input_names=[INPUT_NAME],
+            output_names=list(OUTPUT_NAMES),
+            return_mode="proto" if path is None else "file",
+            output_path=path,
+        )
 
 
 def model_card(restored: Restored, fmt: str, files: Sequence[str]) -> dict:
@@ -103,12 +112,25 @@ def model_card(restored: Restored, fmt: str, files: Sequence[str]) -> dict:
         "crop_size": crop,
         "mean": [float(m) for m in d.mean],
         "std": [float(s) for s in d.std],
-        "input": {"name": INPUT_NAME, "layout": "NHWC", "dtype": "uint8", "shape": ["batch", crop, crop, 3],
-                  "channels": "RGB"},
-        "outputs": [{"name": "probabilities", "dtype": "float32", "shape": ["batch", n],
-                     "meaning": "softmax of the sum of the four heads' logits (the combined prediction)"}]
-        + [{"name": h, "dtype": "float32", "shape": ["batch", n], "meaning": f"logits of {h}"}
-           for h in OUTPUT_NAMES[1:]],
+        "input": {
+            "name": INPUT_NAME,
+            "layout": "NHWC",
+            "dtype": "uint8",
+            "shape": ["batch", crop, crop, 3],
+            "channels": "RGB",
+        },
+        "outputs": [
+            {
+                "name": "probabilities",
+                "dtype": "float32",
+                "shape": ["batch", n],
+                "meaning": "softmax of the sum of the four heads' logits (the combined prediction)",
+            }
+        ]
+        + [
+            {"name": h, "dtype": "float32", "shape": ["batch", n], "meaning": f"logits of {h}"}
+            for h in OUTPUT_NAMES[1:]
+        ],
         "preprocessing": {
             "done_by": "the caller: the model takes crops and normalises them itself",
             "steps": [
@@ -123,9 +145,12 @@ def model_card(restored: Restored, fmt: str, files: Sequence[str]) -> dict:
             "inside_the_model": f"x / 255, minus mean {list(d.mean)}, divided by std {list(d.std)}",
         },
         "compute_dtype": "float32",
-        "source": {"run": restored.run, "step": restored.step,
-                   "checkpoint": os.path.join(restored.run, "checkpoints", str(restored.step)),
-                   "backbone": restored.config.model.backbone},
+        "source": {
+            "run": restored.run,
+            "step": restored.step,
+            "checkpoint": os.path.join(restored.run, "checkpoints", str(restored.step)),
+            "backbone": restored.config.model.backbone,
+        },
     }
 
 
@@ -150,14 +175,16 @@ def export(restored: Restored, fmt: str, out_dir: str) -> str:
 def max_relative_difference(ours: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> float:
     """max |ours - reference| over all the arrays, relative to the largest |reference| (their scale)."""
     scale = max(float(np.max(np.abs(r))) for r in reference)
-    return max(float(np.max(np.abs(np.asarray(o, np.float64) - np.asarray(r, np.float64))))
-               for o, r in zip(ours, reference)) / max(scale, np.finfo(np.float32).tiny)
+    return max(
+        float(np.max(np.abs(np.asarray(o, np.float64) - np.asarray(r, np.float64)))) for o, r in zip(ours, reference)
+    ) / max(scale, np.finfo(np.float32).tiny)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; returns the exit status."""
-    p = argparse.ArgumentParser(prog="python -m pmg_jax.export", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m pmg_jax.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--ckpt", required=True, help="run dir, folder of runs (the newest), or checkpoint step dir")
     p.add_argument("--checkpoint", choices=("latest", "best"), default="latest", help="which checkpoint of a run")
     p.add_argument("--format", required=True, choices=tuple(FORMATS), help="stablehlo (jax.export) or onnx")
@@ -170,8 +197,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PMGError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
-    print(f"exported {restored.run} step {restored.step} as {args.format} -> {path} (and model.json); the caller "
-          f"resizes to {restored.config.data.resize_size} and centre-crops {restored.config.data.crop_size}")
+    print(
+        f"exported {restored.run} step {restored.step} as {args.format} -> {path} (and model.json); the caller "
+        f"resizes to {restored.config.data.resize_size} and centre-crops {restored.config.data.crop_size}"
+    )
     return 0
 
 

@@ -19,7 +19,7 @@ import contextvars
 import dataclasses
 import functools
 import math
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import flax.linen as nn
 import jax
@@ -38,8 +38,11 @@ class Kernels:
     gradients: str = "custom"  # custom: the hand-written gradients | autodiff: JAX's own
 
     def __post_init__(self):
-        for field, allowed in (("winograd", ("auto", "off")), ("channel_sum", ("auto", "gemv", "reduce")),
-                               ("gradients", ("custom", "autodiff"))):
+        for field, allowed in (
+            ("winograd", ("auto", "off")),
+            ("channel_sum", ("auto", "gemv", "reduce")),
+            ("gradients", ("custom", "autodiff")),
+        ):
             if getattr(self, field) not in allowed:
                 raise ValueError(f"kernels {field} must be one of {allowed}, got {getattr(self, field)!r}")
 
@@ -105,7 +108,8 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: int = 1, padding: int = 0) 
 def _direct_conv(x: jax.Array, kernel: jax.Array, strides: int, padding: int) -> jax.Array:
     p = padding
     return jax.lax.conv_general_dilated(
-        x, kernel,
+        x,
+        kernel,
         window_strides=(strides, strides),
         padding=((p, p), (p, p)),
         dimension_numbers=("NHWC", "HWIO", "NHWC"),
@@ -119,22 +123,29 @@ def _direct_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
 # Winograd's minimal filtering F(4x4, 3x3) (Lavin and Gray, "Fast Algorithms for Convolutional
 # Neural Networks", 2016), from the interpolation points 0, 1, -1, 2, -2 and infinity:
 # a 4x4 output tile is A^T [(G g G^T) * (B^T d B)] A for a 6x6 input tile d and 3x3 filter g.
-_WINO_BT = np.array([[4, 0, -5, 0, 1, 0],
-                     [0, -4, -4, 1, 1, 0],
-                     [0, 4, -4, -1, 1, 0],
-                     [0, -2, -1, 2, 1, 0],
-                     [0, 2, -1, -2, 1, 0],
-                     [0, 4, 0, -5, 0, 1]], np.float64)
-_WINO_G = np.array([[1 / 4, 0, 0],
-                    [-1 / 6, -1 / 6, -1 / 6],
-                    [-1 / 6, 1 / 6, -1 / 6],
-                    [1 / 24, 1 / 12, 1 / 6],
-                    [1 / 24, -1 / 12, 1 / 6],
-                    [0, 0, 1]], np.float64)
-_WINO_AT = np.array([[1, 1, 1, 1, 1, 0],
-                     [0, 1, -1, 2, -2, 0],
-                     [0, 1, 1, 4, 4, 0],
-                     [0, 1, -1, 8, -8, 1]], np.float64)
+_WINO_BT = np.array(
+    [
+        [4, 0, -5, 0, 1, 0],
+        [0, -4, -4, 1, 1, 0],
+        [0, 4, -4, -1, 1, 0],
+        [0, -2, -1, 2, 1, 0],
+        [0, 2, -1, -2, 1, 0],
+        [0, 4, 0, -5, 0, 1],
+    ],
+    np.float64,
+)
+_WINO_G = np.array(
+    [
+        [1 / 4, 0, 0],
+        [-1 / 6, -1 / 6, -1 / 6],
+        [-1 / 6, 1 / 6, -1 / 6],
+        [1 / 24, 1 / 12, 1 / 6],
+        [1 / 24, -1 / 12, 1 / 6],
+        [0, 0, 1],
+    ],
+    np.float64,
+)
+_WINO_AT = np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]], np.float64)
 _WINO_OUT, _WINO_TILE = _WINO_AT.shape
 
 # Where `winograd_conv3x3` beats XLA:CPU's Eigen convolution (bench/RESULTS.md, "Speed work"):
@@ -148,9 +159,14 @@ WINOGRAD_MIN_PIXELS = 3136  # 4 x 28 x 28
 def use_winograd(x_shape, kernel_shape, strides: int, padding: int, dtype) -> bool:
     """Whether `conv2d` computes this convolution with `winograd_conv3x3` on CPU."""
     n, h, w, c = x_shape
-    return (tuple(kernel_shape[:2]) == (3, 3) and strides == 1 and padding == 1
-            and jnp.dtype(dtype) == jnp.float32
-            and min(c, kernel_shape[3]) >= WINOGRAD_MIN_CHANNELS and n * h * w >= WINOGRAD_MIN_PIXELS)
+    return (
+        tuple(kernel_shape[:2]) == (3, 3)
+        and strides == 1
+        and padding == 1
+        and jnp.dtype(dtype) == jnp.float32
+        and min(c, kernel_shape[3]) >= WINOGRAD_MIN_CHANNELS
+        and n * h * w >= WINOGRAD_MIN_PIXELS
+    )
 
 
 def _combine(coefficients, parts):
@@ -172,8 +188,9 @@ def _tiles_along(x: jax.Array, axis: int, count: int):
 def winograd_kernel(kernel: jax.Array) -> jax.Array:
     """G g G^T of a (3, 3, C, K) kernel: the (6, 6, C, K) filters in the Winograd domain."""
     rows = [_combine(_WINO_G[a], [kernel[i] for i in range(3)]) for a in range(_WINO_TILE)]
-    return jnp.stack([jnp.stack([_combine(_WINO_G[b], [r[j] for j in range(3)]) for b in range(_WINO_TILE)])
-                      for r in rows])
+    return jnp.stack(
+        [jnp.stack([_combine(_WINO_G[b], [r[j] for j in range(3)]) for b in range(_WINO_TILE)]) for r in rows]
+    )
 
 
 @jax.custom_vjp
@@ -401,9 +418,14 @@ def _pool_taps(x: jax.Array, window: int, strides: int, padding: int):
     taps = []
     for i in range(window):
         for j in range(window):
-            taps.append(jax.lax.slice(
-                xp, (0, i, j, 0), (xp.shape[0], i + (ho - 1) * s + 1, j + (wo - 1) * s + 1, xp.shape[3]),
-                (1, s, s, 1)))
+            taps.append(
+                jax.lax.slice(
+                    xp,
+                    (0, i, j, 0),
+                    (xp.shape[0], i + (ho - 1) * s + 1, j + (wo - 1) * s + 1, xp.shape[3]),
+                    (1, s, s, 1),
+                )
+            )
     return taps
 
 
@@ -444,10 +466,15 @@ def _max_pool_bwd(window, strides, padding, res, g):
         first = (tap == out) & ~taken
         taken = taken | first
         # place the output-grid values back on the padded input grid, then crop the padding
-        part = _onto_grid(jnp.where(first, g, jnp.zeros((), g.dtype)), x.shape[1] + 2 * p, x.shape[2] + 2 * p,
-                          divmod(t, window), strides)
+        part = _onto_grid(
+            jnp.where(first, g, jnp.zeros((), g.dtype)),
+            x.shape[1] + 2 * p,
+            x.shape[2] + 2 * p,
+            divmod(t, window),
+            strides,
+        )
         dx = part if dx is None else dx + part
-    return (dx[:, p:p + x.shape[1], p:p + x.shape[2], :],)
+    return (dx[:, p : p + x.shape[1], p : p + x.shape[2], :],)
 
 
 _max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)

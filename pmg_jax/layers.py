@@ -7,7 +7,8 @@ plain XLA (`kernels.use`); the values are PyTorch's either way."""
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -129,7 +130,8 @@ class BatchNorm(nn.Module):
             raise ValueError(f"BatchNorm group_stats must be one of {GROUP_STATS}, got {self.group_stats!r}")
         groups = x.reshape(b // g, g, *x.shape[1:])
         y, mean, var = jax.vmap(
-            lambda xg: kernels.batch_norm_train(xg, scale, bias, self.epsilon, jnp.dtype(self.dtype)))(groups)
+            lambda xg: kernels.batch_norm_train(xg, scale, bias, self.epsilon, jnp.dtype(self.dtype))
+        )(groups)
         n = math.prod(groups.shape[1:-1])
         unbiased = var * (n / max(n - 1, 1))
         if self.group_stats == "first":

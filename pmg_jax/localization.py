@@ -15,7 +15,8 @@ Boxes are half-open pixel boxes [x0, y0, x1, y1], like the datasets'.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import cv2
 import flax.linen as nn
@@ -187,8 +188,9 @@ def evaluate(
     more from the same pass (parts, disagreement); batches without 'box' skip the box metrics, and then
     'centre_pointing' and 'results' are None.
     """
-    explainers = {m: cam.make_explainer(model, maps, m, target, concat, finer_k=finer_k, finer_alpha=finer_alpha)
-                  for m in methods}
+    explainers = {
+        m: cam.make_explainer(model, maps, m, target, concat, finer_k=finer_k, finer_alpha=finer_alpha) for m in methods
+    }
     curves = xla_options.jit(functools.partial(deletion_insertion, model, steps=auc_steps))
     records = {(m, name): {} for m in methods for name in maps}
     centre, count = [], 0
@@ -242,8 +244,10 @@ def format_tables(report: dict, title: str = "") -> str:
     header = ["map", *METRICS]
     lines = []
     for method, per_map in report["results"].items():
-        lines.append(f"{method}{title}: {report['count']} images; pointing game of a centre guess "
-                     f"{100 * report['centre_pointing']:.1f}%; Deletion lower is better, Insertion higher")
+        lines.append(
+            f"{method}{title}: {report['count']} images; pointing game of a centre guess "
+            f"{100 * report['centre_pointing']:.1f}%; Deletion lower is better, Insertion higher"
+        )
         rows = [[name, *(_cell(k, v) for k, v in metrics.items())] for name, metrics in per_map.items()]
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
         for r in [header, *rows]:

@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from pmg_jax import checkpoint as ckpt_lib
-from pmg_jax import optim, parallel, state as state_lib, steps, validate
+from pmg_jax import optim, parallel, steps, validate
+from pmg_jax import state as state_lib
 from pmg_jax.data import pipeline, slots, sources
 from pmg_jax.errors import PMGError
 from pmg_jax.state import TrainState
@@ -34,7 +35,7 @@ class MetricsLog:
             return
         from tensorboardX import SummaryWriter
 
-        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115 (open for the run; close())
         self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, kind: str, values: dict[str, Any]) -> None:
@@ -60,7 +61,7 @@ class Stop:
         self.signal: int | None = None
         self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> "Stop":
+    def __enter__(self) -> Stop:
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 self._previous[sig] = signal.signal(sig, self._note)
@@ -101,7 +102,8 @@ class FiniteGuard:
             raise NonFiniteError(
                 f"non-finite loss or gradient at iteration {step} in the pass for "
                 f"{steps.pass_name(bad, self.schedule)}; the step "
-                f"was not applied, the latest checkpoint in {self.checkpoints.directory} is the last good one")
+                f"was not applied, the latest checkpoint in {self.checkpoints.directory} is the last good one"
+            )
 
 
 def initial_variables(config: ml_collections.ConfigDict, state: TrainState) -> dict:
@@ -125,11 +127,16 @@ def evaluate_only(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
     path = config.init.checkpoint or workdir
     variables = state_lib.load_variables(path, config, config.init.which)
     rep, data_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-    state = jax.device_put(TrainState(step=jnp.zeros((), jnp.int32), opt_state=None, rng=jax.random.PRNGKey(0),
-                                      **variables), rep)
+    state = jax.device_put(
+        TrainState(step=jnp.zeros((), jnp.int32), opt_state=None, rng=jax.random.PRNGKey(0), **variables), rep
+    )
     _, eval_step = steps.compile_steps(model, None, config, mesh)
-    _, it = pipeline.eval_batches(test_src, state_lib.transform_spec(config),
-                                  pipeline.host_layout(config.eval_batch_size), workers=config.data.workers)
+    _, it = pipeline.eval_batches(
+        test_src,
+        state_lib.transform_spec(config),
+        pipeline.host_layout(config.eval_batch_size),
+        workers=config.data.workers,
+    )
     result = steps.evaluate(eval_step, state, it, data_sharding)
     print(steps.format_eval_table(f"eval of {path}", result))
     return result
@@ -154,7 +161,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     slots.check_room(
         pipeline.shared_memory_bytes(spec, pipeline.host_layout(config.batch_size), workers, config.data.prefetch)
         + pipeline.shared_memory_bytes(spec, pipeline.host_layout(config.eval_batch_size), workers, EVAL_PREFETCH),
-        f"the input pipeline's batch buffers for {workers} workers")
+        f"the input pipeline's batch buffers for {workers} workers",
+    )
     train_src = sources.make_source(config, "train")
     # evaluated every epoch; with a validation split, 'best' is ranked on it and test is what it reports
     eval_srcs = {"test": sources.make_source(config, "test")}
@@ -164,8 +172,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     class_names = list(train_src.class_names)
     steps_per_epoch = len(train_src) // config.batch_size
     if steps_per_epoch == 0:
-        raise validate.ConfigError(f"config.batch_size={config.batch_size} is larger than the {len(train_src)} "
-                                   f"training images")
+        raise validate.ConfigError(
+            f"config.batch_size={config.batch_size} is larger than the {len(train_src)} training images"
+        )
     total_steps = steps_per_epoch * config.num_epochs
     model = state_lib.create_model(config, len(class_names))
     tx = optim.from_config(config, steps_per_epoch)
@@ -177,8 +186,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         validate.check_compatible(checkpoints.config(), config, checkpoints.directory)
         abstract = jax.eval_shape(lambda: state_lib.create_state(model, tx, config.seed, config.data.crop_size))
         state, meta = checkpoints.restore(abstract, sharding=rep)
-        print(f"resuming from {checkpoints.directory} at step {int(state.step)} "
-              f"(epoch {int(state.step) // steps_per_epoch})")
+        print(
+            f"resuming from {checkpoints.directory} at step {int(state.step)} "
+            f"(epoch {int(state.step) // steps_per_epoch})"
+        )
     else:
         state, meta = state_lib.create_state(model, tx, config.seed, config.data.crop_size), {}
         variables = initial_variables(config, state)
@@ -190,21 +201,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     train_step, eval_step = steps.compile_steps(model, tx, config, mesh)
     print(parallel.describe(mesh))
     sizes = " / ".join(f"{len(s)} {n}" for n, s in {"train": train_src, **eval_srcs}.items())
-    print(f"training {config.model.backbone} PMG on {config.dataset.name} ({sizes} images, {len(class_names)} "
-          f"classes): {steps_per_epoch} steps x {config.num_epochs} epochs, global batch {config.batch_size}"
-          + ("; the best checkpoint is chosen on val" if ranked_on == "val" else ""))
+    print(
+        f"training {config.model.backbone} PMG on {config.dataset.name} ({sizes} images, {len(class_names)} "
+        f"classes): {steps_per_epoch} steps x {config.num_epochs} epochs, global batch {config.batch_size}"
+        + ("; the best checkpoint is chosen on val" if ranked_on == "val" else "")
+    )
 
     _, batches = pipeline.train_batches(
-        train_src, spec, pipeline.host_layout(config.batch_size), seed=config.seed, num_epochs=config.num_epochs,
-        start_step=start_step, workers=workers, prefetch=config.data.prefetch,
+        train_src,
+        spec,
+        pipeline.host_layout(config.batch_size),
+        seed=config.seed,
+        num_epochs=config.num_epochs,
+        start_step=start_step,
+        workers=workers,
+        prefetch=config.data.prefetch,
     )
     device_batches = pipeline.prefetch_to_device(batches, data_sharding)
     metrics_log, guard = MetricsLog(workdir), FiniteGuard(checkpoints, config.schedule)
 
     def save(step: int, results: dict | None = None) -> None:
         guard.check()  # never save after a bad step
-        meta = {"epoch": step // steps_per_epoch, "step": step, "best": best, "class_names": class_names,
-                "data_state": {"step": step, "seed": config.seed}, "eval": results}
+        meta = {
+            "epoch": step // steps_per_epoch,
+            "step": step,
+            "best": best,
+            "class_names": class_names,
+            "data_state": {"step": step, "seed": config.seed},
+            "eval": results,
+        }
         metric = None if results is None else results[ranked_on]["combined"]
         checkpoints.save(step, state, meta, config.to_dict(), metric=metric)
 
@@ -214,9 +239,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             epoch = step // steps_per_epoch
             epoch_end, sums, logged = (epoch + 1) * steps_per_epoch, {}, 0
             epoch_start = (step, time.perf_counter())
-            bar = tqdm(total=steps_per_epoch, initial=step - epoch * steps_per_epoch,
-                       desc=f"epoch {epoch + 1}/{config.num_epochs}", dynamic_ncols=True,
-                       disable=jax.process_index() != 0)
+            bar = tqdm(
+                total=steps_per_epoch,
+                initial=step - epoch * steps_per_epoch,
+                desc=f"epoch {epoch + 1}/{config.num_epochs}",
+                dynamic_ncols=True,
+                disable=jax.process_index() != 0,
+            )
             with bar:  # closed before any error propagates, so the error is the last line
                 while step < epoch_end and stop.signal is None:
                     state, metrics = train_step(state, next(device_batches))
@@ -228,26 +257,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         guard.check()
                         sums = {k: sums.get(k, 0.0) + v for k, v in m.items()}
                         logged += 1
-                        bar.set_postfix({**{k: f"{sums[k] / logged:.3f}" for k in steps.LOSS_NAMES},
-                                         "acc": f"{sums['accuracy'] / logged:.1f}",
-                                         "img/s": f"{_rate(epoch_start, compiled_at, step, config.batch_size):.1f}"})
+                        bar.set_postfix(
+                            {
+                                **{k: f"{sums[k] / logged:.3f}" for k in steps.LOSS_NAMES},
+                                "acc": f"{sums['accuracy'] / logged:.1f}",
+                                "img/s": f"{_rate(epoch_start, compiled_at, step, config.batch_size):.1f}",
+                            }
+                        )
                         metrics_log.write(step, "train", m)
-                    if config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0 \
-                            and step < epoch_end:
+                    if config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0 and step < epoch_end:
                         save(step)
                     bar.update(1)
             guard.check()
             if step < epoch_end:  # stopped by a signal mid-epoch
                 break
-            record = {"epoch": epoch + 1, "seconds": time.perf_counter() - epoch_start[1],
-                      "images_per_s": _rate(epoch_start, compiled_at, step, config.batch_size),
-                      "unreadable_images": len(batches.unreadable.indices)}
+            record = {
+                "epoch": epoch + 1,
+                "seconds": time.perf_counter() - epoch_start[1],
+                "images_per_s": _rate(epoch_start, compiled_at, step, config.batch_size),
+                "unreadable_images": len(batches.unreadable.indices),
+            }
             results = None
             if (epoch + 1) % config.eval_every_epochs == 0 or epoch + 1 == config.num_epochs:
                 results = {}
                 for name, src in eval_srcs.items():
-                    _, eval_it = pipeline.eval_batches(src, spec, pipeline.host_layout(config.eval_batch_size),
-                                                       workers=workers, prefetch=EVAL_PREFETCH)
+                    _, eval_it = pipeline.eval_batches(
+                        src, spec, pipeline.host_layout(config.eval_batch_size), workers=workers, prefetch=EVAL_PREFETCH
+                    )
                     results[name] = steps.evaluate(eval_step, state, eval_it, data_sharding)
                     print(steps.format_eval_table(f"eval epoch {epoch + 1}, {name}", results[name]))
                     metrics_log.write(step, "eval", {"split": name, **results[name]})
@@ -260,24 +296,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     checkpoints.wait()
     metrics_log.close()
     if stop.signal is not None:
-        print(f"stopped by signal {stop.signal} at iteration {step}: checkpoint written to "
-              f"{checkpoints.directory}; run the same command again to resume")
+        print(
+            f"stopped by signal {stop.signal} at iteration {step}: checkpoint written to "
+            f"{checkpoints.directory}; run the same command again to resume"
+        )
         return {**best, "stopped_by": int(stop.signal)}
     if best["epoch"] >= 0 and ranked_on == "val":
-        print(f"best on val: combined {best['combined']:.2f}% at epoch {best['epoch']}; its test accuracy: combined "
-              f"{best['test_combined']:.2f}% (concat {best['test_concat']:.2f}%); checkpoints in "
-              f"{checkpoints.directory}")
+        print(
+            f"best on val: combined {best['combined']:.2f}% at epoch {best['epoch']}; its test accuracy: combined "
+            f"{best['test_combined']:.2f}% (concat {best['test_concat']:.2f}%); checkpoints in "
+            f"{checkpoints.directory}"
+        )
     elif best["epoch"] >= 0:
-        print(f"best: combined {best['combined']:.2f}% (concat {best['concat']:.2f}%) at epoch {best['epoch']}; "
-              f"checkpoints in {checkpoints.directory}")
+        print(
+            f"best: combined {best['combined']:.2f}% (concat {best['concat']:.2f}%) at epoch {best['epoch']}; "
+            f"checkpoints in {checkpoints.directory}"
+        )
     return best
 
 
 def _best(results: dict[str, dict], ranked_on: str, epoch: int, step: int) -> dict:
     """The best-so-far record: the ranking split's combined and concat accuracy, and with a validation split
     also the test accuracy of this same checkpoint (the honest figure: not the best test accuracy over epochs)."""
-    best = {"combined": results[ranked_on]["combined"], "concat": results[ranked_on]["concat"], "epoch": epoch,
-            "step": step, "split": ranked_on}
+    best = {
+        "combined": results[ranked_on]["combined"],
+        "concat": results[ranked_on]["concat"],
+        "epoch": epoch,
+        "step": step,
+        "split": ranked_on,
+    }
     if ranked_on != "test":
         best.update(test_combined=results["test"]["combined"], test_concat=results["test"]["concat"])
     return best

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -77,10 +78,12 @@ class BasicConv(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        x = Conv(self.features, self.kernel_size, 1, self.padding, torch_default_init=True,
-                 dtype=self.dtype, name="conv")(x)
-        bn = BatchNorm(momentum=0.01, dtype=self.dtype, group_size=self.bn_group_size,
-                       group_stats=self.bn_group_stats, name="bn")
+        x = Conv(
+            self.features, self.kernel_size, 1, self.padding, torch_default_init=True, dtype=self.dtype, name="conv"
+        )(x)
+        bn = BatchNorm(
+            momentum=0.01, dtype=self.dtype, group_size=self.bn_group_size, group_stats=self.bn_group_stats, name="bn"
+        )
         return nn.relu(bn(x, train))
 
 
@@ -131,27 +134,42 @@ class PMG(nn.Module):
         remat = self.remat if train else "none"
         groups = {"group_size": self.bn_group_size, "group_stats": self.bn_group_stats}
         arch = backbones.resolve(self.backbone, self.width, self.stage_sizes)
-        stages = arch.build(self.dtype, name=BACKBONE, remat=remat == "stages", bn_group_size=self.bn_group_size,
-                            bn_group_stats=self.bn_group_stats, drop_path_rate=self.drop_path_rate)(x, train)
+        stages = arch.build(
+            self.dtype,
+            name=BACKBONE,
+            remat=remat == "stages",
+            bn_group_size=self.bn_group_size,
+            bn_group_stats=self.bn_group_stats,
+            drop_path_rate=self.drop_path_rate,
+        )(x, train)
         block = checkpointed(_block, 3) if remat != "none" else _block
         classifier = checkpointed(_classifier, 5) if remat != "none" else _classifier
-        conv = functools.partial(BasicConv, dtype=self.dtype, bn_group_size=self.bn_group_size,
-                                 bn_group_stats=self.bn_group_stats)
+        conv = functools.partial(
+            BasicConv, dtype=self.dtype, bn_group_size=self.bn_group_size, bn_group_stats=self.bn_group_stats
+        )
         pooled = []
-        for k, (stage_name, feat) in enumerate(zip(STAGES, stages[-len(BLOCKS):]), start=1):
+        for k, (stage_name, feat) in enumerate(zip(STAGES, stages[-len(BLOCKS) :]), start=1):
             feat = self._expose(stage_name, feat)
-            y = block(conv(self.feature_size, 1, 0, name=f"conv_block{k}_0"),
-                      conv(2 * self.feature_size, 3, 1, name=f"conv_block{k}_1"), feat, train)
+            y = block(
+                conv(self.feature_size, 1, 0, name=f"conv_block{k}_0"),
+                conv(2 * self.feature_size, 3, 1, name=f"conv_block{k}_1"),
+                feat,
+                train,
+            )
             y = self._expose(BLOCKS[k - 1], y)
             pooled.append(jnp.max(y, axis=(1, 2)))
         inputs = [*pooled, jnp.concatenate(pooled, axis=-1)]
         logits = []
         prefixes = [f"classifier{k}" for k in range(1, len(BLOCKS) + 1)] + ["classifier_concat"]
         for prefix, p in zip(prefixes, inputs, strict=True):
-            out = classifier(BatchNorm(momentum=0.1, dtype=self.dtype, name=f"{prefix}_0", **groups),
-                             Linear(self.feature_size, dtype=self.dtype, name=f"{prefix}_1"),
-                             BatchNorm(momentum=0.1, dtype=self.dtype, name=f"{prefix}_2", **groups),
-                             Linear(self.num_classes, dtype=self.dtype, name=f"{prefix}_4"), p, train)
+            out = classifier(
+                BatchNorm(momentum=0.1, dtype=self.dtype, name=f"{prefix}_0", **groups),
+                Linear(self.feature_size, dtype=self.dtype, name=f"{prefix}_1"),
+                BatchNorm(momentum=0.1, dtype=self.dtype, name=f"{prefix}_2", **groups),
+                Linear(self.num_classes, dtype=self.dtype, name=f"{prefix}_4"),
+                p,
+                train,
+            )
             logits.append(out.astype(jnp.promote_types(out.dtype, jnp.float32)))  # bf16 -> f32 for the loss
         return tuple(logits)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +25,12 @@ def epoch_cosine(base_lr: float, num_epochs: int) -> Callable[[jax.Array], jax.A
 
 def param_groups(params) -> dict:
     """'backbone' for the backbone's parameters (model.BACKBONE), 'new' for the blocks and heads."""
-    return {k: jax.tree.map(lambda _: "backbone" if k == model_lib.BACKBONE else "new", v) for k, v in params.items()}
+
+    def label(top: str, tree):
+        group = "backbone" if top == model_lib.BACKBONE else "new"
+        return jax.tree.map(lambda _: group, tree)
+
+    return {k: label(k, v) for k, v in params.items()}
 
 
 def make_optimizer(
@@ -70,6 +75,13 @@ def make_optimizer(
 def from_config(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
     """The optimizer `config.optim` describes, for epochs of `steps_per_epoch` iterations."""
     o = config.optim
-    return make_optimizer(lr_new=o.lr_new, lr_backbone=o.lr_backbone, num_epochs=config.num_epochs,
-                          steps_per_epoch=steps_per_epoch, momentum=o.momentum, weight_decay=o.weight_decay,
-                          schedule=config.schedule, warmup_epochs=o.warmup_epochs)
+    return make_optimizer(
+        lr_new=o.lr_new,
+        lr_backbone=o.lr_backbone,
+        num_epochs=config.num_epochs,
+        steps_per_epoch=steps_per_epoch,
+        momentum=o.momentum,
+        weight_decay=o.weight_decay,
+        schedule=config.schedule,
+        warmup_epochs=o.warmup_epochs,
+    )

@@ -7,7 +7,8 @@ import os
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +34,10 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def describe(mesh: Mesh) -> str:
     """One line naming the mesh, for the log."""
     kinds = sorted({d.device_kind for d in mesh.devices.flat})
-    return (f"mesh {dict(mesh.shape)} over {mesh.devices.size} device(s) ({', '.join(kinds)}), "
-            f"{jax.process_count()} process(es)")
+    return (
+        f"mesh {dict(mesh.shape)} over {mesh.devices.size} device(s) ({', '.join(kinds)}), "
+        f"{jax.process_count()} process(es)"
+    )
 
 
 def maybe_initialize_distributed() -> bool:

@@ -26,7 +26,8 @@ Definitions:
 
 from __future__ import annotations
 
-from typing import Mapping, NamedTuple, Sequence
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -129,8 +130,9 @@ def _shares(a: Attribution, part_names: Sequence[str]) -> dict[str, dict[str, fl
     return {"peak": peak_on, "energy": energy}
 
 
-def _table(attributions: Mapping[str, Attribution], baseline: Attribution, part_names: Sequence[str],
-           keep: np.ndarray) -> dict:
+def _table(
+    attributions: Mapping[str, Attribution], baseline: Attribution, part_names: Sequence[str], keep: np.ndarray
+) -> dict:
     """The tables of the images where `keep` is true."""
     pick = lambda a: Attribution(a.peak[keep], a.energy[keep], a.visible[keep])
     per_map = {name: _shares(pick(a), part_names) for name, a in attributions.items()}
@@ -164,8 +166,9 @@ def tables(
     if labels is not None:
         labels = np.asarray(labels)
         name = lambda c: class_names[c] if class_names is not None else str(c)
-        out["per_class"] = {name(int(c)): _table(attributions, baseline, part_names, labels == c)
-                            for c in np.unique(labels)}
+        out["per_class"] = {
+            name(int(c)): _table(attributions, baseline, part_names, labels == c) for c in np.unique(labels)
+        }
     return out
 
 
@@ -177,16 +180,20 @@ def _row(label: str, values: Mapping[str, float]) -> list[str]:
 def _aligned(header: list[str], rows: list[list[str]]) -> list[str]:
     """Text lines of a table: the first column left-aligned, the others right-aligned."""
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    return ["  " + "  ".join(c.rjust(wd) if i else c.ljust(wd) for i, (c, wd) in enumerate(zip(r, widths)))
-            for r in [header, *rows]]
+    return [
+        "  " + "  ".join(c.rjust(wd) if i else c.ljust(wd) for i, (c, wd) in enumerate(zip(r, widths)))
+        for r in [header, *rows]
+    ]
 
 
 def _format_one(table: dict, part_names: Sequence[str], radius: float, title: str) -> list[str]:
     """The text lines of one set of tables (a split's, or one class's)."""
     header = ["map", *part_names, BACKGROUND]
     lines = []
-    for kind, what in (("peak", "images whose CAM peak lands on the part (of those showing it)"),
-                       ("energy", "mean share of the CAM's energy on the part")):
+    for kind, what in (
+        ("peak", "images whose CAM peak lands on the part (of those showing it)"),
+        ("energy", "mean share of the CAM's energy on the part"),
+    ):
         lines.append(f"{what}{title}: {table['count']} images, radius {radius:g} of the image side")
         rows = [_row(name, values) for name, values in table[kind].items()]
         lines += _aligned(header, [*rows, _row(BASELINE, table["baseline"][kind])])

@@ -20,7 +20,7 @@ import json
 import logging
 import os
 import sys
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +38,7 @@ FORMATS = (".csv", ".jsonl")
 
 
 PROG = "pmg_jax.predict"  # how its messages start (run as python -m pmg_jax.predict)
+
 
 class PredictError(PMGError, ValueError):
     """Bad input to predict (a flag, a file): the message is the one line to show."""
@@ -75,8 +76,9 @@ def make_predictor(restored: Restored, batch_size: int | None = None) -> Predict
     batch_size = batch_size or default_batch_size(restored)
     devices = jax.local_devices()
     if batch_size < 1 or batch_size % len(devices):
-        raise PredictError(f"--batch-size {batch_size} must be a positive multiple of the {len(devices)} local "
-                           f"device(s)")
+        raise PredictError(
+            f"--batch-size {batch_size} must be a positive multiple of the {len(devices)} local device(s)"
+        )
     mesh = parallel.make_mesh(devices)
     rep, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
     spec, model = transform_spec(restored.config), restored.model
@@ -101,8 +103,9 @@ def _crop(path: str, spec: pipeline.TransformSpec, out: np.ndarray) -> str | Non
         image = decode.read_image(path)
     except decode.UnreadableImage as e:
         return str(e)
-    transforms.eval_crop(image, resize_size=spec.resize_size, crop_size=spec.crop_size,
-                         backend=spec.resize_backend, out=out)
+    transforms.eval_crop(
+        image, resize_size=spec.resize_size, crop_size=spec.crop_size, backend=spec.resize_backend, out=out
+    )
     return None
 
 
@@ -112,8 +115,9 @@ def top_k(probs: np.ndarray, class_names: Sequence[str], k: int) -> list[dict]:
     return [{"class": class_names[i], "index": int(i), "probability": float(probs[i])} for i in order]
 
 
-def predict_files(predictor: Predictor, paths: Sequence[str], *, k: int = 5, heads: bool = False,
-                  threads: int = 4) -> Iterator[dict]:
+def predict_files(
+    predictor: Predictor, paths: Sequence[str], *, k: int = 5, heads: bool = False, threads: int = 4
+) -> Iterator[dict]:
     """One row per path, in order: {'path', 'combined': top-k[, 'head1', ...]} or {'path', 'error'}.
 
     Images are decoded and cropped by `threads` threads (OpenCV releases the GIL); a batch is read while
@@ -124,9 +128,9 @@ def predict_files(predictor: Predictor, paths: Sequence[str], *, k: int = 5, hea
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
         pending = None
         for start in range(0, len(paths), n):
-            chunk = paths[start:start + n]
+            chunk = paths[start : start + n]
             images = np.zeros((n, spec.crop_size, spec.crop_size, 3), np.uint8)  # padded: one compiled shape
-            errors = list(pool.map(_crop, chunk, [spec] * len(chunk), list(images[:len(chunk)])))
+            errors = list(pool.map(_crop, chunk, [spec] * len(chunk), list(images[: len(chunk)])))
             probs = predictor.run_batch(images)[1] if any(e is None for e in errors) else None
             if pending is not None:
                 yield from _rows(*pending, wanted, names, k)
@@ -135,8 +139,14 @@ def predict_files(predictor: Predictor, paths: Sequence[str], *, k: int = 5, hea
             yield from _rows(*pending, wanted, names, k)
 
 
-def _rows(chunk: Sequence[str], errors: Sequence[str | None], probs: jax.Array | None, wanted: Sequence[str],
-          names: Sequence[str], k: int) -> Iterator[dict]:
+def _rows(
+    chunk: Sequence[str],
+    errors: Sequence[str | None],
+    probs: jax.Array | None,
+    wanted: Sequence[str],
+    names: Sequence[str],
+    k: int,
+) -> Iterator[dict]:
     """The rows of one batch: its readable images' top classes from `probs`, its unreadable ones' errors."""
     probs = None if probs is None else np.asarray(jax.device_get(probs))
     for i, (path, error) in enumerate(zip(chunk, errors)):
@@ -162,9 +172,15 @@ class SplitResult:
         return {**result, "count": int(self.counts.sum())}
 
 
-def predict_split(predictor: Predictor, split: str, *, k: int = 5, heads: bool = False,
-                  on_row: Callable[[dict], None] | None = None, progress: Callable[[int], None] | None = None,
-                  ) -> SplitResult:
+def predict_split(
+    predictor: Predictor,
+    split: str,
+    *,
+    k: int = 5,
+    heads: bool = False,
+    on_row: Callable[[dict], None] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> SplitResult:
     """Predict every example of the checkpoint's dataset `split` through evaluation's own input pipeline.
 
     Accuracy counts argmax of the logits exactly as evaluation does; `on_row` receives each example's row
@@ -175,8 +191,9 @@ def predict_split(predictor: Predictor, split: str, *, k: int = 5, heads: bool =
     hits, counts, confusion = np.zeros((len(OUTPUTS), c), np.int64), np.zeros(c, np.int64), np.zeros((c, c), np.int64)
     wanted = OUTPUTS if heads else OUTPUTS[:1]
     unreadable = 0
-    _, batches = pipeline.eval_batches(source, predictor.spec, pipeline.Layout(predictor.batch_size),
-                                       workers=predictor.restored.config.data.workers)
+    _, batches = pipeline.eval_batches(
+        source, predictor.spec, pipeline.Layout(predictor.batch_size), workers=predictor.restored.config.data.workers
+    )
     paths = getattr(source, "paths", None)  # a folder dataset's files; others are named split[index]
     with batches:
         position = 0
@@ -194,8 +211,11 @@ def predict_split(predictor: Predictor, split: str, *, k: int = 5, heads: bool =
                     counts[label] += 1
                     hits[:, label] += pred == label
                     confusion[label, pred[0]] += 1
-                    row = {"path": name, "label": names[label],
-                           **{o: top_k(probs[i, OUTPUTS.index(o)], names, k) for o in wanted}}
+                    row = {
+                        "path": name,
+                        "label": names[label],
+                        **{o: top_k(probs[i, OUTPUTS.index(o)], names, k) for o in wanted},
+                    }
                 if on_row is not None:
                     on_row(row)
             position += predictor.batch_size
@@ -207,10 +227,14 @@ def predict_split(predictor: Predictor, split: str, *, k: int = 5, heads: bool =
 def format_accuracy(result: SplitResult, class_names: Sequence[str], title: str) -> str:
     """The overall table (every output) and the per-class table (readable images, accuracy of every output)."""
     acc = result.accuracy()
-    lines = [f"{title}: {acc['count']} images (top-1 %)" + (f", {result.unreadable} unreadable"
-                                                           if result.unreadable else ""),
-             "  " + " | ".join(f"{o:>8}" for o in OUTPUTS), "  " + " | ".join(f"{acc[o]:8.2f}" for o in OUTPUTS),
-             "", "per class (top-1 %)"]
+    lines = [
+        f"{title}: {acc['count']} images (top-1 %)"
+        + (f", {result.unreadable} unreadable" if result.unreadable else ""),
+        "  " + " | ".join(f"{o:>8}" for o in OUTPUTS),
+        "  " + " | ".join(f"{acc[o]:8.2f}" for o in OUTPUTS),
+        "",
+        "per class (top-1 %)",
+    ]
     width = max([len("class"), *map(len, class_names)])
     lines.append(f"  {'class':<{width}} | {'images':>6} | " + " | ".join(f"{o:>8}" for o in OUTPUTS))
     for j, name in enumerate(class_names):
@@ -238,7 +262,7 @@ class RowWriter:
         if path is None:
             return
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self.file = open(path, "w", newline="")
+        self.file = open(path, "w", newline="")  # noqa: SIM115 (open while writing; close())
         if path.endswith(".csv"):
             fields = ["path", *(["label"] if with_label else []), "error"]
             fields += [f"{o}_top{r}{s}" for o in self.outputs for r in range(1, k + 1) for s in ("", "_prob")]
@@ -267,23 +291,37 @@ def format_row(row: dict, outputs: Sequence[str]) -> str:
     head = row["path"] + (f"  (label: {row['label']})" if "label" in row else "")
     if "error" in row:
         return f"{head}\n  error: {row['error']}"
-    return "\n".join([head, *(f"  {o:<8} " + " | ".join(f"{e['class']} {100 * e['probability']:.1f}%"
-                                                          for e in row[o]) for o in outputs)])
+    return "\n".join(
+        [
+            head,
+            *(
+                f"  {o:<8} " + " | ".join(f"{e['class']} {100 * e['probability']:.1f}%" for e in row[o])
+                for o in outputs
+            ),
+        ]
+    )
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m pmg_jax.predict", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m pmg_jax.predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--ckpt", required=True, help="run dir, folder of runs (the newest), or checkpoint step dir")
     p.add_argument("--checkpoint", choices=("latest", "best"), default="latest", help="which checkpoint of a run")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--images", nargs="+", help="image files, directories and glob patterns")
     what.add_argument("--split", choices=sources.SPLITS, help="predict this split of the checkpoint's dataset")
     p.add_argument("--top-k", type=int, default=5, help="classes per image and output (default 5)")
-    p.add_argument("--out", help="preds.csv or preds.jsonl (default: a table on stdout); with --split its folder "
-                                 "also gets the confusion matrix")
-    p.add_argument("--batch-size", type=int, help="images per jitted batch, a multiple of the local devices "
-                                                  "(default: the checkpoint's eval batch)")
+    p.add_argument(
+        "--out",
+        help="preds.csv or preds.jsonl (default: a table on stdout); with --split its folder "
+        "also gets the confusion matrix",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        help="images per jitted batch, a multiple of the local devices (default: the checkpoint's eval batch)",
+    )
     p.add_argument("--heads", action="store_true", help="also the top classes of each head")
     args = p.parse_args(argv)
     if args.out is not None and os.path.splitext(args.out)[1].lower() not in FORMATS:
@@ -316,8 +354,14 @@ def _predict_images(args, predictor: Predictor, writer: RowWriter) -> int:
 def _predict_split(args, predictor: Predictor, writer: RowWriter | None) -> int:
     r = predictor.restored
     with tqdm(unit="image", desc=f"predict {args.split}", dynamic_ncols=True) as bar:
-        result = predict_split(predictor, args.split, k=min(args.top_k, len(r.class_names)), heads=args.heads,
-                               on_row=writer.write if writer else None, progress=bar.update)
+        result = predict_split(
+            predictor,
+            args.split,
+            k=min(args.top_k, len(r.class_names)),
+            heads=args.heads,
+            on_row=writer.write if writer else None,
+            progress=bar.update,
+        )
     print(format_accuracy(result, r.class_names, f"{r.config.dataset.name} {args.split} with {r.run} step {r.step}"))
     folder = os.path.dirname(os.path.abspath(args.out)) if args.out else r.run
     path = os.path.join(folder, f"confusion_{args.split}.csv")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import html
 import itertools
 import os
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -20,7 +20,7 @@ BLOCKS = ("block1", "block2", "block3")
 AUC_METRICS = ("Deletion", "Insertion")  # areas under curves, in [0, 1]; every other metric is a fraction
 CHART_HEIGHT = 120.0  # px of a 100% bar
 _BAR, _GAP, _TOP, _LABEL = 28.0, 10.0, 28.0, 70.0  # bar width, gap, room for the title, for the part names
-_LEFT = _LABEL / 3 ** 0.5  # room on the left for the first part name, rotated by 60 degrees
+_LEFT = _LABEL / 3**0.5  # room on the left for the first part name, rotated by 60 degrees
 _STYLE = """body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse;margin:.5em 0 1.5em}
 td,th{border:1px solid #ccc;padding:.2em .6em;text-align:right}td:first-child,th:first-child{text-align:left}
 svg{margin:0 1.5em 1em 0}rect{fill:#4878d0}line.baseline{stroke:#d65f5f;stroke-width:2;stroke-dasharray:4 2}
@@ -65,9 +65,11 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def localization_section(report: dict) -> str:
     """A table per CAM method: a row per map, a column per metric (as localization.evaluate returns them)."""
-    out = [f"<h2>Localisation</h2><p>{report['count']} images; pointing game of a centre guess "
-           f"{_cell('Pointing', report['centre_pointing'])}%. Accuracies in %, deletion (lower is better) and "
-           "insertion (higher) as areas under their curves.</p>"]
+    out = [
+        f"<h2>Localisation</h2><p>{report['count']} images; pointing game of a centre guess "
+        f"{_cell('Pointing', report['centre_pointing'])}%. Accuracies in %, deletion (lower is better) and "
+        "insertion (higher) as areas under their curves.</p>"
+    ]
     for method, per_map in report["results"].items():
         metrics = list(next(iter(per_map.values())))
         rows = [[name, *(_cell(k, values[k]) for k in metrics)] for name, values in per_map.items()]
@@ -78,8 +80,10 @@ def localization_section(report: dict) -> str:
 def _part_tables(table: dict, columns: Sequence[str], baseline_label: str) -> str:
     """The peak and energy tables of one set of images (a split's or a class's), values in %."""
     out = []
-    for kind, what in (("peak", "% of the images showing each part whose CAM peak lands on it"),
-                       ("energy", "mean % of the CAM's energy on each part (same images)")):
+    for kind, what in (
+        ("peak", "% of the images showing each part whose CAM peak lands on it"),
+        ("energy", "mean % of the CAM's energy on each part (same images)"),
+    ):
         rows = [[name, *(_cell(kind, values[c]) for c in columns)] for name, values in table[kind].items()]
         rows.append([baseline_label, *(_cell(kind, table["baseline"][kind][c]) for c in columns)])
         out.append(f"<p>{html.escape(what)}</p>" + _table(["map", *columns], rows))
@@ -89,24 +93,30 @@ def _part_tables(table: dict, columns: Sequence[str], baseline_label: str) -> st
 def bar_chart(name: str, values: Mapping[str, float], baseline: Mapping[str, float] | None = None) -> str:
     """An inline SVG bar per entry of `values` (fractions; NaN draws none), dashed lines at the baseline's."""
     width = _LEFT + len(values) * (_BAR + _GAP) + _GAP
-    items = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:g}" height="{_TOP + CHART_HEIGHT + _LABEL:g}" '
-             f'data-map="{html.escape(name)}"><text x="{_GAP:g}" y="12" font-size="12" font-weight="bold">'
-             f'{html.escape(name)}</text>']
+    items = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:g}" height="{_TOP + CHART_HEIGHT + _LABEL:g}" '
+        f'data-map="{html.escape(name)}"><text x="{_GAP:g}" y="12" font-size="12" font-weight="bold">'
+        f"{html.escape(name)}</text>"
+    ]
     for k, (part, value) in enumerate(values.items()):
         x, label = _LEFT + _GAP + k * (_BAR + _GAP), html.escape(part)
         if not np.isnan(value):
             height = CHART_HEIGHT * value
             y = _TOP + CHART_HEIGHT - height
-            items.append(f'<rect x="{x:g}" y="{y:.4f}" width="{_BAR:g}" height="{height:.4f}" data-part="{label}">'
-                         f'<title>{label}: {100 * value:.1f}%</title></rect>'
-                         f'<text x="{x + _BAR / 2:g}" y="{y - 2:.4f}" font-size="9" text-anchor="middle">'
-                         f'{100 * value:.0f}</text>')
+            items.append(
+                f'<rect x="{x:g}" y="{y:.4f}" width="{_BAR:g}" height="{height:.4f}" data-part="{label}">'
+                f"<title>{label}: {100 * value:.1f}%</title></rect>"
+                f'<text x="{x + _BAR / 2:g}" y="{y - 2:.4f}" font-size="9" text-anchor="middle">'
+                f"{100 * value:.0f}</text>"
+            )
         if baseline is not None and not np.isnan(baseline[part]):
             y = _TOP + CHART_HEIGHT * (1 - baseline[part])
             items.append(f'<line class="baseline" x1="{x:g}" x2="{x + _BAR:g}" y1="{y:.4f}" y2="{y:.4f}"/>')
         bottom = _TOP + CHART_HEIGHT + 4
-        items.append(f'<text x="{x + _BAR / 2:g}" y="{bottom:g}" font-size="10" text-anchor="end" '
-                     f'transform="rotate(-60 {x + _BAR / 2:g} {bottom:g})">{label}</text>')
+        items.append(
+            f'<text x="{x + _BAR / 2:g}" y="{bottom:g}" font-size="10" text-anchor="end" '
+            f'transform="rotate(-60 {x + _BAR / 2:g} {bottom:g})">{label}</text>'
+        )
     return "".join(items) + "</svg>"
 
 
@@ -114,26 +124,36 @@ def parts_section(report: dict) -> str:
     """Part tables (parts.tables' dict), a bar chart per map of where its peaks land, per class collapsed."""
     columns = [*report["parts"], "background"]
     visible = ", ".join(f"{k} {v}" for k, v in report["visible"].items())
-    out = [f"<h2>Parts</h2><p>{report['count']} images; a part counts within {report['radius']:g} of the image "
-           f"side of the CAM's peak (or its energy); the last row is a uniform map on the same images. Images "
-           f"showing each part: {html.escape(visible)}.</p>", _part_tables(report, columns, "uniform map"),
-           "<h3>Where the peaks land</h3><p>Bars: % of the images showing each part whose peak is on it "
-           "(background: of all images); dashed: the uniform map.</p>"]
-    out += [bar_chart(name, {c: values[c] for c in columns}, report["baseline"]["peak"])
-            for name, values in report["peak"].items()]
+    out = [
+        f"<h2>Parts</h2><p>{report['count']} images; a part counts within {report['radius']:g} of the image "
+        f"side of the CAM's peak (or its energy); the last row is a uniform map on the same images. Images "
+        f"showing each part: {html.escape(visible)}.</p>",
+        _part_tables(report, columns, "uniform map"),
+        "<h3>Where the peaks land</h3><p>Bars: % of the images showing each part whose peak is on it "
+        "(background: of all images); dashed: the uniform map.</p>",
+    ]
+    out += [
+        bar_chart(name, {c: values[c] for c in columns}, report["baseline"]["peak"])
+        for name, values in report["peak"].items()
+    ]
     for name, table in report.get("per_class", {}).items():
-        out.append(f"<details><summary>{html.escape(name)} ({table['count']} images)</summary>"
-                   f"{_part_tables(table, columns, 'uniform map')}</details>")
+        out.append(
+            f"<details><summary>{html.escape(name)} ({table['count']} images)</summary>"
+            f"{_part_tables(table, columns, 'uniform map')}</details>"
+        )
     return "\n".join(out)
 
 
 def grids_section(grids: Sequence[tuple[str, str]], directory: str) -> str:
     """The image grids (path, caption), linked relative to the report's directory."""
-    figures = [f'<figure><img src="{html.escape(os.path.relpath(path, directory).replace(os.sep, "/"))}" '
-               f'alt="{html.escape(caption)}"><figcaption>{html.escape(caption)}</figcaption></figure>'
-               for path, caption in grids]
-    return "<h2>Where the blocks disagree most</h2><p>1 - mean pairwise correlation of the block maps.</p>" + \
-        "\n".join(figures)
+    figures = [
+        f'<figure><img src="{html.escape(os.path.relpath(path, directory).replace(os.sep, "/"))}" '
+        f'alt="{html.escape(caption)}"><figcaption>{html.escape(caption)}</figcaption></figure>'
+        for path, caption in grids
+    ]
+    return "<h2>Where the blocks disagree most</h2><p>1 - mean pairwise correlation of the block maps.</p>" + "\n".join(
+        figures
+    )
 
 
 def write_report(
@@ -151,8 +171,10 @@ def write_report(
         sections.append(parts_section(parts))
     if grids:
         sections.append(grids_section(grids, os.path.dirname(os.path.abspath(path))))
-    page = (f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f"<style>{_STYLE}</style></head><body>\n" + "\n".join(sections) + "\n</body></html>\n")
+    page = (
+        f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{_STYLE}</style></head><body>\n" + "\n".join(sections) + "\n</body></html>\n"
+    )
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         f.write(page)

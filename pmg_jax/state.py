@@ -96,10 +96,15 @@ class Restored:
 
     def describe(self) -> str:
         """One line: which checkpoint of which run, how far it trained and what it is."""
-        done = (f"epoch {self.meta.get('epoch')} of {self.config.num_epochs}" if "converted_from" not in self.meta
-                else f"converted from {self.meta['converted_from']}")
-        return (f"{self.run} checkpoint {self.step} ({done}, {self.config.model.backbone}, "
-                f"{len(self.class_names)} classes, input {self.config.data.crop_size}px)")
+        done = (
+            f"epoch {self.meta.get('epoch')} of {self.config.num_epochs}"
+            if "converted_from" not in self.meta
+            else f"converted from {self.meta['converted_from']}"
+        )
+        return (
+            f"{self.run} checkpoint {self.step} ({done}, {self.config.model.backbone}, "
+            f"{len(self.class_names)} classes, input {self.config.data.crop_size}px)"
+        )
 
 
 def restore(path: str, which: str = "latest") -> Restored:
@@ -125,13 +130,17 @@ def restore_and_report(path: str, which: str, prog: str) -> Restored:
     resolved to, warns (on stderr) when that run is unfinished, and notes when a better checkpoint exists."""
     restored = restore(path, which)
     given = os.path.abspath(path)
-    if given not in (restored.run, os.path.join(restored.run, "checkpoints")) and \
-            os.path.dirname(given) != os.path.join(restored.run, "checkpoints"):
+    if given not in (restored.run, os.path.join(restored.run, "checkpoints")) and os.path.dirname(
+        given
+    ) != os.path.join(restored.run, "checkpoints"):
         print(f"{path} is a folder of runs: using the one with the newest checkpoint, {restored.run}")
     print(f"using {restored.describe()}")
     if not restored.finished:
-        print(f"{prog}: warning: {restored.run} is unfinished (stopped at epoch {restored.meta.get('epoch')} of "
-              f"{restored.config.num_epochs})", file=sys.stderr)
+        print(
+            f"{prog}: warning: {restored.run} is unfinished (stopped at epoch {restored.meta.get('epoch')} of "
+            f"{restored.config.num_epochs})",
+            file=sys.stderr,
+        )
     best = ckpt_lib.Checkpoints(os.path.join(restored.run, "checkpoints"), read_only=True).best_step()
     if which == "latest" and best not in (None, restored.step):
         print(f"(the latest checkpoint; --checkpoint best takes step {best}, the best combined accuracy)")

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -88,6 +89,7 @@ def make_train_step(
 
     def keep_used(heads: tuple[int, ...], new: Any, old: Any) -> Any:
         """`new` statistics where they feed one of `heads`, `old` elsewhere."""
+
         def pick(path, n, o):
             return n if any(model_lib.feeds(h, [p.key for p in path], backbone) for h in heads) else o
 
@@ -101,14 +103,17 @@ def make_train_step(
         def loss_fn(params, stats, inputs, labels, dropout):
             x = inputs[0] if len(inputs) == 1 else jnp.concatenate(inputs)
             logits, updated = model.apply(
-                {"params": params, "batch_stats": stats}, x, train=True, mutable=["batch_stats"],
+                {"params": params, "batch_stats": stats},
+                x,
+                train=True,
+                mutable=["batch_stats"],
                 rngs={"dropout": dropout},
             )
             new_stats = updated["batch_stats"]
             if bn_stats == "used":
                 new_stats = keep_used(heads, new_stats, stats)
             n = labels.shape[0]
-            outs = [logits[h] if len(group) == 1 else logits[h][j * n:(j + 1) * n] for j, h in enumerate(heads)]
+            outs = [logits[h] if len(group) == 1 else logits[h][j * n : (j + 1) * n] for j, h in enumerate(heads)]
             losses = [w * cross_entropy(o, labels) for w, o in zip(weights, outs, strict=True)]
             return sum(losses[1:], losses[0]), (new_stats, losses, outs)
 
@@ -116,6 +121,7 @@ def make_train_step(
 
     def accumulate(grad_fn, params, stats, inputs, labels, dropout):
         """grad_fn over k micro-batches: the mean loss terms and gradient, the statistics after the last."""
+
         def micro(carry, batch):
             stats, total = carry
             (_, (stats, losses, outs)), grads = grad_fn(params, stats, *batch)
@@ -144,8 +150,9 @@ def make_train_step(
                     n = granularities[p.jigsaw]
                     inputs.append(jigsaw_lib.shuffle_blocks(images, n, permutations[n]))
                 else:
-                    inputs.append(jigsaw_lib.jigsaw(jax.random.fold_in(key, i), images, granularities[p.jigsaw],
-                                                    jigsaw_mode))
+                    inputs.append(
+                        jigsaw_lib.jigsaw(jax.random.fold_in(key, i), images, granularities[p.jigsaw], jigsaw_mode)
+                    )
             dropout = jax.random.fold_in(key, len(model_lib.PASSES) + u)  # not a jigsaw's fold_in(key, i)
             if k == 1:
                 (loss, (stats, losses, outs)), grads = grad_fn(params, stats, inputs, labels, dropout)
@@ -187,7 +194,9 @@ def make_eval_step(model: PMG) -> Callable[[TrainState, dict], jax.Array]:
     return eval_step
 
 
-def compile_steps(model, tx, config: ml_collections.ConfigDict, mesh, kernel_choice: str | kernels.Kernels | None = None):
+def compile_steps(
+    model, tx, config: ml_collections.ConfigDict, mesh, kernel_choice: str | kernels.Kernels | None = None
+):
     """(train_step, eval_step) jitted over the mesh: batch sharded on 'data', state replicated and donated.
 
     Both trace with `config.model.kernels` (or `kernel_choice`, for A/B runs) and normalise uint8 batches
@@ -195,7 +204,8 @@ def compile_steps(model, tx, config: ml_collections.ConfigDict, mesh, kernel_cho
     """
     rep, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
     train_step = make_train_step(
-        model, tx,
+        model,
+        tx,
         granularities=tuple(config.jigsaw.granularities),
         jigsaw_mode=config.jigsaw.mode,
         concat_weight=config.concat_loss_weight,
@@ -213,10 +223,17 @@ def compile_steps(model, tx, config: ml_collections.ConfigDict, mesh, kernel_cho
         return kernels.traced(run, chosen)
 
     platform = mesh.devices.flat[0].platform
-    jit_train = xla_options.jit(prepared(train_step), platform=platform, program="train",
-                                in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=0)
-    jit_eval = xla_options.jit(prepared(make_eval_step(model)), platform=platform,
-                               in_shardings=(rep, data), out_shardings=rep)
+    jit_train = xla_options.jit(
+        prepared(train_step),
+        platform=platform,
+        program="train",
+        in_shardings=(rep, data),
+        out_shardings=(rep, rep),
+        donate_argnums=0,
+    )
+    jit_eval = xla_options.jit(
+        prepared(make_eval_step(model)), platform=platform, in_shardings=(rep, data), out_shardings=rep
+    )
     return jit_train, jit_eval
 
 

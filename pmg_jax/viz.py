@@ -6,7 +6,7 @@ import glob
 import html
 import json
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
@@ -135,7 +135,8 @@ def write_index(path: str, entries: Sequence[tuple[str, Sequence[str]]], title: 
     figures = "\n".join(
         f'<figure><a href="{html.escape(src)}"><img src="{html.escape(src)}" loading="lazy"></a>'
         f"<figcaption>{'<br>'.join(html.escape(line) for line in caption)}</figcaption></figure>"
-        for src, caption in entries)
+        for src, caption in entries
+    )
     with open(path, "w", encoding="utf-8") as f:
         f.write(f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>

@@ -27,7 +27,8 @@ values it accepts is left out, so a newer or older jaxlib never fails on them.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 

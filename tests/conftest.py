@@ -32,8 +32,13 @@ def pytest_cmdline_main(config):
     session's demo run grouped onto one (xdist_group("demo_run")); given paths, -n or -p no:xdist, pytest's
     own defaults apply. Not in the workers themselves (they would start workers of their own, without end)."""
     whole_suite = config.args_source == pytest.Config.ArgsSource.TESTPATHS
-    if (not hasattr(config, "workerinput") and config.pluginmanager.hasplugin("xdist") and whole_suite
-            and config.option.numprocesses is None and config.option.dist == "no"):
+    if (
+        not hasattr(config, "workerinput")
+        and config.pluginmanager.hasplugin("xdist")
+        and whole_suite
+        and config.option.numprocesses is None
+        and config.option.dist == "no"
+    ):
         config.option.numprocesses = WORKERS
         config.option.dist = "loadgroup"
 

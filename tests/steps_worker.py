@@ -16,9 +16,9 @@ def main(out: str, coordinator: str | None = None, num_processes: int = 1, proce
     if coordinator:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator, num_processes, process_id)
+    from conftest import tiny_demo_config
     from flax.traverse_util import flatten_dict
 
-    from conftest import tiny_demo_config
     from pmg_jax import parallel
     from pmg_jax import state as state_lib
     from pmg_jax import steps as steps_lib
@@ -30,12 +30,14 @@ def main(out: str, coordinator: str | None = None, num_processes: int = 1, proce
     tx = make_optimizer(lr_new=0.002, lr_backbone=0.0002, num_epochs=2, steps_per_epoch=10)
     mesh = parallel.make_mesh()
     f64 = lambda t: jax.tree.map(lambda a: np.asarray(a, np.float64) if a.dtype.kind == "f" else np.asarray(a), t)
-    state = jax.device_put(f64(jax.device_get(state_lib.create_state(model, tx, 0, config.data.crop_size))),
-                           parallel.replicated(mesh))
+    state = jax.device_put(
+        f64(jax.device_get(state_lib.create_state(model, tx, 0, config.data.crop_size))), parallel.replicated(mesh)
+    )
     step, _ = steps_lib.compile_steps(model, tx, config, mesh)
     layout = pipeline.host_layout(config.batch_size)
-    _, batches = pipeline.train_batches(sources.make_source(config, "train"), state_lib.transform_spec(config),
-                                        layout, seed=0, num_epochs=1)
+    _, batches = pipeline.train_batches(
+        sources.make_source(config, "train"), state_lib.transform_spec(config), layout, seed=0, num_epochs=1
+    )
     for _ in range(3):
         batch = next(batches)
         assert len(batch["label"]) == layout.local_batch  # each process loads only its share

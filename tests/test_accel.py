@@ -32,8 +32,10 @@ PERMS = {n: jigsaw_lib.sample_cycle(jax.random.PRNGKey(n), n) for n in (8, 4, 2)
 
 def _batch(dtype=jnp.float32) -> dict:
     rng = np.random.default_rng(0)
-    return {"image": jnp.asarray(rng.uniform(-1, 1, (BATCH, SIZE, SIZE, 3)), dtype),
-            "label": jnp.asarray(rng.integers(0, TINY["num_classes"], BATCH), jnp.int32)}
+    return {
+        "image": jnp.asarray(rng.uniform(-1, 1, (BATCH, SIZE, SIZE, 3)), dtype),
+        "label": jnp.asarray(rng.integers(0, TINY["num_classes"], BATCH), jnp.int32),
+    }
 
 
 def _variables(model: PMG, seed: int, dtype=jnp.float32) -> dict:
@@ -44,8 +46,13 @@ def _variables(model: PMG, seed: int, dtype=jnp.float32) -> dict:
 
 def _state(model: PMG, tx, dtype=jnp.float32) -> TrainState:
     variables = _variables(model, 1, dtype)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"], batch_stats=variables["batch_stats"],
-                      opt_state=tx.init(variables["params"]), rng=jax.random.PRNGKey(2))
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        opt_state=tx.init(variables["params"]),
+        rng=jax.random.PRNGKey(2),
+    )
 
 
 def _view(images: jax.Array, p: model_lib.Pass) -> jax.Array:
@@ -64,11 +71,13 @@ def _assert_trees_close(want, got, rtol, atol, label):
     flat_w, flat_g = flatten_dict(want), flatten_dict(got)
     assert flat_w.keys() == flat_g.keys(), label
     for k in flat_w:
-        np.testing.assert_allclose(np.asarray(flat_g[k]), np.asarray(flat_w[k]), rtol=rtol, atol=atol,
-                                   err_msg=f"{label} {'/'.join(k)}")
+        np.testing.assert_allclose(
+            np.asarray(flat_g[k]), np.asarray(flat_w[k]), rtol=rtol, atol=atol, err_msg=f"{label} {'/'.join(k)}"
+        )
 
 
 # --- rematerialisation -------------------------------------------------------------------------------------
+
 
 def _checkpoint_regions(model: PMG, variables: dict, train: bool) -> int:
     """How many jax.checkpoint regions the forward holds."""
@@ -121,8 +130,12 @@ def test_remat_gives_the_same_iteration(remat_iterations, remat):
     moves = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), plain.params, before.params)
     largest = max(float(np.abs(m).max()) for m in jax.tree.leaves(moves))
     assert largest > 1e-3
-    jax.tree.map(lambda m, b, r: np.testing.assert_allclose(np.asarray(r) - np.asarray(b), m, atol=1e-3 * largest),
-                 moves, before.params, rematted.params)
+    jax.tree.map(
+        lambda m, b, r: np.testing.assert_allclose(np.asarray(r) - np.asarray(b), m, atol=1e-3 * largest),
+        moves,
+        before.params,
+        rematted.params,
+    )
     _assert_trees_close(plain.batch_stats, rematted.batch_stats, 1e-5, 1e-6, "batch_stats")
     trace = plain.opt_state[1].trace
     scale = max(float(np.abs(t).max()) for t in jax.tree.leaves(trace))
@@ -137,20 +150,28 @@ def test_remat_stages_saves_memory_in_the_training_steps_compilation():
     temps = {}
     for remat in ("none", "stages"):
         model = PMG(**{**TINY, "width": 8}, remat=remat)
-        variables = jax.eval_shape(lambda: init_variables(model, jax.random.PRNGKey(0), size))
+        variables = jax.eval_shape(lambda model=model: init_variables(model, jax.random.PRNGKey(0), size))
 
-        def loss(params, stats, x, y):
+        def loss(params, stats, x, y, model=model):
             logits, _ = model.apply({"params": params, "batch_stats": stats}, x, train=True, mutable=["batch_stats"])
             return _ce(logits[model_lib.CONCAT], y)
 
-        compiled = xla_options.jit(jax.grad(loss), program="train").lower(
-            variables["params"], variables["batch_stats"], jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32),
-            jax.ShapeDtypeStruct((batch,), jnp.int32)).compile()
+        compiled = (
+            xla_options.jit(jax.grad(loss), program="train")
+            .lower(
+                variables["params"],
+                variables["batch_stats"],
+                jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32),
+                jax.ShapeDtypeStruct((batch,), jnp.int32),
+            )
+            .compile()
+        )
         temps[remat] = compiled.memory_analysis().temp_size_in_bytes
     assert temps["stages"] < 0.8 * temps["none"], temps
 
 
 # --- gradient accumulation and the joint schedule (float64: the maths is exact) -----------------------------
+
 
 @pytest.fixture
 def x64():
@@ -163,8 +184,9 @@ def _sgd_iteration(accumulation_steps=1, schedule="progressive"):
     model = PMG(**TINY, dtype=jnp.float64)
     tx = optax.sgd(LR)
     state = _state(model, tx, jnp.float64)
-    step = jax.jit(make_train_step(model, tx, permutations=PERMS, accumulation_steps=accumulation_steps,
-                                   schedule=schedule))
+    step = jax.jit(
+        make_train_step(model, tx, permutations=PERMS, accumulation_steps=accumulation_steps, schedule=schedule)
+    )
     new, metrics = step(state, _batch(jnp.float64))
     assert int(metrics["nonfinite_pass"]) == 0
     return model, state, new
@@ -180,9 +202,11 @@ def test_accumulation_averages_the_micro_batch_gradients_of_each_pass(x64):
     @jax.jit
     def micro_grad(params, stats, x, y, weights):
         def loss(params):
-            logits, updated = model.apply({"params": params, "batch_stats": stats}, x, train=True,
-                                          mutable=["batch_stats"])
+            logits, updated = model.apply(
+                {"params": params, "batch_stats": stats}, x, train=True, mutable=["batch_stats"]
+            )
             return sum(w * _ce(z, y) for w, z in zip(weights, logits, strict=True)), updated["batch_stats"]
+
         return jax.grad(loss, has_aux=True)(params)
 
     params, stats = state.params, state.batch_stats
@@ -207,15 +231,17 @@ def test_joint_is_one_sgd_step_on_the_summed_loss(x64):
     x = jnp.concatenate([_view(batch["image"], p) for p in model_lib.PASSES])
 
     def loss(params):
-        logits, updated = model.apply({"params": params, "batch_stats": state.batch_stats}, x, train=True,
-                                      mutable=["batch_stats"])
-        terms = [(2.0 if p.jigsaw is None else 1.0) * _ce(logits[p.head][j * BATCH:(j + 1) * BATCH], batch["label"])
-                 for j, p in enumerate(model_lib.PASSES)]
+        logits, updated = model.apply(
+            {"params": params, "batch_stats": state.batch_stats}, x, train=True, mutable=["batch_stats"]
+        )
+        terms = [
+            (2.0 if p.jigsaw is None else 1.0) * _ce(logits[p.head][j * BATCH : (j + 1) * BATCH], batch["label"])
+            for j, p in enumerate(model_lib.PASSES)
+        ]
         return sum(terms), updated["batch_stats"]
 
     grads, stats = jax.jit(jax.grad(loss, has_aux=True))(state.params)
-    _assert_trees_close(jax.tree.map(lambda w, g: w - LR * g, state.params, grads), new.params, 1e-10, 1e-12,
-                        "params")
+    _assert_trees_close(jax.tree.map(lambda w, g: w - LR * g, state.params, grads), new.params, 1e-10, 1e-12, "params")
     _assert_trees_close(stats, new.batch_stats, 1e-10, 1e-12, "batch_stats")
 
 
@@ -223,8 +249,15 @@ def test_joint_is_one_sgd_step_on_the_summed_loss(x64):
 def test_learning_rate_epochs_count_the_schedules_updates(schedule, per_iteration):
     """With one iteration per epoch the cosine steps down every 4 updates (progressive) or every one (joint)."""
     epochs = 4
-    tx = make_optimizer(lr_new=1.0, lr_backbone=1.0, num_epochs=epochs, steps_per_epoch=1, momentum=0.0,
-                        weight_decay=0.0, schedule=schedule)
+    tx = make_optimizer(
+        lr_new=1.0,
+        lr_backbone=1.0,
+        num_epochs=epochs,
+        steps_per_epoch=1,
+        momentum=0.0,
+        weight_decay=0.0,
+        schedule=schedule,
+    )
     params = {"conv_block1_0": jnp.zeros(())}
     opt_state, lrs = tx.init(params), []
     for _ in range(8):
@@ -237,6 +270,7 @@ def test_learning_rate_epochs_count_the_schedules_updates(schedule, per_iteratio
 
 # --- ghost BatchNorm ---------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("shape", [(16, 5, 4, 3), (16, 6)])
 @pytest.mark.parametrize("group_stats", ["mean", "first"])
 def test_ghost_batchnorm_is_two_separate_batchnorms(x64, shape, group_stats):
@@ -247,12 +281,15 @@ def test_ghost_batchnorm_is_two_separate_batchnorms(x64, shape, group_stats):
     ghost = BatchNorm(momentum=0.1, dtype=jnp.float64, group_size=8, group_stats=group_stats)
     plain = BatchNorm(momentum=0.1, dtype=jnp.float64)
     variables = plain.init(jax.random.PRNGKey(2), x[:8], train=False)
-    variables = {"params": jax.tree.map(lambda v: v + jnp.arange(v.shape[0]) * 0.3, variables["params"]),
-                 "batch_stats": jax.tree.map(lambda v: v + 0.5, variables["batch_stats"])}
+    variables = {
+        "params": jax.tree.map(lambda v: v + jnp.arange(v.shape[0]) * 0.3, variables["params"]),
+        "batch_stats": jax.tree.map(lambda v: v + 0.5, variables["batch_stats"]),
+    }
 
     def run(module, params, x):
-        y, updated = module.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, train=True,
-                                  mutable=["batch_stats"])
+        y, updated = module.apply(
+            {"params": params, "batch_stats": variables["batch_stats"]}, x, train=True, mutable=["batch_stats"]
+        )
         return y, updated["batch_stats"]
 
     (y, stats), vjp = jax.vjp(lambda p, x: run(ghost, p, x), variables["params"], x)
@@ -264,8 +301,9 @@ def test_ghost_batchnorm_is_two_separate_batchnorms(x64, shape, group_stats):
     np.testing.assert_allclose(y, jnp.concatenate([halves[0][0], halves[1][0]]), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(d_x, jnp.concatenate([halves[0][3], halves[1][3]]), rtol=1e-10, atol=1e-12)
     _assert_trees_close(jax.tree.map(jnp.add, halves[0][2], halves[1][2]), d_params, 1e-10, 1e-12, "d_params")
-    want = halves[0][1] if group_stats == "first" else jax.tree.map(lambda a, b: (a + b) / 2, halves[0][1],
-                                                                     halves[1][1])
+    want = (
+        halves[0][1] if group_stats == "first" else jax.tree.map(lambda a, b: (a + b) / 2, halves[0][1], halves[1][1])
+    )
     _assert_trees_close(want, stats, 1e-12, 1e-12, "running statistics")
     with pytest.raises(ValueError, match="group_size=8 does not divide the batch of 12"):
         run(ghost, variables["params"], x[:12])
@@ -283,15 +321,16 @@ def test_ghost_batchnorm_reaches_every_batchnorm_of_pmg(x64):
         return model.apply(variables, x, train=True, mutable=["batch_stats"])
 
     logits, updated = jax.jit(lambda x: apply(grouped, x))(images)
-    want, want_updated = jax.jit(lambda x: apply(plain, x))(images[:BATCH // 2])
+    want, want_updated = jax.jit(lambda x: apply(plain, x))(images[: BATCH // 2])
     for w, g in zip(want, logits, strict=True):
-        np.testing.assert_allclose(g[:BATCH // 2], w, rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(g[: BATCH // 2], w, rtol=1e-9, atol=1e-9)
     _assert_trees_close(want_updated["batch_stats"], updated["batch_stats"], 1e-9, 1e-10, "batch_stats")
     other, _ = jax.jit(lambda x: apply(plain, x))(images)
-    assert not np.allclose(other[0][:BATCH // 2], logits[0][:BATCH // 2], atol=1e-3)  # grouping changes them
+    assert not np.allclose(other[0][: BATCH // 2], logits[0][: BATCH // 2], atol=1e-3)  # grouping changes them
 
 
 # --- config checks -----------------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def plain_backbone():
@@ -302,19 +341,22 @@ def plain_backbone():
     del backbones.REGISTRY[backbone.name]
 
 
-@pytest.mark.parametrize("overrides,devices,field", [
-    ({"schedule": "parallel"}, 1, "config.schedule="),
-    ({"accumulation_steps": 0}, 1, "config.accumulation_steps=0"),
-    ({"accumulation_steps": 3}, 1, "config.accumulation_steps=3"),
-    ({"accumulation_steps": 4}, 8, "config.accumulation_steps=4"),
-    ({"model.remat": "all"}, 1, "config.model.remat="),
-    ({"model.remat": "stages", "model.backbone": "resnet18_plain"}, 1, "config.model.remat='stages'"),
-    ({"model.bn_group_size": -8}, 1, "config.model.bn_group_size=-8"),
-    ({"model.bn_group_size": 5}, 1, "config.model.bn_group_size=5"),
-    ({"model.bn_group_size": 8, "accumulation_steps": 4}, 1, "config.model.bn_group_size=8"),
-    ({"model.bn_group_size": 8, "model.backbone": "resnet18_plain"}, 1, "config.model.bn_group_size=8"),
-    ({"model.bn_group_stats": "last"}, 1, "config.model.bn_group_stats="),
-])
+@pytest.mark.parametrize(
+    "overrides,devices,field",
+    [
+        ({"schedule": "parallel"}, 1, "config.schedule="),
+        ({"accumulation_steps": 0}, 1, "config.accumulation_steps=0"),
+        ({"accumulation_steps": 3}, 1, "config.accumulation_steps=3"),
+        ({"accumulation_steps": 4}, 8, "config.accumulation_steps=4"),
+        ({"model.remat": "all"}, 1, "config.model.remat="),
+        ({"model.remat": "stages", "model.backbone": "resnet18_plain"}, 1, "config.model.remat='stages'"),
+        ({"model.bn_group_size": -8}, 1, "config.model.bn_group_size=-8"),
+        ({"model.bn_group_size": 5}, 1, "config.model.bn_group_size=5"),
+        ({"model.bn_group_size": 8, "accumulation_steps": 4}, 1, "config.model.bn_group_size=8"),
+        ({"model.bn_group_size": 8, "model.backbone": "resnet18_plain"}, 1, "config.model.bn_group_size=8"),
+        ({"model.bn_group_stats": "last"}, 1, "config.model.bn_group_stats="),
+    ],
+)
 def test_bad_accelerator_options_are_refused_in_one_line(plain_backbone, overrides, devices, field):
     config = config_lib.get_config()
     for key, value in overrides.items():
@@ -341,6 +383,7 @@ def test_good_accelerator_options_pass_and_undeclared_build_options_are_refused(
 
 
 # --- the profile summariser --------------------------------------------------------------------------------
+
 
 def test_profile_summary_ranks_the_ops_of_a_cpu_trace(tmp_path):
     def sort_and_add(x, y):

@@ -1,7 +1,7 @@
 """ConvNeXt and ResNet-D against timm on the same weights, their conversion from timm files, and drop path."""
 
-import math
 import json
+import math
 
 import flax.errors
 import flax.linen as nn
@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
+from torchvision_stand_in import import_beside_cpu_torch
 
 from pmg_jax import backbones, convert
 from pmg_jax.backbones.convnext import Block, ConvNeXt, drop_path, layer_norm
-from torchvision_stand_in import import_beside_cpu_torch
 
 torch.set_num_threads(2)
 timm = import_beside_cpu_torch("timm")
@@ -117,8 +117,10 @@ def test_tiny_resnet_d_matches_timm_on_odd_sides(name):
     assert arch.channels == stage_channels(model)
     module = arch.build(jnp.float32, name=None)
     variables = convert.variables_from_torch(model.state_dict(), target=under_features(module, 100))
-    assert_maps_equal(jax.jit(module.apply, static_argnames="train")(features(variables), nhwc(x), train=False),
-                      stage_maps(model, x, resnet=True))
+    assert_maps_equal(
+        jax.jit(module.apply, static_argnames="train")(features(variables), nhwc(x), train=False),
+        stage_maps(model, x, resnet=True),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -138,14 +140,20 @@ def test_tiny_convnext_matches_timm_on_a_side_not_divisible_by_32(tiny_convnext)
     found = convert.infer_architecture(model.state_dict())
     assert found == convert.Architecture("convnext_tiny", 8, TINY_CONVNEXT["depths"], None, None)
     arch = backbones.resolve(found.backbone, found.width, found.stage_sizes)
-    assert (arch.stage_sizes, arch.channels) == (tuple(module.depths), stage_channels(model)) == \
-        (TINY_CONVNEXT["depths"], TINY_CONVNEXT["dims"])
-    assert_maps_equal(jax.jit(module.apply, static_argnames="train")(variables, nhwc(x), train=False),
-                      stage_maps(model, x, resnet=False))
+    assert (
+        (arch.stage_sizes, arch.channels)
+        == (tuple(module.depths), stage_channels(model))
+        == (TINY_CONVNEXT["depths"], TINY_CONVNEXT["dims"])
+    )
+    assert_maps_equal(
+        jax.jit(module.apply, static_argnames="train")(variables, nhwc(x), train=False),
+        stage_maps(model, x, resnet=False),
+    )
 
 
-@pytest.mark.parametrize("name", ["convnext_tiny", "convnext_small", "convnext_base", "resnet50d", "resnet101d",
-                                  "resnet18d", "resnet50"])
+@pytest.mark.parametrize(
+    "name", ["convnext_tiny", "convnext_small", "convnext_base", "resnet50d", "resnet101d", "resnet18d", "resnet50"]
+)
 def test_infer_architecture_names_timm_variants(name):
     model = timm.create_model(name, pretrained=False, device="meta")  # shapes only, no memory
     resnet = name.startswith("resnet")
@@ -160,12 +168,19 @@ def test_infer_architecture_names_timm_variants(name):
     assert arch.stage_sizes == tuple(len(s) for s in stages) and arch.channels == stage_channels(model)
 
 
-@pytest.mark.parametrize("name,kwargs,expected", [
-    ("convnext_atto", {}, "1x1-convolution MLPs (timm's conv_mlp=True"),
-    ("convnext_tiny", {"dims": (8, 16, 24, 32)}, "a ConvNeXt with channels (8, 16, 24, 32): only those that double"),
-    ("resnet50c", {}, "a deep stem but a strided-conv shortcut"),
-    ("resnet26t", {}, "deep stem has (24, 32, 64) channels: only ResNet-D's (width/2, width/2, width)"),
-])
+@pytest.mark.parametrize(
+    "name,kwargs,expected",
+    [
+        ("convnext_atto", {}, "1x1-convolution MLPs (timm's conv_mlp=True"),
+        (
+            "convnext_tiny",
+            {"dims": (8, 16, 24, 32)},
+            "a ConvNeXt with channels (8, 16, 24, 32): only those that double",
+        ),
+        ("resnet50c", {}, "a deep stem but a strided-conv shortcut"),
+        ("resnet26t", {}, "deep stem has (24, 32, 64) channels: only ResNet-D's (width/2, width/2, width)"),
+    ],
+)
 def test_infer_architecture_refuses_unsupported_timm_variants(name, kwargs, expected):
     model = timm.create_model(name, pretrained=False, device="meta", **kwargs)
     with pytest.raises(convert.ConversionError, match=expected.replace("(", r"\(").replace(")", r"\)")):
@@ -185,13 +200,22 @@ def tiny_files(tmp_path_factory):
     return d
 
 
-@pytest.mark.parametrize("file,expected", [
-    ("truncated.safetensors", r"truncated\.safetensors: cannot read it as a safetensors file \(truncated or corrupt"),
-    ("vgg.safetensors", r"vgg\.safetensors: not a state dict of a known backbone or PMG"),
-    ("resnet50d.safetensors", r"^weights do not match the model: missing \d+: params/features/stages_0/.*; unexpected "
-                              r"\d+: batch_stats/features/bn1/mean, .* \(.*resnet50d\.safetensors holds a resnet50d "
-                              r"backbone \(blocks \(1, 1, 1, 1\), channels \(32, 64, 128, 256\)\)\)$"),
-])
+@pytest.mark.parametrize(
+    "file,expected",
+    [
+        (
+            "truncated.safetensors",
+            r"truncated\.safetensors: cannot read it as a safetensors file \(truncated or corrupt",
+        ),
+        ("vgg.safetensors", r"vgg\.safetensors: not a state dict of a known backbone or PMG"),
+        (
+            "resnet50d.safetensors",
+            r"^weights do not match the model: missing \d+: params/features/stages_0/.*; unexpected "
+            r"\d+: batch_stats/features/bn1/mean, .* \(.*resnet50d\.safetensors holds a resnet50d "
+            r"backbone \(blocks \(1, 1, 1, 1\), channels \(32, 64, 128, 256\)\)\)$",
+        ),
+    ],
+)
 def test_load_backbone_refuses_bad_files_in_one_line(tiny_files, file, expected):
     target = under_features(ConvNeXt(**TINY_CONVNEXT), 64)
     with pytest.raises(convert.ConversionError, match=expected) as error:
@@ -211,10 +235,13 @@ def test_load_backbone_keeps_the_rest_and_needs_no_batch_stats_for_convnext(tiny
     assert loaded["batch_stats"] is heads
     np.testing.assert_array_equal(loaded["params"]["classifier1_4"]["kernel"], np.full((3, 2), 5.0))
     want = safetensors.torch.load_file(str(tiny_files / "convnext_tiny.safetensors"))
-    np.testing.assert_array_equal(loaded["params"]["features"]["stages_2"]["blocks_0"]["gamma"],
-                                  want["stages.2.blocks.0.gamma"].numpy())
-    np.testing.assert_array_equal(loaded["params"]["features"]["stages_2"]["blocks_0"]["conv_dw"]["kernel"],
-                                  want["stages.2.blocks.0.conv_dw.weight"].numpy().transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(
+        loaded["params"]["features"]["stages_2"]["blocks_0"]["gamma"], want["stages.2.blocks.0.gamma"].numpy()
+    )
+    np.testing.assert_array_equal(
+        loaded["params"]["features"]["stages_2"]["blocks_0"]["conv_dw"]["kernel"],
+        want["stages.2.blocks.0.conv_dw.weight"].numpy().transpose(2, 3, 1, 0),
+    )
 
 
 def test_bfloat16_compute_keeps_float32_parameters_and_stays_near_timm(tiny_convnext):
@@ -243,23 +270,26 @@ def test_bfloat16_layer_norm_statistics_are_float32():
 
 def test_convnext_needs_four_stages():
     with pytest.raises(ValueError, match=r"ConvNeXt needs 4 depths and 4 dims, got \(1, 1, 1\) and \(8, 16, 32\)"):
-        jax.eval_shape(lambda: ConvNeXt((1, 1, 1), (8, 16, 32)).init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)),
-                                                                      train=False))
+        jax.eval_shape(
+            lambda: ConvNeXt((1, 1, 1), (8, 16, 32)).init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)
+        )
 
 
 def test_layer_scale_starts_at_its_init_value():
     block = Block(layer_scale_init=1e-6)
     variables = jax.jit(lambda key: block.init(key, jnp.zeros((1, 8, 8, 4)), train=False))(jax.random.PRNGKey(0))
     np.testing.assert_array_equal(variables["params"]["gamma"], np.full(4, 1e-6, np.float32))
-    no_scale = jax.eval_shape(lambda: Block(layer_scale_init=None).init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 4)),
-                                                                        train=False))
+    no_scale = jax.eval_shape(
+        lambda: Block(layer_scale_init=None).init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 4)), train=False)
+    )
     assert "gamma" not in no_scale["params"]
 
 
 def test_drop_path_rates_rise_linearly_over_the_blocks_as_timm():
     depths, rate = (2, 1, 3, 2), 0.35
-    model = timm.create_model("convnext_tiny", pretrained=False, device="meta", depths=depths, dims=(8, 16, 32, 64),
-                              drop_path_rate=rate)
+    model = timm.create_model(
+        "convnext_tiny", pretrained=False, device="meta", depths=depths, dims=(8, 16, 32, 64), drop_path_rate=rate
+    )
     want = [getattr(b.drop_path, "drop_prob", 0.0) for s in model.stages for b in s.blocks]
     got = []
 
@@ -269,8 +299,11 @@ def test_drop_path_rates_rise_linearly_over_the_blocks_as_timm():
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(record):
-        jax.eval_shape(lambda: ConvNeXt(depths, (8, 16, 32, 64), drop_path_rate=rate).init(
-            jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False))
+        jax.eval_shape(
+            lambda: ConvNeXt(depths, (8, 16, 32, 64), drop_path_rate=rate).init(
+                jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False
+            )
+        )
     np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
@@ -296,8 +329,9 @@ def test_train_mode_drop_path_draws_from_the_dropout_rng(tiny_convnext):
     assert not np.allclose(a, b)
     eval_out = apply(variables, x, train=False)[-1]
     assert not np.allclose(a, eval_out) and not np.allclose(b, eval_out)
-    np.testing.assert_array_equal(jax.jit(dropping.apply, static_argnames="train")(variables, x, train=False)[-1],
-                                  eval_out)  # no drop path in eval mode
+    np.testing.assert_array_equal(
+        jax.jit(dropping.apply, static_argnames="train")(variables, x, train=False)[-1], eval_out
+    )  # no drop path in eval mode
     with pytest.raises(flax.errors.InvalidRngError):
         jax.eval_shape(lambda: dropping.apply(variables, x, train=True))  # train mode needs a 'dropout' rng
     # at rate 0, train mode draws nothing and equals eval mode
@@ -314,9 +348,18 @@ def test_tiny_convnext_pmg_trains_with_stochastic_depth_and_explains(tmp_path):
     from pmg_jax import loop
     from pmg_jax.cli import explain as explain_cli
 
-    c = tiny_demo_config(**{"model.backbone": "convnext_tiny", "model.width": 8, "model.stage_sizes": (1, 1, 1, 1),
-                            "model.feature_size": 16, "model.drop_path_rate": 0.2, "num_epochs": 1,
-                            "dataset.demo_train_size": 48, "dataset.demo_test_size": 16})
+    c = tiny_demo_config(
+        **{
+            "model.backbone": "convnext_tiny",
+            "model.width": 8,
+            "model.stage_sizes": (1, 1, 1, 1),
+            "model.feature_size": 16,
+            "model.drop_path_rate": 0.2,
+            "num_epochs": 1,
+            "dataset.demo_train_size": 48,
+            "dataset.demo_test_size": 16,
+        }
+    )
     best = loop.train_and_evaluate(c, str(tmp_path))
     lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     losses = [v for line in lines if line["kind"] == "train" for k, v in line.items() if k.startswith("loss")]
@@ -330,7 +373,6 @@ def test_tiny_convnext_pmg_trains_with_stochastic_depth_and_explains(tmp_path):
 @pytest.mark.parametrize("source", ["folder", "tfds"])
 def test_convnext_config_is_valid_and_stochastic_depth_is_refused_on_a_resnet(source):
     from configs import cub_convnext_tiny
-
     from pmg_jax import validate
     from pmg_jax.errors import ConfigError
 

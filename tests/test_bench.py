@@ -54,8 +54,14 @@ def _residual_block(size: int, cin: int, planes: int, stride: int, bottleneck: b
     return macs, out, cout
 
 
-def forward_macs(size: int, num_classes: int, backbone: str = "resnet50", width: int = 64,
-                 feature_size: int = 512, stage_sizes: tuple[int, ...] | None = None) -> int:
+def forward_macs(
+    size: int,
+    num_classes: int,
+    backbone: str = "resnet50",
+    width: int = 64,
+    feature_size: int = 512,
+    stage_sizes: tuple[int, ...] | None = None,
+) -> int:
     """Multiply-accumulates of one PMG forward on one size x size image (all four heads)."""
     bottleneck = backbone != "resnet18"
     macs, side = _conv(size, 3, width, 7, 2, 3)
@@ -78,8 +84,9 @@ def _pmg_macs(stages: list[tuple[int, int]], feature_size: int, num_classes: int
     return macs + 3 * hidden * feature_size + feature_size * num_classes
 
 
-def convnext_forward_macs(size: int, num_classes: int, width: int = 96, stage_sizes=(3, 3, 9, 3),
-                          feature_size: int = 512) -> int:
+def convnext_forward_macs(
+    size: int, num_classes: int, width: int = 96, stage_sizes=(3, 3, 9, 3), feature_size: int = 512
+) -> int:
     """The same for a ConvNeXt PMG, from timm's ConvNeXt: a 7x7 depthwise conv is 49 MACs per output value."""
     macs, side = _conv(size, 3, width, 4, 4)  # the patchify stem
     stages = []
@@ -93,21 +100,27 @@ def convnext_forward_macs(size: int, num_classes: int, width: int = 96, stage_si
     return macs + _pmg_macs(stages, feature_size, num_classes)
 
 
-@pytest.mark.parametrize("size,model", [
-    (448, {"num_classes": 200}),
-    (224, {"num_classes": 200, "backbone": "resnet18"}),
-    (96, TINY),
-])
+@pytest.mark.parametrize(
+    "size,model",
+    [
+        (448, {"num_classes": 200}),
+        (224, {"num_classes": 200, "backbone": "resnet18"}),
+        (96, TINY),
+    ],
+)
 def test_flop_counter_matches_a_count_by_hand(size, model):
     """The jaxpr-based counter equals the architecture's convolutions and linear layers counted by hand."""
     assert flops.eval_flops(2, size=size, **model) == 2 * 2 * forward_macs(size, **model)
     assert flops.train_iteration_flops(2, size=size, **model) == 12 * flops.eval_flops(2, size=size, **model)
 
 
-@pytest.mark.parametrize("size,model", [
-    (224, {"num_classes": 200}),
-    (64, {"num_classes": 5, "width": 8, "stage_sizes": (1, 2, 1, 1), "feature_size": 16}),
-])
+@pytest.mark.parametrize(
+    "size,model",
+    [
+        (224, {"num_classes": 200}),
+        (64, {"num_classes": 5, "width": 8, "stage_sizes": (1, 2, 1, 1), "feature_size": 16}),
+    ],
+)
 def test_flop_counter_counts_convnext_depthwise_convolutions_per_group(size, model):
     got = flops.forward_macs(size=size, backbone="convnext_tiny", **model)
     assert got == convnext_forward_macs(size, **model)
@@ -137,7 +150,9 @@ def test_bn_stats_used_keeps_learning_and_skips_dead_forward():
         results[mode] = (new_state, (cost[0] if isinstance(cost, list) else cost)["flops"])
     (all_state, all_flops), (used_state, used_flops) = results["all"], results["used"]
     assert used_flops < 0.97 * all_flops, (used_flops, all_flops)  # 6% here, 16% for ResNet50 PMG: dead code dropped
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), all_state.params, used_state.params)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), all_state.params, used_state.params
+    )
     for path, a in flatten_dict(all_state.batch_stats).items():
         b = flatten_dict(used_state.batch_stats)[path]
         shared = path[0] == "features" and not path[1].startswith(("layer3", "layer4"))
@@ -151,12 +166,19 @@ SMOKE = ["--backbone", "resnet18", "--width", "8", "--feature-size", "16", "--st
 
 def test_gpu_sh_tiny_runs_every_benchmark(tmp_path):
     out = tmp_path / "gpu.jsonl"
-    proc = subprocess.run(["bash", "bench/gpu.sh", "--tiny", str(out)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=1200, env={**os.environ, "PMG_BENCH_BUDGET_S": "1100"})
+    proc = subprocess.run(
+        ["bash", "bench/gpu.sh", "--tiny", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        env={**os.environ, "PMG_BENCH_BUDGET_S": "1100"},
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     headlines = [json.loads(line) for line in open(out) if '"headline"' in line]
     assert {(h["bench"], h["dtype"]) for h in headlines} == {("cam", "bfloat16")} | {
-        (bench, dtype) for bench in ("train", "eval", "torch_train") for dtype in ("float32", "bfloat16")}
+        (bench, dtype) for bench in ("train", "eval", "torch_train") for dtype in ("float32", "bfloat16")
+    }
     for h in headlines:
         assert h["images_per_s"] > 0 and h["peak_memory_bytes"] > 0, h
         if h["bench"] == "cam":
@@ -179,7 +201,8 @@ def test_train_bench_can_force_either_channel_sum_form():
     x = jnp.arange(24.0).reshape(2, 3, 4)
     # one function per choice: a jitted (or make_jaxpr'd) function keeps its first trace
     bn = lambda form: kernels.traced(
-        lambda a: kernels.batch_norm_train(a, jnp.ones(4), jnp.zeros(4), 1e-5, jnp.dtype(jnp.float32)), choice(form))
+        lambda a: kernels.batch_norm_train(a, jnp.ones(4), jnp.zeros(4), 1e-5, jnp.dtype(jnp.float32)), choice(form)
+    )
     # BatchNorm's statistics go through the forced form and agree with the default's
     _, mean, _ = bn("reduce")(x)
     np.testing.assert_allclose(mean, np.asarray(x).mean((0, 1)), rtol=1e-6)
@@ -203,7 +226,9 @@ def test_train_bench_autodiff_layers_compute_the_same_iteration():
     batch = {"image": jnp.asarray(data["image"]), "label": jnp.asarray(data["label"])}
     results = {}
     for kind in ("custom", "autodiff"):
-        step = kernels.traced(make_train_step(net, tx), train_bench.kernel_choice(train_bench.parse(["--layers", kind])))
+        step = kernels.traced(
+            make_train_step(net, tx), train_bench.kernel_choice(train_bench.parse(["--layers", kind]))
+        )
         results[kind] = (jax.jit(step)(state, batch)[0], str(jax.make_jaxpr(step)(state, batch)))
     (custom, custom_jaxpr), (plain, plain_jaxpr) = results["custom"], results["autodiff"]
     assert "custom_vjp_call" in custom_jaxpr and "reduce_window_max" not in custom_jaxpr
@@ -211,10 +236,15 @@ def test_train_bench_autodiff_layers_compute_the_same_iteration():
     moves = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), custom.params, state.params)
     largest = max(float(np.abs(m).max()) for m in jax.tree.leaves(moves))
     assert largest > 1e-3  # the iteration did move the parameters
-    jax.tree.map(lambda m, a, b: np.testing.assert_allclose(np.asarray(b) - np.asarray(a), m, atol=1e-3 * largest),
-                 moves, state.params, plain.params)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-                 custom.batch_stats, plain.batch_stats)
+    jax.tree.map(
+        lambda m, a, b: np.testing.assert_allclose(np.asarray(b) - np.asarray(a), m, atol=1e-3 * largest),
+        moves,
+        state.params,
+        plain.params,
+    )
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), custom.batch_stats, plain.batch_stats
+    )
     with pytest.raises(SystemExit):
         train_bench.parse(["--layers", "fast"])
 
@@ -225,8 +255,9 @@ def test_bench_winograd_off_makes_every_convolution_direct():
     x, w = jnp.zeros((8, 56, 56, 256)), jnp.zeros((3, 3, 256, 256))
     assert kernels.use_winograd(x.shape, w.shape, 1, 1, x.dtype)  # the shape qualifies ...
     for flag, winograd in (("auto", True), ("off", False)):
-        conv = kernels.traced(lambda x, w: kernels.conv2d(x, w, 1, 1),
-                              train_bench.kernel_choice(train_bench.parse(["--winograd", flag])))
+        conv = kernels.traced(
+            lambda x, w: kernels.conv2d(x, w, 1, 1), train_bench.kernel_choice(train_bench.parse(["--winograd", flag]))
+        )
         jaxpr = str(jax.make_jaxpr(conv)(x, w))
         assert ("platform_index" in jaxpr) == winograd, flag  # ... and only 'auto' takes the Winograd path
     with pytest.raises(ValueError, match="winograd"):
@@ -236,8 +267,23 @@ def test_bench_winograd_off_makes_every_convolution_direct():
 def test_train_bench_alternates_variants_and_reports_their_time_ratios(capsys):
     from bench import train as train_bench
 
-    headline = train_bench.main(["--size", "64", "--batch", "2", "--steps", "2", "--warmup", "0", *SMOKE,
-                                 "--schedule", "joint", "--remat", "none,stages"])
+    headline = train_bench.main(
+        [
+            "--size",
+            "64",
+            "--batch",
+            "2",
+            "--steps",
+            "2",
+            "--warmup",
+            "0",
+            *SMOKE,
+            "--schedule",
+            "joint",
+            "--remat",
+            "none,stages",
+        ]
+    )
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     names = ["remat=none,schedule=joint", "remat=stages,schedule=joint"]
     steps = [(l["variant"], l["round"]) for l in lines if l.get("kind") == "step"]
@@ -256,14 +302,16 @@ def test_train_bench_alternates_variants_and_reports_their_time_ratios(capsys):
 def test_memory_bench_reads_xla_buffer_sizes_per_case(capsys):
     from bench import memory
 
-    records = memory.main(["--size", "64", "--batch", "4", *SMOKE,
-                           "--cases", "float32:none:1:joint,float32:stages:2:joint"])
+    records = memory.main(
+        ["--size", "64", "--batch", "4", *SMOKE, "--cases", "float32:none:1:joint,float32:stages:2:joint"]
+    )
     out = capsys.readouterr().out.splitlines()
     assert [json.loads(line) for line in out[:2]] == records
     for r in records:
         assert r["temp_size_in_bytes"] > 0 and r["argument_size_in_bytes"] > 0
-        assert r["total_bytes"] == (r["argument_size_in_bytes"] + r["output_size_in_bytes"] - r["alias_size_in_bytes"]
-                                    + r["temp_size_in_bytes"])
+        assert r["total_bytes"] == (
+            r["argument_size_in_bytes"] + r["output_size_in_bytes"] - r["alias_size_in_bytes"] + r["temp_size_in_bytes"]
+        )
     assert [(r["remat"], r["accumulation_steps"]) for r in records] == [("none", 1), ("stages", 2)]
     assert out[2].startswith("| dtype | remat |") and out[4].startswith("| float32 | none | 1 | joint |")
     with pytest.raises(SystemExit):
@@ -296,8 +344,13 @@ def test_compare_in_fresh_processes_takes_the_median_ratio(capsys):
 
 
 def test_input_pipeline_bench_runs_and_its_goal_follows_from_its_figures():
-    proc = subprocess.run(["python", "-m", "bench.input_pipeline", "--images", "8", "--batch", "4", "--batches", "2",
-                           "--rounds", "1"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        ["python", "-m", "bench.input_pipeline", "--images", "8", "--batch", "4", "--batches", "2", "--rounds", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
     pipes = {(l["measurement"], l["workers"]): l for l in lines if l["measurement"].startswith("pipeline_")}
@@ -308,7 +361,9 @@ def test_input_pipeline_bench_runs_and_its_goal_follows_from_its_figures():
         two = pipes[f"pipeline_{output}", 2]
         goal = goals[f"goal_{output}_2_workers_vs_2x_raw_1_thread"]
         assert (goal["images_per_s"], goal["raw_1_thread_images_per_s"]) == (
-            two["images_per_s"], two["raw_1_thread_images_per_s_just_before"])  # one round: the same pair
+            two["images_per_s"],
+            two["raw_1_thread_images_per_s_just_before"],
+        )  # one round: the same pair
         want = goal["images_per_s"] / (2 * goal["raw_1_thread_images_per_s"])
         assert goal["ratio"] == pytest.approx(want, abs=2e-3) and goal["met"] == (goal["ratio"] >= 0.8)
     assert lines[-1]["measurement"] == "goal_uint8_2_workers_vs_2x_raw_1_thread"  # the headline last

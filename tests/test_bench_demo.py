@@ -12,9 +12,19 @@ from bench import demo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A few seconds of training per seed (a tiny model, as tests/test_robustness.py's TINY).
-TINY = ["dataset.demo_train_size=48", "dataset.demo_test_size=24", "dataset.demo_image_size=40",
-        "data.resize_size=40", "data.crop_size=32", "model.width=8", "model.feature_size=16",
-        "batch_size=8", "eval_batch_size=8", "num_epochs=2", "log_every_steps=3"]
+TINY = [
+    "dataset.demo_train_size=48",
+    "dataset.demo_test_size=24",
+    "dataset.demo_image_size=40",
+    "data.resize_size=40",
+    "data.crop_size=32",
+    "model.width=8",
+    "model.feature_size=16",
+    "batch_size=8",
+    "eval_batch_size=8",
+    "num_epochs=2",
+    "log_every_steps=3",
+]
 SEED_FIELDS = {"seed", "combined", "best_combined", "best_epoch", "seconds", "cpu_seconds", "epochs", "uptime"}
 SUMMARY_FIELDS = {"summary", "seeds", "mean", "min", "max", "mean_best", "max_seconds", "commit", "date", "uptime"}
 
@@ -22,8 +32,9 @@ SUMMARY_FIELDS = {"summary", "seeds", "mean", "min", "max", "mean_best", "max_se
 def bench(*args: str) -> subprocess.CompletedProcess:
     """Run bench/demo.py; on a timeout its train.py children go too (they share its process group)."""
     cmd = [sys.executable, "-m", "bench.demo", *args]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         out, err = proc.communicate(timeout=900)
     except subprocess.TimeoutExpired:
@@ -54,7 +65,7 @@ def test_one_line_per_seed_then_a_summary_with_the_runs_own_accuracies(tmp_path)
         best = max(c for _, c in evals)
         assert run["best_combined"] == best
         assert run["best_epoch"] == max(e for e, c in evals if c == best)  # a tie goes to the later epoch
-        assert 0 < run["cpu_seconds"] and 0 < run["seconds"] and "load average" in run["uptime"]
+        assert run["cpu_seconds"] > 0 and run["seconds"] > 0 and "load average" in run["uptime"]
     finals = [r["combined"] for r in runs]
     assert set(summary) == SUMMARY_FIELDS and summary["summary"] is True and summary["seeds"] == [0, 1]
     assert summary["mean"] == pytest.approx(sum(finals) / 2)
@@ -79,8 +90,11 @@ def test_final_is_the_last_evaluation_and_the_best_tie_goes_to_the_later_epoch(t
 
 def test_bad_input_is_one_line_naming_the_flag(tmp_path):
     (tmp_path / "seed0").mkdir()
-    for args, flag in ((["--override", "num_epochs"], "--override"), (["--config", "configs/nope.py"], "--config"),
-                       (["--workdirs", str(tmp_path)], "--workdirs")):
+    for args, flag in (
+        (["--override", "num_epochs"], "--override"),
+        (["--config", "configs/nope.py"], "--config"),
+        (["--workdirs", str(tmp_path)], "--workdirs"),
+    ):
         done = bench("--seeds", "0", *args)
         assert done.returncode == 2 and done.stdout == ""
         assert done.stderr.strip().splitlines()[-1].startswith(f"demo.py: error: {flag}"), done.stderr

@@ -5,11 +5,12 @@ import os
 import jax
 import numpy as np
 import pytest
-
 from conftest import tiny_demo_config
+
 from pmg_jax import checkpoint as ckpt_lib
-from pmg_jax import loop, steps as steps_lib
+from pmg_jax import loop
 from pmg_jax import state as state_lib
+from pmg_jax import steps as steps_lib
 
 # combined accuracy per epoch: up, down, up again but not as high, then a tie with the best
 SCRIPTED = (30.0, 60.0, 40.0, 50.0, 60.0, 20.0)
@@ -35,10 +36,21 @@ def _scripted_evaluate(saved_params: dict):
 def scripted_run(tmp_path_factory):
     """A tiny run with keep=1 whose eval accuracy goes up, down, up, ties and falls."""
     workdir = str(tmp_path_factory.mktemp("best_run"))
-    config = tiny_demo_config(**{"dataset.demo_train_size": 32, "dataset.demo_test_size": 8, "model.width": 8,
-                                 "model.feature_size": 16, "data.crop_size": 32, "data.resize_size": 40,
-                                 "dataset.demo_image_size": 40, "batch_size": 8, "eval_batch_size": 8,
-                                 "num_epochs": len(SCRIPTED), "checkpoint.keep": 1})
+    config = tiny_demo_config(
+        **{
+            "dataset.demo_train_size": 32,
+            "dataset.demo_test_size": 8,
+            "model.width": 8,
+            "model.feature_size": 16,
+            "data.crop_size": 32,
+            "data.resize_size": 40,
+            "dataset.demo_image_size": 40,
+            "batch_size": 8,
+            "eval_batch_size": 8,
+            "num_epochs": len(SCRIPTED),
+            "checkpoint.keep": 1,
+        }
+    )
     params: dict = {}
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(steps_lib, "evaluate", _scripted_evaluate(params))

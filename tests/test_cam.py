@@ -4,7 +4,6 @@ Tolerances: activations agree to 1e-4 and gradients to 1e-5 (absolute; activatio
 gradients O(0.1-1)); maps, which are in [0, 1], to 1e-4 at every pixel.
 """
 
-
 import cv2
 import jax
 import jax.numpy as jnp
@@ -12,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_parity import flax_variables, nhwc, torch_pmg
 
 from pmg_jax import cam
 from pmg_jax.data import synthetic
 from pmg_jax.model import PMG
-from test_parity import flax_variables, nhwc, torch_pmg
 
 GRADIENT_METHODS = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam")
 ACT_TOL, GRAD_TOL, MAP_TOL = 1e-4, 1e-5, 1e-4
@@ -26,15 +25,18 @@ TINY_SIZE = 64
 
 # ---- an independent computation: PyTorch autograd through forward hooks, CAM formulas in torch ----
 
+
 def torch_modules(model) -> dict:
     """The torch modules whose outputs are the maps of cam.MAP_NAMES (concat aside)."""
-    return {**{f"block{k}": getattr(model, f"conv_block{k}") for k in (1, 2, 3)},
-            **{f"layer{k}": getattr(model.features, f"layer{k}") for k in (2, 3, 4)}}
+    return {
+        **{f"block{k}": getattr(model, f"conv_block{k}") for k in (1, 2, 3)},
+        **{f"layer{k}": getattr(model.features, f"layer{k}") for k in (2, 3, 4)},
+    }
 
 
 def torch_score(z: torch.Tensor, target: str, classes=None) -> torch.Tensor:
     if target == "seed":
-        return 0.5 * (z ** 2).sum()
+        return 0.5 * (z**2).sum()
     idx = z.argmax(1) if target == "predicted" else torch.as_tensor(classes)
     return z.gather(1, idx[:, None]).sum()
 
@@ -48,9 +50,10 @@ def torch_capture(model, x: torch.Tensor, requests, target="predicted", classes=
     logits = model(x)
     for h in handles:
         h.remove()
-    grads = {(name, head): torch.autograd.grad(torch_score(logits[head], target, classes), acts[name],
-                                               retain_graph=True)[0]
-             for name, head in requests}
+    grads = {
+        (name, head): torch.autograd.grad(torch_score(logits[head], target, classes), acts[name], retain_graph=True)[0]
+        for name, head in requests
+    }
     return acts, grads
 
 
@@ -60,8 +63,8 @@ def torch_raw(method: str, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     if method == "gradcam":
         w = g.mean((2, 3), keepdim=True)
     elif method == "gradcam++":
-        denom = 2 * g ** 2 + s(a) * g ** 3
-        alpha = torch.where(denom != 0, g ** 2 / torch.where(denom != 0, denom, torch.ones_like(denom)), 0.0)
+        denom = 2 * g**2 + s(a) * g**3
+        alpha = torch.where(denom != 0, g**2 / torch.where(denom != 0, denom, torch.ones_like(denom)), 0.0)
         w = s(alpha * F.relu(g))
     elif method == "xgradcam":
         w = s(a * g) / (s(a) + 1e-7)
@@ -88,8 +91,9 @@ def torch_maps(model, x, maps, method, target="predicted", classes=None, concat=
     for name in maps:
         if name == "concat":
             parts = [raw[(b, 3 if concat == "head" else cam.HEAD_OF[b])] for b in cam.BLOCKS]
-            up = sum(F.interpolate(p[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
-                     for p in parts)
+            up = sum(
+                F.interpolate(p[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0] for p in parts
+            )
             m = F.relu(up)
             out[name] = m / torch.where(m.amax((1, 2), keepdim=True) > 0, m.amax((1, 2), keepdim=True), 1.0)
         else:
@@ -99,10 +103,18 @@ def torch_maps(model, x, maps, method, target="predicted", classes=None, concat=
 
 # ---- fixtures ----
 
+
 @pytest.fixture(scope="module")
 def tiny_pair():
-    model_t = torch_pmg(TINY["backbone"], TINY["width"], TINY["stage_sizes"], TINY["feature_size"],
-                        TINY["num_classes"], seed=5, size=TINY_SIZE)
+    model_t = torch_pmg(
+        TINY["backbone"],
+        TINY["width"],
+        TINY["stage_sizes"],
+        TINY["feature_size"],
+        TINY["num_classes"],
+        seed=5,
+        size=TINY_SIZE,
+    )
     model_j = PMG(**TINY)
     x = torch.randn(3, 3, TINY_SIZE, TINY_SIZE, generator=torch.Generator().manual_seed(2))
     return model_t, model_j, flax_variables(model_t, model_j, TINY_SIZE), x
@@ -113,6 +125,7 @@ def nchw_to_nhwc(t: torch.Tensor) -> np.ndarray:
 
 
 # ---- tests ----
+
 
 def test_resnet50_gradients_and_maps_match_pytorch():
     """Full ResNet50 PMG at 224, batch 2: activations, gradients and five methods' maps at every block."""
@@ -126,8 +139,9 @@ def test_resnet50_gradients_and_maps_match_pytorch():
     captured = jax.jit(lambda v, x: cam.capture(model_j, v, x, requests))(variables, nhwc(x))
     for name, head in requests:
         np.testing.assert_allclose(captured.acts[name], nchw_to_nhwc(acts_t[name]), atol=ACT_TOL, rtol=0, err_msg=name)
-        np.testing.assert_allclose(captured.grads[(name, head)], nchw_to_nhwc(grads_t[(name, head)]), atol=GRAD_TOL,
-                                   rtol=0, err_msg=name)
+        np.testing.assert_allclose(
+            captured.grads[(name, head)], nchw_to_nhwc(grads_t[(name, head)]), atol=GRAD_TOL, rtol=0, err_msg=name
+        )
     finish = jax.jit(cam.maps_from_capture, static_argnames=("method", "maps", "size"))
     for method in GRADIENT_METHODS:
         got = finish(captured, method=method, maps=cam.BLOCKS, size=(224, 224))
@@ -167,8 +181,9 @@ def test_seed_target_and_concat_reproduce_the_seed(tiny_pair):
     x = cam.prepare(image, TINY_SIZE, (0.5,) * 3, (0.5,) * 3)
     raw = {}
     for k in (1, 2, 3):  # the seed: a fresh forward and backward for each block
-        acts, grads = torch_capture(model_t, torch.from_numpy(x.transpose(2, 0, 1)[None].copy()),
-                                    [(f"block{k}", k - 1)], target="seed")
+        acts, grads = torch_capture(
+            model_t, torch.from_numpy(x.transpose(2, 0, 1)[None].copy()), [(f"block{k}", k - 1)], target="seed"
+        )
         a = acts[f"block{k}"][0].detach().numpy()
         g = grads[(f"block{k}", k - 1)][0].numpy()
         raw[k] = np.tensordot(g.mean(axis=(1, 2)), a, axes=1)  # sum_c w_c A_c, w_c = spatial mean of dS/dA_c
@@ -189,7 +204,7 @@ def test_any_batch_size_gives_per_image_maps(tiny_pair):
     explainer = cam.make_explainer(model_j, cam.MAP_NAMES)
     batch = explainer(variables, nhwc(x))
     for i in range(3):
-        single = explainer(variables, nhwc(x[i:i + 1]))
+        single = explainer(variables, nhwc(x[i : i + 1]))
         for name in cam.MAP_NAMES:
             np.testing.assert_allclose(single.maps[name][0], batch.maps[name][i], atol=1e-5, err_msg=name)
 
@@ -227,13 +242,12 @@ def test_bfloat16_model_gives_valid_maps(tiny_pair):
     model = PMG(**TINY, dtype=jnp.bfloat16)
     out = cam.make_explainer(model, cam.MAP_NAMES)(variables, nhwc(x))
     for name, m in out.maps.items():
-        assert m.dtype == jnp.float32 and np.all(np.isfinite(m)) and 0 <= m.min() and m.max() <= 1, name
+        assert m.dtype == jnp.float32 and np.all(np.isfinite(m)) and m.min() >= 0 and m.max() <= 1, name
 
 
 def test_options_are_checked():
     model = PMG(**TINY)
-    for kwargs in ({"method": "gradcam+"}, {"target": "label"}, {"concat": "sum"}, {"maps": ("block4",)},
-                   {"maps": ()}):
+    for kwargs in ({"method": "gradcam+"}, {"target": "label"}, {"concat": "sum"}, {"maps": ("block4",)}, {"maps": ()}):
         with pytest.raises(ValueError):
             cam.make_explainer(model, **kwargs)
     with pytest.raises(ValueError, match="classes"):
@@ -250,8 +264,12 @@ def test_default_cam_input_gives_the_maps_of_pil_resized_input(tiny_pair):
     photos = [np.ascontiguousarray(getattr(skimage.data, n)()[..., :3]) for n in ("astronaut", "coffee", "rocket")]
     mean = std = (0.5, 0.5, 0.5)
     ours = np.stack([cam.prepare(p, TINY_SIZE, mean, std) for p in photos])
-    pil = np.stack([(np.asarray(Image.fromarray(p).resize((TINY_SIZE,) * 2, Image.BILINEAR), np.float32) / 255 - 0.5)
-                    / 0.5 for p in photos])
+    pil = np.stack(
+        [
+            (np.asarray(Image.fromarray(p).resize((TINY_SIZE,) * 2, Image.BILINEAR), np.float32) / 255 - 0.5) / 0.5
+            for p in photos
+        ]
+    )
     explainer = cam.make_explainer(model_j, cam.BLOCKS)
     a, b = explainer(variables, ours).maps, explainer(variables, pil).maps
     for name in cam.BLOCKS:

@@ -8,10 +8,10 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
-from pmg_jax import loop
 from test_robustness import start_and_wait
+
+from pmg_jax import loop
 
 
 def cli(*args, cwd=ROOT):

@@ -1,4 +1,4 @@
-"""Bringing PyTorch weights in: torchvision ResNets, reference PMG state dicts and pickled models, checkpoints, errors."""
+"""PyTorch weights in: torchvision ResNets, reference PMG state dicts and pickled models, checkpoints, errors."""
 
 import importlib
 import os
@@ -10,19 +10,17 @@ import numpy as np
 import pytest
 import safetensors.numpy
 import torch
-
+from conftest import ROOT
 from flax.traverse_util import flatten_dict
+from test_parity import nhwc, randomize_bn, torch_pmg
 
 from bench import torch_reference as ref
-from conftest import ROOT
-from pmg_jax import convert
-from pmg_jax import loop
+from pmg_jax import convert, loop
 from pmg_jax import state as state_lib
+from pmg_jax.backbones.resnet import ResNet
 from pmg_jax.checkpoint import Checkpoints
 from pmg_jax.model import PMG
 from pmg_jax.optim import make_optimizer
-from pmg_jax.backbones.resnet import ResNet
-from test_parity import nhwc, randomize_bn, torch_pmg
 
 torch.set_num_threads(2)
 
@@ -83,8 +81,15 @@ convert.main([src_pth, "--out", out + "/pth"])
 
 
 def tiny_torch_pmg(seed: int = 1) -> ref.PMG:
-    return torch_pmg(TINY["backbone"], TINY["width"], TINY["stage_sizes"], TINY["feature_size"],
-                     TINY["num_classes"], seed=seed, size=64)
+    return torch_pmg(
+        TINY["backbone"],
+        TINY["width"],
+        TINY["stage_sizes"],
+        TINY["feature_size"],
+        TINY["num_classes"],
+        seed=seed,
+        size=64,
+    )
 
 
 def tiny_flax_pmg() -> PMG:
@@ -126,8 +131,13 @@ def tiny_files(tmp_path_factory):
     for name in ("pmg.pth", "pmg.safetensors"):
         data = (d / name).read_bytes()
         (d / f"truncated_{name}").write_bytes(data[: len(data) // 2])
-    np.savez(d / "vgg.npz", **{"features.0.weight": np.zeros((64, 3, 3, 3), np.float32),
-                               "classifier.6.weight": np.zeros((1000, 4096), np.float32)})
+    np.savez(
+        d / "vgg.npz",
+        **{
+            "features.0.weight": np.zeros((64, 3, 3, 3), np.float32),
+            "classifier.6.weight": np.zeros((1000, 4096), np.float32),
+        },
+    )
     return d, model
 
 
@@ -184,11 +194,18 @@ def test_whole_pickled_reference_model_loads_without_its_source(tmp_path):
     try:
         model_py, resnet_py = importlib.import_module("model"), importlib.import_module("Resnet")
         torch.manual_seed(2)
-        net = model_py.PMG(resnet_py.ResNet(resnet_py.Bottleneck, TINY["stage_sizes"], TINY["width"]),
-                           TINY["feature_size"], TINY["num_classes"])
+        net = model_py.PMG(
+            resnet_py.ResNet(resnet_py.Bottleneck, TINY["stage_sizes"], TINY["width"]),
+            TINY["feature_size"],
+            TINY["num_classes"],
+        )
         randomize_bn(net, seed=2, size=64)
         assert {type(m).__module__ + "." + type(m).__name__ for m in net.modules()} >= {
-            "model.PMG", "model.BasicConv", "Resnet.ResNet", "Resnet.Bottleneck"}
+            "model.PMG",
+            "model.BasicConv",
+            "Resnet.ResNet",
+            "Resnet.Bottleneck",
+        }
         torch.save(net, tmp_path / "model.pth")  # what the reference code does
         torch.save(net, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)  # as PyTorch < 1.6 did
         x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
@@ -214,9 +231,19 @@ def test_whole_pickled_reference_model_loads_without_its_source(tmp_path):
 def test_safetensors_and_npz_convert_without_torch(tiny_files, tmp_path):
     d, model_t = tiny_files
     result = subprocess.run(
-        [sys.executable, "-c", WITHOUT_TORCH, str(d / "pmg.safetensors"), str(d / "pmg.npz"), str(d / "pmg.pth"),
-         str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-c",
+            WITHOUT_TORCH,
+            str(d / "pmg.safetensors"),
+            str(d / "pmg.npz"),
+            str(d / "pmg.pth"),
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.stdout.count("converted ") == 2, result.stderr
     assert result.returncode == 1
@@ -229,17 +256,23 @@ def test_safetensors_and_npz_convert_without_torch(tiny_files, tmp_path):
             jax.tree.map(np.testing.assert_array_equal, state[c], want[c])
 
 
-@pytest.mark.parametrize("file,flags,expected", [
-    ("missing.pth", [], "no such file"),
-    ("truncated_pmg.pth", [], "cannot read it as a PyTorch file (truncated or corrupt?)"),
-    ("truncated_pmg.safetensors", [], "cannot read it as a safetensors file (truncated or corrupt?)"),
-    ("vgg.npz", [], "not a state dict of a known backbone or PMG"),
-    ("pmg.pth", ["--backbone", "resnet18"], "weights do not match the model: unexpected 25: "
-                                           "batch_stats/features/layer1_0/bn3/mean"),
-    ("pmg.pth", ["--num-classes", "7"], "7 classes were asked for but the weights' heads have 5"),
-    ("pmg.pth", ["--dataset", "cub"], "the weights' heads have 5 classes but the cub preset has 200"),
-    ("resnet.pth", [], "bare resnet50 backbone, not a PMG model: use it to initialise training instead"),
-])
+@pytest.mark.parametrize(
+    "file,flags,expected",
+    [
+        ("missing.pth", [], "no such file"),
+        ("truncated_pmg.pth", [], "cannot read it as a PyTorch file (truncated or corrupt?)"),
+        ("truncated_pmg.safetensors", [], "cannot read it as a safetensors file (truncated or corrupt?)"),
+        ("vgg.npz", [], "not a state dict of a known backbone or PMG"),
+        (
+            "pmg.pth",
+            ["--backbone", "resnet18"],
+            "weights do not match the model: unexpected 25: batch_stats/features/layer1_0/bn3/mean",
+        ),
+        ("pmg.pth", ["--num-classes", "7"], "7 classes were asked for but the weights' heads have 5"),
+        ("pmg.pth", ["--dataset", "cub"], "the weights' heads have 5 classes but the cub preset has 200"),
+        ("resnet.pth", [], "bare resnet50 backbone, not a PMG model: use it to initialise training instead"),
+    ],
+)
 def test_bad_inputs_give_one_line_and_a_nonzero_exit(tiny_files, tmp_path, file, flags, expected):
     d, _ = tiny_files
     with pytest.raises(SystemExit) as exit_info:
@@ -253,24 +286,28 @@ def test_bad_inputs_give_one_line_and_a_nonzero_exit(tiny_files, tmp_path, file,
 def test_load_backbone_of_another_architecture_lists_the_mismatch(tiny_files):
     d, _ = tiny_files
     target = abstract_variables(PMG(**{**TINY, "backbone": "resnet18"}), 64)
-    with pytest.raises(convert.ConversionError, match=r"^weights do not match the model: unexpected \d+: "
-                                                      r"batch_stats/features/layer1_0/bn3/mean, .*; wrong shape"):
+    with pytest.raises(
+        convert.ConversionError,
+        match=r"^weights do not match the model: unexpected \d+: "
+        r"batch_stats/features/layer1_0/bn3/mean, .*; wrong shape",
+    ):
         convert.load_backbone(str(d / "resnet.pth"), target)
 
 
 @pytest.mark.parametrize("prefix", ["", "features.", "module.features."])
 def test_infer_architecture_reads_torchvision_timm_and_reference_names(prefix):
     resnet = ref.make_resnet("resnet101", width=8)
-    assert convert.infer_architecture({prefix + k: v for k, v in resnet.state_dict().items()}) == \
-        convert.Architecture("resnet101", 8, (), None, None)
+    assert convert.infer_architecture({prefix + k: v for k, v in resnet.state_dict().items()}) == convert.Architecture(
+        "resnet101", 8, (), None, None
+    )
 
 
 def test_converted_checkpoint_runs_through_evaluation_and_explain(tmp_path, capsys):
     """A reference-format PMG for the demo's 8 classes: convert, evaluate with train.py's eval_only, explain."""
     import cv2
+    from conftest import tiny_demo_config
 
     import explain
-    from conftest import tiny_demo_config
     from pmg_jax.data import synthetic
 
     model_t = torch_pmg("resnet50", 8, (1, 1, 1, 1), 16, 8, seed=2, size=64)
@@ -279,16 +316,36 @@ def test_converted_checkpoint_runs_through_evaluation_and_explain(tmp_path, caps
     out = str(tmp_path / "converted")
     convert.main([src, "--out", out, "--dataset", "demo"])
 
-    config = tiny_demo_config(**{"eval_only": True, "init.checkpoint": out, "model.width": 8,
-                                 "model.feature_size": 16, "dataset.demo_test_size": 12})
+    config = tiny_demo_config(
+        **{
+            "eval_only": True,
+            "init.checkpoint": out,
+            "model.width": 8,
+            "model.feature_size": 16,
+            "dataset.demo_test_size": 12,
+        }
+    )
     result = loop.train_and_evaluate(config, str(tmp_path / "unused"))
     assert result["count"] == 12 and 0 <= result["combined"] <= 100
     assert f"eval of {out}" in capsys.readouterr().out
 
     image = synthetic.make_example(synthetic.DemoSpec(8, 112), "test", 0)["image"]
     cv2.imwrite(str(tmp_path / "bird.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
-    assert explain.main(["--ckpt", out, "--block", "all", "--images", str(tmp_path / "bird.png"),
-                         "--out", str(tmp_path / "explained")]) == 0
+    assert (
+        explain.main(
+            [
+                "--ckpt",
+                out,
+                "--block",
+                "all",
+                "--images",
+                str(tmp_path / "bird.png"),
+                "--out",
+                str(tmp_path / "explained"),
+            ]
+        )
+        == 0
+    )
     written = set(os.listdir(tmp_path / "explained"))
     assert {"conv_block1_bird.jpg", "conv_block3_bird.jpg", "conv_block_concat_bird.jpg", "index.html"} <= written
     printed = capsys.readouterr().out
@@ -298,6 +355,7 @@ def test_converted_checkpoint_runs_through_evaluation_and_explain(tmp_path, caps
 def test_training_starts_from_a_torchvision_backbone(tmp_path):
     """config.init.backbone loads the ResNet weights and BN statistics before training; heads stay fresh."""
     from conftest import tiny_demo_config
+
     from pmg_jax import state as state_lib
     from pmg_jax.optim import make_optimizer
 
@@ -316,5 +374,6 @@ def test_training_starts_from_a_torchvision_backbone(tmp_path):
         assert got.keys() == expected.keys()
         for k in got:
             np.testing.assert_array_equal(got[k], expected[k], err_msg="/".join(k))
-    np.testing.assert_array_equal(variables["params"]["classifier1_4"]["kernel"],
-                                  fresh.params["classifier1_4"]["kernel"])
+    np.testing.assert_array_equal(
+        variables["params"]["classifier1_4"]["kernel"], fresh.params["classifier1_4"]["kernel"]
+    )

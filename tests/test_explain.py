@@ -8,11 +8,11 @@ import sys
 import cv2
 import numpy as np
 import pytest
+from conftest import ROOT
 
 from pmg_jax import explain as explain_lib
-from pmg_jax.cli import explain
-from conftest import ROOT
 from pmg_jax import viz
+from pmg_jax.cli import explain
 from pmg_jax.data import synthetic
 
 pytestmark = pytest.mark.xdist_group("demo_run")  # share one demo_run fixture (conftest)
@@ -40,8 +40,22 @@ def test_command_line_writes_seed_files_grids_and_gallery(demo_run, tmp_path):
     workdir, config, _ = demo_run
     stems = write_demo_images(tmp_path / "images", config)
     result = subprocess.run(
-        [sys.executable, "explain.py", "--ckpt", workdir, "--block", "all", "--images", str(tmp_path / "images"),
-         "--save-npy"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "explain.py",
+            "--ckpt",
+            workdir,
+            "--block",
+            "all",
+            "--images",
+            str(tmp_path / "images"),
+            "--save-npy",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr
     out = os.path.join(workdir, "explain")  # default: inside the run
     names = synthetic.class_names(config.dataset.num_classes)
@@ -53,7 +67,7 @@ def test_command_line_writes_seed_files_grids_and_gallery(demo_run, tmp_path):
             assert overlay.shape == original.shape, (prefix, stem)  # on the original image at its own size
             m = np.load(os.path.join(out, f"{prefix}_{stem}.npy"))
             assert m.shape == (config.data.crop_size,) * 2 and m.dtype == np.float32
-            assert 0.0 <= m.min() and m.max() <= 1.0
+            assert m.min() >= 0.0 and m.max() <= 1.0
             peaks.append(m.max())
         assert max(peaks) > 0.5  # (a single map may be all zero: no positive evidence at that block)
         assert os.path.isfile(os.path.join(out, f"grid_{stem}.png"))
@@ -70,10 +84,25 @@ def test_bad_inputs_are_reported_and_skipped(demo_run, tmp_path, capsys):
     write_demo_images(tmp_path / "good", config, n=1)
     (tmp_path / "notes.jpg").write_text("not an image")
     (tmp_path / "empty").mkdir()
-    bad = [str(tmp_path / "missing.png"), str(tmp_path / "notes.jpg"), str(tmp_path / "empty"),
-           str(tmp_path / "nothing*.png")]
-    rc = explain.main(["--ckpt", workdir, "--block", "3", "--out", str(tmp_path / "out"),
-                       "--images", str(tmp_path / "good" / "bird0.jpg"), *bad])
+    bad = [
+        str(tmp_path / "missing.png"),
+        str(tmp_path / "notes.jpg"),
+        str(tmp_path / "empty"),
+        str(tmp_path / "nothing*.png"),
+    ]
+    rc = explain.main(
+        [
+            "--ckpt",
+            workdir,
+            "--block",
+            "3",
+            "--out",
+            str(tmp_path / "out"),
+            "--images",
+            str(tmp_path / "good" / "bird0.jpg"),
+            *bad,
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 0
     skipped = [line for line in err.splitlines() if "skipping " in line]
@@ -94,20 +123,55 @@ def test_ckpt_forms_methods_and_class_targets(demo_run, tmp_path, capsys):
     step = max(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
     for i, ckpt in enumerate((str(runs), os.path.join(workdir, "checkpoints", str(step)))):
         out = tmp_path / f"out{i}"
-        rc = explain.main(["--ckpt", ckpt, "--block", "2", "--block", "concat", "--method", "gradcam",
-                           "--method", "eigencam", "--target", "3", "--images", str(tmp_path / "images"),
-                           "--out", str(out)])
+        rc = explain.main(
+            [
+                "--ckpt",
+                ckpt,
+                "--block",
+                "2",
+                "--block",
+                "concat",
+                "--method",
+                "gradcam",
+                "--method",
+                "eigencam",
+                "--target",
+                "3",
+                "--images",
+                str(tmp_path / "images"),
+                "--out",
+                str(out),
+            ]
+        )
         assert rc == 0
         assert f"checkpoint {step}" in capsys.readouterr().out
         for method in ("gradcam", "eigencam"):
             assert {"conv_block2_bird0.jpg", "conv_block_concat_bird0.jpg", "index.html"} <= set(
-                os.listdir(out / method))
+                os.listdir(out / method)
+            )
 
 
 def test_evaluate_prints_tables_and_saves_json(demo_run, tmp_path, capsys):
     workdir, _, _ = demo_run
-    rc = explain.main(["--evaluate", "--ckpt", workdir, "--split", "test", "--block", "1", "--block", "concat",
-                       "--max-images", "20", "--auc-steps", "2", "--out", str(tmp_path)])
+    rc = explain.main(
+        [
+            "--evaluate",
+            "--ckpt",
+            workdir,
+            "--split",
+            "test",
+            "--block",
+            "1",
+            "--block",
+            "concat",
+            "--max-images",
+            "20",
+            "--auc-steps",
+            "2",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     assert "MaxBoxAccV2" in out and "Pointing" in out and "centre guess" in out
@@ -117,9 +181,16 @@ def test_evaluate_prints_tables_and_saves_json(demo_run, tmp_path, capsys):
     assert 0.0 <= report["results"]["gradcam"]["block1"]["Insertion"] <= 1.0
 
 
-@pytest.mark.parametrize("argv", [["--target", "label", "--images", "a.jpg"], ["--target", "big", "--images", "a"],
-                                  ["--block", "4", "--images", "a.jpg"], ["--evaluate", "--target", "3"],
-                                  ["--num-images", "0"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--target", "label", "--images", "a.jpg"],
+        ["--target", "big", "--images", "a"],
+        ["--block", "4", "--images", "a.jpg"],
+        ["--evaluate", "--target", "3"],
+        ["--num-images", "0"],
+    ],
+)
 def test_bad_arguments_are_usage_errors(argv):
     with pytest.raises(SystemExit) as e:
         explain.parse_args(["--ckpt", "runs/x", *argv])
@@ -140,8 +211,10 @@ def test_overlay_is_the_seeds_blend(tmp_path):
 
 
 def test_grid_titles_fit_and_unique_tags():
-    tiles = [(np.zeros((50, 80, 3), np.uint8), ["a very long class name " * 4, "93%"]),
-             (np.zeros((100, 100, 3), np.uint8), ["block1"])]
+    tiles = [
+        (np.zeros((50, 80, 3), np.uint8), ["a very long class name " * 4, "93%"]),
+        (np.zeros((100, 100, 3), np.uint8), ["block1"]),
+    ]
     g = viz.grid(tiles, height=64)
     assert g.shape[0] > 64 and g.shape[1] == round(80 * 64 / 50) + 4 + 64
     assert explain_lib.unique_tags(["a/x.jpg", "b/x.png", "c/y.jpg", "d/x.jpg"]) == ["x", "x_2", "y", "x_3"]

@@ -39,13 +39,16 @@ def test_cub_miniature_with_parts_end_to_end(tmp_path, capsys):
     data_dir = write_cub(str(tmp_path / "data"))
     write_parts(data_dir)
     names = [*CLASSES, *(f"Filler bird {c}" for c in range(len(CLASSES), 200))]  # CUB's 200 classes, 3 with images
-    write_lines(os.path.join(data_dir, "CUB_200_2011", "classes.txt"),
-                (f"{c + 1} {c + 1:03d}.{n.replace(' ', '_')}" for c, n in enumerate(names)))
+    write_lines(
+        os.path.join(data_dir, "CUB_200_2011", "classes.txt"),
+        (f"{c + 1} {c + 1:03d}.{n.replace(' ', '_')}" for c, n in enumerate(names)),
+    )
     src, run, out = str(tmp_path / "model.pth"), str(tmp_path / "run"), tmp_path / "out"
     torch.save(torch_pmg("resnet50", 8, (1, 1, 1, 1), 16, 200, seed=2, size=64).state_dict(), src)
     convert.main([src, "--out", run, "--dataset", "cub", "--data-dir", data_dir])
-    assert explain.main(["--evaluate", "--ckpt", run, "--auc-steps", "0", "--report-images", "2", "--out",
-                         str(out)]) == 0
+    assert (
+        explain.main(["--evaluate", "--ckpt", run, "--auc-steps", "0", "--report-images", "2", "--out", str(out)]) == 0
+    )
     printed = capsys.readouterr().out
     assert "MaxBoxAccV2" in printed and "images whose CAM peak lands on the part" in printed
     assert all(name in printed for name in CUB_PARTS)
@@ -131,14 +134,17 @@ def test_splits_with_boxes_or_parts_or_neither(demo_run, tmp_path, monkeypatch, 
         assert "<h2>Localisation</h2>" in text and "<h2>Parts</h2>" not in text
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--target", "finer", "--method", "eigencam"], "eigencam has no target class"),
-    (["--target", "finer", "--finer-k", "0"], "--finer-k must be a positive"),
-    (["--target", "finer", "--finer-alpha", "nan"], "--finer-alpha must be a finite"),
-    (["--finer-k", "2"], "--finer-k needs --target finer"),
-    (["--evaluate", "--finer-alpha", "0.5"], "--finer-alpha needs --target finer"),
-    (["--evaluate", "--report-images", "-1"], "--report-images must be 0 or more"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--target", "finer", "--method", "eigencam"], "eigencam has no target class"),
+        (["--target", "finer", "--finer-k", "0"], "--finer-k must be a positive"),
+        (["--target", "finer", "--finer-alpha", "nan"], "--finer-alpha must be a finite"),
+        (["--finer-k", "2"], "--finer-k needs --target finer"),
+        (["--evaluate", "--finer-alpha", "0.5"], "--finer-alpha needs --target finer"),
+        (["--evaluate", "--report-images", "-1"], "--report-images must be 0 or more"),
+    ],
+)
 def test_bad_finer_and_report_flags_are_usage_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         explain.parse_args(["--ckpt", "runs/x", *argv])

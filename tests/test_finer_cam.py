@@ -10,13 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from test_cam import MAP_TOL, TINY, TINY_SIZE, torch_modules
+from test_parity import flax_variables, nhwc, resnet50_pair, torch_pmg  # noqa: F401 (a fixture)
+from torchvision_stand_in import import_beside_cpu_torch
 
 from pmg_jax import cam, localization
 from pmg_jax.data import pipeline, synthetic
 from pmg_jax.model import PMG
-from test_cam import MAP_TOL, TINY, TINY_SIZE, torch_modules
-from test_parity import flax_variables, nhwc, resnet50_pair, torch_pmg  # noqa: F401 (a fixture)
-from torchvision_stand_in import import_beside_cpu_torch
 
 
 class HeadLogits(torch.nn.Module):
@@ -48,7 +48,7 @@ def min_max(maps: np.ndarray) -> np.ndarray:
     return m / np.maximum(m.max(axis=(1, 2), keepdims=True), 1e-12)
 
 
-def test_resnet50_finer_cam_matches_pytorch_grad_cam_at_every_block(resnet50_pair):
+def test_resnet50_finer_cam_matches_pytorch_grad_cam_at_every_block(resnet50_pair):  # noqa: F811 (the fixture)
     """The full PMG at 224, k = 3 and alpha = 1 (FinerCAM's defaults)."""
     model_t, model_j, variables = resnet50_pair
     model_t.requires_grad_(False)  # only the maps' gradients are needed: torch skips the weights'
@@ -65,8 +65,15 @@ def test_resnet50_finer_cam_matches_pytorch_grad_cam_at_every_block(resnet50_pai
 
 @pytest.fixture(scope="module")
 def tiny_pair():
-    model_t = torch_pmg(TINY["backbone"], TINY["width"], TINY["stage_sizes"], TINY["feature_size"],
-                        TINY["num_classes"], seed=8, size=TINY_SIZE)
+    model_t = torch_pmg(
+        TINY["backbone"],
+        TINY["width"],
+        TINY["stage_sizes"],
+        TINY["feature_size"],
+        TINY["num_classes"],
+        seed=8,
+        size=TINY_SIZE,
+    )
     model_j = PMG(**TINY)
     x = torch.randn(3, 3, TINY_SIZE, TINY_SIZE, generator=torch.Generator().manual_seed(4))
     return model_t, model_j, flax_variables(model_t, model_j, TINY_SIZE), x
@@ -129,6 +136,7 @@ def test_localization_evaluate_passes_the_finer_options_on(tiny_pair, monkeypatc
     source = synthetic.DemoSource(synthetic.DemoSpec(num_classes=TINY["num_classes"], image_size=72), "test", 2)
     spec = pipeline.TransformSpec(72, TINY_SIZE)
     _, batches = pipeline.eval_batches(source, spec, pipeline.Layout(2), with_box=True)
-    report = localization.evaluate(model_j, variables, batches, spec, maps=("block3",), target="finer", auc_steps=0,
-                                   finer_k=2, finer_alpha=0.5)
+    report = localization.evaluate(
+        model_j, variables, batches, spec, maps=("block3",), target="finer", auc_steps=0, finer_k=2, finer_alpha=0.5
+    )
     assert made == [{"finer_k": 2, "finer_alpha": 0.5}] and report["count"] == 2

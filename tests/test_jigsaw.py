@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pmg_jax import jigsaw
 
@@ -79,8 +80,13 @@ def test_bad_grid_is_refused():
 
 
 @settings(max_examples=25, deadline=None)
-@given(n=st.sampled_from([1, 2, 3, 4, 8]), block=st.integers(1, 5), batch=st.integers(1, 3),
-       seed=st.integers(0, 2**31 - 1), mode=st.sampled_from(jigsaw.MODES))
+@given(
+    n=st.sampled_from([1, 2, 3, 4, 8]),
+    block=st.integers(1, 5),
+    batch=st.integers(1, 3),
+    seed=st.integers(0, 2**31 - 1),
+    mode=st.sampled_from(jigsaw.MODES),
+)
 def test_shuffle_is_a_pixel_permutation_and_invertible(n, block, batch, seed, mode):
     key = jax.random.PRNGKey(seed)
     images = jax.random.normal(key, (batch, n * block, n * block, 2))

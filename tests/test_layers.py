@@ -27,17 +27,24 @@ def _vjp(f, args, cotangent):
     return out, vjp(cotangent)
 
 
-@pytest.mark.parametrize("shape,features,strides", [
-    ((2, 7, 9, 5), 3, 1), ((2, 7, 9, 5), 3, 2), ((3, 8, 8, 4), 6, 2), ((1, 5, 6, 2), 3, 3),
-])
+@pytest.mark.parametrize(
+    "shape,features,strides",
+    [
+        ((2, 7, 9, 5), 3, 1),
+        ((2, 7, 9, 5), 3, 2),
+        ((3, 8, 8, 4), 6, 2),
+        ((1, 5, 6, 2), 3, 3),
+    ],
+)
 def test_pointwise_conv_matches_lax_conv_and_its_gradients(shape, features, strides):
     kx, kw, kg = jax.random.split(jax.random.PRNGKey(0), 3)
     x = jax.random.normal(kx, shape, jnp.float64)
     w = jax.random.normal(kw, (1, 1, shape[-1], features), jnp.float64)
 
     def reference(x, w):
-        return jax.lax.conv_general_dilated(x, w, (strides, strides), ((0, 0), (0, 0)),
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jax.lax.conv_general_dilated(
+            x, w, (strides, strides), ((0, 0), (0, 0)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
 
     want = reference(x, w)
     g = jax.random.normal(kg, want.shape, jnp.float64)
@@ -62,12 +69,15 @@ def test_batch_norm_train_matches_autodiff_of_the_textbook_formula(shape):
     x = jax.random.normal(keys[0], shape, jnp.float64) * 3 + 1
     scale, bias = (jax.random.normal(k, shape[-1:], jnp.float64) for k in keys[1:3])
     # cotangents for y and for the returned mean and variance (all three paths)
-    cts = (jax.random.normal(keys[3], shape, jnp.float64),
-           jax.random.normal(keys[4], shape[-1:], jnp.float64),
-           jax.random.normal(keys[5], shape[-1:], jnp.float64))
+    cts = (
+        jax.random.normal(keys[3], shape, jnp.float64),
+        jax.random.normal(keys[4], shape[-1:], jnp.float64),
+        jax.random.normal(keys[5], shape[-1:], jnp.float64),
+    )
     want, grads_want = _vjp(_bn_reference, (x, scale, bias), cts)
-    got, grads = _vjp(lambda x, s, b: kernels.batch_norm_train(x, s, b, 1e-5, jnp.dtype(jnp.float64)),
-                      (x, scale, bias), cts)
+    got, grads = _vjp(
+        lambda x, s, b: kernels.batch_norm_train(x, s, b, 1e-5, jnp.dtype(jnp.float64)), (x, scale, bias), cts
+    )
     for a, b in zip(got, want):
         np.testing.assert_allclose(a, b, atol=1e-12)
     for a, b in zip(grads, grads_want):
@@ -118,7 +128,9 @@ def _conv3x3(x, w):
     return jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-@pytest.mark.parametrize("shape,features", [((2, 9, 7, 3), 5), ((1, 4, 4, 2), 2), ((2, 13, 16, 8), 6), ((1, 2, 3, 1), 1)])
+@pytest.mark.parametrize(
+    "shape,features", [((2, 9, 7, 3), 5), ((1, 4, 4, 2), 2), ((2, 13, 16, 8), 6), ((1, 2, 3, 1), 1)]
+)
 def test_winograd_conv3x3_is_the_convolution_and_has_its_gradients(shape, features):
     """In float64 F(4x4, 3x3) equals the direct convolution to rounding, also where the map is
     not a whole number of 4x4 tiles or smaller than one, and so do its gradients (the input

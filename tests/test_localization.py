@@ -7,9 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pmg_jax import cam, localization as loc
-from pmg_jax import state as state_lib
+from pmg_jax import cam
 from pmg_jax import checkpoint as ckpt_lib
+from pmg_jax import localization as loc
+from pmg_jax import state as state_lib
 from pmg_jax.data import pipeline, sources
 
 pytestmark = pytest.mark.xdist_group("demo_run")  # share one demo_run fixture (conftest)
@@ -63,8 +64,9 @@ def test_pointing_game_and_centre_baseline():
     np.testing.assert_array_equal(loc.peak_points(maps), [[2.5, 2.5], [15.5, 10.5]])
     boxes = np.array([[0, 0, 5, 5], [0, 0, 5, 5]], np.float32)
     np.testing.assert_array_equal(loc.points_in_boxes(loc.peak_points(maps), boxes), [True, False])
-    np.testing.assert_array_equal(loc.centre_baseline(np.array([[8, 8, 12, 12], [0, 0, 5, 5]], np.float32), (20, 20)),
-                                  [True, False])
+    np.testing.assert_array_equal(
+        loc.centre_baseline(np.array([[8, 8, 12, 12], [0, 0, 5, 5]], np.float32), (20, 20)), [True, False]
+    )
 
 
 class RegionScorer(nn.Module):
@@ -81,9 +83,12 @@ def test_deletion_and_insertion_reward_the_right_pixels():
     blurred = jnp.zeros_like(images)
     right = jnp.asarray(np.stack([box_map(16, (4, 4, 12, 12))] * 2))
     wrong = 1.0 - right
-    curves = {name: loc.deletion_insertion(RegionScorer(), {"params": {}, "batch_stats": {}}, images, blurred, m,
-                                           jnp.zeros(2, jnp.int32), 0, steps=8)
-              for name, m in [("right", right), ("wrong", wrong)]}
+    curves = {
+        name: loc.deletion_insertion(
+            RegionScorer(), {"params": {}, "batch_stats": {}}, images, blurred, m, jnp.zeros(2, jnp.int32), 0, steps=8
+        )
+        for name, m in [("right", right), ("wrong", wrong)]
+    }
     deletion, insertion = (np.asarray(c) for c in curves["right"])
     assert deletion.shape == insertion.shape == (2, 9)
     assert deletion[0, 0] == pytest.approx(1.0) and insertion[0, 0] == pytest.approx(0.5)
@@ -102,8 +107,9 @@ def test_demo_cams_point_at_the_wing_patch(demo_run):
     source = sources.make_source(config, "test")
     spec = state_lib.transform_spec(config)
     _, batches = pipeline.eval_batches(source, spec, pipeline.host_layout(64), with_box=True)
-    report = loc.evaluate(model, variables, batches, spec, maps=("block1", "block2", "block3", "concat"),
-                          target="class", auc_steps=0)
+    report = loc.evaluate(
+        model, variables, batches, spec, maps=("block1", "block2", "block3", "concat"), target="class", auc_steps=0
+    )
     print(loc.format_tables(report))
     results = report["results"]["gradcam"]
     baseline = report["centre_pointing"]

@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import tiny_demo_config
+
 from pmg_jax import checkpoint as ckpt_lib
 from pmg_jax import loop
 from pmg_jax import state as state_lib

@@ -6,29 +6,40 @@ import sys
 
 import numpy as np
 import portpicker
-
 from conftest import ROOT
 
 WORKER = os.path.join(ROOT, "tests", "steps_worker.py")
 
 
 def env_with_devices(n: int) -> dict:
-    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}", "JAX_PLATFORMS": "cpu",
-            "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])}
+    return {
+        **os.environ,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}",
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]),
+    }
 
 
 def test_two_processes_match_one_process(tmp_path):
     port = portpicker.pick_unused_port()
     multi = str(tmp_path / "multi.npz")
-    procs = [subprocess.Popen([sys.executable, WORKER, multi, f"localhost:{port}", "2", str(i)],
-                              env=env_with_devices(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, WORKER, multi, f"localhost:{port}", "2", str(i)],
+            env=env_with_devices(2),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
     single = str(tmp_path / "single.npz")
-    done = subprocess.run([sys.executable, WORKER, single], env=env_with_devices(4), capture_output=True, text=True,
-                          timeout=600)
+    done = subprocess.run(
+        [sys.executable, WORKER, single], env=env_with_devices(4), capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-3000:]
 
     a, b = np.load(multi), np.load(single)

@@ -18,8 +18,15 @@ LR_NEW, LR_BACKBONE = 0.3, 0.05
 
 def learning_rates(warmup_epochs: int) -> dict[str, list[float]]:
     """The rate each group got at every update: with no momentum or decay, a unit gradient moves a parameter by -lr."""
-    tx = make_optimizer(lr_new=LR_NEW, lr_backbone=LR_BACKBONE, num_epochs=EPOCHS, steps_per_epoch=STEPS_PER_EPOCH,
-                        momentum=0.0, weight_decay=0.0, warmup_epochs=warmup_epochs)
+    tx = make_optimizer(
+        lr_new=LR_NEW,
+        lr_backbone=LR_BACKBONE,
+        num_epochs=EPOCHS,
+        steps_per_epoch=STEPS_PER_EPOCH,
+        momentum=0.0,
+        weight_decay=0.0,
+        warmup_epochs=warmup_epochs,
+    )
     params = {"features": {"w": jnp.zeros(2)}, "head1": {"w": jnp.zeros(2)}}
     grads = {"features": {"w": jnp.ones(2)}, "head1": {"w": jnp.ones(2)}}
     state, rates = tx.init(params), {"backbone": [], "new": []}
@@ -46,8 +53,12 @@ def test_without_warmup_the_rate_is_the_reference_cosine_of_the_epoch():
 def test_warmup_rises_linearly_per_update_then_follows_the_cosine():
     warmup = 2 * UPDATES_PER_EPOCH
     rates = learning_rates(warmup_epochs=2)
-    for update, fraction in ((0, 0.0), (1, 1 / warmup), (UPDATES_PER_EPOCH + 3, (UPDATES_PER_EPOCH + 3) / warmup),
-                             (warmup - 1, (warmup - 1) / warmup)):
+    for update, fraction in (
+        (0, 0.0),
+        (1, 1 / warmup),
+        (UPDATES_PER_EPOCH + 3, (UPDATES_PER_EPOCH + 3) / warmup),
+        (warmup - 1, (warmup - 1) / warmup),
+    ):
         assert rates["new"][update] == pytest.approx(LR_NEW * fraction, rel=1e-5, abs=1e-9)
         assert rates["backbone"][update] == pytest.approx(LR_BACKBONE * fraction, rel=1e-5, abs=1e-9)
     for update in (warmup, warmup + UPDATES_PER_EPOCH - 1, 3 * UPDATES_PER_EPOCH + 4, EPOCHS * UPDATES_PER_EPOCH - 1):

@@ -114,16 +114,21 @@ def test_one_training_iteration_matches_pytorch(backbone, stage_sizes):
     ref.train_iteration(model_t, opt_t, x, y, perms=perms)
 
     tx = make_optimizer(lr_new=0.002, lr_backbone=0.0002, num_epochs=10, steps_per_epoch=100)
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                       batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]),
-                       rng=jax.random.PRNGKey(0))
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        opt_state=tx.init(variables["params"]),
+        rng=jax.random.PRNGKey(0),
+    )
     step = jax.jit(make_train_step(model_j, tx, permutations={n: jnp.asarray(p) for n, p in perms.items()}))
     state, metrics = step(state, {"image": nhwc(x), "label": jnp.asarray(y.numpy(), jnp.int32)})
     assert int(metrics["nonfinite_pass"]) == 0
 
     after = convert.variables_from_torch(model_t.state_dict())
     momentum = convert.variables_from_torch(
-        {name: opt_t.state[p]["momentum_buffer"] for name, p in model_t.named_parameters()})["params"]
+        {name: opt_t.state[p]["momentum_buffer"] for name, p in model_t.named_parameters()}
+    )["params"]
     trace = state.opt_state[1].trace
     for label, want, got, tol in [
         ("params", after["params"], state.params, 2e-5),
@@ -133,8 +138,9 @@ def test_one_training_iteration_matches_pytorch(backbone, stage_sizes):
         flat_w, flat_g = flatten_dict(want), flatten_dict(got)
         assert flat_w.keys() == flat_g.keys(), label
         for k in flat_w:
-            np.testing.assert_allclose(np.asarray(flat_g[k]), flat_w[k], atol=tol, rtol=1e-4,
-                                       err_msg=f"{label} {'/'.join(k)}")
+            np.testing.assert_allclose(
+                np.asarray(flat_g[k]), flat_w[k], atol=tol, rtol=1e-4, err_msg=f"{label} {'/'.join(k)}"
+            )
     # The iteration really moved every parameter (weight decay + momentum reach all of them).
     before = flatten_dict(variables["params"])
     moved = flatten_dict(state.params)

@@ -5,12 +5,27 @@ import os
 import cv2
 import numpy as np
 import pytest
-
-from pmg_jax.data import pipeline, sources, synthetic, transforms
 from test_sources import config_for, write_cub, write_imagefolder, write_lines
 
-CUB_PARTS = ("back", "beak", "belly", "breast", "crown", "forehead", "left eye", "left leg", "left wing", "nape",
-             "right eye", "right leg", "right wing", "tail", "throat")
+from pmg_jax.data import pipeline, sources, synthetic, transforms
+
+CUB_PARTS = (
+    "back",
+    "beak",
+    "belly",
+    "breast",
+    "crown",
+    "forehead",
+    "left eye",
+    "left leg",
+    "left wing",
+    "nape",
+    "right eye",
+    "right leg",
+    "right wing",
+    "tail",
+    "throat",
+)
 SPEC = pipeline.TransformSpec(resize_size=40, crop_size=32, pad=2)  # centre crop offset 4
 
 
@@ -87,8 +102,10 @@ def test_eval_batches_move_parts_with_the_centre_crop(cub):
 
 
 def test_cub_without_parts_and_other_datasets_carry_none(tmp_path):
-    for name, data_dir in (("cub", write_cub(str(tmp_path / "cub"))), ("imagefolder",
-                                                                         write_imagefolder(str(tmp_path / "if")))):
+    for name, data_dir in (
+        ("cub", write_cub(str(tmp_path / "cub"))),
+        ("imagefolder", write_imagefolder(str(tmp_path / "if"))),
+    ):
         source = sources.make_source(config_for(name, data_dir), "test")
         assert pipeline.part_names(source) == () and "parts" not in source[0]
         _, batches = pipeline.eval_batches(source, SPEC, pipeline.Layout(4), with_box=name == "cub", with_parts=True)
@@ -102,7 +119,7 @@ def test_broken_part_files_name_the_file(cub):
     lines = open(locs).read().splitlines()
     lost = next(i for i, line in enumerate(lines) if int(line.split()[0]) > 12)  # a test image (ids 13-18)
     image_id, part = lines[lost].split()[:2]
-    write_lines(locs, lines[:lost] + lines[lost + 1:])
+    write_lines(locs, lines[:lost] + lines[lost + 1 :])
     with pytest.raises(sources.DatasetNotFound, match=rf"part_locs.txt .*image id {image_id} has 0 for part {part}"):
         sources.make_source(config_for("cub", data_dir), "test")
     write_lines(locs, [*lines[:3], "1 4 12.0 oops 1", *lines[4:]])

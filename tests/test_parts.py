@@ -92,7 +92,7 @@ def test_the_radius_edge_counts():
     assert one(spike(10, 10), [[16.5, 18.5 + 1e-4, 1]]).peak[0] == -1
     m = np.ones((SIDE, SIDE))
     inside = sum(math.hypot(j + 0.5 - 50.5, i + 0.5 - 50.5) <= 10 for i in range(SIDE) for j in range(SIDE))
-    np.testing.assert_allclose(one(m, [[50.5, 50.5, 1]]).energy[0], [inside / SIDE ** 2, 1 - inside / SIDE ** 2])
+    np.testing.assert_allclose(one(m, [[50.5, 50.5, 1]]).energy[0], [inside / SIDE**2, 1 - inside / SIDE**2])
 
 
 def test_ties_between_maxima_and_between_parts():
@@ -114,7 +114,7 @@ def test_ties_between_maxima_and_between_parts():
     assert one(spike(50, 50), two[::-1]).peak[0] == 0
     shares = one(np.ones((SIDE, SIDE)), two).energy[0]  # the row between them goes to the first
     row = sum(math.hypot(j + 0.5 - 50.5, 6) <= 10 for j in range(SIDE))
-    assert shares[0] - shares[1] == pytest.approx(row / SIDE ** 2)
+    assert shares[0] - shares[1] == pytest.approx(row / SIDE**2)
 
 
 def test_invisible_parts_are_skipped_and_not_counted():
@@ -136,15 +136,21 @@ def test_energy_shares_sum_to_one_and_a_dead_map_is_background():
 
 
 def test_tables_count_over_the_images_that_show_each_part():
-    pts = np.array([[[20.5, 20.5, 1], [80.5, 80.5, 1]],
-                    [[20.5, 20.5, 1], [80.5, 80.5, 0]],
-                    [[20.5, 20.5, 0], [80.5, 80.5, 1]],
-                    [[20.5, 20.5, 1], [80.5, 80.5, 1]]], np.float32)
+    pts = np.array(
+        [
+            [[20.5, 20.5, 1], [80.5, 80.5, 1]],
+            [[20.5, 20.5, 1], [80.5, 80.5, 0]],
+            [[20.5, 20.5, 0], [80.5, 80.5, 1]],
+            [[20.5, 20.5, 1], [80.5, 80.5, 1]],
+        ],
+        np.float32,
+    )
     maps = np.stack([spike(20, 20), spike(20, 20), spike(80, 80), spike(2, 97)])
     attributions = parts.attribute({"block1": maps, "block2": maps[::-1]}, pts)
     baseline = parts.uniform_baseline(pts, (SIDE, SIDE))
-    report = parts.tables(attributions, baseline, ["head", "tail"], labels=np.array([0, 1, 0, 1]),
-                          class_names=["A", "B"])
+    report = parts.tables(
+        attributions, baseline, ["head", "tail"], labels=np.array([0, 1, 0, 1]), class_names=["A", "B"]
+    )
     # block1: peaks head, head, tail, background; head shown by images 0, 1, 3; tail by 0, 2, 3.
     assert report["peak"]["block1"] == {"head": 2 / 3, "tail": 1 / 3, "background": 1 / 4}
     assert report["visible"] == {"head": 3, "tail": 3} and report["count"] == 4
@@ -154,7 +160,7 @@ def test_tables_count_over_the_images_that_show_each_part():
     assert report["energy"]["block1"]["head"] == pytest.approx(np.mean([spike_energy[i][0] for i in (0, 1, 3)]))
     assert report["energy"]["block1"]["background"] == pytest.approx(1 / 4)
     assert report["baseline"]["peak"] == {"head": 0.0, "tail": 0.0, "background": 1.0}  # the centre: no part
-    disc = sum(math.hypot(j + 0.5 - 20.5, i + 0.5 - 20.5) <= 10 for i in range(SIDE) for j in range(SIDE)) / SIDE ** 2
+    disc = sum(math.hypot(j + 0.5 - 20.5, i + 0.5 - 20.5) <= 10 for i in range(SIDE) for j in range(SIDE)) / SIDE**2
     assert report["baseline"]["energy"]["head"] == pytest.approx(disc)
     a, b = report["per_class"]["A"], report["per_class"]["B"]
     assert a["count"] == b["count"] == 2

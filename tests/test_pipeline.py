@@ -62,8 +62,10 @@ def test_each_epoch_is_a_permutation_and_worker_processes_change_nothing():
 
 def test_hosts_load_disjoint_shares_of_the_global_batch():
     whole = take(pipeline.train_batches(demo(), SPEC, pipeline.Layout(8), seed=0, num_epochs=1)[1], 3)
-    shares = [take(pipeline.train_batches(demo(), SPEC, pipeline.Layout(8, p, 2), seed=0, num_epochs=1)[1], 3)
-              for p in range(2)]
+    shares = [
+        take(pipeline.train_batches(demo(), SPEC, pipeline.Layout(8, p, 2), seed=0, num_epochs=1)[1], 3)
+        for p in range(2)
+    ]
     for step, batch in enumerate(whole):
         for k in batch:
             np.testing.assert_array_equal(np.concatenate([s[step][k] for s in shares]), batch[k])
@@ -132,7 +134,9 @@ def test_convertible_images_decode_to_rgb(name):
     if name == "alpha.png":
         np.testing.assert_array_equal(image, RGB)
     if name == "cmyk.jpg":
-        assert np.abs(image.astype(int) - np.asarray(Image.open(io.BytesIO(CONVERTIBLE[name])).convert("RGB"))).max() <= 2
+        assert (
+            np.abs(image.astype(int) - np.asarray(Image.open(io.BytesIO(CONVERTIBLE[name])).convert("RGB"))).max() <= 2
+        )
 
 
 @pytest.mark.parametrize("name", sorted(UNREADABLE))

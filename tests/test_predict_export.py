@@ -13,16 +13,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import ROOT, tiny_demo_config
+
 from pmg_jax import convert, export, kernels, loop, predict
 from pmg_jax import state as state_lib
 from pmg_jax.data import synthetic, transforms
 
 pytestmark = pytest.mark.xdist_group("predict_export")  # one worker: the fixtures' run and compilations are shared
 
-TINY = {"model.width": 8, "model.feature_size": 16, "data.crop_size": 32, "data.resize_size": 40,
-        "dataset.demo_image_size": 48, "dataset.demo_test_size": 20, "eval_batch_size": 8}
+TINY = {
+    "model.width": 8,
+    "model.feature_size": 16,
+    "data.crop_size": 32,
+    "data.resize_size": 40,
+    "dataset.demo_image_size": 48,
+    "dataset.demo_test_size": 20,
+    "eval_batch_size": 8,
+}
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +120,8 @@ def test_bad_flags_and_checkpoints_get_one_line(run, tmp_path, capsys):
 def test_split_accuracy_equals_evaluation(run, tmp_path, capsys):
     workdir, config = run
     evaluated = loop.train_and_evaluate(
-        tiny_demo_config(**TINY, eval_only=True, **{"init.checkpoint": workdir}), str(tmp_path / "unused"))
+        tiny_demo_config(**TINY, eval_only=True, **{"init.checkpoint": workdir}), str(tmp_path / "unused")
+    )
     restored = state_lib.restore(workdir)
     result = predict.predict_split(predict.make_predictor(restored, 8), "test")
     assert result.accuracy() == {k: evaluated[k] for k in (*predict.OUTPUTS, "count")}
@@ -175,9 +183,21 @@ def test_stablehlo_export_runs_without_pmg_jax(batch, run, tmp_path):
     for n in (3, 1):  # any batch size
         np.save(tmp_path / "x.npy", crops[:n])
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-        proc = subprocess.run([sys.executable, "-c", STABLEHLO_RUNNER, str(out / "model.stablehlo"),
-                               str(tmp_path / "x.npy"), str(tmp_path / "y.npz")], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                STABLEHLO_RUNNER,
+                str(out / "model.stablehlo"),
+                str(tmp_path / "x.npy"),
+                str(tmp_path / "y.npz"),
+            ],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         got = np.load(tmp_path / "y.npz")
         got = [got[f"arr_{i}"] for i in range(5)]
@@ -208,8 +228,12 @@ def test_onnx_example_classifies_an_image(run, images, tmp_path):
     # an image at the resize size: no resampling, so the example's OpenCV crop is the transform's exactly
     image = cv2.resize(images[1], (restored.config.data.resize_size,) * 2)
     cv2.imwrite(str(tmp_path / "bird.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "onnx_predict.py"), str(out),
-                           str(tmp_path / "bird.png")], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", "onnx_predict.py"), str(out), str(tmp_path / "bird.png")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     printed = [line.rsplit(" ", 1) for line in proc.stdout.strip().splitlines()]
     want = reference_outputs(restored, crop(restored, image)[None])[0][0]
@@ -222,8 +246,26 @@ def test_predict_bench_runs_and_checks_parity(capsys):
     from bench import predict as bench_predict
 
     # the tiny run's model and batch: predict's function is then already in the compilation cache
-    headline = bench_predict.main(["--size", "32", "--batch", "2", "--rounds", "2", "--pause", "0", "--width", "8",
-                                   "--feature-size", "16", "--stage-sizes", "1,1,1,1", "--classes", "8"])
+    headline = bench_predict.main(
+        [
+            "--size",
+            "32",
+            "--batch",
+            "2",
+            "--rounds",
+            "2",
+            "--pause",
+            "0",
+            "--width",
+            "8",
+            "--feature-size",
+            "16",
+            "--stage-sizes",
+            "1,1,1,1",
+            "--classes",
+            "8",
+        ]
+    )
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     steps = [(line["impl"], line["round"]) for line in lines if line.get("kind") == "step"]
     assert steps == [("jax", 0), ("onnx", 0), ("jax", 1), ("onnx", 1)]

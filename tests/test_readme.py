@@ -18,7 +18,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
 
 pytestmark = pytest.mark.xdist_group("readme")
@@ -41,8 +40,16 @@ def readme_commands(text: str, section: str) -> list[str]:
 
 def snapshot(dest: str) -> str:
     """A git repository holding this working tree's files (tracked and untracked, not ignored), to clone."""
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
-                           capture_output=True, check=True).stdout.decode().split("\0")
+    files = (
+        subprocess.run(
+            ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+            cwd=ROOT,
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for f in filter(None, files):
         if os.path.isfile(os.path.join(ROOT, f)):
             os.makedirs(os.path.dirname(os.path.join(dest, f)) or dest, exist_ok=True)
@@ -70,8 +77,9 @@ def test_readme_commands_work_on_a_fresh_clone(tmp_path):
         if command == "python -m pytest":
             command += " --collect-only -q"
         # `cd` in a command moves the rest of the sequence, as in a shell session
-        done = subprocess.run(f"{command} && pwd", shell=True, cwd=cwd, env=env, capture_output=True, text=True,
-                              timeout=1500)
+        done = subprocess.run(
+            f"{command} && pwd", shell=True, cwd=cwd, env=env, capture_output=True, text=True, timeout=1500
+        )
         assert done.returncode == 0, f"{command}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
         cwd = done.stdout.strip().splitlines()[-1]
         ran.append((command, done.stdout))

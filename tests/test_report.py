@@ -40,17 +40,33 @@ class Page(html.parser.HTMLParser):
             self._cell += data
 
 
-LOCALIZATION = {"count": 3, "centre_pointing": 1 / 3, "results": {"gradcam": {
-    "block1": {"MaxBoxAcc": 0.5, "Pointing": 0.25, "Deletion": 0.123456, "Insertion": float("nan")},
-    "concat": {"MaxBoxAcc": 0.875, "Pointing": 1.0, "Deletion": 0.5, "Insertion": 0.75}}}}
+LOCALIZATION = {
+    "count": 3,
+    "centre_pointing": 1 / 3,
+    "results": {
+        "gradcam": {
+            "block1": {"MaxBoxAcc": 0.5, "Pointing": 0.25, "Deletion": 0.123456, "Insertion": float("nan")},
+            "concat": {"MaxBoxAcc": 0.875, "Pointing": 1.0, "Deletion": 0.5, "Insertion": 0.75},
+        }
+    },
+}
 PARTS = {
-    "radius": 0.1, "parts": ["beak", "left <eye>"], "count": 4, "visible": {"beak": 4, "left <eye>": 0},
-    "peak": {"block1": {"beak": 0.75, "left <eye>": float("nan"), "background": 0.25},
-             "block2": {"beak": 0.125, "left <eye>": float("nan"), "background": 0.5}},
-    "energy": {"block1": {"beak": 0.4, "left <eye>": float("nan"), "background": 0.6},
-               "block2": {"beak": 0.2, "left <eye>": float("nan"), "background": 0.8}},
-    "baseline": {"peak": {"beak": 0.0, "left <eye>": float("nan"), "background": 1.0},
-                 "energy": {"beak": 0.03, "left <eye>": float("nan"), "background": 0.97}},
+    "radius": 0.1,
+    "parts": ["beak", "left <eye>"],
+    "count": 4,
+    "visible": {"beak": 4, "left <eye>": 0},
+    "peak": {
+        "block1": {"beak": 0.75, "left <eye>": float("nan"), "background": 0.25},
+        "block2": {"beak": 0.125, "left <eye>": float("nan"), "background": 0.5},
+    },
+    "energy": {
+        "block1": {"beak": 0.4, "left <eye>": float("nan"), "background": 0.6},
+        "block2": {"beak": 0.2, "left <eye>": float("nan"), "background": 0.8},
+    },
+    "baseline": {
+        "peak": {"beak": 0.0, "left <eye>": float("nan"), "background": 1.0},
+        "energy": {"beak": 0.03, "left <eye>": float("nan"), "background": 0.97},
+    },
 }
 
 
@@ -58,10 +74,15 @@ def test_report_holds_the_tables_bars_and_grids(tmp_path):
     grid = tmp_path / "grids" / "bird_1.jpg"
     grid.parent.mkdir()
     grid.write_bytes(b"")
-    per_class = {"per_class": {"Crested Auklet": {k: PARTS[k] for k in ("count", "visible", "peak", "energy",
-                                                                         "baseline")}}}
-    path = report.write_report(str(tmp_path / "out" / "report.html"), LOCALIZATION, {**PARTS, **per_class},
-                               [(str(grid), "bird_1 <block1 vs block3>")])
+    per_class = {
+        "per_class": {"Crested Auklet": {k: PARTS[k] for k in ("count", "visible", "peak", "energy", "baseline")}}
+    }
+    path = report.write_report(
+        str(tmp_path / "out" / "report.html"),
+        LOCALIZATION,
+        {**PARTS, **per_class},
+        [(str(grid), "bird_1 <block1 vs block3>")],
+    )
     text = open(path, encoding="utf-8").read()
     page = Page()
     page.feed(text)
@@ -69,8 +90,24 @@ def test_report_holds_the_tables_bars_and_grids(tmp_path):
     assert loc[:5] == ["map", "MaxBoxAcc", "Pointing", "Deletion", "Insertion"]
     assert loc[5:] == ["block1", "50.0", "25.0", "0.123", "-", "concat", "87.5", "100.0", "0.500", "0.750"]
     assert "pointing game of a centre guess 33.3%" in text
-    assert peak == ["map", "beak", "left <eye>", "background", "block1", "75.0", "-", "25.0",
-                    "block2", "12.5", "-", "50.0", "uniform map", "0.0", "-", "100.0"]
+    assert peak == [
+        "map",
+        "beak",
+        "left <eye>",
+        "background",
+        "block1",
+        "75.0",
+        "-",
+        "25.0",
+        "block2",
+        "12.5",
+        "-",
+        "50.0",
+        "uniform map",
+        "0.0",
+        "-",
+        "100.0",
+    ]
     assert energy[4:8] == ["block1", "40.0", "-", "60.0"] and energy[-4:] == ["uniform map", "3.0", "-", "97.0"]
     assert len(page.tables) == 5 and "Crested Auklet (4 images)" in text  # the class's two tables
     bars = {(m, p): (h, y) for m, p, h, y in page.bars}

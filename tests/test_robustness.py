@@ -12,19 +12,31 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import ROOT, tiny_demo_config
+
 from pmg_jax import checkpoint as ckpt_lib
-from pmg_jax import validate
 from pmg_jax import state as state_lib
 from pmg_jax import steps as steps_lib
+from pmg_jax import validate
 from pmg_jax.optim import make_optimizer
 
-TINY = [f"--config.{k}={v}" for k, v in (
-    ("dataset.demo_train_size", 96), ("dataset.demo_test_size", 16), ("dataset.demo_image_size", 40),
-    ("data.resize_size", 40), ("data.crop_size", 32), ("model.width", 8), ("model.feature_size", 16),
-    ("batch_size", 8), ("eval_batch_size", 8), ("num_epochs", 2), ("log_every_steps", 1),
-    ("checkpoint.every_steps", 1))]
+TINY = [
+    f"--config.{k}={v}"
+    for k, v in (
+        ("dataset.demo_train_size", 96),
+        ("dataset.demo_test_size", 16),
+        ("dataset.demo_image_size", 40),
+        ("data.resize_size", 40),
+        ("data.crop_size", 32),
+        ("model.width", 8),
+        ("model.feature_size", 16),
+        ("batch_size", 8),
+        ("eval_batch_size", 8),
+        ("num_epochs", 2),
+        ("log_every_steps", 1),
+        ("checkpoint.every_steps", 1),
+    )
+]
 TOTAL_STEPS = 2 * 96 // 8
 
 
@@ -158,11 +170,14 @@ def test_unknown_field_in_a_config_file_is_refused():
         validate.check(config, num_devices=1)
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--config.batch_szie=3"], 'Did you mean "batch_size"'),
-    (["--config.data.crop_size=64"], "config.data.crop_size=64 is larger than"),
-    (["--config.dataset.num_classes=30"], "config.dataset.num_classes=30"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--config.batch_szie=3"], 'Did you mean "batch_size"'),
+        (["--config.data.crop_size=64"], "config.data.crop_size=64 is larger than"),
+        (["--config.dataset.num_classes=30"], "config.dataset.num_classes=30"),
+    ],
+)
 def test_cli_refuses_bad_settings_in_one_line(tmp_path, args, message):
     done = run(tmp_path, *args, check=False)
     assert done.returncode != 0
@@ -173,7 +188,9 @@ def test_cli_refuses_bad_settings_in_one_line(tmp_path, args, message):
 
 def test_checkpoint_of_another_model_is_refused(tmp_path):
     run(tmp_path, "--config.num_epochs=1")
-    for args, message in ((["--config.model.width=16"], "checkpoint has model.width=8"),
-                          (["--config.dataset.num_classes=5"], "checkpoint has 8 classes")):
+    for args, message in (
+        (["--config.model.width=16"], "checkpoint has model.width=8"),
+        (["--config.dataset.num_classes=5"], "checkpoint has 8 classes"),
+    ):
         done = run(tmp_path, *args, check=False)
         assert done.returncode == 1 and message in done.stderr.strip().splitlines()[-1], done.stderr[-2000:]

@@ -130,6 +130,7 @@ def test_eval_in_workers_masks_padding_and_closing_stops_them():
 
 def test_training_checks_room_for_train_and_eval_buffers_before_any_work(tmp_path, monkeypatch):
     from conftest import tiny_demo_config
+
     from pmg_jax import loop
     from pmg_jax import state as state_lib
 
@@ -137,10 +138,12 @@ def test_training_checks_room_for_train_and_eval_buffers_before_any_work(tmp_pat
     layout = pipeline.Layout(config.batch_size)
     spec = state_lib.transform_spec(config)
     need = pipeline.shared_memory_bytes(spec, layout, 2, 1) + pipeline.shared_memory_bytes(
-        spec, pipeline.Layout(config.eval_batch_size), 2, loop.EVAL_PREFETCH)
+        spec, pipeline.Layout(config.eval_batch_size), 2, loop.EVAL_PREFETCH
+    )
     crop = spec.crop_size
     assert need == slots.ring_bytes(5, (config.batch_size, crop, crop, 3), np.uint8) + slots.ring_bytes(
-        6, (config.eval_batch_size, crop, crop, 3), np.uint8)
+        6, (config.eval_batch_size, crop, crop, 3), np.uint8
+    )
     free = need - 1
 
     class Stat:

@@ -14,9 +14,9 @@ import xml.etree.ElementTree as ElementTree
 import cv2
 import numpy as np
 import pytest
+from conftest import ROOT, tiny_demo_config
 from scipy import io as sio
 
-from conftest import ROOT, tiny_demo_config
 from pmg_jax import loop
 from pmg_jax.data import decode, pipeline, sources
 
@@ -78,8 +78,9 @@ def write_cub(tmp: str) -> str:
     write_lines(os.path.join(root, "image_class_labels.txt"), labels)
     write_lines(os.path.join(root, "train_test_split.txt"), reversed(split_flags))  # files are joined by id
     write_lines(os.path.join(root, "bounding_boxes.txt"), boxes)
-    write_lines(os.path.join(root, "classes.txt"),
-                (f"{c + 1} {c + 1:03d}.{n.replace(' ', '_')}" for c, n in enumerate(CLASSES)))
+    write_lines(
+        os.path.join(root, "classes.txt"), (f"{c + 1} {c + 1:03d}.{n.replace(' ', '_')}" for c, n in enumerate(CLASSES))
+    )
     return tmp
 
 
@@ -102,8 +103,11 @@ def write_aircraft(tmp: str) -> str:
 
 def _cars_rows(split: str) -> list[dict]:
     """Devkit annotations of a split's images, named cars_<split>/<k + 1:05d>.jpg."""
-    return [{"bbox_x1": 2, "bbox_y1": 3, "bbox_x2": 22, "bbox_y2": 18, "class": label + 1, "fname": f"{k + 1:05d}.jpg"}
-            for s, label, k in examples() if s == split]
+    return [
+        {"bbox_x1": 2, "bbox_y1": 3, "bbox_x2": 22, "bbox_y2": 18, "class": label + 1, "fname": f"{k + 1:05d}.jpg"}
+        for s, label, k in examples()
+        if s == split
+    ]
 
 
 def write_cars_devkit(tmp: str) -> str:
@@ -122,8 +126,17 @@ def write_cars_annos(tmp: str) -> str:
     rows = []
     for i, (split, label, _) in enumerate(examples()):
         write(os.path.join(tmp, "car_ims", f"{i + 1:06d}.jpg"), jpeg(label, i))
-        rows.append({"relative_im_path": f"car_ims/{i + 1:06d}.jpg", "bbox_x1": 2, "bbox_y1": 3, "bbox_x2": 22,
-                     "bbox_y2": 18, "class": label + 1, "test": int(split == "test")})
+        rows.append(
+            {
+                "relative_im_path": f"car_ims/{i + 1:06d}.jpg",
+                "bbox_x1": 2,
+                "bbox_y1": 3,
+                "bbox_x2": 22,
+                "bbox_y2": 18,
+                "class": label + 1,
+                "test": int(split == "test"),
+            }
+        )
     sio.savemat(os.path.join(tmp, "cars_annos.mat"), {"annotations": mat_struct(rows), "class_names": cell(CLASSES)})
     return tmp
 
@@ -153,9 +166,13 @@ def write_dogs(tmp: str) -> str:
         write(os.path.join(tmp, "Annotation", folder, stem), ElementTree.tostring(xml))
         files[split].append((f"{folder}/{stem}.jpg", label + 1))
     for split, items in files.items():
-        sio.savemat(os.path.join(tmp, f"{split}_list.mat"), {
-            "file_list": np.array([f for f, _ in items], dtype=object).reshape(-1, 1),
-            "labels": np.array([[label] for _, label in items], np.float64)})
+        sio.savemat(
+            os.path.join(tmp, f"{split}_list.mat"),
+            {
+                "file_list": np.array([f for f, _ in items], dtype=object).reshape(-1, 1),
+                "labels": np.array([[label] for _, label in items], np.float64),
+            },
+        )
     return tmp
 
 
@@ -174,12 +191,17 @@ def tiny_builder_class():
         VERSION = tfds.core.Version("1.0.0")
 
         def _info(self):
-            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=(None, None, 3)),
-                "image/filename": tfds.features.Text(),
-                "label": tfds.features.ClassLabel(names=CLASSES),
-                "objects": tfds.features.Sequence({"bbox": tfds.features.BBoxFeature()}),
-            }))
+            return tfds.core.DatasetInfo(
+                builder=self,
+                features=tfds.features.FeaturesDict(
+                    {
+                        "image": tfds.features.Image(shape=(None, None, 3)),
+                        "image/filename": tfds.features.Text(),
+                        "label": tfds.features.ClassLabel(names=CLASSES),
+                        "objects": tfds.features.Sequence({"bbox": tfds.features.BBoxFeature()}),
+                    }
+                ),
+            )
 
         def _split_generators(self, dl_manager):
             return {s: self._generate_examples(s) for s in ("train", "test")}
@@ -187,8 +209,15 @@ def tiny_builder_class():
         def _generate_examples(self, split):
             for s, label, k in examples():
                 if s == split:
-                    yield f"{split}{k}", {"image": jpeg(label, k), "image/filename": f"{split}{k}.jpg", "label": label,
-                                          "objects": {"bbox": [tfds.features.BBox(0.1, 0.2, 0.5, 0.6)]}}
+                    yield (
+                        f"{split}{k}",
+                        {
+                            "image": jpeg(label, k),
+                            "image/filename": f"{split}{k}.jpg",
+                            "label": label,
+                            "objects": {"bbox": [tfds.features.BBox(0.1, 0.2, 0.5, 0.6)]},
+                        },
+                    )
 
     return PmgTinyBirds
 
@@ -214,11 +243,25 @@ LAYOUTS = {
 
 def config_for(name: str, data_dir: str, **overrides):
     """The tiny demo run's model and schedule on a 3-class miniature: 1 epoch of one 8-image step."""
-    return tiny_demo_config(**{
-        "num_epochs": 1, "dataset.name": name, "dataset.data_dir": data_dir, "dataset.num_classes": 3,
-        "dataset.train_split": "trainval" if name == "aircraft" else "train", "data.resize_size": 40,
-        "data.crop_size": 32, "data.pad": 2, "model.backbone": "resnet18", "model.width": 8, "model.feature_size": 16,
-        "batch_size": 8, "eval_batch_size": 8, "log_every_steps": 1, **overrides})
+    return tiny_demo_config(
+        **{
+            "num_epochs": 1,
+            "dataset.name": name,
+            "dataset.data_dir": data_dir,
+            "dataset.num_classes": 3,
+            "dataset.train_split": "trainval" if name == "aircraft" else "train",
+            "data.resize_size": 40,
+            "data.crop_size": 32,
+            "data.pad": 2,
+            "model.backbone": "resnet18",
+            "model.width": 8,
+            "model.feature_size": 16,
+            "batch_size": 8,
+            "eval_batch_size": 8,
+            "log_every_steps": 1,
+            **overrides,
+        }
+    )
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
@@ -258,14 +301,24 @@ def fake_tfds_records(builder, split, decoders=None, **kwargs):
     """What tfds.data_source returns for `builder` with the image left encoded (the real format, see the test above)."""
     assert decoders and "image" in decoders
     objects = "objects" in builder.info.features
-    return [{"image": jpeg(k % 3, k), "label": (7 * k) % builder.info.features["label"].num_classes,
-             **({"objects": {"bbox": np.array([[0.1, 0.2, 0.5, 0.6]], np.float32)}} if objects else
-                {"bbox": np.array([0.1, 0.2, 0.5, 0.6], np.float32)})}
-            for k in range(10 if split == "train" else 4)]
+    return [
+        {
+            "image": jpeg(k % 3, k),
+            "label": (7 * k) % builder.info.features["label"].num_classes,
+            **(
+                {"objects": {"bbox": np.array([[0.1, 0.2, 0.5, 0.6]], np.float32)}}
+                if objects
+                else {"bbox": np.array([0.1, 0.2, 0.5, 0.6], np.float32)}
+            ),
+        }
+        for k in range(10 if split == "train" else 4)
+    ]
 
 
-@pytest.mark.parametrize("name,builder,classes", [("cub", "caltech_birds2011", 200), ("cars", "cars196", 196),
-                                                  ("dogs", "stanford_dogs", 120)])
+@pytest.mark.parametrize(
+    "name,builder,classes",
+    [("cub", "caltech_birds2011", 200), ("cars", "cars196", 196), ("dogs", "stanford_dogs", 120)],
+)
 def test_tfds_builders_of_the_named_datasets(name, builder, classes):
     import tensorflow_datasets as tfds
 
@@ -276,8 +329,9 @@ def test_tfds_builders_of_the_named_datasets(name, builder, classes):
     example = decode.load_example(train[1])
     h, w = example["image"].shape[:2]
     np.testing.assert_allclose(example["box"], [0.2 * w, 0.1 * h, 0.6 * w, 0.5 * h], rtol=1e-5)
-    _, batches = pipeline.train_batches(train, pipeline.TransformSpec(36, 32, 2), pipeline.Layout(4), seed=0,
-                                        num_epochs=1)
+    _, batches = pipeline.train_batches(
+        train, pipeline.TransformSpec(36, 32, 2), pipeline.Layout(4), seed=0, num_epochs=1
+    )
     assert next(batches)["image"].shape == (4, 32, 32, 3)
 
 
@@ -344,16 +398,37 @@ def test_train_py_on_the_cub_folder(tmp_path, compile_cache):
     """The user's command, `python train.py --config configs/cub.py`, with the miniature and the tiny model."""
     root = write_cub(str(tmp_path / "data"))
     tiny = config_for("cub", root)
-    flags = [f"--config.{k}={v}" for k, v in (
-        ("dataset.data_dir", root), ("dataset.num_classes", 3), ("num_epochs", 1), ("data.resize_size", 40),
-        ("data.crop_size", 32), ("data.pad", 2), ("data.workers", 0), ("model.backbone", "resnet18"),
-        ("model.width", 8), ("model.stage_sizes", "(1,1,1,1)"), ("model.feature_size", 16), ("batch_size", 8),
-        ("eval_batch_size", 8), ("log_every_steps", 1), ("optim.lr_new", tiny.optim.lr_new),
-        ("optim.lr_backbone", tiny.optim.lr_backbone))]
+    flags = [
+        f"--config.{k}={v}"
+        for k, v in (
+            ("dataset.data_dir", root),
+            ("dataset.num_classes", 3),
+            ("num_epochs", 1),
+            ("data.resize_size", 40),
+            ("data.crop_size", 32),
+            ("data.pad", 2),
+            ("data.workers", 0),
+            ("model.backbone", "resnet18"),
+            ("model.width", 8),
+            ("model.stage_sizes", "(1,1,1,1)"),
+            ("model.feature_size", 16),
+            ("batch_size", 8),
+            ("eval_batch_size", 8),
+            ("log_every_steps", 1),
+            ("optim.lr_new", tiny.optim.lr_new),
+            ("optim.lr_backbone", tiny.optim.lr_backbone),
+        )
+    ]
     env = dict(os.environ)
     workdir = str(tmp_path / "run")
-    done = subprocess.run([sys.executable, "train.py", "--config", "configs/cub.py", "--workdir", workdir, *flags],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "train.py", "--config", "configs/cub.py", "--workdir", workdir, *flags],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "training resnet18 PMG on cub (12 train / 6 test images, 3 classes)" in done.stdout
     check_run(workdir, {"epoch": 1})

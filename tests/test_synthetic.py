@@ -52,7 +52,7 @@ def test_label_balance() -> None:
     """Every class appears equally often in a source whose size is a multiple of num_classes."""
     source = DemoSource(SPEC, "train", 50)
     counts = collections.Counter(source[i]["label"] for i in range(len(source)))
-    assert counts == {k: 5 for k in range(SPEC.num_classes)}
+    assert counts == dict.fromkeys(range(SPEC.num_classes), 5)
 
 
 @pytest.mark.parametrize("split", ["train", "test"])

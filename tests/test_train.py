@@ -5,8 +5,8 @@ import os
 
 import numpy as np
 import pytest
-
 from conftest import tiny_demo_config
+
 from pmg_jax import checkpoint as ckpt_lib
 from pmg_jax import loop
 from pmg_jax import state as state_lib

@@ -15,7 +15,8 @@ image (one level is 2/255 after normalising with std 0.5):
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from pmg_jax.data import synthetic, transforms
@@ -53,10 +54,19 @@ def torchvision_eval(image: np.ndarray, resize: int, crop: int) -> np.ndarray:
 
 def ours_train(image, rng_seed, backend, resize=550, crop=448, pad=8):
     """(our output, the crop parameters it drew)."""
-    params = transforms.sample_crop(np.random.default_rng(rng_seed), resize_size=resize, crop_size=crop, pad=pad,
-                                    hflip=True)
-    out, _ = transforms.train_transform(image, np.random.default_rng(rng_seed), resize_size=resize, crop_size=crop,
-                                        pad=pad, mean=MEAN, std=STD, backend=backend)
+    params = transforms.sample_crop(
+        np.random.default_rng(rng_seed), resize_size=resize, crop_size=crop, pad=pad, hflip=True
+    )
+    out, _ = transforms.train_transform(
+        image,
+        np.random.default_rng(rng_seed),
+        resize_size=resize,
+        crop_size=crop,
+        pad=pad,
+        mean=MEAN,
+        std=STD,
+        backend=backend,
+    )
     return out, params
 
 
@@ -74,8 +84,13 @@ def test_opencv_matches_the_reference_within_one_level_when_upscaling(size):
     for seed in range(4):
         out, params = ours_train(image, seed, "opencv")
         assert np.abs(out - torchvision_train(image, params, 550, 448, 8)).max() <= LEVEL + 1e-6
-    assert np.abs(transforms.eval_transform(image, resize_size=550, crop_size=448, mean=MEAN, std=STD,
-                                            backend="opencv")[0] - torchvision_eval(image, 550, 448)).max() <= LEVEL + 1e-6
+    assert (
+        np.abs(
+            transforms.eval_transform(image, resize_size=550, crop_size=448, mean=MEAN, std=STD, backend="opencv")[0]
+            - torchvision_eval(image, 550, 448)
+        ).max()
+        <= LEVEL + 1e-6
+    )
 
 
 @pytest.mark.parametrize("size", [(768, 1024), (1067, 1600), (400, 700), (700, 400), (580, 600)])
@@ -84,8 +99,13 @@ def test_opencv_matches_the_reference_within_stated_bounds_when_downscaling(size
     out, params = ours_train(image, 5, "opencv")
     diff = np.abs(out - torchvision_train(image, params, 550, 448, 8)) / LEVEL
     assert diff.mean() <= 1.0 and diff.max() <= 32, (diff.mean(), diff.max())
-    diff = np.abs(transforms.eval_transform(image, resize_size=550, crop_size=448, mean=MEAN, std=STD,
-                                            backend="opencv")[0] - torchvision_eval(image, 550, 448)) / LEVEL
+    diff = (
+        np.abs(
+            transforms.eval_transform(image, resize_size=550, crop_size=448, mean=MEAN, std=STD, backend="opencv")[0]
+            - torchvision_eval(image, 550, 448)
+        )
+        / LEVEL
+    )
     assert diff.mean() <= 1.0 and diff.max() <= 32, (diff.mean(), diff.max())
 
 
@@ -100,8 +120,10 @@ def test_zero_padding_becomes_minus_one_and_crops_reach_every_offset():
     out = transforms.train_crop(image, transforms.CropParams(0, 0, False), resize_size=60, crop_size=48, pad=8)
     assert (out[:8] == 0).all() and (out[:, :8] == 0).all() and (out[8:, 8:] == 255).all()
     assert transforms.normalize(out, MEAN, STD)[0, 0, 0] == -1.0
-    draws = [transforms.sample_crop(np.random.default_rng(s), resize_size=60, crop_size=48, pad=8, hflip=True)
-             for s in range(1000)]
+    draws = [
+        transforms.sample_crop(np.random.default_rng(s), resize_size=60, crop_size=48, pad=8, hflip=True)
+        for s in range(1000)
+    ]
     assert {p.top for p in draws} == {p.left for p in draws} == set(range(29))
     assert 0.4 < np.mean([p.flip for p in draws]) < 0.6
 
@@ -151,8 +173,9 @@ def geometry(draw):
 def test_train_box_stays_inside_the_crop(data, geom, seed):
     image, box = data
     resize, crop, pad = geom
-    out, out_box = transforms.train_transform(image, np.random.default_rng(seed), resize_size=resize, crop_size=crop,
-                                              pad=pad, mean=MEAN, std=STD, box=box)
+    out, out_box = transforms.train_transform(
+        image, np.random.default_rng(seed), resize_size=resize, crop_size=crop, pad=pad, mean=MEAN, std=STD, box=box
+    )
     assert out.shape == (crop, crop, 3) and out.dtype == np.float32
     assert np.all(out_box >= 0) and np.all(out_box <= crop)
     assert out_box[0] <= out_box[2] and out_box[1] <= out_box[3]
@@ -165,11 +188,13 @@ def test_train_box_follows_the_pixels(data, geom, seed):
     image, box = data
     resize, crop, pad = geom
     h, w = image.shape[:2]
-    params = transforms.sample_crop(np.random.default_rng(seed), resize_size=resize, crop_size=crop, pad=pad,
-                                    hflip=True)
+    params = transforms.sample_crop(
+        np.random.default_rng(seed), resize_size=resize, crop_size=crop, pad=pad, hflip=True
+    )
     out = transforms.train_crop(image, params, resize_size=resize, crop_size=crop, pad=pad)
-    expected = transforms.crop_box(transforms.scale_box(box, h, w, resize), params.top - pad, params.left - pad, crop,
-                                   params.flip)
+    expected = transforms.crop_box(
+        transforms.scale_box(box, h, w, resize), params.top - pad, params.left - pad, crop, params.flip
+    )
     tol = 1.0 + max(resize / w, resize / h, 1.0)  # bilinear spreads an edge over one source pixel
     if min(expected[2] - expected[0], expected[3] - expected[1]) > 2 * tol:
         ys, xs = np.nonzero(out[..., 0] >= 128)
@@ -182,8 +207,9 @@ def test_train_box_follows_the_pixels(data, geom, seed):
 def test_flip_is_an_involution(data, geom, seed):
     image, box = data
     resize, crop, pad = geom
-    params = transforms.sample_crop(np.random.default_rng(seed), resize_size=resize, crop_size=crop, pad=pad,
-                                    hflip=True)
+    params = transforms.sample_crop(
+        np.random.default_rng(seed), resize_size=resize, crop_size=crop, pad=pad, hflip=True
+    )
     kw = dict(resize_size=resize, crop_size=crop, pad=pad)
     flipped = transforms.train_crop(image, transforms.CropParams(params.top, params.left, True), **kw)
     plain = transforms.train_crop(image, transforms.CropParams(params.top, params.left, False), **kw)
@@ -200,8 +226,9 @@ def test_eval_box_and_normalisation_round_trip(data, geom):
     resize, crop, _ = geom
     if crop > resize:
         return
-    out, out_box = transforms.eval_transform(image, resize_size=resize, crop_size=crop, mean=(0.4, 0.5, 0.6),
-                                             std=(0.2, 0.25, 0.3), box=box)
+    out, out_box = transforms.eval_transform(
+        image, resize_size=resize, crop_size=crop, mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3), box=box
+    )
     h, w = image.shape[:2]
     off = transforms.center_offset(resize, crop)
     expected = np.clip(transforms.scale_box(box, h, w, resize) - off, 0, crop)
@@ -212,8 +239,14 @@ def test_eval_box_and_normalisation_round_trip(data, geom):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.integers(1, 40), st.integers(1, 40), st.integers(1, 48), st.integers(0, 10), st.integers(0, 2**32 - 1),
-       st.booleans())
+@given(
+    st.integers(1, 40),
+    st.integers(1, 40),
+    st.integers(1, 48),
+    st.integers(0, 10),
+    st.integers(0, 2**32 - 1),
+    st.booleans(),
+)
 def test_crop_without_padding_equals_cropping_the_padded_image(h, w, crop, pad, seed, flip):
     """place_crop never builds the padded image; it must give exactly what padding, slicing and mirroring give."""
     image = np.random.default_rng(seed).integers(1, 256, (h, w, 3), dtype=np.uint8)  # no zeros: padding shows

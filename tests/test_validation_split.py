@@ -2,19 +2,28 @@
 the run reports that checkpoint's test accuracy, not the best test accuracy over epochs."""
 
 import json
-import os
 
 import numpy as np
 import pytest
-
 from conftest import tiny_demo_config
+
 from pmg_jax import checkpoint as ckpt_lib
 from pmg_jax import loop, validate
 from pmg_jax.data import sources
 
-SMALL = {"dataset.demo_train_size": 160, "dataset.demo_test_size": 32, "dataset.demo_image_size": 40,
-         "data.resize_size": 40, "data.crop_size": 32, "model.width": 8, "model.feature_size": 16,
-         "batch_size": 8, "eval_batch_size": 16, "num_epochs": 4, "log_every_steps": 5}
+SMALL = {
+    "dataset.demo_train_size": 160,
+    "dataset.demo_test_size": 32,
+    "dataset.demo_image_size": 40,
+    "data.resize_size": 40,
+    "data.crop_size": 32,
+    "model.width": 8,
+    "model.feature_size": 16,
+    "batch_size": 8,
+    "eval_batch_size": 16,
+    "num_epochs": 4,
+    "log_every_steps": 5,
+}
 
 
 def test_validation_share_is_disjoint_stratified_and_seeded():
@@ -47,6 +56,10 @@ def test_best_is_chosen_on_val_and_its_test_accuracy_is_reported(tmp_path):
     assert best["test_combined"] == test[step]["combined"]  # that checkpoint's test figure, not the best one
     assert ckpt_lib.resolve(str(tmp_path), "best")[1] == step
     # read back: the best checkpoint evaluated on the test split gives the reported figure
-    again = loop.evaluate_only(tiny_demo_config(**{**SMALL, "dataset.val_fraction": 0.25, "init.which": "best",
-                                                   "init.checkpoint": str(tmp_path)}), str(tmp_path))
+    again = loop.evaluate_only(
+        tiny_demo_config(
+            **{**SMALL, "dataset.val_fraction": 0.25, "init.which": "best", "init.checkpoint": str(tmp_path)}
+        ),
+        str(tmp_path),
+    )
     assert again["combined"] == best["test_combined"] and again["count"] == 32

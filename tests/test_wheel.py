@@ -14,9 +14,9 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT
 
 import bench.torch_reference as ref
-from conftest import ROOT
 
 pytestmark = pytest.mark.xdist_group("readme")
 
@@ -31,8 +31,11 @@ def test_wheel_converts_restores_and_explains_outside_the_repository(tmp_path):
     dist, venv, work = tmp_path / "dist", tmp_path / "venv", tmp_path / "elsewhere"
     work.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), ROOT],
-        str(tmp_path), env)
+    run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), ROOT],
+        str(tmp_path),
+        env,
+    )
     wheel = glob.glob(str(dist / "pmg_jax-*.whl"))
     assert len(wheel) == 1
     run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], str(tmp_path), env)
@@ -46,10 +49,17 @@ def test_wheel_converts_restores_and_explains_outside_the_repository(tmp_path):
     torch.save(model.state_dict(), work / "model.pth")
     out = run([python, "-m", "pmg_jax.convert", "model.pth", "--out", "run", "--dataset", "demo"], str(work), env)
     assert "class names: the demo class list" in out
-    restored = run([python, "-c", "from pmg_jax import state; r = state.restore('run'); "
-                    "print(r.step, len(r.class_names), r.config.data.crop_size)"], str(work), env)
+    restored = run(
+        [
+            python,
+            "-c",
+            "from pmg_jax import state; r = state.restore('run'); "
+            "print(r.step, len(r.class_names), r.config.data.crop_size)",
+        ],
+        str(work),
+        env,
+    )
     assert restored.split() == ["0", "8", "96"]
-    out = run([str(venv / "bin" / "pmg-explain"), "--ckpt", "run", "--block", "3", "--num-images", "4"], str(work),
-              env)
+    out = run([str(venv / "bin" / "pmg-explain"), "--ckpt", "run", "--block", "3", "--num-images", "4"], str(work), env)
     assert "no --images: explaining 4 examples" in out
     assert len(glob.glob(str(work / "run" / "explain" / "conv_block3_test_*.jpg"))) == 4

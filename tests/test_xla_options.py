@@ -20,14 +20,19 @@ def test_cpu_takes_the_first_value_this_xla_accepts_and_drops_unknown_options(fr
     # YNNPACK off for every program, but on for the training step's reductions (this jaxlib has them);
     # the training step keeps its optimisation barriers (remat)
     assert xla_options.for_platform() == {xla_options.YNN: ""}
-    assert xla_options.for_platform("cpu", "train") == {xla_options.YNN: xla_options.YNN_REDUCE,
-                                                         xla_options.DISABLED_PASSES: "cse_barrier_expander"}
+    assert xla_options.for_platform("cpu", "train") == {
+        xla_options.YNN: xla_options.YNN_REDUCE,
+        xla_options.DISABLED_PASSES: "cse_barrier_expander",
+    }
     assert xla_options.fast_reductions("cpu") and xla_options.fast_reductions("gpu")
     with pytest.raises(ValueError, match="program"):
         xla_options.for_platform("cpu", "eval")
     xla_options.for_platform.cache_clear()
-    monkeypatch.setitem(xla_options.TRAIN, "cpu", {
-        "xla_pmg_no_such_option": (True,), xla_options.YNN: ("LIBRARY_FUSION_TYPE_NO_SUCH_TYPE", "")})
+    monkeypatch.setitem(
+        xla_options.TRAIN,
+        "cpu",
+        {"xla_pmg_no_such_option": (True,), xla_options.YNN: ("LIBRARY_FUSION_TYPE_NO_SUCH_TYPE", "")},
+    )
     assert xla_options.for_platform("cpu", "train") == {xla_options.YNN: ""}
     assert not xla_options.fast_reductions("cpu")  # YNNPACK off: BatchNorm must sum with GEMVs
     xla_options.for_platform.cache_clear()

@@ -80,8 +80,15 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         c = x.shape[-1]
-        y = nn.Conv(c, (7, 7), padding=((3, 3), (3, 3)), feature_group_count=c, dtype=self.dtype,
-                    kernel_init=_init, name="conv_dw")(x)
+        y = nn.Conv(
+            c,
+            (7, 7),
+            padding=((3, 3), (3, 3)),
+            feature_group_count=c,
+            dtype=self.dtype,
+            kernel_init=_init,
+            name="conv_dw",
+        )(x)
         y = layer_norm(self.dtype, "norm")(y)
         y = Mlp(4 * c, dtype=self.dtype, name="mlp")(y)
         if self.layer_scale_init is not None:
@@ -105,8 +112,9 @@ class Stage(nn.Module):
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         if self.downsample:
             x = layer_norm(self.dtype, "downsample_0")(x)
-            x = nn.Conv(self.dim, (2, 2), strides=2, padding="VALID", dtype=self.dtype, kernel_init=_init,
-                        name="downsample_1")(x)
+            x = nn.Conv(
+                self.dim, (2, 2), strides=2, padding="VALID", dtype=self.dtype, kernel_init=_init, name="downsample_1"
+            )(x)
         for j, rate in enumerate(self.drop_path_rates):
             x = Block(rate, self.layer_scale_init, dtype=self.dtype, name=f"blocks_{j}")(x, train)
         return x
@@ -131,13 +139,20 @@ class ConvNeXt(nn.Module):
         if len(self.depths) != 4 or len(self.dims) != 4:
             raise ValueError(f"ConvNeXt needs 4 depths and 4 dims, got {tuple(self.depths)} and {tuple(self.dims)}")
         rates = np.linspace(0.0, self.drop_path_rate, sum(self.depths)).tolist()
-        x = nn.Conv(self.dims[0], (4, 4), strides=4, padding="VALID", dtype=self.dtype, kernel_init=_init,
-                    name="stem_0")(x)
+        x = nn.Conv(
+            self.dims[0], (4, 4), strides=4, padding="VALID", dtype=self.dtype, kernel_init=_init, name="stem_0"
+        )(x)
         x = layer_norm(self.dtype, "stem_1")(x)
         stages, start = [], 0
         for i, (depth, dim) in enumerate(zip(self.depths, self.dims)):
-            x = Stage(dim, tuple(rates[start:start + depth]), downsample=i > 0, layer_scale_init=self.layer_scale_init,
-                      dtype=self.dtype, name=f"stages_{i}")(x, train)
+            x = Stage(
+                dim,
+                tuple(rates[start : start + depth]),
+                downsample=i > 0,
+                layer_scale_init=self.layer_scale_init,
+                dtype=self.dtype,
+                name=f"stages_{i}",
+            )(x, train)
             start += depth
             stages.append(x)
         return tuple(stages)
@@ -155,12 +170,12 @@ def build(width: int, stage_sizes: Sequence[int], dtype: Any, name: str, drop_pa
 
 def _stage_of(path: tuple[str, ...]) -> int:
     """stem_*: the stem (0); stages_{i}/...: stage i + 1 (its downsampling included)."""
-    return int(path[0][len("stages_"):]) + 1 if path[0].startswith("stages_") else 0
+    return int(path[0][len("stages_") :]) + 1 if path[0].startswith("stages_") else 0
 
 
 def _indices(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> set[str]:
     """The distinct components that follow `prefix` (which ends with a dot) in the names."""
-    return {k[len(prefix):].split(".")[0] for k in shapes if k.startswith(prefix)}
+    return {k[len(prefix) :].split(".")[0] for k in shapes if k.startswith(prefix)}
 
 
 def infer_convnext(shapes: Mapping[str, tuple[int, ...]]) -> dict | None:
@@ -172,17 +187,30 @@ def infer_convnext(shapes: Mapping[str, tuple[int, ...]]) -> dict | None:
     if len(depths) != 4 or not all(depths):
         raise UnsupportedWeights(f"a ConvNeXt without 4 stages of blocks (blocks per stage {depths})")
     if len(shapes.get("stages.0.blocks.0.mlp.fc1.weight", ())) != 2:
-        raise UnsupportedWeights("a ConvNeXt with 1x1-convolution MLPs (timm's conv_mlp=True, e.g. convnext_atto to "
-                                 "convnext_nano): only the Linear-MLP form (conv_mlp=False, the default) is supported")
+        raise UnsupportedWeights(
+            "a ConvNeXt with 1x1-convolution MLPs (timm's conv_mlp=True, e.g. convnext_atto to "
+            "convnext_nano): only the Linear-MLP form (conv_mlp=False, the default) is supported"
+        )
     dims = tuple(shapes[f"stages.{i}.blocks.0.conv_dw.weight"][0] for i in range(4))
     if dims != stage_channels(dims[0], depths):
-        raise UnsupportedWeights(f"a ConvNeXt with channels {dims}: only those that double at every stage "
-                                 f"(width x 1, 2, 4, 8) are supported")
+        raise UnsupportedWeights(
+            f"a ConvNeXt with channels {dims}: only those that double at every stage (width x 1, 2, 4, 8) are supported"
+        )
     name = next((n for n, v in VARIANTS.items() if v == (dims[0], depths)), None)
     return {"name": name or "convnext_tiny", "width": dims[0], "stage_sizes": () if name else depths}
 
 
 BACKBONES = tuple(
-    Backbone(name=name, build=build, width=width, stage_sizes=depths, channels=stage_channels, stage_of=_stage_of,
-             infer=infer_convnext, torch_ignore=("head.", "norm_pre."), options=("drop_path_rate",))
-    for name, (width, depths) in VARIANTS.items())
+    Backbone(
+        name=name,
+        build=build,
+        width=width,
+        stage_sizes=depths,
+        channels=stage_channels,
+        stage_of=_stage_of,
+        infer=infer_convnext,
+        torch_ignore=("head.", "norm_pre."),
+        options=("drop_path_rate",),
+    )
+    for name, (width, depths) in VARIANTS.items()
+)

@@ -5,7 +5,7 @@ state dicts are recognised)."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import flax.linen as nn
 
@@ -51,7 +51,12 @@ class Backbone:
 
 
 REGISTRY: dict[str, Backbone] = {}
-OPTIONS = {"remat": False, "bn_group_size": 0, "bn_group_stats": "mean", "drop_path_rate": 0.0}  # build options and their defaults
+OPTIONS = {
+    "remat": False,
+    "bn_group_size": 0,
+    "bn_group_stats": "mean",
+    "drop_path_rate": 0.0,
+}  # build options and their defaults
 
 
 def register(backbone: Backbone) -> Backbone:

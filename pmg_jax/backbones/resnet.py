@@ -15,11 +15,12 @@ out of the average) before a stride-1 1x1 conv and BN.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 from pmg_jax.backbones.registry import Backbone, UnsupportedWeights
 from pmg_jax.kernels import max_pool
@@ -34,8 +35,13 @@ STAGE_SIZES: dict[str, tuple[int, ...]] = {
 }
 BOTTLENECK = {"resnet18": False, "resnet34": False, "resnet50": True, "resnet101": True, "resnet152": True}
 # timm's ResNet-D variants (deep stem, average-pool shortcut) and the ResNet whose blocks they share.
-RESNET_D = {"resnet18d": "resnet18", "resnet34d": "resnet34", "resnet50d": "resnet50", "resnet101d": "resnet101",
-            "resnet152d": "resnet152"}
+RESNET_D = {
+    "resnet18d": "resnet18",
+    "resnet34d": "resnet34",
+    "resnet50d": "resnet50",
+    "resnet101d": "resnet101",
+    "resnet152d": "resnet152",
+}
 
 
 def base_arch(arch: str) -> str:
@@ -52,8 +58,9 @@ def avg_pool_ceil(x: jax.Array) -> jax.Array:
     return nn.avg_pool(x, (2, 2), (2, 2), pad, count_include_pad=False).astype(x.dtype)
 
 
-def shortcut(x: jax.Array, features: int, strides: int, avg_down: bool, train: bool, dtype: Any,
-             bn: Callable[[str], BatchNorm]) -> jax.Array:
+def shortcut(
+    x: jax.Array, features: int, strides: int, avg_down: bool, train: bool, dtype: Any, bn: Callable[[str], BatchNorm]
+) -> jax.Array:
     """The downsampling shortcut, made in the calling block's scope so its names sit beside the block's own.
 
     torchvision: a 1x1 conv with the stride and BN (`downsample_0`, `downsample_1`). ResNet-D
@@ -82,8 +89,9 @@ class BasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        bn = functools.partial(BatchNorm, momentum=0.1, dtype=self.dtype, group_size=self.bn_group_size,
-                               group_stats=self.bn_group_stats)
+        bn = functools.partial(
+            BatchNorm, momentum=0.1, dtype=self.dtype, group_size=self.bn_group_size, group_stats=self.bn_group_stats
+        )
         y = Conv(self.planes, 3, self.strides, 1, dtype=self.dtype, name="conv1")(x)
         y = nn.relu(bn(name="bn1")(y, train))
         y = Conv(self.planes, 3, 1, 1, dtype=self.dtype, name="conv2")(y)
@@ -107,8 +115,9 @@ class Bottleneck(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        bn = functools.partial(BatchNorm, momentum=0.1, dtype=self.dtype, group_size=self.bn_group_size,
-                               group_stats=self.bn_group_stats)
+        bn = functools.partial(
+            BatchNorm, momentum=0.1, dtype=self.dtype, group_size=self.bn_group_size, group_stats=self.bn_group_stats
+        )
         y = Conv(self.planes, 1, dtype=self.dtype, name="conv1")(x)
         y = nn.relu(bn(name="bn1")(y, train))
         y = Conv(self.planes, 3, self.strides, 1, dtype=self.dtype, name="conv2")(y)
@@ -160,14 +169,17 @@ class ResNet(nn.Module):
         sizes = tuple(self.stage_sizes or STAGE_SIZES[base])
         avg_down = self.arch in RESNET_D
         groups = {"bn_group_size": self.bn_group_size, "bn_group_stats": self.bn_group_stats}
-        bn = functools.partial(BatchNorm, momentum=0.1, dtype=self.dtype, group_size=self.bn_group_size,
-                               group_stats=self.bn_group_stats)
+        bn = functools.partial(
+            BatchNorm, momentum=0.1, dtype=self.dtype, group_size=self.bn_group_size, group_stats=self.bn_group_stats
+        )
         stem, stage = (checkpointed(_stem, 4), checkpointed(_stage, 3)) if self.remat else (_stem, _stage)
         if avg_down:  # timm's deep stem `conv1`: 3x3/2 conv, BN, ReLU, 3x3 conv, BN, ReLU, 3x3 conv (indices 0-6)
             half = self.width // 2
-            convs = (Conv(half, 3, 2, 1, dtype=self.dtype, name="conv1_0"),
-                     Conv(half, 3, 1, 1, dtype=self.dtype, name="conv1_3"),
-                     Conv(self.width, 3, 1, 1, dtype=self.dtype, name="conv1_6"))
+            convs = (
+                Conv(half, 3, 2, 1, dtype=self.dtype, name="conv1_0"),
+                Conv(half, 3, 1, 1, dtype=self.dtype, name="conv1_3"),
+                Conv(self.width, 3, 1, 1, dtype=self.dtype, name="conv1_6"),
+            )
             bns = (bn(name="conv1_1"), bn(name="conv1_4"), bn(name="bn1"))
         else:
             convs, bns = (Conv(self.width, 7, 2, 3, dtype=self.dtype, name="conv1"),), (bn(name="bn1"),)
@@ -180,8 +192,17 @@ class ResNet(nn.Module):
             for j in range(n_blocks):
                 strides = 2 if (i > 0 and j == 0) else 1
                 downsample = j == 0 and (strides != 1 or in_ch != planes * block.expansion)
-                blocks.append(block(planes, strides, downsample, dtype=self.dtype, avg_down=avg_down,
-                                    name=f"layer{i + 1}_{j}", **groups))
+                blocks.append(
+                    block(
+                        planes,
+                        strides,
+                        downsample,
+                        dtype=self.dtype,
+                        avg_down=avg_down,
+                        name=f"layer{i + 1}_{j}",
+                        **groups,
+                    )
+                )
                 in_ch = planes * block.expansion
             x = stage(blocks[0], tuple(blocks[1:]), x, train)
             stages.append(x)
@@ -208,14 +229,22 @@ def infer_resnet(shapes: Mapping[str, tuple[int, ...]]) -> dict | None:
         return None
     avg_down = "layer2.0.downsample.2.weight" in shapes
     if deep_stem != avg_down:
-        raise UnsupportedWeights("a timm ResNet with " + ("a deep stem but a strided-conv shortcut (resnet*c)"
-                                 if deep_stem else "an average-pool shortcut but a 7x7 stem") +
-                                 ": only torchvision's ResNet and ResNet-D (deep stem and average-pool shortcut)")
+        raise UnsupportedWeights(
+            "a timm ResNet with "
+            + (
+                "a deep stem but a strided-conv shortcut (resnet*c)"
+                if deep_stem
+                else "an average-pool shortcut but a 7x7 stem"
+            )
+            + ": only torchvision's ResNet and ResNet-D (deep stem and average-pool shortcut)"
+        )
     if deep_stem:
         stem = tuple(shapes.get(f"conv1.{i}.weight", (0,))[0] for i in (0, 3, 6))
         if stem != (stem[2] // 2, stem[2] // 2, stem[2]):
-            raise UnsupportedWeights(f"a timm ResNet whose deep stem has {stem} channels: only ResNet-D's "
-                                     f"(width/2, width/2, width) is supported")
+            raise UnsupportedWeights(
+                f"a timm ResNet whose deep stem has {stem} channels: only ResNet-D's "
+                f"(width/2, width/2, width) is supported"
+            )
     width = shapes["conv1.6.weight" if deep_stem else "conv1.weight"][0]
     bottleneck = "layer1.0.conv3.weight" in shapes
     standard = [n for n in STAGE_SIZES if BOTTLENECK[n] == bottleneck and STAGE_SIZES[n] == sizes]
@@ -224,8 +253,16 @@ def infer_resnet(shapes: Mapping[str, tuple[int, ...]]) -> dict | None:
 
 
 BACKBONES = tuple(
-    Backbone(name=name, build=functools.partial(ResNet, arch=name), width=64, stage_sizes=STAGE_SIZES[base_arch(name)],
-             channels=lambda width, sizes, name=name: stage_channels(name, width), stage_of=_stage_of,
-             infer=infer_resnet, torch_ignore=("fc.",),
-             options=("remat", "bn_group_size", "bn_group_stats"))
-    for name in (*STAGE_SIZES, *RESNET_D))
+    Backbone(
+        name=name,
+        build=functools.partial(ResNet, arch=name),
+        width=64,
+        stage_sizes=STAGE_SIZES[base_arch(name)],
+        channels=lambda width, sizes, name=name: stage_channels(name, width),
+        stage_of=_stage_of,
+        infer=infer_resnet,
+        torch_ignore=("fc.",),
+        options=("remat", "bn_group_size", "bn_group_stats"),
+    )
+    for name in (*STAGE_SIZES, *RESNET_D)
+)

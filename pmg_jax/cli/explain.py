@@ -31,45 +31,89 @@ from pmg_jax.errors import PMGError
 
 PROG = "explain.py"
 # --block values: blocks by number, the concat map, every block map, or a backbone stage by name
-BLOCK_CHOICES = {"1": ("block1",), "2": ("block2",), "3": ("block3",), "concat": ("concat",),
-                 "all": (*model_lib.BLOCKS, "concat"), **{s: (s,) for s in model_lib.STAGES}}
+BLOCK_CHOICES = {
+    "1": ("block1",),
+    "2": ("block2",),
+    "3": ("block3",),
+    "concat": ("concat",),
+    "all": (*model_lib.BLOCKS, "concat"),
+    **{s: (s,) for s in model_lib.STAGES},
+}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line, checked; adds `maps` (in model order) and resolves the default target."""
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="run dir, folder of runs, or checkpoint step dir")
-    p.add_argument("--checkpoint", choices=ckpt_lib.WHICH, default="latest",
-                   help="which checkpoint of a run (ignored for a step dir)")
+    p.add_argument(
+        "--checkpoint",
+        choices=ckpt_lib.WHICH,
+        default="latest",
+        help="which checkpoint of a run (ignored for a step dir)",
+    )
     p.add_argument("--images", nargs="+", default=[], help="image files, directories and glob patterns")
-    p.add_argument("--num-images", type=int, default=16,
-                   help="without --images: how many examples of --split to explain (spread evenly over it)")
-    p.add_argument("--block", action="append", choices=tuple(BLOCK_CHOICES),
-                   help="map(s) to compute, repeatable (default: all = blocks 1-3 and concat)")
-    p.add_argument("--method", action="append", choices=cam.METHODS,
-                   help="CAM method, repeatable (default gradcam); several write one subfolder each")
-    p.add_argument("--target", default=None,
-                   help="predicted | seed | label | finer | <class id> (default: predicted; label with --evaluate); "
-                        "finer: Finer-CAM, the prediction (with --evaluate: the label) against its nearest classes")
-    p.add_argument("--finer-k", type=int, default=None,
-                   help=f"with --target finer: how many classes nearest by logit to contrast with "
-                        f"(default {cam.FINER_K})")
-    p.add_argument("--finer-alpha", type=float, default=None,
-                   help=f"with --target finer: weight of the nearest classes' logits (default {cam.FINER_ALPHA:g})")
-    p.add_argument("--concat", choices=cam.CONCAT_MODES, default="seed",
-                   help="concat map: seed = sum of the block maps; head = the concat head's gradient")
+    p.add_argument(
+        "--num-images",
+        type=int,
+        default=16,
+        help="without --images: how many examples of --split to explain (spread evenly over it)",
+    )
+    p.add_argument(
+        "--block",
+        action="append",
+        choices=tuple(BLOCK_CHOICES),
+        help="map(s) to compute, repeatable (default: all = blocks 1-3 and concat)",
+    )
+    p.add_argument(
+        "--method",
+        action="append",
+        choices=cam.METHODS,
+        help="CAM method, repeatable (default gradcam); several write one subfolder each",
+    )
+    p.add_argument(
+        "--target",
+        default=None,
+        help="predicted | seed | label | finer | <class id> (default: predicted; label with --evaluate); "
+        "finer: Finer-CAM, the prediction (with --evaluate: the label) against its nearest classes",
+    )
+    p.add_argument(
+        "--finer-k",
+        type=int,
+        default=None,
+        help=f"with --target finer: how many classes nearest by logit to contrast with (default {cam.FINER_K})",
+    )
+    p.add_argument(
+        "--finer-alpha",
+        type=float,
+        default=None,
+        help=f"with --target finer: weight of the nearest classes' logits (default {cam.FINER_ALPHA:g})",
+    )
+    p.add_argument(
+        "--concat",
+        choices=cam.CONCAT_MODES,
+        default="seed",
+        help="concat map: seed = sum of the block maps; head = the concat head's gradient",
+    )
     p.add_argument("--out", default=None, help="output directory (default <run>/explain)")
     p.add_argument("--batch-size", type=int, default=8, help="images per jitted pass")
     p.add_argument("--save-npy", action="store_true", help="also save each map as .npy (input resolution, [0, 1])")
-    p.add_argument("--evaluate", action="store_true",
-                   help="localisation (split with boxes) and part tables (split with parts), JSON and report.html")
-    p.add_argument("--split", default="test", choices=sources.SPLITS,
-                   help="split to evaluate, or to sample without --images")
+    p.add_argument(
+        "--evaluate",
+        action="store_true",
+        help="localisation (split with boxes) and part tables (split with parts), JSON and report.html",
+    )
+    p.add_argument(
+        "--split", default="test", choices=sources.SPLITS, help="split to evaluate, or to sample without --images"
+    )
     p.add_argument("--max-images", type=int, default=None, help="evaluate only the first N examples")
     p.add_argument("--auc-steps", type=int, default=16, help="deletion/insertion steps (0 skips them)")
     p.add_argument("--per-class", action="store_true", help="with --evaluate: also print the part tables per class")
-    p.add_argument("--report-images", type=int, default=8,
-                   help="with --evaluate: how many of the images whose blocks disagree most report.html shows")
+    p.add_argument(
+        "--report-images",
+        type=int,
+        default=8,
+        help="with --evaluate: how many of the images whose blocks disagree most report.html shows",
+    )
     args = p.parse_args(argv)
     args.maps = tuple(n for n in cam.MAP_NAMES if any(n in BLOCK_CHOICES[b] for b in (args.block or ["all"])))
     args.method = list(dict.fromkeys(args.method or ["gradcam"]))
@@ -106,8 +150,10 @@ def _check_finer(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 def _print_top5(result: explain.Explained, class_names: list[str]) -> None:
     """The image's origin, then one line per head with its five most probable classes."""
-    lines = [f"  {head:<7} " + " | ".join(f"{name} {100 * q:.1f}%" for name, q in result.top(head, 5, class_names))
-             for head in model_lib.HEADS]
+    lines = [
+        f"  {head:<7} " + " | ".join(f"{name} {100 * q:.1f}%" for name, q in result.top(head, 5, class_names))
+        for head in model_lib.HEADS
+    ]
     tqdm.write("\n".join([result.item.origin, *lines]))
 
 
@@ -122,8 +168,10 @@ def explain_images(args: argparse.Namespace, restored) -> int:
     else:
         indices, items = explain.from_split(restored.config, args.split, args.num_images)
         problems, total = [], len(indices)
-        print(f"no --images: explaining {total} examples spread over the {args.split} split of "
-              f"{restored.config.dataset.name} (--num-images, --split)")
+        print(
+            f"no --images: explaining {total} examples spread over the {args.split} split of "
+            f"{restored.config.dataset.name} (--num-images, --split)"
+        )
     for problem in problems:  # found while collecting; unreadable files are added while reading
         print(f"skipping {problem}", file=sys.stderr)
     reported = len(problems)
@@ -139,10 +187,21 @@ def explain_images(args: argparse.Namespace, restored) -> int:
         bar.update(1)
 
     target = "class" if args.target.isdigit() else args.target
-    results = explain.explain(restored, items, maps=args.maps, methods=args.method, target=target,
-                              class_id=int(args.target) if target == "class" else None, concat=args.concat,
-                              finer_k=args.finer_k, finer_alpha=args.finer_alpha, batch_size=args.batch_size,
-                              out_dir=out_root, save_npy=args.save_npy, on_result=done)
+    results = explain.explain(
+        restored,
+        items,
+        maps=args.maps,
+        methods=args.method,
+        target=target,
+        class_id=int(args.target) if target == "class" else None,
+        concat=args.concat,
+        finer_k=args.finer_k,
+        finer_alpha=args.finer_alpha,
+        batch_size=args.batch_size,
+        out_dir=out_root,
+        save_npy=args.save_npy,
+        on_result=done,
+    )
     bar.close()
     for problem in problems[reported:]:
         print(f"skipping {problem}", file=sys.stderr)
@@ -150,8 +209,10 @@ def explain_images(args: argparse.Namespace, restored) -> int:
         print(f"{PROG}: none of the {total} inputs could be read as an image", file=sys.stderr)
         return 1
     index = os.path.join(out_root, "index.html" if len(args.method) == 1 else "*/index.html")
-    print(f"explained {len(results)} of {total} images ({', '.join(args.maps)}; {', '.join(args.method)}, target "
-          f"{args.target}) -> {index}")
+    print(
+        f"explained {len(results)} of {total} images ({', '.join(args.maps)}; {', '.join(args.method)}, target "
+        f"{args.target}) -> {index}"
+    )
     return 0
 
 
@@ -161,11 +222,21 @@ def evaluate(args: argparse.Namespace, restored) -> int:
     target = {"label": "class"}.get(args.target, args.target)
     try:
         with tqdm(unit="image", desc=f"evaluate {args.split}", dynamic_ncols=True) as bar:
-            done = explain.evaluate(restored, args.split, maps=args.maps, methods=args.method, target=target,
-                                    concat=args.concat, finer_k=args.finer_k, finer_alpha=args.finer_alpha,
-                                    batch_size=args.batch_size, max_images=args.max_images,
-                                    auc_steps=args.auc_steps, report_images=args.report_images,
-                                    progress=bar.update)
+            done = explain.evaluate(
+                restored,
+                args.split,
+                maps=args.maps,
+                methods=args.method,
+                target=target,
+                concat=args.concat,
+                finer_k=args.finer_k,
+                finer_alpha=args.finer_alpha,
+                batch_size=args.batch_size,
+                max_images=args.max_images,
+                auc_steps=args.auc_steps,
+                report_images=args.report_images,
+                progress=bar.update,
+            )
     except ValueError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 2
@@ -182,11 +253,23 @@ def evaluate(args: argparse.Namespace, restored) -> int:
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"localization_{args.split}.json")
     finer = {"finer_k": args.finer_k, "finer_alpha": args.finer_alpha} if args.target == "finer" else {}
-    disagreeing = {m: [{"tag": r.item.tag, "origin": r.item.origin, "disagreement": score} for score, r in top]
-                   for m, top in done.disagreeing.items()}
+    disagreeing = {
+        m: [{"tag": r.item.tag, "origin": r.item.origin, "disagreement": score} for score, r in top]
+        for m, top in done.disagreeing.items()
+    }
     with open(path, "w") as f:
-        json.dump({"target": args.target, "concat": args.concat, **finer, **located, "parts": done.parts,
-                   "disagreeing": disagreeing}, f, indent=2)
+        json.dump(
+            {
+                "target": args.target,
+                "concat": args.concat,
+                **finer,
+                **located,
+                "parts": done.parts,
+                "disagreeing": disagreeing,
+            },
+            f,
+            indent=2,
+        )
     print(f"saved {path}")
     if args.report_images and not done.disagreeing:
         print("(fewer than two block maps: report.html ranks no images by how much the blocks disagree)")

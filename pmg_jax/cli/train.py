@@ -24,13 +24,16 @@ def usage() -> str:
 
     fields = flatten_dict(config_lib.get_config().to_dict())
     width = max(len(".".join(k)) for k in fields)
-    lines = [__doc__.strip(), "",
-             "flags:",
-             "  --config FILE          an experiment config (configs/*.py; FILE:ARG passes ARG to its get_config)",
-             "  --workdir DIR          where checkpoints and metrics go (default: runs/<config file name>)",
-             "  --config.FIELD=VALUE   override any config field (repeatable)",
-             "",
-             "config fields and their defaults (pmg_jax/config.py documents each one):"]
+    lines = [
+        __doc__.strip(),
+        "",
+        "flags:",
+        "  --config FILE          an experiment config (configs/*.py; FILE:ARG passes ARG to its get_config)",
+        "  --workdir DIR          where checkpoints and metrics go (default: runs/<config file name>)",
+        "  --config.FIELD=VALUE   override any config field (repeatable)",
+        "",
+        "config fields and their defaults (pmg_jax/config.py documents each one):",
+    ]
     lines += [f"  {'.'.join(k):<{width}}  {v!r}" for k, v in fields.items()]
     return "\n".join(lines)
 

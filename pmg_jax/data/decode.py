@@ -11,7 +11,7 @@ pixels raises `UnreadableImage`, which the pipeline turns into a skip.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import cv2
 import numpy as np

@@ -25,15 +25,16 @@ import logging
 import os
 import threading
 import time
-from typing import Callable, Iterator, Protocol, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Protocol
 
 import cv2
 import grain
-from absl import flags
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import flags
 
 from pmg_jax.data import decode, slots, transforms
 
@@ -72,8 +73,16 @@ class TransformSpec:
     @classmethod
     def from_config(cls, data: ml_collections.ConfigDict) -> TransformSpec:
         """The spec a config's `data` section describes."""
-        return cls(data.resize_size, data.crop_size, data.pad, data.hflip, tuple(data.mean), tuple(data.std),
-                   data.resize_backend, data.normalize_on_device)
+        return cls(
+            data.resize_size,
+            data.crop_size,
+            data.pad,
+            data.hflip,
+            tuple(data.mean),
+            tuple(data.std),
+            data.resize_backend,
+            data.normalize_on_device,
+        )
 
 
 def normalize_on_device(images: jax.Array, spec: TransformSpec) -> jax.Array:
@@ -188,8 +197,15 @@ class _BatchMaker:
 class _TrainBatch(_BatchMaker):
     """Step -> this host's share of that step's batch (picklable for Grain worker processes)."""
 
-    def __init__(self, source: Source, spec: TransformSpec, layout: Layout, seed: int, examples_per_epoch: int,
-                 ring: slots.SlotRing | None = None):
+    def __init__(
+        self,
+        source: Source,
+        spec: TransformSpec,
+        layout: Layout,
+        seed: int,
+        examples_per_epoch: int,
+        ring: slots.SlotRing | None = None,
+    ):
         super().__init__(source, spec, layout, ring)
         self.seed, self.per_epoch = seed, examples_per_epoch
 
@@ -204,11 +220,19 @@ class _TrainBatch(_BatchMaker):
             indices[slot] = int(_epoch_permutation(self.seed, epoch, len(self.source))[k])
             example, skips[slot] = first_readable(self.source, int(indices[slot]))
             labels[slot] = example["label"]
-            params = transforms.position_crop(self.seed, position, resize_size=s.resize_size, crop_size=s.crop_size,
-                                              pad=s.pad, hflip=s.hflip)
-            crop = transforms.train_crop(example["image"], params, resize_size=s.resize_size, crop_size=s.crop_size,
-                                         pad=s.pad, backend=s.resize_backend, out=self._crop_target(images, slot),
-                                         scratch=self._resize_buffer())
+            params = transforms.position_crop(
+                self.seed, position, resize_size=s.resize_size, crop_size=s.crop_size, pad=s.pad, hflip=s.hflip
+            )
+            crop = transforms.train_crop(
+                example["image"],
+                params,
+                resize_size=s.resize_size,
+                crop_size=s.crop_size,
+                pad=s.pad,
+                backend=s.resize_backend,
+                out=self._crop_target(images, slot),
+                scratch=self._resize_buffer(),
+            )
             self._finish(images, slot, crop)
         return self._pack(step, images, {"label": labels, _INDEX: indices, _SKIPPED: skips})
 
@@ -216,8 +240,15 @@ class _TrainBatch(_BatchMaker):
 class _EvalBatch(_BatchMaker):
     """Batch number -> this host's share of it; past the end (padding) or unreadable, a zero image with mask 0."""
 
-    def __init__(self, source: Source, spec: TransformSpec, layout: Layout, with_box: bool,
-                 ring: slots.SlotRing | None = None, with_parts: bool = False):
+    def __init__(
+        self,
+        source: Source,
+        spec: TransformSpec,
+        layout: Layout,
+        with_box: bool,
+        ring: slots.SlotRing | None = None,
+        with_parts: bool = False,
+    ):
         super().__init__(source, spec, layout, ring)
         self.with_box = with_box
         self.num_parts = len(part_names(source)) if with_parts else 0
@@ -242,17 +273,24 @@ class _EvalBatch(_BatchMaker):
                 blank[...] = 0
                 self._finish(images, slot, blank)
                 continue
-            crop = transforms.eval_crop(example["image"], resize_size=s.resize_size, crop_size=s.crop_size,
-                                        backend=s.resize_backend, out=self._crop_target(images, slot),
-                                        scratch=self._resize_buffer())
+            crop = transforms.eval_crop(
+                example["image"],
+                resize_size=s.resize_size,
+                crop_size=s.crop_size,
+                backend=s.resize_backend,
+                out=self._crop_target(images, slot),
+                scratch=self._resize_buffer(),
+            )
             self._finish(images, slot, crop)
             labels[slot], mask[slot] = example["label"], 1.0
             if self.with_box and example["box"] is not None:
-                boxes[slot] = transforms.eval_box(example["box"], example["image"].shape, resize_size=s.resize_size,
-                                                  crop_size=s.crop_size)
+                boxes[slot] = transforms.eval_box(
+                    example["box"], example["image"].shape, resize_size=s.resize_size, crop_size=s.crop_size
+                )
             if self.num_parts and example["parts"] is not None:
-                parts[slot] = transforms.eval_parts(example["parts"], example["image"].shape,
-                                                    resize_size=s.resize_size, crop_size=s.crop_size)
+                parts[slot] = transforms.eval_parts(
+                    example["parts"], example["image"].shape, resize_size=s.resize_size, crop_size=s.crop_size
+                )
         out = {"label": labels, "mask": mask, _INDEX: indices, _SKIPPED: skips}
         if self.with_box:
             out["box"] = boxes
@@ -371,8 +409,16 @@ def shared_memory_bytes(spec: TransformSpec, layout: Layout, workers: int, prefe
     return slots.ring_bytes(ring_slots(workers, prefetch), image_shape(spec, layout), image_dtype(spec))
 
 
-def _iterate(make: Callable[[slots.SlotRing | None], _BatchMaker], source: Source, spec: TransformSpec,
-             layout: Layout, count: int, start: int, workers: int, prefetch: int) -> Batches:
+def _iterate(
+    make: Callable[[slots.SlotRing | None], _BatchMaker],
+    source: Source,
+    spec: TransformSpec,
+    layout: Layout,
+    count: int,
+    start: int,
+    workers: int,
+    prefetch: int,
+) -> Batches:
     """Batches start..count-1 of make(ring), read in-process (two threads) or by `workers` processes."""
     ring = None
     if workers:
@@ -385,8 +431,10 @@ def _iterate(make: Callable[[slots.SlotRing | None], _BatchMaker], source: Sourc
         if not flags.FLAGS.is_parsed():
             # Grain's worker start reads an absl flag, which fails outside absl.app (google/grain#1355).
             flags.FLAGS.mark_as_parsed()
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=prefetch),
-                            worker_init_fn=functools.partial(_init_worker, _opencv_threads(workers), os.getpid()))
+        it = it.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=prefetch),
+            worker_init_fn=functools.partial(_init_worker, _opencv_threads(workers), os.getpid()),
+        )
     return Batches(iter(it), source, ring)
 
 
@@ -414,8 +462,9 @@ def train_batches(
     def make(ring: slots.SlotRing | None) -> _TrainBatch:
         return _TrainBatch(source, spec, layout, seed, examples_per_epoch, ring)
 
-    return steps_per_epoch, _iterate(make, source, spec, layout, steps_per_epoch * num_epochs, start_step, workers,
-                                     prefetch)
+    return steps_per_epoch, _iterate(
+        make, source, spec, layout, steps_per_epoch * num_epochs, start_step, workers, prefetch
+    )
 
 
 def eval_batches(
@@ -456,4 +505,3 @@ def prefetch_to_device(
         if len(queue) > size:
             yield queue.pop(0)
     yield from queue
-

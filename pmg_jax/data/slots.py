@@ -101,7 +101,8 @@ class HostBuffers:
 def _too_small(size: int, detail: str) -> SharedMemoryTooSmall:
     return SharedMemoryTooSmall(
         f"/dev/shm cannot hold {detail} ({size / 2**20:.0f} MiB): give the machine or container more shared "
-        f"memory (docker run --shm-size), or lower data.workers or the batch size")
+        f"memory (docker run --shm-size), or lower data.workers or the batch size"
+    )
 
 
 def ring_bytes(slots: int, shape: tuple[int, ...], dtype: np.dtype | type) -> int:
@@ -149,8 +150,10 @@ class SlotRing:
         words = np.ndarray((_HEADER + self.slots,), np.int64, buffer=mapping)
         self._header, self._writable = words[:_HEADER], words[_HEADER:]
         offset = 8 * (_HEADER + self.slots)
-        self._arrays = [np.ndarray(self.shape, self.dtype, buffer=mapping, offset=offset + i * self._slot_bytes)
-                        for i in range(self.slots)]
+        self._arrays = [
+            np.ndarray(self.shape, self.dtype, buffer=mapping, offset=offset + i * self._slot_bytes)
+            for i in range(self.slots)
+        ]
 
     def __getstate__(self) -> dict:
         return {"slots": self.slots, "shape": self.shape, "dtype": self.dtype.str, "name": self.name}

@@ -23,7 +23,7 @@ import dataclasses
 import glob
 import os
 import xml.etree.ElementTree as ElementTree
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import ml_collections
 import numpy as np
@@ -32,25 +32,47 @@ from pmg_jax.data import synthetic
 from pmg_jax.errors import ConfigError, PMGError
 
 # Extensions of the formats OpenCV decodes (cv2.imread's documentation).
-IMAGE_EXTENSIONS = frozenset({
-    ".bmp", ".dib", ".jpeg", ".jpg", ".jpe", ".jp2", ".png", ".webp", ".avif", ".pbm", ".pgm", ".ppm",
-    ".pxm", ".pnm", ".sr", ".ras", ".tiff", ".tif", ".exr", ".hdr", ".pic", ".gif",
-})
+IMAGE_EXTENSIONS = frozenset(
+    {
+        ".bmp",
+        ".dib",
+        ".jpeg",
+        ".jpg",
+        ".jpe",
+        ".jp2",
+        ".png",
+        ".webp",
+        ".avif",
+        ".pbm",
+        ".pgm",
+        ".ppm",
+        ".pxm",
+        ".pnm",
+        ".sr",
+        ".ras",
+        ".tiff",
+        ".tif",
+        ".exr",
+        ".hdr",
+        ".pic",
+        ".gif",
+    }
+)
 
 # TFDS builders of the named datasets.
 TFDS_BUILDERS = {"cub": "caltech_birds2011", "cars": "cars196", "dogs": "stanford_dogs"}
 
 _HOW = {
     "cub": "Download CUB_200_2011.tgz (https://data.caltech.edu/records/65de6-vp158), extract it with "
-           "`tar xzf CUB_200_2011.tgz` and set config.dataset.data_dir to the CUB_200_2011 folder.",
+    "`tar xzf CUB_200_2011.tgz` and set config.dataset.data_dir to the CUB_200_2011 folder.",
     "aircraft": "Download https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/archives/fgvc-aircraft-2013b.tar.gz, "
-                "extract it and set config.dataset.data_dir to the fgvc-aircraft-2013b folder.",
+    "extract it and set config.dataset.data_dir to the fgvc-aircraft-2013b folder.",
     "cars": "Stanford Cars' original site is offline; from a copy, put cars_train/, cars_test/, devkit/ "
-            "(car_devkit.tgz) and cars_test_annos_withlabels.mat in one folder and set config.dataset.data_dir to "
-            "it. Also accepted: cars_annos.mat with car_ims/, or anno_train.csv, anno_test.csv and names.csv "
-            "with the train and test image folders.",
+    "(car_devkit.tgz) and cars_test_annos_withlabels.mat in one folder and set config.dataset.data_dir to "
+    "it. Also accepted: cars_annos.mat with car_ims/, or anno_train.csv, anno_test.csv and names.csv "
+    "with the train and test image folders.",
     "dogs": "Download images.tar, annotation.tar and lists.tar from http://vision.stanford.edu/aditya86/ImageNetDogs/, "
-            "extract all three into one folder and set config.dataset.data_dir to it.",
+    "extract all three into one folder and set config.dataset.data_dir to it.",
     "imagefolder": "Arrange the images as <data_dir>/<split>/<class name>/<image>, one folder per class.",
 }
 
@@ -84,16 +106,19 @@ class FileSource:
 
 def _not_found(dataset: str, data_dir: str, expected: str) -> DatasetNotFound:
     """The error for `dataset` missing in data_dir: what was expected there and how to get it."""
-    return DatasetNotFound(f"{dataset} dataset not found in config.dataset.data_dir={data_dir!r}: expected "
-                           f"{expected}. {_HOW[dataset]}")
+    return DatasetNotFound(
+        f"{dataset} dataset not found in config.dataset.data_dir={data_dir!r}: expected {expected}. {_HOW[dataset]}"
+    )
 
 
 def _check_folder(dataset: str, data_dir: str) -> None:
     """DatasetNotFound when data_dir is an archive (or any file) rather than the extracted folder."""
     if os.path.isfile(data_dir):
-        raise DatasetNotFound(f"config.dataset.data_dir={data_dir!r} is a file; extract it first (e.g. "
-                              f"`tar xf {data_dir} -C {os.path.dirname(data_dir) or '.'}`) and point data_dir at "
-                              f"the extracted folder. {_HOW[dataset]}")
+        raise DatasetNotFound(
+            f"config.dataset.data_dir={data_dir!r} is a file; extract it first (e.g. "
+            f"`tar xf {data_dir} -C {os.path.dirname(data_dir) or '.'}`) and point data_dir at "
+            f"the extracted folder. {_HOW[dataset]}"
+        )
 
 
 def _find_root(dataset: str, data_dir: str, markers: Sequence[str], subdirs: Sequence[str] = ()) -> str:
@@ -110,8 +135,9 @@ def _check_files(dataset: str, data_dir: str, paths: Sequence[str]) -> None:
     """DatasetNotFound if any listed image is missing (an incomplete extraction)."""
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
-        raise _not_found(dataset, data_dir, f"all {len(paths)} listed images, but {len(missing)} are missing "
-                                            f"(e.g. {missing[0]})")
+        raise _not_found(
+            dataset, data_dir, f"all {len(paths)} listed images, but {len(missing)} are missing (e.g. {missing[0]})"
+        )
 
 
 def _rows(path: str) -> list[list[str]]:
@@ -123,8 +149,10 @@ def _rows(path: str) -> list[list[str]]:
 def _check_split(dataset: str, split: str, splits: Iterable[str]) -> None:
     """ValueError unless `split` is one of the dataset's splits."""
     if split not in splits:
-        raise ConfigError(f"{dataset} has no split {split!r} (it has {', '.join(splits)}); "
-                         "set config.dataset.train_split / test_split")
+        raise ConfigError(
+            f"{dataset} has no split {split!r} (it has {', '.join(splits)}); "
+            "set config.dataset.train_split / test_split"
+        )
 
 
 CUB_PART_FILES = (os.path.join("parts", "parts.txt"), os.path.join("parts", "part_locs.txt"))
@@ -147,8 +175,9 @@ def _cub_parts(root: str, data_dir: str, ids: Sequence[str]) -> tuple[list[str],
     except ValueError as e:
         raise ValueError(f"{locs_path}: expected lines '<image id> <part id> <x> <y> <visible>' ({e})") from None
     if locs.shape[1:] != (5,):
-        raise ValueError(f"{locs_path}: expected 5 numbers a line (image id, part id, x, y, visible), "
-                         f"found {locs.shape[1]}")
+        raise ValueError(
+            f"{locs_path}: expected 5 numbers a line (image id, part id, x, y, visible), found {locs.shape[1]}"
+        )
     position = {int(i): k for k, i in enumerate(ids)}
     image = np.array([position.get(int(i), -1) for i in locs[:, 0]])
     part = locs[:, 1].astype(int) - 1
@@ -159,8 +188,12 @@ def _cub_parts(root: str, data_dir: str, ids: Sequence[str]) -> tuple[list[str],
     np.add.at(count, (image[keep], part[keep]), 1)
     if np.any(count != 1):
         k, p = np.argwhere(count != 1)[0]
-        raise _not_found("cub", data_dir, f"one row in {CUB_PART_FILES[1]} for each part of each image (image id "
-                                          f"{ids[k]} has {count[k, p]} for part {p + 1})")
+        raise _not_found(
+            "cub",
+            data_dir,
+            f"one row in {CUB_PART_FILES[1]} for each part of each image (image id "
+            f"{ids[k]} has {count[k, p]} for part {p + 1})",
+        )
     parts = np.zeros((len(ids), len(names), 3), np.float32)
     parts[image[keep], part[keep]] = np.column_stack([locs[keep, 2:4], locs[keep, 4] > 0])
     return names, parts
@@ -193,8 +226,12 @@ def aircraft_source(data_dir: str, split: str) -> FileSource:
     """FGVC-Aircraft (fgvc-aircraft-2013b) at variant level: 100 classes, splits train/val/trainval/test, boxes."""
     _check_split("aircraft", split, ("train", "val", "trainval", "test"))
     listing = f"images_variant_{split}.txt"
-    root = _find_root("aircraft", data_dir, ("variants.txt", listing, "images_box.txt", "images"),
-                      ("data", os.path.join("fgvc-aircraft-2013b", "data")))
+    root = _find_root(
+        "aircraft",
+        data_dir,
+        ("variants.txt", listing, "images_box.txt", "images"),
+        ("data", os.path.join("fgvc-aircraft-2013b", "data")),
+    )
     with open(os.path.join(root, "variants.txt")) as f:
         class_names = [line.strip() for line in f if line.strip()]
     with open(os.path.join(root, listing)) as f:
@@ -312,8 +349,10 @@ def cars_source(data_dir: str, split: str) -> FileSource:
 
 def _voc_box(path: str) -> list[float]:
     """Union of the object boxes of a Pascal-VOC-style annotation file."""
-    boxes = [[float(o.findtext(f"bndbox/{k}")) for k in ("xmin", "ymin", "xmax", "ymax")]
-             for o in ElementTree.parse(path).getroot().iter("object")]
+    boxes = [
+        [float(o.findtext(f"bndbox/{k}")) for k in ("xmin", "ymin", "xmax", "ymax")]
+        for o in ElementTree.parse(path).getroot().iter("object")
+    ]
     b = np.array(boxes, np.float32)
     return [*b[:, :2].min(axis=0), *b[:, 2:].max(axis=0)]
 
@@ -345,10 +384,11 @@ def dogs_source(data_dir: str, split: str) -> FileSource:
 
 
 def image_folder_source(data_dir: str, split: str, classes_from: str) -> FileSource:
-    """root/<split>/<class>/<image>; classes are the sorted folders of split `classes_from` (as torchvision's ImageFolder)."""
+    """root/<split>/<class>/<image>; classes: the sorted folders of split `classes_from` (torchvision's ImageFolder)."""
     root = _find_root("imagefolder", data_dir, (split, classes_from))
-    class_names = sorted(e.name for e in os.scandir(os.path.join(root, classes_from))
-                         if e.is_dir() and not e.name.startswith("."))
+    class_names = sorted(
+        e.name for e in os.scandir(os.path.join(root, classes_from)) if e.is_dir() and not e.name.startswith(".")
+    )
     present = sorted(e.name for e in os.scandir(os.path.join(root, split)) if e.is_dir() and not e.name.startswith("."))
     unknown = sorted(set(present) - set(class_names))
     if unknown:
@@ -376,15 +416,19 @@ class TfdsSource:
     feature or, for datasets with several objects, as the union of 'objects/bbox'.
     """
 
-    def __init__(self, name: str, split: str, data_dir: str = "", image_key: str = "image",
-                 label_key: str = "label"):
+    def __init__(self, name: str, split: str, data_dir: str = "", image_key: str = "image", label_key: str = "label"):
         import tensorflow_datasets as tfds
 
         self.name, self.split, self.image_key, self.label_key = name, split, image_key, label_key
         try:
             builder = tfds.builder(name, data_dir=data_dir or None)
-            self._records = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False,
-                                             decoders={image_key: tfds.decode.SkipDecoding()})
+            self._records = tfds.data_source(
+                name,
+                split=split,
+                data_dir=data_dir or None,
+                download=False,
+                decoders={image_key: tfds.decode.SkipDecoding()},
+            )
         except (tfds.core.registered.DatasetNotFoundError, NotImplementedError, FileNotFoundError) as e:
             raise DatasetNotFound(
                 f"TFDS dataset {name!r} is not prepared as array_record in config.dataset.data_dir="
@@ -395,8 +439,11 @@ class TfdsSource:
             ) from e
         features = builder.info.features
         self.class_names = list(features[label_key].names)
-        self._box = "bbox" if "bbox" in features else (
-            "objects" if "objects" in features and "bbox" in features["objects"] else None)
+        self._box = (
+            "bbox"
+            if "bbox" in features
+            else ("objects" if "objects" in features and "bbox" in features["objects"] else None)
+        )
 
     def __len__(self) -> int:
         return len(self._records)
@@ -404,8 +451,11 @@ class TfdsSource:
     def __getitem__(self, index: int) -> dict:
         example = self._records[index]
         name = example.get("image/filename")
-        record = {"image": example[self.image_key], "label": int(example[self.label_key]),
-                  "name": f"{self.name}/{self.split}[{index}]" + (f" ({_text(name)})" if name is not None else "")}
+        record = {
+            "image": example[self.image_key],
+            "label": int(example[self.label_key]),
+            "name": f"{self.name}/{self.split}[{index}]" + (f" ({_text(name)})" if name is not None else ""),
+        }
         if self._box is not None:
             boxes = example["bbox"] if self._box == "bbox" else example["objects"]["bbox"]
             y0, x0, y1, x1 = np.asarray(boxes, np.float32).reshape(-1, 4).T
@@ -484,30 +534,41 @@ def _dataset_source(config: ml_collections.ConfigDict, split: str):
     d = config.dataset
     if d.name == "demo":
         if not 1 <= d.num_classes <= synthetic.MAX_CLASSES:
-            raise ConfigError(f"config.dataset.num_classes={d.num_classes}: the demo dataset has 1 to "
-                              f"{synthetic.MAX_CLASSES} classes")
+            raise ConfigError(
+                f"config.dataset.num_classes={d.num_classes}: the demo dataset has 1 to {synthetic.MAX_CLASSES} classes"
+            )
         spec = synthetic.DemoSpec(num_classes=d.num_classes, image_size=d.demo_image_size, seed=d.demo_seed)
         size = d.demo_train_size if split == "train" else d.demo_test_size
         return synthetic.DemoSource(spec, split, size)
     split_name = {"train": d.train_split, "test": d.test_split}[split]
     if d.source == "tfds":
-        source = TfdsSource(d.tfds_name or TFDS_BUILDERS.get(d.name, d.name), split_name, d.data_dir,
-                            d.tfds_image_key, d.tfds_label_key)
+        source = TfdsSource(
+            d.tfds_name or TFDS_BUILDERS.get(d.name, d.name), split_name, d.data_dir, d.tfds_image_key, d.tfds_label_key
+        )
     elif d.source == "folder":
-        readers = {"cub": cub_source, "aircraft": aircraft_source, "cars": cars_source, "dogs": dogs_source,
-                   "imagefolder": lambda root, s: image_folder_source(root, s, d.train_split)}
+        readers = {
+            "cub": cub_source,
+            "aircraft": aircraft_source,
+            "cars": cars_source,
+            "dogs": dogs_source,
+            "imagefolder": lambda root, s: image_folder_source(root, s, d.train_split),
+        }
         if d.name not in readers:
-            raise ConfigError(f"config.dataset.name={d.name!r} has no folder reader (known: demo, "
-                             f"{', '.join(readers)}); for a TFDS dataset set config.dataset.source='tfds'")
+            raise ConfigError(
+                f"config.dataset.name={d.name!r} has no folder reader (known: demo, "
+                f"{', '.join(readers)}); for a TFDS dataset set config.dataset.source='tfds'"
+            )
         if not d.data_dir:
             raise DatasetNotFound(f"config.dataset.data_dir is empty. {_HOW[d.name]}")
         source = readers[d.name](os.path.expanduser(d.data_dir), split_name)
     else:
         raise ConfigError(f"config.dataset.source={d.source!r} is not 'folder' or 'tfds'")
     if d.num_classes != len(source.class_names):
-        raise ConfigError(f"config.dataset.num_classes={d.num_classes} but {d.name} ({d.source}) has "
-                         f"{len(source.class_names)} classes; set --config.dataset.num_classes="
-                         f"{len(source.class_names)}")
+        raise ConfigError(
+            f"config.dataset.num_classes={d.num_classes} but {d.name} ({d.source}) has "
+            f"{len(source.class_names)} classes; set --config.dataset.num_classes="
+            f"{len(source.class_names)}"
+        )
     return source
 
 
@@ -516,8 +577,9 @@ def collect_images(specs: Sequence[str]) -> tuple[list[str], list[str]]:
     paths, problems = [], []
     for spec in specs:
         if os.path.isdir(spec):
-            found = sorted(os.path.join(spec, f) for f in os.listdir(spec)
-                           if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
+            found = sorted(
+                os.path.join(spec, f) for f in os.listdir(spec) if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
+            )
             paths += found
             if not found:
                 problems.append(f"{spec}: no images in this directory")

@@ -56,9 +56,7 @@ _LEGS = (((-0.2, 0.5), (-0.25, 1.08)), ((0.2, 0.5), (0.22, 1.08)))
 # Patch shapes in a unit frame (the patch "radius" is 1).
 _SQUARE = np.array([(-0.85, -0.85), (0.85, -0.85), (0.85, 0.85), (-0.85, 0.85)])
 _TRIANGLE = np.array([(0.0, -1.15), (1.0, 0.58), (-1.0, 0.58)])
-_BARS = tuple(
-    np.array([(-0.9, y0), (0.9, y0), (0.9, y0 + 0.36), (-0.9, y0 + 0.36)]) for y0 in (-0.9, -0.18, 0.54)
-)
+_BARS = tuple(np.array([(-0.9, y0), (0.9, y0), (0.9, y0 + 0.36), (-0.9, y0 + 0.36)]) for y0 in (-0.9, -0.18, 0.54))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,9 +93,7 @@ class _Frame:
         x = pts[:, 0] * self.flip
         y = pts[:, 1]
         c, s = math.cos(self.angle), math.sin(self.angle)
-        return np.stack(
-            [self.cx + self.scale * (c * x - s * y), self.cy + self.scale * (s * x + c * y)], axis=1
-        )
+        return np.stack([self.cx + self.scale * (c * x - s * y), self.cy + self.scale * (s * x + c * y)], axis=1)
 
     def fixed(self, pts: np.ndarray) -> np.ndarray:
         """Map local points to cv2 fixed-point integer pixel coordinates."""
@@ -137,11 +133,18 @@ def _colour(c: np.ndarray) -> tuple[float, float, float]:
     return float(r), float(g), float(b)
 
 
-def _ellipse(img: np.ndarray, f: _Frame, centre: tuple[float, float], axes: tuple[float, float],
-             angle: float, colour: tuple[float, ...]) -> None:
+def _ellipse(
+    img: np.ndarray,
+    f: _Frame,
+    centre: tuple[float, float],
+    axes: tuple[float, float],
+    angle: float,
+    colour: tuple[float, ...],
+) -> None:
     """Draw a filled anti-aliased ellipse given in the local frame."""
-    cv2.ellipse(img, f.point(*centre), (f.length(axes[0]), f.length(axes[1])), f.degrees(angle),
-                0, 360, colour, -1, _AA, _SHIFT)
+    cv2.ellipse(
+        img, f.point(*centre), (f.length(axes[0]), f.length(axes[1])), f.degrees(angle), 0, 360, colour, -1, _AA, _SHIFT
+    )
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -151,15 +154,12 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     bottom = 0.5 * bottom + 0.5 * bottom.mean()
     t = np.linspace(0.0, 1.0, size, dtype=np.float32)[:, None]
     column = (1.0 - t) * top.astype(np.float32) + t * bottom.astype(np.float32)
-    img = np.ascontiguousarray(
-        np.broadcast_to(column[:, None, :], (size, size, 3)).astype(np.uint8)
-    )
+    img = np.ascontiguousarray(np.broadcast_to(column[:, None, :], (size, size, 3)).astype(np.uint8))
     for _ in range(int(rng.integers(3, 9))):
         centre = rng.uniform(0.0, size, 2)
         axes = rng.uniform(0.04, 0.16, 2) * size
         leaf = np.array([60.0, 110.0, 50.0]) + rng.uniform(-35.0, 35.0, 3)
-        cv2.ellipse(img, _px(centre), _px(axes), float(rng.uniform(0.0, 180.0)), 0, 360,
-                    _colour(leaf), -1, _AA, _SHIFT)
+        cv2.ellipse(img, _px(centre), _px(axes), float(rng.uniform(0.0, 180.0)), 0, 360, _colour(leaf), -1, _AA, _SHIFT)
     for _ in range(int(rng.integers(0, 3))):
         centre = rng.uniform(0.0, size, 2)
         radius = rng.uniform(0.015, 0.03) * size
@@ -178,8 +178,7 @@ def _draw_bird(img: np.ndarray, mask: np.ndarray, f: _Frame, rng: np.random.Gene
     body_tilt, wing_tilt = rng.uniform(-10.0, 10.0, 2)
     leg_width = max(1, round(0.07 * f.scale))
     paints = {"body": body, "wing": wing, "belly": belly, "beak": beak, "legs": legs, "eye": np.zeros(3)}
-    for target, colours in ((img, {k: _colour(v) for k, v in paints.items()}),
-                            (mask, dict.fromkeys(paints, (255.0,)))):
+    for target, colours in ((img, {k: _colour(v) for k, v in paints.items()}), (mask, dict.fromkeys(paints, (255.0,)))):
         for p0, p1 in _LEGS:
             cv2.line(target, f.point(*p0), f.point(*p1), colours["legs"], leg_width, _AA, _SHIFT)
         cv2.fillConvexPoly(target, f.fixed(_TAIL), colours["wing"], _AA, _SHIFT)
@@ -255,8 +254,15 @@ def make_example(spec: DemoSpec, split: str, index: int, *, label: int | None = 
         slope = angle + math.radians(rng.uniform(-8.0, 8.0))
         reach = 2.0 * size * np.array([math.cos(slope), math.sin(slope)])
         branch = np.array([100.0, 72.0, 45.0]) + rng.uniform(-30.0, 30.0, 3)
-        cv2.line(img, _px(foot - reach), _px(foot + reach), _colour(branch),
-                 max(1, round(rng.uniform(0.12, 0.2) * scale)), _AA, _SHIFT)
+        cv2.line(
+            img,
+            _px(foot - reach),
+            _px(foot + reach),
+            _colour(branch),
+            max(1, round(rng.uniform(0.12, 0.2) * scale)),
+            _AA,
+            _SHIFT,
+        )
 
     object_mask = np.zeros((size, size), np.uint8)
     _draw_bird(img, object_mask, frame, rng)
@@ -264,8 +270,13 @@ def make_example(spec: DemoSpec, split: str, index: int, *, label: int | None = 
     # Wing patch: class-independent placement and colour jitter, class-dependent colour and shape.
     offset = rng.uniform(-0.08, 0.08, 2) + np.array([-0.15, -0.05])
     centre = frame.apply(offset[None])[0]
-    patch_frame = _Frame(float(centre[0]), float(centre[1]), 0.22 * scale * rng.uniform(0.9, 1.1),
-                         flip, angle + math.radians(rng.uniform(-15.0, 15.0)))
+    patch_frame = _Frame(
+        float(centre[0]),
+        float(centre[1]),
+        0.22 * scale * rng.uniform(0.9, 1.1),
+        flip,
+        angle + math.radians(rng.uniform(-15.0, 15.0)),
+    )
     tint = rng.uniform(0.85, 1.05) + rng.uniform(-0.05, 0.05, 3)
     gain, bias, sigma = rng.uniform(0.85, 1.15), rng.uniform(-15.0, 15.0), rng.uniform(2.0, 8.0)
     noise = rng.standard_normal((size, size, 3), dtype=np.float32)

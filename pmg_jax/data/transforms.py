@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
@@ -64,8 +64,9 @@ def _normalize_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndar
     return ((values - np.asarray(mean)) / np.asarray(std)).astype(np.float32).reshape(1, 256, -1)
 
 
-def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float],
-              out: np.ndarray | None = None) -> np.ndarray:
+def normalize(
+    image: np.ndarray, mean: Sequence[float], std: Sequence[float], out: np.ndarray | None = None
+) -> np.ndarray:
     """uint8 HxWx3 -> float32 (x / 255 - mean) / std per channel, by table lookup (6x numpy's speed).
 
     `out`, a float32 array of the image's shape, receives the result if given.
@@ -102,8 +103,7 @@ def _mix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def position_crop(seed: int, position: int, *, resize_size: int, crop_size: int, pad: int,
-                  hflip: bool) -> CropParams:
+def position_crop(seed: int, position: int, *, resize_size: int, crop_size: int, pad: int, hflip: bool) -> CropParams:
     """The crop and flip of the example at a global `position` of a run seeded `seed`.
 
     Output number `position` of a SplitMix64 stream keyed by `seed`: any worker, host
@@ -163,9 +163,17 @@ def _crop_out(image: np.ndarray, crop_size: int, out: np.ndarray | None) -> np.n
     return np.empty((crop_size, crop_size) + image.shape[2:], image.dtype) if out is None else out
 
 
-def train_crop(image: np.ndarray, params: CropParams, *, resize_size: int, crop_size: int, pad: int,
-               backend: str = "auto", out: np.ndarray | None = None,
-               scratch: np.ndarray | None = None) -> np.ndarray:
+def train_crop(
+    image: np.ndarray,
+    params: CropParams,
+    *,
+    resize_size: int,
+    crop_size: int,
+    pad: int,
+    backend: str = "auto",
+    out: np.ndarray | None = None,
+    scratch: np.ndarray | None = None,
+) -> np.ndarray:
     """Resize, zero-pad `pad`, crop at params and flip: the uint8 part of the train transform.
 
     The result is written into `out` when given; `scratch` (resize x resize x 3 uint8)
@@ -176,8 +184,9 @@ def train_crop(image: np.ndarray, params: CropParams, *, resize_size: int, crop_
     return place_crop(x, params.top - pad, params.left - pad, crop_size, params.flip, _crop_out(x, crop_size, out))
 
 
-def train_box(box: np.ndarray, shape: Sequence[int], params: CropParams, *, resize_size: int, crop_size: int,
-              pad: int) -> np.ndarray:
+def train_box(
+    box: np.ndarray, shape: Sequence[int], params: CropParams, *, resize_size: int, crop_size: int, pad: int
+) -> np.ndarray:
     """A box in an image of `shape` -> the box in its train crop."""
     resized = scale_box(box, shape[0], shape[1], resize_size)
     return crop_box(resized, params.top - pad, params.left - pad, crop_size, params.flip)
@@ -209,8 +218,15 @@ def center_offset(resize_size: int, crop_size: int) -> int:
     return int(round((resize_size - crop_size) / 2.0))
 
 
-def eval_crop(image: np.ndarray, *, resize_size: int, crop_size: int, backend: str = "auto",
-              out: np.ndarray | None = None, scratch: np.ndarray | None = None) -> np.ndarray:
+def eval_crop(
+    image: np.ndarray,
+    *,
+    resize_size: int,
+    crop_size: int,
+    backend: str = "auto",
+    out: np.ndarray | None = None,
+    scratch: np.ndarray | None = None,
+) -> np.ndarray:
     """Resize and centre crop: the uint8 part of the test transform (`out` and `scratch` as in train_crop)."""
     off = center_offset(resize_size, crop_size)
     x = resize(image, resize_size, backend, out=scratch)
