@@ -25,13 +25,16 @@ def test_train_help_exits_zero_and_says_where_the_fields_are():
     assert "optim.lr_new" in done.stdout and "dataset.num_classes" in done.stdout
 
 
-@pytest.mark.parametrize("case", ["parent_is_a_file", "no_data"])
+@pytest.mark.parametrize("case", ["parent_is_a_file", "no_data", "no_data_convnext"])
 def test_refusals_are_one_line_and_leave_nothing_on_disk(tmp_path, case):
     (tmp_path / "a_file").write_text("")
     if case == "parent_is_a_file":
-        args, where = ["--config", "configs/demo.py", "--workdir", str(tmp_path / "a_file" / "run")], "a_file"
-    else:  # the user's literal command, with no CUB download: the default workdir runs/cub must not appear
-        args, where = ["--config", "configs/cub.py", f"--config.dataset.data_dir={tmp_path / 'no_cub'}"], "no_cub"
+        args = ["--config", os.path.join(ROOT, "configs", "demo.py"), "--workdir", str(tmp_path / "a_file" / "run")]
+        where = "a_file"
+    else:  # the user's command, with no CUB download: the default workdir runs/<config> must not appear
+        config = "cub.py" if case == "no_data" else "cub_convnext_tiny.py"
+        args = ["--config", os.path.join(ROOT, "configs", config), f"--config.dataset.data_dir={tmp_path / 'no_cub'}"]
+        where = "no_cub"
     before = sorted(os.listdir(tmp_path))
     done = cli(os.path.join(ROOT, "train.py"), *args, cwd=str(tmp_path))
     assert done.returncode == 1
