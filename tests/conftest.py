@@ -28,19 +28,31 @@ WORKERS = 2  # much of the suite is single-threaded XLA compilation
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_cmdline_main(config):
-    """`python -m pytest` with no paths runs the whole suite on WORKERS xdist workers, tests sharing the
-    session's demo run grouped onto one (xdist_group("demo_run")); given paths, -n or -p no:xdist, pytest's
-    own defaults apply. Not in the workers themselves (they would start workers of their own, without end)."""
+    """`python -m pytest` with no paths runs the whole suite on WORKERS xdist workers, tests sharing a fixture
+    grouped onto one (xdist_group("demo_run")); given paths, -n or -p no:xdist, pytest's own defaults apply.
+
+    A worker parses the controller's command line again, which does not say loadgroup, and would then name its
+    tests without their groups, so that the groups were split over the workers and each trained its own copy of
+    a shared run: the controller tells it (pytest_configure_node). Nor do workers start workers of their own."""
+    if hasattr(config, "workerinput"):
+        if config.workerinput.get("pmg_loadgroup"):
+            config.option.loadgroup = True
+        return
     whole_suite = config.args_source == pytest.Config.ArgsSource.TESTPATHS
     if (
-        not hasattr(config, "workerinput")
-        and config.pluginmanager.hasplugin("xdist")
+        config.pluginmanager.hasplugin("xdist")
         and whole_suite
         and config.option.numprocesses is None
         and config.option.dist == "no"
     ):
         config.option.numprocesses = WORKERS
         config.option.dist = "loadgroup"
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    """(xdist, in the controller) Whether the workers group their tests by xdist_group."""
+    node.workerinput["pmg_loadgroup"] = node.config.option.dist == "loadgroup"
 
 
 @pytest.fixture(scope="session")

@@ -27,3 +27,37 @@ def test_a_single_file_runs_in_process_and_keeps_the_users_flags():
         done = pytest(f"tests/{ONE_TEST}", "-q", *extra)
         assert done.returncode == 0, done.stdout[-2000:]
         assert "workers" not in done.stdout and "1 passed" in done.stdout.splitlines()[-1]
+
+
+def test_the_whole_suite_keeps_each_xdist_group_on_one_worker(tmp_path):
+    """This conftest over a small suite: the four modules of one group run on one worker (each would otherwise
+    make its own copy of a shared run), the ungrouped tests wherever."""
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "pyproject.toml").write_text('[tool.pytest.ini_options]\ntestpaths = ["tests"]\n')
+    with open(os.path.join(ROOT, "tests", "conftest.py")) as f:
+        (tmp_path / "tests" / "conftest.py").write_text(f.read())
+    record = (
+        "import os\n\ndef where(name):\n"
+        "    with open(os.path.join(os.path.dirname(__file__), 'log'), 'a') as f:\n"
+        "        f.write(f\"{name} {os.environ['PYTEST_XDIST_WORKER']}\\n\")\n"
+    )
+    for m in "abcd":
+        (tmp_path / "tests" / f"test_{m}.py").write_text(
+            f"{record}import pytest\npytestmark = pytest.mark.xdist_group('shared')\n\n"
+            + "".join(f"def test_{k}():\n    where('{m}{k}')\n\n" for k in range(3))
+        )
+    for m in "efghij":
+        (tmp_path / "tests" / f"test_{m}.py").write_text(f"{record}\ndef test_x():\n    where('{m}')\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0 and "created: 2/2 workers" in done.stdout, done.stdout[-2000:]
+    workers = dict(line.split() for line in (tmp_path / "tests" / "log").read_text().splitlines())
+    assert len(workers) == 18
+    assert len({w for name, w in workers.items() if name[0] in "abcd"}) == 1, workers
