@@ -85,12 +85,13 @@ def _ignored_prefixes() -> tuple[str, ...]:
     return tuple(p for b in backbones.REGISTRY.values() for p in b.torch_ignore)
 
 
-def variables_from_torch(state_dict: Mapping[str, Any], target: Mapping | None = None) -> dict:
+def variables_from_torch(state_dict: Mapping[str, Any], target: Mapping | None = None, dtype=np.float32) -> dict:
     """{'params', 'batch_stats'} for PMG (or a bare backbone under model.BACKBONE) from a PyTorch state dict.
 
     Values may be torch tensors or numpy arrays. With `target` (variables or their
     shapes, e.g. from `jax.eval_shape(model.init, ...)`), every key and shape is
-    checked and a ConversionError lists all mismatches at once.
+    checked and a ConversionError lists all mismatches at once. `dtype` float64 keeps
+    a float64 reference's values exact (the parity tests' truth).
     """
     flat: dict[tuple[str, ...], np.ndarray] = {}
     for raw_name, value in state_dict.items():
@@ -98,7 +99,7 @@ def variables_from_torch(state_dict: Mapping[str, Any], target: Mapping | None =
         if name is None or name.endswith(_SKIPPED_SUFFIXES):
             continue
         # Always a copy: torch.Tensor.numpy() shares memory with the (mutable) tensor.
-        array = np.array(value.detach().cpu().numpy() if hasattr(value, "detach") else value, np.float32)
+        array = np.array(value.detach().cpu().numpy() if hasattr(value, "detach") else value, dtype)
         *module, leaf = name.split(".")
         path = _module_path(module)
         if leaf == "weight" and array.ndim == 4:

@@ -12,9 +12,9 @@ import safetensors.numpy
 import torch
 from conftest import ROOT
 from flax.traverse_util import flatten_dict
-from test_parity import nhwc, randomize_bn, torch_pmg
 
 from bench import torch_reference as ref
+from bench.parity import nhwc, randomize_bn, torch_pmg
 from pmg_jax import convert, loop
 from pmg_jax import state as state_lib
 from pmg_jax.backbones.resnet import ResNet

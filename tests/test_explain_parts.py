@@ -6,11 +6,11 @@ import os
 import numpy as np
 import pytest
 import torch
-from test_parity import torch_pmg
 from test_part_annotations import CUB_PARTS, write_parts
 from test_report import Page
 from test_sources import CLASSES, write_cub, write_lines
 
+from bench.parity import torch_pmg
 from pmg_jax import cam, convert, parts, state
 from pmg_jax import explain as explain_lib
 from pmg_jax.cli import explain

@@ -3,7 +3,8 @@
 pytorch-grad-cam min-max normalises each map before resizing it and again after; cam.py divides by
 the maximum before resizing. A positive affine change of the low-resolution map commutes with
 bilinear resizing and vanishes in a min-max normalisation, so its maps are our maps min-max
-normalised: that is what is compared, to the Grad-CAM parity tolerance (test_cam.MAP_TOL).
+normalised: that is what is compared, to the Grad-CAM parity tolerance (test_cam.MAP_TOL), against
+pytorch-grad-cam run on the model in float64 as the truth (tests/truth.py).
 """
 
 import jax.numpy as jnp
@@ -11,9 +12,11 @@ import numpy as np
 import pytest
 import torch
 from test_cam import MAP_TOL, TINY, TINY_SIZE, torch_modules
-from test_parity import flax_variables, nhwc, resnet50_pair, torch_pmg  # noqa: F401 (a fixture)
+from test_parity import resnet50_pair  # noqa: F401 (a fixture)
 from torchvision_stand_in import import_beside_cpu_torch
+from truth import assert_near_truth
 
+from bench.parity import as_float64, flax_variables, nhwc, torch_pmg
 from pmg_jax import cam, localization
 from pmg_jax.data import pipeline, synthetic
 from pmg_jax.model import PMG
@@ -41,6 +44,15 @@ def finer_cam_maps(model_t, x, names, k, alpha, target_idx=None) -> dict[str, np
     return out
 
 
+def finer_cam_truth(model_t, x, names, k, alpha, target_idx=None):
+    """(pytorch-grad-cam's maps from the float32 model, from its float64 copy): what ours is judged against."""
+    x64 = x.detach().double().requires_grad_(x.requires_grad)
+    return (
+        finer_cam_maps(model_t, x, names, k, alpha, target_idx),
+        finer_cam_maps(as_float64(model_t), x64, names, k, alpha, target_idx),
+    )
+
+
 def min_max(maps: np.ndarray) -> np.ndarray:
     """Each (H, W) map of (B, H, W) shifted to 0 and divided by its maximum."""
     m = np.asarray(maps, np.float64)
@@ -53,11 +65,11 @@ def test_resnet50_finer_cam_matches_pytorch_grad_cam_at_every_block(resnet50_pai
     model_t, model_j, variables = resnet50_pair
     model_t.requires_grad_(False)  # only the maps' gradients are needed: torch skips the weights'
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(7)).requires_grad_(True)
-    want = finer_cam_maps(model_t, x, cam.BLOCKS, cam.FINER_K, cam.FINER_ALPHA)
+    torch32, want = finer_cam_truth(model_t, x, cam.BLOCKS, cam.FINER_K, cam.FINER_ALPHA)
     got = cam.make_explainer(model_j, cam.BLOCKS, "gradcam", "finer")(variables, nhwc(x.detach())).maps
+    assert_near_truth({n: min_max(got[n]) for n in want}, torch32, want, floor=MAP_TOL, what="Finer-CAM maps")
     gc = import_beside_cpu_torch("pytorch_grad_cam")
     for k, name in enumerate(cam.BLOCKS):
-        np.testing.assert_allclose(min_max(got[name]), want[name], atol=MAP_TOL, rtol=0, err_msg=name)
         with gc.GradCAM(HeadLogits(model_t, k), [torch_modules(model_t)[name]]) as plain:
             # The contrast changes the map: Grad-CAM of the predicted class alone would not pass.
             assert np.abs(plain(x, targets=None) - want[name]).max() > 100 * MAP_TOL, name
@@ -86,12 +98,11 @@ SINGLE_HEAD_MAPS = tuple(n for n in cam.MAP_NAMES if n != "concat")
 def test_k_alpha_and_a_given_class_match_pytorch_grad_cam_at_every_map(tiny_pair, k, alpha, target_idx):
     """Blocks and backbone stages, explaining the prediction or a given class (whose nearest need not be larger)."""
     model_t, model_j, variables, x = tiny_pair
-    want = finer_cam_maps(model_t, x, SINGLE_HEAD_MAPS, k, alpha, target_idx)
+    torch32, want = finer_cam_truth(model_t, x, SINGLE_HEAD_MAPS, k, alpha, target_idx)
     classes = None if target_idx is None else np.full(3, target_idx, np.int32)
     explainer = cam.make_explainer(model_j, SINGLE_HEAD_MAPS, "gradcam", "finer", finer_k=k, finer_alpha=alpha)
     out = explainer(variables, nhwc(x), classes)
-    for name in SINGLE_HEAD_MAPS:
-        np.testing.assert_allclose(min_max(out.maps[name]), want[name], atol=MAP_TOL, rtol=0, err_msg=name)
+    assert_near_truth({n: min_max(out.maps[n]) for n in want}, torch32, want, floor=MAP_TOL, what="Finer-CAM maps")
     main = np.stack([np.argmax(z, -1) for z in out.logits], -1) if classes is None else np.full((3, 4), target_idx)
     np.testing.assert_array_equal(out.targets, main)
 
