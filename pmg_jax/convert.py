@@ -136,7 +136,10 @@ def check_against(flat: Mapping[tuple[str, ...], Any], target: Mapping) -> None:
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
     """The named arrays in a PyTorch, .safetensors or .npz file (names as stored), read without running anything
     in it whatever its name (pmg_jax.weightfile); .safetensors and .npz need no torch."""
-    return weightfile.read(path)
+    try:
+        return weightfile.read(path)
+    except weightfile.WeightFileError as e:
+        raise ConversionError(str(e)) from None
 
 
 # ----------------------------------------------------------------------------- architecture
@@ -379,7 +382,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             feature_size=args.feature_size,
             data_dir=args.data_dir,
         )
-    except (PMGError, OSError) as e:
+    except (ConversionError, OSError) as e:
         raise SystemExit(f"pmg_jax.convert: error: {e}") from None
     a = done.architecture
     print(

@@ -22,7 +22,7 @@ import safetensors.numpy
 import torch
 from conftest import ROOT
 
-from pmg_jax import convert, weightfile
+from pmg_jax import convert
 
 MARKER = "pwned"
 NAMES = ("weights.pth", "weights.npz", "weights.NPZ", "weights.safetensors", "w.safetensors.bak")
@@ -206,7 +206,7 @@ def test_no_payload_runs_whatever_the_packing_and_name(tmp_path, payload, contai
     for name in NAMES:
         path = tmp_path / name
         path.write_bytes(data)
-        with pytest.raises(weightfile.WeightFileError) as error:
+        with pytest.raises(convert.ConversionError) as error:
             convert.load_state_dict(str(path))
         assert_refused(str(error.value), path, "refuses to load: it calls ", f" {PAYLOADS[payload].expected},")
     assert not (tmp_path / MARKER).exists()
@@ -227,7 +227,7 @@ def test_npz_object_array_is_not_unpickled(tmp_path, name):
     np.savez(tmp_path / "x.npz", w=np.array([ExecOnUnpickle(write_marker(tmp_path))], dtype=object))
     path = tmp_path / name
     path.write_bytes((tmp_path / "x.npz").read_bytes())
-    with pytest.raises(weightfile.WeightFileError) as error:
+    with pytest.raises(convert.ConversionError) as error:
         convert.load_state_dict(str(path))
     assert_refused(str(error.value), path, "cannot read it as a numpy .npz file", "allow_pickle=False")
     assert not (tmp_path / MARKER).exists()
@@ -248,7 +248,7 @@ def test_npz_object_array_is_not_unpickled(tmp_path, name):
 def test_other_files_are_refused_in_one_line(tmp_path, data, expected):
     path = tmp_path / "weights.pth"
     path.write_bytes(data)
-    with pytest.raises(weightfile.WeightFileError) as error:
+    with pytest.raises(convert.ConversionError) as error:
         convert.load_state_dict(str(path))
     assert_refused(str(error.value), path, expected)
 
@@ -258,7 +258,7 @@ def test_other_zip_archives_are_refused(tmp_path):
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("w.npy", b"")
         archive.writestr("run.py", "import os")
-    with pytest.raises(weightfile.WeightFileError, match="a zip archive that is neither a PyTorch file nor a numpy"):
+    with pytest.raises(convert.ConversionError, match="a zip archive that is neither a PyTorch file nor a numpy"):
         convert.load_state_dict(str(path))
 
 
@@ -334,14 +334,8 @@ TINY_TRAIN = [
 @pytest.mark.parametrize(
     "flag,payload,container,expected",
     [
-        ("init.backbone", "os.system", "torch zip, state dict", "refuses to load: it calls os.system,"),
-        (
-            "init.backbone",
-            "builtins.__import__",
-            "torch legacy, bare",
-            "refuses to load: it calls builtins.__import__,",
-        ),
-        ("init.checkpoint", "builtins.exec", "torch zip, state dict", "weights.pth"),
+        ("init.backbone", "os.system", "torch legacy, whole model", "refuses to load: it calls os.system,"),
+        ("init.checkpoint", "builtins.exec", "torch zip, state dict", "weights.pth: no checkpoints found"),
     ],
 )
 def test_train_refuses_before_training_and_runs_nothing(tmp_path, flag, payload, container, expected):
@@ -354,3 +348,15 @@ def test_train_refuses_before_training_and_runs_nothing(tmp_path, flag, payload,
     assert error.startswith("error: ") and expected in error, result.stderr[-2000:]
     assert not (tmp_path / MARKER).exists()
     assert not (workdir / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("kind", ["legacy", "whole_legacy", "zip"])
+def test_truncated_torch_files_are_refused(honest_files, tmp_path, kind):
+    d, _ = honest_files
+    data = (d / kind).read_bytes()
+    path = tmp_path / "weights.pth"
+    for cut in (len(data) // 2, len(data) - 10):
+        path.write_bytes(data[:cut])
+        with pytest.raises(convert.ConversionError) as error:
+            convert.load_state_dict(str(path))
+        assert_refused(str(error.value), path, "cannot read it as a PyTorch file (truncated or corrupt?)")
