@@ -10,9 +10,9 @@ PMG's names, the names of any registered backbone's PyTorch state dicts (torchvi
 ResNets, timm ResNet-D and ConvNeXt) with or without `features.`, and a DataParallel
 `module.` prefix. What a bare backbone's registry entry ignores (its classifier) is dropped.
 
-Files: `.safetensors` and `.npz` are read with numpy alone; anything else is read
-with torch (a state dict, a training checkpoint holding one, or a whole pickled
-model such as the reference's `model.pth`, read without its source code).
+Files are read by pmg_jax.weightfile, by content and never running code from them: safetensors
+and .npz with numpy alone; PyTorch files (a state dict, a training checkpoint holding one, or a
+whole pickled model such as the reference's `model.pth`, read without its source code) with torch.
 
     python -m pmg_jax.convert model.pth --out runs/pmg_cub --dataset cub
 """
@@ -21,12 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import os
-import pickle
-import types
-import warnings
-import zipfile
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -36,7 +31,7 @@ import ml_collections
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from pmg_jax import backbones, optim
+from pmg_jax import backbones, optim, weightfile
 from pmg_jax import checkpoint as ckpt_lib
 from pmg_jax import config as config_lib
 from pmg_jax import model as model_lib
@@ -47,11 +42,6 @@ from pmg_jax.errors import PMGError
 _SKIPPED_SUFFIXES = ("num_batches_tracked",)
 _PLAIN_PARAMS = ("gamma",)  # parameters kept under their own name, unchanged (ConvNeXt's layer scale)
 _PMG_ROOTS = (model_lib.BACKBONE, "conv_block", "classifier")
-# Keys under which training scripts commonly nest the weights in a saved dict.
-_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net")
-# A whole pickled model may import classes only from these packages; any other class
-# (the reference's `model.PMG`, `Resnet.ResNet`, ...) is replaced by a stand-in.
-_IMPORTABLE_ROOTS = frozenset({"torch", "collections", "builtins", "__builtin__", "numpy", "_codecs"})
 
 
 class ConversionError(PMGError, ValueError):
@@ -145,104 +135,12 @@ def check_against(flat: Mapping[tuple[str, ...], Any], target: Mapping) -> None:
 
 
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
-    """The named arrays in a .safetensors, .npz (no torch needed) or PyTorch file, names as stored."""
-    if not os.path.isfile(path):
-        raise ConversionError(f"{path}: no such file")
-    if path.endswith(".safetensors"):
-        return _read_safetensors(path)
-    if path.endswith(".npz"):
-        return _read_npz(path)
-    return _read_torch(path)
-
-
-def _unreadable(path: str, kind: str, error: Exception) -> ConversionError:
-    """One line naming the file and the reader's first sentence (truncated files give long reports)."""
-    reason = (str(error).splitlines() or [""])[0].split(". ")[0]
-    return ConversionError(
-        f"{path}: cannot read it as a {kind} file (truncated or corrupt?): {type(error).__name__}: {reason}"
-    )
-
-
-def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-    import safetensors.numpy
-
+    """The named arrays in a PyTorch, .safetensors or .npz file (names as stored), read without running anything
+    in it whatever its name (pmg_jax.weightfile); .safetensors and .npz need no torch."""
     try:
-        return safetensors.numpy.load_file(path)
-    except safetensors.SafetensorError as e:
-        raise _unreadable(path, "safetensors", e) from e
-
-
-def _read_npz(path: str) -> dict[str, np.ndarray]:
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            return {name: npz[name] for name in npz.files}
-    except (zipfile.BadZipFile, ValueError, EOFError, OSError) as e:
-        raise _unreadable(path, "numpy .npz", e) from e
-
-
-def _read_torch(path: str) -> dict[str, np.ndarray]:
-    try:
-        import torch
-    except ImportError as e:
-        raise ConversionError(
-            f"{path}: reading PyTorch files needs torch (pip install torch); "
-            ".safetensors and .npz files are read without it"
-        ) from e
-    try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:  # not plain tensors: a whole pickled model
-            with warnings.catch_warnings():  # torch's source-code checks of the (stand-in) classes
-                warnings.filterwarnings("ignore", module="torch.serialization")
-                obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_stand_in_pickle(torch))
-    except (RuntimeError, EOFError, KeyError, ValueError, AttributeError, pickle.UnpicklingError) as e:
-        raise _unreadable(path, "PyTorch", e) from e
-    return {name: _tensor_to_numpy(t) for name, t in _find_state_dict(obj, path, torch).items()}
-
-
-def _tensor_to_numpy(tensor: Any) -> np.ndarray:
-    tensor = tensor.detach().cpu()
-    return (tensor.float() if tensor.is_floating_point() else tensor).numpy()
-
-
-def _find_state_dict(obj: Any, path: str, torch: types.ModuleType) -> Mapping[str, Any]:
-    """The state dict in what torch.load returned: a module, a state dict, or a checkpoint dict holding one."""
-    if isinstance(obj, torch.nn.Module):
-        return obj.state_dict()
-    if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return obj
-    if isinstance(obj, Mapping):
-        for key in _WRAPPER_KEYS:
-            if key in obj:
-                return _find_state_dict(obj[key], path, torch)
-    keys = f" with keys {sorted(map(str, obj))[:6]}" if isinstance(obj, Mapping) else ""
-    raise ConversionError(f"{path}: no model weights found in it (a {type(obj).__name__}{keys})")
-
-
-def _stand_in_pickle(torch: types.ModuleType) -> types.ModuleType:
-    """A `pickle_module` for torch.load that reads whole pickled models without their source code.
-
-    Only torch, numpy and builtin containers are imported. Every other class becomes
-    an empty nn.Module subclass of the same name; unpickling gives it the pickled
-    attributes (its parameters and submodules), so `state_dict()` works without ever
-    importing, say, an unrelated `model.py` that happens to be on the path. This is
-    still unpickling: read only files you trust.
-    """
-
-    @functools.cache
-    def stand_in(module: str, name: str) -> type:
-        return type(name, (torch.nn.Module,), {"__module__": module, "__qualname__": name})
-
-    class Unpickler(pickle.Unpickler):
-        def find_class(self, module: str, name: str) -> Any:
-            if module.partition(".")[0] in _IMPORTABLE_ROOTS:
-                return super().find_class(module, name)
-            return stand_in(module, name)
-
-    pickle_module = types.ModuleType("pmg_jax_stand_in_pickle")
-    pickle_module.Unpickler = Unpickler
-    pickle_module.load = lambda file, **kwargs: Unpickler(file, **kwargs).load()
-    return pickle_module
+        return weightfile.read(path)
+    except weightfile.WeightFileError as e:
+        raise ConversionError(str(e)) from None
 
 
 # ----------------------------------------------------------------------------- architecture
