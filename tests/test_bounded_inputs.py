@@ -14,7 +14,8 @@ from big_images import write_grey_png, write_noise_jpeg
 from conftest import ROOT, tiny_demo_config
 from PIL import Image
 
-from pmg_jax import convert, validate, viz
+from pmg_jax import convert, predict, validate, viz
+from pmg_jax import explain as explain_lib
 from pmg_jax import state as state_lib
 from pmg_jax.data import decode, synthetic
 from pmg_jax.errors import ConfigError
@@ -86,11 +87,13 @@ print(json.dumps({"rc": done.returncode, "out": done.stdout, "err": done.stderr,
 
 def measured(*argv: str) -> dict:
     """Run a command in a fresh process and return its exit status, output and peak resident memory (KiB):
-    the maxrss of the children of an intermediate process whose only child is the command."""
+    the maxrss of the children of an intermediate process whose only child is the command (printed: pytest -s)."""
     done = subprocess.run(
         [sys.executable, "-c", MEASURE, *argv], cwd=ROOT, capture_output=True, text=True, timeout=900, check=True
     )
-    return json.loads(done.stdout)
+    result = json.loads(done.stdout)
+    print(f"peak {result['peak_kb'] / 1024:.0f} MiB: {' '.join(os.path.basename(a) for a in argv[1:])}")
+    return result
 
 
 def test_header_is_checked_before_any_pixel_is_decoded(bombs, monkeypatch):
@@ -162,16 +165,17 @@ def test_predict_reports_bombs_and_predicts_the_rest_in_bounded_memory(run, bomb
     assert done["peak_kb"] < PEAK_LIMIT_KB, done["peak_kb"]
 
 
-def test_a_raised_cap_lets_opencv_refuse_and_the_call_goes_on(run, bombs, tmp_path):
-    good = good_images(tmp_path / "good", 1)
-    out = tmp_path / "preds.jsonl"
-    argv = ["--ckpt", run, "--images", *good, bombs["huge"], "--out", str(out), "--max-pixels", str(1 << 30)]
-    done = measured(sys.executable, "-m", "pmg_jax.predict", *argv)
-    assert done["rc"] == 0, done["err"][-3000:]
-    rows = [json.loads(line) for line in open(out)]
-    assert "combined" in rows[0] and "error" in rows[1]
-    assert "40000x40000 pixels is more than the 1073741824 pixels" in rows[1]["error"]
-    assert done["peak_kb"] < PEAK_LIMIT_KB, done["peak_kb"]
+def test_max_pixels_flag_overrides_the_checkpoints_cap(run, tmp_path, capsys):
+    good = good_images(tmp_path / "good")  # 48 x 48 = 2304 pixels each
+    assert predict.main(["--ckpt", run, "--images", *good, "--max-pixels", "2304"]) == 0
+    capsys.readouterr()
+    assert predict.main(["--ckpt", run, "--images", *good, "--max-pixels", "2303"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("48x48 pixels is more than the 2303 pixels allowed") == 2
+    for bad in ("0", str(2**30 + 1), "many"):
+        with pytest.raises(SystemExit):
+            predict.main(["--ckpt", run, "--images", *good, "--max-pixels", bad])
+        assert "--max-pixels" in capsys.readouterr().err
 
 
 def test_explain_reports_bombs_and_explains_the_rest_in_bounded_memory(run, bombs, tmp_path):
@@ -202,6 +206,23 @@ def test_a_100_megapixel_photo_is_predicted_and_explained_in_bounded_memory(run,
     assert len(overlays) == 4
     for name in overlays:
         assert cv2.imread(str(folder / name)).shape == (1536, 2048, 3)  # 12000 x 9000 drawn at 2048 x 1536
+
+
+def test_explaining_a_split_skips_its_bombs(bombs, tmp_path):
+    """explain.py without --images samples the run's own split: an oversized image there is a problem, not a crash."""
+    from test_sources import config_for
+
+    root = tmp_path / "data"
+    for split in ("train", "test"):
+        good_images(root / split / "a", 2)
+    os.symlink(bombs["large"], root / "test" / "a" / "large.png")
+    config = config_for("imagefolder", str(root), **{"dataset.num_classes": 1})
+    problems = []
+    indices, items = explain_lib.from_split(config, "test", 8, problems)
+    assert [item.origin.rsplit("/", 1)[-1] for item in items] == ["good0.jpg", "good1.png"]
+    assert len(indices) == 3 and len(problems) == 1 and "large.png: 15000x15000 pixels is more than" in problems[0]
+    with pytest.raises(decode.UnreadableImage, match="large.png"):
+        list(explain_lib.from_split(config, "test", 8)[1])
 
 
 def test_training_skips_bombs_in_its_training_set(bombs, tmp_path):
