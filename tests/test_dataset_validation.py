@@ -5,7 +5,17 @@ import os
 
 import numpy as np
 import pytest
-from test_sources import CLASSES, TEST, config_for, jpeg, write, write_cars_csv, write_cub, write_imagefolder
+from test_sources import (
+    CLASSES,
+    TEST,
+    config_for,
+    jpeg,
+    write,
+    write_aircraft,
+    write_cars_csv,
+    write_cub,
+    write_imagefolder,
+)
 
 from pmg_jax.data import sources
 
@@ -81,6 +91,31 @@ def test_missing_images_are_reported_with_their_index_line_and_skipped(tmp_path,
             os.remove(os.path.join(root, "images", name, f))
     with pytest.raises(sources.DatasetNotFound, match="none is there"):
         load(data_dir)
+
+
+@pytest.mark.parametrize(
+    "file, line, text, message",
+    [
+        ("images_box.txt", 2, "1000001 3 4 21", r"images_box.txt:2: expected '<image id> <xmin> <ymin> <xmax> <ymax>'"),
+        ("images_box.txt", 2, "1000001 30 4 21 17", r"images_box.txt:2: box of negative size -9 x 13"),
+        (
+            "images_box.txt",
+            3,
+            "1000000 3 4 21 17",
+            r"images_box.txt:3: duplicated image id 1000000 \(first on line 1\)",
+        ),
+        ("images_box.txt", 1, "1000099 3 4 21 17", r"images_box.txt: no box for image id 1000000"),
+        ("images_variant_trainval.txt", 2, "1000000 Cessna 172", r"trainval.txt:2: duplicated image id 1000000"),
+        ("images_variant_trainval.txt", 2, "1000001", r"trainval.txt:2: expected '<image id> <variant>', found 1"),
+        ("images_variant_trainval.txt", 2, "1000001 Boeing 747", r"trainval.txt:2: variant 'Boeing 747' is not in"),
+        ("variants.txt", 1, b"Boeing \xe9", r"variants.txt:1: not UTF-8 text \(byte 0xe9\)"),
+    ],
+)
+def test_damaged_aircraft_index_is_refused_naming_file_and_line(tmp_path, file, line, text, message):
+    root = write_aircraft(str(tmp_path))
+    edit_line(os.path.join(root, "data", file), line, text)
+    with pytest.raises(sources.DatasetError, match=message):
+        load(root, "train", "aircraft")
 
 
 def test_labels_outside_the_classes_are_refused_in_any_layout(tmp_path):

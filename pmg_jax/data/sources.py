@@ -287,15 +287,17 @@ def _cub_label(row: _Row, num_classes: int) -> int:
     return int(value) - 1
 
 
-def _cub_box(row: _Row) -> list[float]:
-    """[x0, y0, x1, y1] of a bounding_boxes.txt row '<id> <x> <y> <width> <height>'; DatasetError for a value
-    that is not a finite number, a negative size or a corner left of or above the image."""
+def _row_box(row: _Row, corners: bool = False) -> list[float]:
+    """[x0, y0, x1, y1] of a row's four box numbers: x, y, width, height (CUB), or the corners (Aircraft);
+    DatasetError for a value that is not a finite number, a negative size or a corner left of or above the
+    image."""
     try:
-        x, y, w, h = (float(v) for v in row.fields)
+        x, y, u, v = (float(f) for f in row.fields)
     except ValueError:
         raise DatasetError(f"{row.where()}: box {' '.join(row.fields)!r} is not four numbers") from None
-    if not all(math.isfinite(v) for v in (x, y, w, h)):
+    if not all(math.isfinite(f) for f in (x, y, u, v)):
         raise DatasetError(f"{row.where()}: box {' '.join(row.fields)!r} is not finite")
+    w, h = (u - x, v - y) if corners else (u, v)
     if w < 0 or h < 0:
         raise DatasetError(f"{row.where()}: box of negative size {w:g} x {h:g}")
     if x < 0 or y < 0:
@@ -341,13 +343,26 @@ def cub_source(data_dir: str, split: str) -> FileSource:
     class_names = _cub_classes(os.path.join(root, "classes.txt"))
     ids, rows = _cub_index(root, split)
     every_label = {i: _cub_label(row, len(class_names)) for i, row in rows["labels"].items()}  # both splits'
-    every_box = {i: _cub_box(row) for i, row in rows["boxes"].items()}
+    every_box = {i: _row_box(row) for i, row in rows["boxes"].items()}
     labels = np.array([every_label[i] for i in ids], np.int32)
     boxes = np.array([every_box[i] for i in ids], np.float32).reshape(-1, 4)
     paths = [os.path.join(root, "images", rows["images"][i].fields[0]) for i in ids]
     part_names, parts = _cub_parts(root, data_dir, ids)
     source = FileSource(paths, labels, class_names, boxes=boxes, parts=parts, part_names=part_names)
     return source.select(_present("cub", data_dir, paths, [rows["images"][i].where() for i in ids]))
+
+
+def _aircraft_listing(path: str) -> dict[str, _Row]:
+    """images_variant_<split>.txt: '<image id> <variant name>' (the name may hold spaces) by image id."""
+    rows: dict[str, _Row] = {}
+    for n, text in _lines(path):
+        fields = text.strip().split(" ", 1)
+        if len(fields) != 2:
+            raise DatasetError(f"{path}:{n}: expected '<image id> <variant>', found {len(fields)} field(s)")
+        if fields[0] in rows:
+            raise DatasetError(f"{path}:{n}: duplicated image id {fields[0]} (first on line {rows[fields[0]].line})")
+        rows[fields[0]] = _Row(path, n, fields[0], fields[1:])
+    return rows
 
 
 def aircraft_source(data_dir: str, split: str) -> FileSource:
@@ -360,23 +375,24 @@ def aircraft_source(data_dir: str, split: str) -> FileSource:
         ("variants.txt", listing, "images_box.txt", "images"),
         ("data", os.path.join("fgvc-aircraft-2013b", "data")),
     )
-    with open(os.path.join(root, "variants.txt")) as f:
-        class_names = [line.strip() for line in f if line.strip()]
-    with open(os.path.join(root, listing)) as f:
-        pairs = [line.strip().split(" ", 1) for line in f if line.strip()]
+    class_names = [line.strip() for _, line in _lines(os.path.join(root, "variants.txt"))]
     index = {name: i for i, name in enumerate(class_names)}
-    unknown = sorted({v for _, v in pairs} - index.keys())
-    if unknown:
-        raise _not_found("aircraft", data_dir, f"every variant of {listing} in variants.txt ({unknown[0]!r} is not)")
-    boxes = {r[0]: r[1:5] for r in _rows(os.path.join(root, "images_box.txt"))}
-    paths = [os.path.join(root, "images", f"{image_id}.jpg") for image_id, _ in pairs]
-    if any(image_id not in boxes for image_id, _ in pairs):
-        raise _not_found("aircraft", data_dir, f"a box in images_box.txt for every image of {listing}")
+    rows = _aircraft_listing(os.path.join(root, listing))
+    unknown = next((r for r in rows.values() if r.fields[0] not in index), None)
+    if unknown is not None:
+        raise DatasetError(f"{unknown.where()}: variant {unknown.fields[0]!r} is not in variants.txt")
+    boxes = _by_id(os.path.join(root, "images_box.txt"), ("xmin", "ymin", "xmax", "ymax"))
+    lacking = next((r for i, r in rows.items() if i not in boxes), None)
+    if lacking is not None:
+        raise DatasetError(
+            f"{os.path.join(root, 'images_box.txt')}: no box for image id {lacking.id} ({lacking.where()})"
+        )
+    paths = [os.path.join(root, "images", f"{image_id}.jpg") for image_id in rows]
     source = FileSource(
         paths=paths,
-        labels=np.array([index[v] for _, v in pairs], np.int32),
+        labels=np.array([index[r.fields[0]] for r in rows.values()], np.int32),
         class_names=class_names,
-        boxes=np.array([boxes[image_id] for image_id, _ in pairs], np.float32).reshape(-1, 4),
+        boxes=np.array([_row_box(boxes[i], corners=True) for i in rows], np.float32).reshape(-1, 4),
     )
     return source.select(_present("aircraft", data_dir, paths))
 
