@@ -5,14 +5,18 @@ import os
 
 import numpy as np
 import pytest
+from scipy import io as sio
 from test_sources import (
     CLASSES,
     TEST,
+    _cars_rows,
     config_for,
     jpeg,
+    mat_struct,
     write,
     write_aircraft,
     write_cars_csv,
+    write_cars_devkit,
     write_cub,
     write_imagefolder,
 )
@@ -118,10 +122,30 @@ def test_damaged_aircraft_index_is_refused_naming_file_and_line(tmp_path, file, 
         load(root, "train", "aircraft")
 
 
-def test_labels_outside_the_classes_are_refused_in_any_layout(tmp_path):
+@pytest.mark.parametrize(
+    "line, text, message",
+    [
+        (2, "00002.jpg,2,3,22,18,4", r"anno_test.csv:2: class '4' is not one of 1..3 \(names.csv\)"),
+        (2, "00002.jpg,2,3,22", r"anno_test.csv:2: expected 'file,x1,y1,x2,y2,class', found 4 field\(s\)"),
+        (3, "00003.jpg,2,3,1,18,1", r"anno_test.csv:3: box of negative size -1 x 15"),
+        (4, "00001.jpg,2,3,22,18,2", r"anno_test.csv:4: duplicated image 00001.jpg \(first on line 1\)"),
+        (1, b"\x80.jpg,2,3,22,18,1", r"anno_test.csv:1: not UTF-8 text \(byte 0x80\)"),
+    ],
+)
+def test_damaged_cars_csv_is_refused_naming_file_and_line(tmp_path, line, text, message):
     root = write_cars_csv(str(tmp_path))
-    edit_line(os.path.join(root, "anno_test.csv"), 2, "00002.jpg,2,3,22,18,4")
-    with pytest.raises(sources.DatasetError, match=r"00002.jpg has class 4, not one of the 3 classes"):
+    edit_line(os.path.join(root, "anno_test.csv"), line, text)
+    with pytest.raises(sources.DatasetError, match=message):
+        load(root, "test", "cars")
+
+
+def test_labels_outside_the_classes_are_refused_in_any_layout(tmp_path):
+    """The devkit layout's labels come from a .mat file: the check after loading names the image."""
+    root = write_cars_devkit(str(tmp_path))
+    rows = _cars_rows("test")
+    rows[1]["class"] = 4
+    sio.savemat(os.path.join(root, "cars_test_annos_withlabels.mat"), {"annotations": mat_struct(rows)})
+    with pytest.raises(sources.DatasetError, match=r"cars_test/00002.jpg has class 4, not one of the 3 classes"):
         load(root, "test", "cars")
 
 

@@ -7,7 +7,8 @@ of (seed, position) (`transforms.position_crop`). So the batches depend only on 
 seed and the step, not on worker counts, hosts or restarts: the data-iterator state
 is the step number, and resuming at step k yields exactly batch k.
 
-Records are decoded in the workers. An unreadable image in training is replaced by
+Records are decoded in the workers. An unreadable image (corrupt, or over the pixel cap
+`TransformSpec.max_pixels`, checked from its header) in training is replaced by
 the next readable record in source order (so batches stay full and still depend
 only on seed and step); in evaluation it is masked out. The main process reports
 each such file once, with its path, and keeps the count (`Batches.unreadable`).

@@ -453,22 +453,40 @@ def _cars_annos(root: str, split: str) -> FileSource:
     )
 
 
+def _csv_rows(path: str) -> list[_Row]:
+    """The rows of a CSV index, each with its line (file names may hold commas, quoted)."""
+    return [_Row(path, n, fields[0], fields[1:]) for n, text in _lines(path) for fields in csv.reader([text])]
+
+
+def _cars_csv_row(row: _Row, num_classes: int) -> tuple[list[float], int]:
+    """(box corners, 0-based class) of an anno_<split>.csv row 'file,x1,y1,x2,y2,class'; DatasetError naming
+    its line when malformed."""
+    if len(row.fields) != 5:
+        raise DatasetError(f"{row.where()}: expected 'file,x1,y1,x2,y2,class', found {len(row.fields) + 1} field(s)")
+    label = row.fields[4]
+    if not label.isdigit() or not 1 <= int(label) <= num_classes:
+        raise DatasetError(f"{row.where()}: class {label!r} is not one of 1..{num_classes} (names.csv)")
+    return _row_box(dataclasses.replace(row, fields=row.fields[:4]), corners=True), int(label) - 1
+
+
 def _cars_csv(root: str, split: str) -> FileSource:
     """anno_{split}.csv (file, x1, y1, x2, y2, class from 1) and names.csv, images anywhere under the split folder."""
-    with open(os.path.join(root, f"anno_{split}.csv"), newline="") as f:
-        rows = [r for r in csv.reader(f) if r]
-    with open(os.path.join(root, "names.csv"), newline="") as f:
-        class_names = [r[0] for r in csv.reader(f) if r]
+    class_names = [row.id for row in _csv_rows(os.path.join(root, "names.csv"))]
+    rows, first = _csv_rows(os.path.join(root, f"anno_{split}.csv")), {}
+    for row in rows:
+        if first.setdefault(row.id, row.line) != row.line:
+            raise DatasetError(f"{row.where()}: duplicated image {row.id} (first on line {first[row.id]})")
+    parsed = [_cars_csv_row(row, len(class_names)) for row in rows]
     candidates = (os.path.join("car_data", "car_data", split), os.path.join("car_data", split), split, f"cars_{split}")
     folder = _first_dir(root, candidates)
     if folder is None:
         raise _not_found("cars", root, f"the {split} images beside anno_{split}.csv in one of {', '.join(candidates)}")
     found = {name: os.path.join(d, name) for d, _, names in os.walk(folder) for name in names}
     return FileSource(
-        paths=[found.get(r[0], os.path.join(folder, r[0])) for r in rows],
-        labels=np.array([int(r[5]) - 1 for r in rows], np.int32),
+        paths=[found.get(row.id, os.path.join(folder, row.id)) for row in rows],
+        labels=np.array([label for _, label in parsed], np.int32),
         class_names=class_names,
-        boxes=np.array([r[1:5] for r in rows], np.float32).reshape(-1, 4),
+        boxes=np.array([box for box, _ in parsed], np.float32).reshape(-1, 4),
     )
 
 
