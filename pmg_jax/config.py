@@ -38,6 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.mean = (0.5, 0.5, 0.5)  # per-channel normalisation mean (after scaling to [0, 1])
     c.data.std = (0.5, 0.5, 0.5)  # per-channel normalisation std
     c.data.resize_backend = "auto"  # auto: PIL (the reference) where a side shrinks, else OpenCV | pil | opencv (fast)
+    c.data.max_image_pixels = 178_956_970  # larger images are reported and skipped unread (PIL's bomb limit)
     c.data.normalize_on_device = True  # ship uint8 crops (4x less to move) and normalise inside the jitted step
     c.data.workers = 0  # Grain worker processes for decoding/augmentation (0: in-process)
     c.data.prefetch = 4  # batches buffered per worker

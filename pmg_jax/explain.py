@@ -14,6 +14,7 @@ most; `write_report` turns that into report.html.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
@@ -28,12 +29,19 @@ from pmg_jax.state import Restored, transform_spec
 
 @dataclasses.dataclass(frozen=True)
 class Item:
-    """One image to explain: a file-safe tag, where it came from, its RGB pixels and its label if known."""
+    """One image to explain: a file-safe tag, where it came from, its RGB pixels, its label if known, and the
+    (width, height) of the original when `image` is a shrunk copy of it (see `explain`)."""
 
     tag: str
     origin: str
     image: np.ndarray
     label: int | None = None
+    original_size: tuple[int, int] | None = None
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of the image as it was read."""
+        return self.original_size or (self.image.shape[1], self.image.shape[0])
 
 
 @dataclasses.dataclass
@@ -65,15 +73,18 @@ def unique_tags(paths: Sequence[str]) -> list[str]:
     return tags
 
 
-def from_files(specs: Sequence[str]) -> tuple[list[str], Iterator[Item], list[str]]:
-    """(paths, items, problems) for files, directories and globs; an unreadable file is a problem
-    appended to `problems` (with its reason) when the iterator reaches it, and skipped."""
+def from_files(
+    specs: Sequence[str], max_pixels: int = decode.DEFAULT_MAX_PIXELS
+) -> tuple[list[str], Iterator[Item], list[str]]:
+    """(paths, items, problems) for files, directories and globs; an unreadable file, or one of more than
+    `max_pixels` pixels, is a problem appended to `problems` (with its reason) when the iterator reaches it,
+    and skipped."""
     paths, problems = sources.collect_images(specs)
 
     def items() -> Iterator[Item]:
         for path, tag in zip(paths, unique_tags(paths)):
             try:
-                yield Item(tag, path, decode.read_image(path))
+                yield Item(tag, path, decode.read_image(path, max_pixels))
             except decode.UnreadableImage as e:
                 problems.append(f"{path}: {e}")
 
@@ -93,25 +104,41 @@ def _origin(record: dict, config, split: str, index: int) -> str:
     return decode.record_name(record) if isinstance(record["image"], str) else f"{config.dataset.name} {split} #{index}"
 
 
-def from_split(config, split: str, count: int) -> tuple[list[int], Iterator[Item]]:
+def from_split(config, split: str, count: int, problems: list[str] | None = None) -> tuple[list[int], Iterator[Item]]:
     """(indices, items) of a deterministic sample of `count` examples of a dataset split ('train' or 'test'),
-    read through `config` (a checkpoint's own)."""
+    read through `config` (a checkpoint's own). An unreadable example is appended to `problems` and skipped,
+    or without that list raises UnreadableImage."""
     source = sources.make_source(config, split)
     indices = sample_indices(len(source), count)
 
     def items() -> Iterator[Item]:
         for i in indices:
             record = source[i]
-            example = decode.load_example(record)
+            try:
+                example = decode.load_example(record, config.data.max_image_pixels)
+            except decode.UnreadableImage as e:
+                if problems is None:
+                    raise
+                problems.append(str(e))
+                continue
             yield Item(f"{split}_{i:05d}", _origin(record, config, split, i), example["image"], example["label"])
 
     return indices, items()
 
 
-def _batches(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
-    batch: list[Item] = []
+def _batches(
+    items: Iterable[Item], size: int, prepare: Callable[[np.ndarray], np.ndarray]
+) -> Iterator[list[tuple[Item, np.ndarray]]]:
+    """Batches of (item, its network input `prepare(image)`); each item's image is replaced by a copy of at most
+    viz.MAX_SIDE pixels a side as soon as its input is made, so that a batch of large photos never holds their
+    full-size pixels."""
+    batch: list[tuple[Item, np.ndarray]] = []
     for item in items:
-        batch.append(item)
+        x = prepare(item.image)
+        shown = viz.bounded(item.image)
+        if shown is not item.image:
+            item = dataclasses.replace(item, image=shown, original_size=item.size)
+        batch.append((item, x))
         if len(batch) == size:
             yield batch
             batch = []
@@ -126,7 +153,7 @@ def _titles(
     says so (the head saw no positive evidence at that map), rather than showing a silent flat panel. With
     Finer-CAM contrasts, a third line names the classes the map is contrasted with."""
     item = result.item
-    first = [os.path.basename(item.origin), f"{item.image.shape[1]}x{item.image.shape[0]}"]
+    first = [os.path.basename(item.origin), "{}x{}".format(*item.size)]
     if item.label is not None:
         first[1] += f", true: {class_names[item.label]}"
     titles = {"input": first}
@@ -212,9 +239,11 @@ def explain(
     # Only a class target takes classes: for 'finer' they would replace each head's prediction.
     classes = np.full(batch_size, class_id, np.int32) if target == "class" else None
     results = []
-    for batch in _batches(items, batch_size):
+    prepare = functools.partial(cam.prepare, size=size, mean=mean, std=std)
+    for pairs in _batches(items, batch_size, prepare):
+        batch = [item for item, _ in pairs]
         x = np.zeros((batch_size, size, size, 3), np.float32)  # padded: one compiled shape
-        x[: len(batch)] = [cam.prepare(item.image, size, mean, std) for item in batch]
+        x[: len(batch)] = [prepared for _, prepared in pairs]
         per_method = {
             m: jax.device_get(explainer(restored.variables, x, classes)) for m, explainer in explainers.items()
         }

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import csv
 import dataclasses
 import json
 import logging
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 
 import jax
@@ -30,7 +32,7 @@ from tqdm import tqdm
 from pmg_jax import parallel, xla_options
 from pmg_jax.data import decode, pipeline, sources, transforms
 from pmg_jax.errors import PMGError
-from pmg_jax.state import Restored, restore_and_report, transform_spec
+from pmg_jax.state import Restored, add_max_pixels_option, apply_max_pixels, restore_and_report, transform_spec
 
 HEADS = ("head1", "head2", "head3", "concat")
 OUTPUTS = ("combined", *HEADS)  # order of the jitted function's outputs
@@ -97,15 +99,25 @@ def make_predictor(restored: Restored, batch_size: int | None = None) -> Predict
     return Predictor(restored, batch_size, run_batch)
 
 
+LARGE_IMAGE_PIXELS = 1 << 24  # images larger than this (16.8 megapixels) are decoded one at a time
+_one_large_image = threading.Lock()
+
+
 def _crop(path: str, spec: pipeline.TransformSpec, out: np.ndarray) -> str | None:
-    """Write the eval crop of the image at `path` into `out`; the reason it cannot be read, or None."""
+    """Write the eval crop of the image at `path` into `out`; the reason it cannot be read, or None.
+
+    The decoding threads take turns with large images, so that memory holds one at full size, not one per thread.
+    """
     try:
-        image = decode.read_image(path)
+        data = decode.read_file(path)
+        width, height = decode.header_size(data) or (0, 0)
+        with _one_large_image if width * height > LARGE_IMAGE_PIXELS else contextlib.nullcontext():
+            image = decode.decode_image(data, spec.max_pixels)
+            transforms.eval_crop(
+                image, resize_size=spec.resize_size, crop_size=spec.crop_size, backend=spec.resize_backend, out=out
+            )
     except decode.UnreadableImage as e:
         return str(e)
-    transforms.eval_crop(
-        image, resize_size=spec.resize_size, crop_size=spec.crop_size, backend=spec.resize_backend, out=out
-    )
     return None
 
 
@@ -323,6 +335,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="images per jitted batch, a multiple of the local devices (default: the checkpoint's eval batch)",
     )
     p.add_argument("--heads", action="store_true", help="also the top classes of each head")
+    add_max_pixels_option(p)
     args = p.parse_args(argv)
     if args.out is not None and os.path.splitext(args.out)[1].lower() not in FORMATS:
         p.error(f"--out {args.out}: the extension must be .csv or .jsonl")
@@ -376,6 +389,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("absl").setLevel(logging.ERROR)
     try:
         restored = restore_and_report(args.ckpt, args.checkpoint, PROG)
+        apply_max_pixels(restored, args.max_pixels)
         predictor = make_predictor(restored, args.batch_size)
         print(f"batch {predictor.batch_size} over {jax.local_device_count()} device(s)", file=sys.stderr)
         outputs = OUTPUTS if args.heads else OUTPUTS[:1]

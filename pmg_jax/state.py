@@ -6,6 +6,7 @@ training loop or the optimizer.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from typing import Any
@@ -18,7 +19,7 @@ import optax
 
 from pmg_jax import checkpoint as ckpt_lib
 from pmg_jax import validate
-from pmg_jax.data import pipeline
+from pmg_jax.data import decode, pipeline
 from pmg_jax.model import PMG
 
 
@@ -145,3 +146,31 @@ def restore_and_report(path: str, which: str, prog: str) -> Restored:
     if which == "latest" and best not in (None, restored.step):
         print(f"(the latest checkpoint; --checkpoint best takes step {best}, the best combined accuracy)")
     return restored
+
+
+def add_max_pixels_option(p: argparse.ArgumentParser) -> None:
+    """The --max-pixels option (predict and explain): the cap on an image's pixels, over the checkpoint's."""
+    p.add_argument(
+        "--max-pixels",
+        type=_pixel_cap,
+        help="refuse (report and skip) images with more pixels than this, read from their header before "
+        f"decoding (default: the checkpoint's data.max_image_pixels, normally {decode.DEFAULT_MAX_PIXELS}; "
+        f"at most {decode.OPENCV_MAX_PIXELS}, OpenCV's own limit)",
+    )
+
+
+def _pixel_cap(text: str) -> int:
+    """A --max-pixels value: a whole number from 1 to OpenCV's limit."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of pixels") from None
+    if not 1 <= value <= decode.OPENCV_MAX_PIXELS:
+        raise argparse.ArgumentTypeError(f"{value} is not between 1 and {decode.OPENCV_MAX_PIXELS}")
+    return value
+
+
+def apply_max_pixels(restored: Restored, max_pixels: int | None) -> None:
+    """Make --max-pixels, when given, the restored config's cap (which every decode of the command reads)."""
+    if max_pixels is not None:
+        restored.config.data.max_image_pixels = max_pixels

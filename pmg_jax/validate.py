@@ -11,7 +11,7 @@ from pmg_jax import backbones, jigsaw, kernels
 from pmg_jax import checkpoint as ckpt_lib
 from pmg_jax import config as config_lib
 from pmg_jax import model as model_lib
-from pmg_jax.data import transforms
+from pmg_jax.data import decode, transforms
 from pmg_jax.errors import ConfigError
 from pmg_jax.layers import GROUP_STATS
 
@@ -77,6 +77,11 @@ def check(config: ml_collections.ConfigDict, num_devices: int, num_processes: in
     if d.resize_backend not in transforms.RESIZE_BACKENDS:
         raise ConfigError(
             f"config.data.resize_backend={d.resize_backend!r} must be one of {transforms.RESIZE_BACKENDS}"
+        )
+    if not isinstance(d.max_image_pixels, int) or not 1 <= d.max_image_pixels <= decode.OPENCV_MAX_PIXELS:
+        raise ConfigError(
+            f"config.data.max_image_pixels={d.max_image_pixels!r} must be a whole number from 1 to "
+            f"{decode.OPENCV_MAX_PIXELS} (OpenCV decodes no larger image)"
         )
     if not 0.0 <= config.dataset.val_fraction < 1.0:
         raise ConfigError(f"config.dataset.val_fraction={config.dataset.val_fraction} must be in [0, 1)")

@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image, PngImagePlugin
 
 TILE_HEIGHT = 224
+MAX_SIDE = 2048  # overlays are drawn on the image shrunk to at most this longest side, whatever its size
 GRID_PREFIX = "grid_"
 CAPTION_KEY = "pmg_jax caption"  # PNG text chunk of a grid: its gallery caption lines, as JSON
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
@@ -37,6 +38,16 @@ def map_label(name: str) -> str:
 def map_file_stem(name: str, tag: str) -> str:
     """The seed's file names: conv_block{k}_<tag>, conv_block_concat_<tag> (and layer{k}_<tag>)."""
     return f"{map_label(name)}_{tag}"
+
+
+def bounded(image: np.ndarray, side: int = MAX_SIDE) -> np.ndarray:
+    """`image` shrunk (area-averaged, aspect kept) so that its longest side is at most `side`; as it is if so."""
+    h, w = image.shape[:2]
+    if max(h, w) <= side:
+        return image
+    scale = side / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
 
 
 def overlay(image: np.ndarray, cam: np.ndarray) -> np.ndarray:
@@ -98,10 +109,12 @@ def save_explanation(
 ) -> str:
     """Write the seed-named overlays (.jpg, and .npy maps if asked) and a grid PNG; return the grid's file name.
 
-    `image` is the original RGB image; `maps` are in [0, 1] at the network's input size;
+    `image` is the original RGB image, drawn on shrunk to at most MAX_SIDE pixels a side (`bounded`), so that
+    memory and files stay small whatever its size; `maps` are in [0, 1] at the network's input size;
     `titles` holds the grid title lines of the original ('input') and of every map; `caption`, the
     gallery's lines for the grid, is stored in the PNG itself (a text chunk) for `rebuild_index`.
     """
+    image = bounded(image)
     tiles = [(image, titles["input"])]
     for name, m in maps.items():
         stem = os.path.join(out_dir, map_file_stem(name, tag))

@@ -114,6 +114,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=8,
         help="with --evaluate: how many of the images whose blocks disagree most report.html shows",
     )
+    state_lib.add_max_pixels_option(p)
     args = p.parse_args(argv)
     args.maps = tuple(n for n in cam.MAP_NAMES if any(n in BLOCK_CHOICES[b] for b in (args.block or ["all"])))
     args.method = list(dict.fromkeys(args.method or ["gradcam"]))
@@ -163,11 +164,12 @@ def explain_images(args: argparse.Namespace, restored) -> int:
         print(f"{PROG}: --target {args.target}: the model has {len(restored.class_names)} classes", file=sys.stderr)
         return 2
     if args.images:
-        paths, items, problems = explain.from_files(args.images)
+        paths, items, problems = explain.from_files(args.images, restored.config.data.max_image_pixels)
         total = len(paths)
     else:
-        indices, items = explain.from_split(restored.config, args.split, args.num_images)
-        problems, total = [], len(indices)
+        problems = []
+        indices, items = explain.from_split(restored.config, args.split, args.num_images, problems)
+        total = len(indices)
         print(
             f"no --images: explaining {total} examples spread over the {args.split} split of "
             f"{restored.config.dataset.name} (--num-images, --split)"
@@ -284,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("absl").setLevel(logging.ERROR)
     try:
         restored = state_lib.restore_and_report(args.ckpt, args.checkpoint, PROG)
+        state_lib.apply_max_pixels(restored, args.max_pixels)
         return evaluate(args, restored) if args.evaluate else explain_images(args, restored)
     except PMGError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

@@ -7,16 +7,32 @@ points ('parts', (P, 3) [x, y, visible] in pixels). `load_example` turns one int
 {'image': RGB uint8 HxWx3, 'label', 'box', 'parts'}. Greyscale, CMYK,
 16-bit and alpha images are converted (alpha is dropped); a file that yields no
 pixels raises `UnreadableImage`, which the pipeline turns into a skip.
+
+Every file is untrusted: its width and height are read from its header (by PIL's
+format plugins, which decode no pixel) and an image of more than `max_pixels`
+pixels is refused before OpenCV allocates anything, so memory stays bounded
+whatever the header claims. What OpenCV itself refuses (cv2.error) is unreadable too.
 """
 
 from __future__ import annotations
 
+import io
+import struct
 from collections.abc import Mapping
 
 import cv2
 import numpy as np
+from PIL import Image
 
 from pmg_jax.errors import PMGError
+
+# The default cap: the size at which PIL itself refuses an image as a decompression bomb
+# (2 x Image.MAX_IMAGE_PIXELS, about 179 megapixels), so 100-megapixel photos still work.
+DEFAULT_MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
+# OpenCV refuses larger images whatever the cap (its OPENCV_IO_MAX_IMAGE_PIXELS, read when it loads).
+OPENCV_MAX_PIXELS = 1 << 30
+# How PIL's plugins fail on a header that is not theirs (as Image.open catches them).
+_NOT_THIS_FORMAT = (SyntaxError, IndexError, TypeError, ValueError, EOFError, OSError, struct.error)
 
 # PIL, and so the reference's torchvision loader, ignores EXIF orientation; the
 # datasets' boxes refer to the stored pixel grid, so OpenCV must ignore it too.
@@ -41,15 +57,53 @@ def _truncated_jpeg(data: bytes) -> bool:
     return data.find(b"\xff\xd9", data.rfind(b"\xff\xda")) < 0
 
 
-def decode_image(data: bytes) -> np.ndarray:
-    """Encoded image bytes (any format OpenCV reads) -> RGB uint8 HxWx3."""
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) as the header states them, read by PIL's format plugins without decoding a pixel.
+
+    The plugins are called directly rather than through `Image.open`, whose own bomb check would refuse
+    (or warn about) a size before the configured cap is applied. None when no plugin reads the format.
+    """
+    Image.init()
+    prefix = data[:16]
+    for name in Image.ID:
+        factory, accept = Image.OPEN[name]
+        accepted = True if accept is None else accept(prefix)
+        if not accepted or isinstance(accepted, str):  # a str is PIL's reason for not accepting it
+            continue
+        try:
+            with factory(io.BytesIO(data), "") as image:
+                return image.size
+        except _NOT_THIS_FORMAT:
+            continue
+    return None
+
+
+def _check_pixels(width: int, height: int, max_pixels: int) -> None:
+    """UnreadableImage when a width x height image has more pixels than the cap allows."""
+    if width * height > max_pixels:
+        raise UnreadableImage(
+            f"{width}x{height} pixels is more than the {max_pixels} pixels allowed (config.data.max_image_pixels, "
+            f"--max-pixels)"
+        )
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Encoded image bytes (any format OpenCV reads) -> RGB uint8 HxWx3, refusing more than `max_pixels`."""
     if not data:
         raise UnreadableImage("empty file")
     if _truncated_jpeg(data):
         raise UnreadableImage("truncated JPEG (no end-of-image marker)")
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), _IMREAD)
+    size = header_size(data)
+    if size is not None:
+        _check_pixels(*size, max_pixels)
+    try:
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), _IMREAD)
+    except cv2.error as e:
+        reason = (e.err or str(e)).strip().splitlines() or ["cv2.error"]
+        raise UnreadableImage(f"OpenCV cannot decode it ({reason[0]})") from None
     if image is None:
         raise UnreadableImage("corrupt or not an image OpenCV can decode")
+    _check_pixels(image.shape[1], image.shape[0], max_pixels)  # a format PIL does not read, or a lying header
     return image if _DECODES_RGB else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
@@ -68,16 +122,21 @@ def as_rgb(image: np.ndarray) -> np.ndarray:
     raise UnreadableImage(f"image with {channels} channels")
 
 
-def read_image(image: str | bytes | np.ndarray) -> np.ndarray:
-    """A record's image (file path, encoded bytes or array) -> RGB uint8 HxWx3."""
+def read_file(path: str) -> bytes:
+    """The bytes of an image file; UnreadableImage saying why when it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise UnreadableImage(f"cannot read: {e.strerror}") from e
+
+
+def read_image(image: str | bytes | np.ndarray, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """A record's image (file path, encoded bytes or array) -> RGB uint8 HxWx3 (files of at most `max_pixels`)."""
     if isinstance(image, str):
-        try:
-            with open(image, "rb") as f:
-                image = f.read()
-        except OSError as e:
-            raise UnreadableImage(f"cannot read: {e.strerror}") from e
+        image = read_file(image)
     if isinstance(image, (bytes, np.bytes_)):
-        return decode_image(bytes(image))
+        return decode_image(bytes(image), max_pixels)
     return as_rgb(image)
 
 
@@ -90,14 +149,14 @@ def record_name(record: Mapping) -> str:
     return f"in-memory image of label {record['label']}"
 
 
-def load_example(record: Mapping) -> dict:
+def load_example(record: Mapping, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
     """A source record -> {'image': RGB uint8 HxWx3, 'label': int, 'box': float32 pixel box or None,
     'parts': float32 (P, 3) [x, y, visible] or None}.
 
-    Raises UnreadableImage naming the record when its image has no pixels.
+    Raises UnreadableImage naming the record when its image has no pixels or more than `max_pixels`.
     """
     try:
-        image = read_image(record["image"])
+        image = read_image(record["image"], max_pixels)
     except UnreadableImage as e:
         raise UnreadableImage(f"{record_name(record)}: {e}") from e
     box = record.get("box")

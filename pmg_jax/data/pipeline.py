@@ -7,7 +7,8 @@ of (seed, position) (`transforms.position_crop`). So the batches depend only on 
 seed and the step, not on worker counts, hosts or restarts: the data-iterator state
 is the step number, and resuming at step k yields exactly batch k.
 
-Records are decoded in the workers. An unreadable image in training is replaced by
+Records are decoded in the workers. An unreadable image (corrupt, or over the pixel cap
+`TransformSpec.max_pixels`, checked from its header) in training is replaced by
 the next readable record in source order (so batches stay full and still depend
 only on seed and step); in evaluation it is masked out. The main process reports
 each such file once, with its path, and keeps the count (`Batches.unreadable`).
@@ -69,6 +70,7 @@ class TransformSpec:
     std: Sequence[float] = (0.5, 0.5, 0.5)
     resize_backend: str = "auto"
     normalize_on_device: bool = False
+    max_pixels: int = decode.DEFAULT_MAX_PIXELS  # larger images are unreadable (checked from their header)
 
     @classmethod
     def from_config(cls, data: ml_collections.ConfigDict) -> TransformSpec:
@@ -82,6 +84,7 @@ class TransformSpec:
             tuple(data.std),
             data.resize_backend,
             data.normalize_on_device,
+            data.max_image_pixels,
         )
 
 
@@ -124,15 +127,16 @@ def part_names(source: Source) -> tuple[str, ...]:
     return tuple(getattr(source, "part_names", ()))
 
 
-def first_readable(source: Source, index: int) -> tuple[dict, int]:
-    """(decoded example, skipped): example `index`, or the next readable one in source order if it is unreadable.
+def first_readable(source: Source, index: int, max_pixels: int = decode.DEFAULT_MAX_PIXELS) -> tuple[dict, int]:
+    """(decoded example, skipped): example `index`, or the next readable one in source order if it is unreadable
+    (or has more than `max_pixels` pixels).
 
     The substitute depends only on the data, so batches stay full and deterministic.
     """
     n = len(source)
     for skipped in range(n):
         try:
-            return decode.load_example(source[(index + skipped) % n]), skipped
+            return decode.load_example(source[(index + skipped) % n], max_pixels), skipped
         except decode.UnreadableImage:
             continue
     raise decode.UnreadableImage(f"none of the {n} images of the source can be decoded")
@@ -218,7 +222,7 @@ class _TrainBatch(_BatchMaker):
             position = self.layout.global_position(step, slot)
             epoch, k = divmod(position, self.per_epoch)
             indices[slot] = int(_epoch_permutation(self.seed, epoch, len(self.source))[k])
-            example, skips[slot] = first_readable(self.source, int(indices[slot]))
+            example, skips[slot] = first_readable(self.source, int(indices[slot]), s.max_pixels)
             labels[slot] = example["label"]
             params = transforms.position_crop(
                 self.seed, position, resize_size=s.resize_size, crop_size=s.crop_size, pad=s.pad, hflip=s.hflip
@@ -265,7 +269,7 @@ class _EvalBatch(_BatchMaker):
             example = None
             if position < len(self.source):
                 try:
-                    example = decode.load_example(self.source[position])
+                    example = decode.load_example(self.source[position], s.max_pixels)
                 except decode.UnreadableImage:
                     skips[slot] = 1
             if example is None:
@@ -302,8 +306,8 @@ class _EvalBatch(_BatchMaker):
 class UnreadableLog:
     """Main-process side of skipping: reports each unreadable image once, with its path, and counts them."""
 
-    def __init__(self, source: Source):
-        self.source = source
+    def __init__(self, source: Source, max_pixels: int = decode.DEFAULT_MAX_PIXELS):
+        self.source, self.max_pixels = source, max_pixels
         self.indices: set[int] = set()
 
     def note(self, index: int, count: int) -> None:
@@ -314,7 +318,7 @@ class UnreadableLog:
             self.indices.add(i)
             record = self.source[i]
             try:
-                decode.load_example(record)
+                decode.load_example(record, self.max_pixels)
                 reason = f"{decode.record_name(record)}: unreadable in an input worker, readable now"
             except decode.UnreadableImage as e:
                 reason = str(e)
@@ -329,10 +333,16 @@ class Batches:
     worker processes wrote the images into `ring`, this copies them out.
     """
 
-    def __init__(self, batches: Iterator[dict], source: Source, ring: slots.SlotRing | None = None):
+    def __init__(
+        self,
+        batches: Iterator[dict],
+        source: Source,
+        ring: slots.SlotRing | None = None,
+        max_pixels: int = decode.DEFAULT_MAX_PIXELS,
+    ):
         self._batches, self._ring = batches, ring
         self._host = None if ring is None else slots.HostBuffers(ring.shape, ring.dtype)
-        self.unreadable = UnreadableLog(source)
+        self.unreadable = UnreadableLog(source, max_pixels)
 
     def __iter__(self) -> Batches:
         return self
@@ -435,7 +445,7 @@ def _iterate(
             grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=prefetch),
             worker_init_fn=functools.partial(_init_worker, _opencv_threads(workers), os.getpid()),
         )
-    return Batches(iter(it), source, ring)
+    return Batches(iter(it), source, ring, spec.max_pixels)
 
 
 def train_batches(

@@ -21,15 +21,19 @@ from __future__ import annotations
 import csv
 import dataclasses
 import glob
+import logging
+import math
 import os
 import xml.etree.ElementTree as ElementTree
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import ml_collections
 import numpy as np
 
 from pmg_jax.data import synthetic
 from pmg_jax.errors import ConfigError, PMGError
+
+log = logging.getLogger(__name__)
 
 # Extensions of the formats OpenCV decodes (cv2.imread's documentation).
 IMAGE_EXTENSIONS = frozenset(
@@ -81,6 +85,11 @@ class DatasetNotFound(PMGError, FileNotFoundError):
     """The configured dataset is missing or incomplete; the message says what was expected and how to get it."""
 
 
+class DatasetError(PMGError, ValueError):
+    """A dataset's index is damaged (a malformed row, a duplicated id, a bad box, a label out of range): the
+    message is one line naming the file and line."""
+
+
 @dataclasses.dataclass(frozen=True)
 class FileSource:
     """Images on disk: records carry the path, so workers read and decode them."""
@@ -94,6 +103,17 @@ class FileSource:
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def select(self, keep: np.ndarray) -> FileSource:
+        """The examples where `keep` (a boolean mask) is true, in order."""
+        pick = np.flatnonzero(keep)
+        return dataclasses.replace(
+            self,
+            paths=[self.paths[i] for i in pick],
+            labels=self.labels[pick],
+            boxes=None if self.boxes is None else self.boxes[pick],
+            parts=None if self.parts is None else self.parts[pick],
+        )
 
     def __getitem__(self, index: int) -> dict:
         record = {"image": self.paths[index], "label": int(self.labels[index])}
@@ -131,19 +151,70 @@ def _find_root(dataset: str, data_dir: str, markers: Sequence[str], subdirs: Seq
     raise _not_found(dataset, data_dir, ", ".join(markers) + where)
 
 
-def _check_files(dataset: str, data_dir: str, paths: Sequence[str]) -> None:
-    """DatasetNotFound if any listed image is missing (an incomplete extraction)."""
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if missing:
-        raise _not_found(
-            dataset, data_dir, f"all {len(paths)} listed images, but {len(missing)} are missing (e.g. {missing[0]})"
-        )
+MISSING_REPORTED = 20  # missing images named one by one in the log; the rest are counted
+
+
+def _present(dataset: str, data_dir: str, paths: Sequence[str], where: Sequence[str] = ()) -> np.ndarray:
+    """Which listed images exist (a boolean mask); each missing one is reported (with `where` the index names
+    it, e.g. 'images.txt:17') and skipped. DatasetNotFound when none exists (nothing was extracted)."""
+    keep = np.array([os.path.isfile(p) for p in paths], bool)
+    missing = np.flatnonzero(~keep)
+    for i in missing[:MISSING_REPORTED]:
+        place = f" {where[i]}" if where else ""
+        log.warning("%s%s: skipping a listed image the disk lacks: %s", dataset, place, paths[i])
+    if len(missing) > MISSING_REPORTED:
+        log.warning("%s: %d more listed images are missing and skipped", dataset, len(missing) - MISSING_REPORTED)
+    if len(paths) and not keep.any():
+        raise _not_found(dataset, data_dir, f"the {len(paths)} listed images, but none is there (e.g. {paths[0]})")
+    if len(missing):
+        log.warning("%s: %d of %d listed images are missing and skipped", dataset, len(missing), len(paths))
+    return keep
+
+
+def _lines(path: str) -> list[tuple[int, str]]:
+    """(line number, text) of each non-empty line of a UTF-8 text file; DatasetError naming the first line
+    holding bytes that are not UTF-8."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DatasetError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x})") from None
+    return [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
 
 
 def _rows(path: str) -> list[list[str]]:
     """Whitespace-separated fields of each non-empty line."""
-    with open(path) as f:
-        return [line.split() for line in f if line.strip()]
+    return [line.split() for _, line in _lines(path)]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Row:
+    """One line of an index file: where it is, its id and the fields after it."""
+
+    path: str
+    line: int
+    id: str
+    fields: list[str]
+
+    def where(self) -> str:
+        return f"{self.path}:{self.line}"
+
+
+def _by_id(path: str, columns: Sequence[str], key: str = "image id") -> dict[str, _Row]:
+    """Lines '<id> <column>...' by id; DatasetError naming the line of a row with another number of fields or
+    of an id seen before."""
+    rows: dict[str, _Row] = {}
+    for n, text in _lines(path):
+        fields = text.split()
+        if len(fields) != len(columns) + 1:
+            expected = " ".join(f"<{c}>" for c in (key, *columns))
+            raise DatasetError(f"{path}:{n}: expected '{expected}', found {len(fields)} field(s)")
+        if fields[0] in rows:
+            raise DatasetError(f"{path}:{n}: duplicated {key} {fields[0]} (first on line {rows[fields[0]].line})")
+        rows[fields[0]] = _Row(path, n, fields[0], fields[1:])
+    return rows
 
 
 def _check_split(dataset: str, split: str, splits: Iterable[str]) -> None:
@@ -168,14 +239,14 @@ def _cub_parts(root: str, data_dir: str, ids: Sequence[str]) -> tuple[list[str],
         raise _not_found("cub", data_dir, f"both of {' and '.join(CUB_PART_FILES)} (or neither)")
     rows = _rows(names_path)
     if [r[0] for r in rows] != [str(i) for i in range(1, len(rows) + 1)] or any(len(r) < 2 for r in rows):
-        raise ValueError(f"{names_path}: expected lines '<part id> <name>' numbered 1, 2, ... in order")
+        raise DatasetError(f"{names_path}: expected lines '<part id> <name>' numbered 1, 2, ... in order")
     names = [" ".join(r[1:]) for r in rows]
     try:
         locs = np.loadtxt(locs_path, dtype=np.float64, ndmin=2)
     except ValueError as e:
-        raise ValueError(f"{locs_path}: expected lines '<image id> <part id> <x> <y> <visible>' ({e})") from None
+        raise DatasetError(f"{locs_path}: expected lines '<image id> <part id> <x> <y> <visible>' ({e})") from None
     if locs.shape[1:] != (5,):
-        raise ValueError(
+        raise DatasetError(
             f"{locs_path}: expected 5 numbers a line (image id, part id, x, y, visible), found {locs.shape[1]}"
         )
     position = {int(i): k for k, i in enumerate(ids)}
@@ -183,7 +254,7 @@ def _cub_parts(root: str, data_dir: str, ids: Sequence[str]) -> tuple[list[str],
     part = locs[:, 1].astype(int) - 1
     keep = image >= 0
     if np.any((part[keep] < 0) | (part[keep] >= len(names))):
-        raise ValueError(f"{locs_path}: part ids must be 1 to {len(names)}, as in {names_path}")
+        raise DatasetError(f"{locs_path}: part ids must be 1 to {len(names)}, as in {names_path}")
     count = np.zeros((len(ids), len(names)), int)
     np.add.at(count, (image[keep], part[keep]), 1)
     if np.any(count != 1):
@@ -199,27 +270,99 @@ def _cub_parts(root: str, data_dir: str, ids: Sequence[str]) -> tuple[list[str],
     return names, parts
 
 
+def _cub_classes(path: str) -> list[str]:
+    """classes.txt: '<class id> <name>' numbered 1, 2, ... in order; the names without their number prefix."""
+    rows = _by_id(path, ("name",), key="class id")
+    for k, row in enumerate(rows.values(), start=1):
+        if row.id != str(k):
+            raise DatasetError(f"{row.where()}: class id {row.id} out of order (expected {k})")
+    return [row.fields[0].split(".", 1)[-1] for row in rows.values()]
+
+
+def _cub_label(row: _Row, num_classes: int) -> int:
+    """The 0-based class of an image_class_labels.txt row; DatasetError unless it is 1..num_classes."""
+    value = row.fields[0]
+    if not value.isdigit() or not 1 <= int(value) <= num_classes:
+        raise DatasetError(f"{row.where()}: class {value!r} is not one of 1..{num_classes} (classes.txt)")
+    return int(value) - 1
+
+
+def _row_box(row: _Row, corners: bool = False) -> list[float]:
+    """[x0, y0, x1, y1] of a row's four box numbers: x, y, width, height (CUB), or the corners (Aircraft);
+    DatasetError for a value that is not a finite number, a negative size or a corner left of or above the
+    image."""
+    try:
+        x, y, u, v = (float(f) for f in row.fields)
+    except ValueError:
+        raise DatasetError(f"{row.where()}: box {' '.join(row.fields)!r} is not four numbers") from None
+    if not all(math.isfinite(f) for f in (x, y, u, v)):
+        raise DatasetError(f"{row.where()}: box {' '.join(row.fields)!r} is not finite")
+    w, h = (u - x, v - y) if corners else (u, v)
+    if w < 0 or h < 0:
+        raise DatasetError(f"{row.where()}: box of negative size {w:g} x {h:g}")
+    if x < 0 or y < 0:
+        raise DatasetError(f"{row.where()}: box at ({x:g}, {y:g}) starts outside the image")
+    return [x, y, x + w, y + h]
+
+
+_CUB_FILES = {  # CUB's index tables: file, columns after the image id
+    "images": ("images.txt", ("path",)),
+    "labels": ("image_class_labels.txt", ("class id",)),
+    "split": ("train_test_split.txt", ("is training image",)),
+    "boxes": ("bounding_boxes.txt", ("x", "y", "width", "height")),
+}
+
+
+def _cub_index(root: str, split: str) -> tuple[list[str], dict[str, dict[str, _Row]]]:
+    """The image ids of `split` and each index table's rows by id, every table holding the same ids."""
+    rows = {table: _by_id(os.path.join(root, name), columns) for table, (name, columns) in _CUB_FILES.items()}
+    images = rows["images"]
+    for table, by_id in rows.items():
+        extra = next((r for i, r in by_id.items() if i not in images), None)
+        if extra is not None:
+            raise DatasetError(f"{extra.where()}: image id {extra.id} is not in images.txt")
+        lacking = next((r for i, r in images.items() if i not in by_id), None)
+        if lacking is not None:
+            path = os.path.join(root, _CUB_FILES[table][0])
+            raise DatasetError(f"{path}: no line for image id {lacking.id} (of {lacking.where()})")
+    for row in rows["split"].values():
+        if row.fields[0] not in ("0", "1"):
+            raise DatasetError(f"{row.where()}: is-training flag {row.fields[0]!r} is not 0 or 1")
+    flag = "1" if split == "train" else "0"
+    return [i for i in images if rows["split"][i].fields[0] == flag], rows
+
+
 def cub_source(data_dir: str, split: str) -> FileSource:
-    """CUB-200-2011 from its extracted folder: the official split (train 5994 / test 5794), boxes and 15 parts."""
+    """CUB-200-2011 from its extracted folder: the official split (train 5994 / test 5794), boxes and 15 parts.
+
+    Every index row is checked: a malformed row, a duplicated id, a bad box or a class outside classes.txt is a
+    DatasetError naming the file and line; a listed image the disk lacks is reported and skipped."""
     _check_split("cub", split, ("train", "test"))
-    files = ("images.txt", "image_class_labels.txt", "train_test_split.txt", "bounding_boxes.txt")
+    files = tuple(name for name, _ in _CUB_FILES.values())
     root = _find_root("cub", data_dir, (*files, "classes.txt", "images"), ("CUB_200_2011",))
-    images, labels, is_train, boxes = ({r[0]: r[1:] for r in _rows(os.path.join(root, f))} for f in files)
-    if not images.keys() == labels.keys() == is_train.keys() == boxes.keys():
-        raise _not_found("cub", data_dir, f"the same image ids in each of {', '.join(files)}")
-    ids = [i for i in images if is_train[i][0] == ("1" if split == "train" else "0")]
-    paths = [os.path.join(root, "images", images[i][0]) for i in ids]
-    _check_files("cub", data_dir, paths)
-    xywh = np.array([boxes[i] for i in ids], np.float32).reshape(-1, 4)
+    class_names = _cub_classes(os.path.join(root, "classes.txt"))
+    ids, rows = _cub_index(root, split)
+    every_label = {i: _cub_label(row, len(class_names)) for i, row in rows["labels"].items()}  # both splits'
+    every_box = {i: _row_box(row) for i, row in rows["boxes"].items()}
+    labels = np.array([every_label[i] for i in ids], np.int32)
+    boxes = np.array([every_box[i] for i in ids], np.float32).reshape(-1, 4)
+    paths = [os.path.join(root, "images", rows["images"][i].fields[0]) for i in ids]
     part_names, parts = _cub_parts(root, data_dir, ids)
-    return FileSource(
-        paths=paths,
-        labels=np.array([int(labels[i][0]) - 1 for i in ids], np.int32),
-        class_names=[r[1].split(".", 1)[-1] for r in _rows(os.path.join(root, "classes.txt"))],
-        boxes=np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1),
-        parts=parts,
-        part_names=part_names,
-    )
+    source = FileSource(paths, labels, class_names, boxes=boxes, parts=parts, part_names=part_names)
+    return source.select(_present("cub", data_dir, paths, [rows["images"][i].where() for i in ids]))
+
+
+def _aircraft_listing(path: str) -> dict[str, _Row]:
+    """images_variant_<split>.txt: '<image id> <variant name>' (the name may hold spaces) by image id."""
+    rows: dict[str, _Row] = {}
+    for n, text in _lines(path):
+        fields = text.strip().split(" ", 1)
+        if len(fields) != 2:
+            raise DatasetError(f"{path}:{n}: expected '<image id> <variant>', found {len(fields)} field(s)")
+        if fields[0] in rows:
+            raise DatasetError(f"{path}:{n}: duplicated image id {fields[0]} (first on line {rows[fields[0]].line})")
+        rows[fields[0]] = _Row(path, n, fields[0], fields[1:])
+    return rows
 
 
 def aircraft_source(data_dir: str, split: str) -> FileSource:
@@ -232,25 +375,26 @@ def aircraft_source(data_dir: str, split: str) -> FileSource:
         ("variants.txt", listing, "images_box.txt", "images"),
         ("data", os.path.join("fgvc-aircraft-2013b", "data")),
     )
-    with open(os.path.join(root, "variants.txt")) as f:
-        class_names = [line.strip() for line in f if line.strip()]
-    with open(os.path.join(root, listing)) as f:
-        pairs = [line.strip().split(" ", 1) for line in f if line.strip()]
+    class_names = [line.strip() for _, line in _lines(os.path.join(root, "variants.txt"))]
     index = {name: i for i, name in enumerate(class_names)}
-    unknown = sorted({v for _, v in pairs} - index.keys())
-    if unknown:
-        raise _not_found("aircraft", data_dir, f"every variant of {listing} in variants.txt ({unknown[0]!r} is not)")
-    boxes = {r[0]: r[1:5] for r in _rows(os.path.join(root, "images_box.txt"))}
-    paths = [os.path.join(root, "images", f"{image_id}.jpg") for image_id, _ in pairs]
-    _check_files("aircraft", data_dir, paths)
-    if any(image_id not in boxes for image_id, _ in pairs):
-        raise _not_found("aircraft", data_dir, f"a box in images_box.txt for every image of {listing}")
-    return FileSource(
+    rows = _aircraft_listing(os.path.join(root, listing))
+    unknown = next((r for r in rows.values() if r.fields[0] not in index), None)
+    if unknown is not None:
+        raise DatasetError(f"{unknown.where()}: variant {unknown.fields[0]!r} is not in variants.txt")
+    boxes = _by_id(os.path.join(root, "images_box.txt"), ("xmin", "ymin", "xmax", "ymax"))
+    lacking = next((r for i, r in rows.items() if i not in boxes), None)
+    if lacking is not None:
+        raise DatasetError(
+            f"{os.path.join(root, 'images_box.txt')}: no box for image id {lacking.id} ({lacking.where()})"
+        )
+    paths = [os.path.join(root, "images", f"{image_id}.jpg") for image_id in rows]
+    source = FileSource(
         paths=paths,
-        labels=np.array([index[v] for _, v in pairs], np.int32),
+        labels=np.array([index[r.fields[0]] for r in rows.values()], np.int32),
         class_names=class_names,
-        boxes=np.array([boxes[image_id] for image_id, _ in pairs], np.float32).reshape(-1, 4),
+        boxes=np.array([_row_box(boxes[i], corners=True) for i in rows], np.float32).reshape(-1, 4),
     )
+    return source.select(_present("aircraft", data_dir, paths))
 
 
 def _mat_struct(path: str, key: str) -> dict[str, np.ndarray]:
@@ -309,22 +453,40 @@ def _cars_annos(root: str, split: str) -> FileSource:
     )
 
 
+def _csv_rows(path: str) -> list[_Row]:
+    """The rows of a CSV index, each with its line (file names may hold commas, quoted)."""
+    return [_Row(path, n, fields[0], fields[1:]) for n, text in _lines(path) for fields in csv.reader([text])]
+
+
+def _cars_csv_row(row: _Row, num_classes: int) -> tuple[list[float], int]:
+    """(box corners, 0-based class) of an anno_<split>.csv row 'file,x1,y1,x2,y2,class'; DatasetError naming
+    its line when malformed."""
+    if len(row.fields) != 5:
+        raise DatasetError(f"{row.where()}: expected 'file,x1,y1,x2,y2,class', found {len(row.fields) + 1} field(s)")
+    label = row.fields[4]
+    if not label.isdigit() or not 1 <= int(label) <= num_classes:
+        raise DatasetError(f"{row.where()}: class {label!r} is not one of 1..{num_classes} (names.csv)")
+    return _row_box(dataclasses.replace(row, fields=row.fields[:4]), corners=True), int(label) - 1
+
+
 def _cars_csv(root: str, split: str) -> FileSource:
     """anno_{split}.csv (file, x1, y1, x2, y2, class from 1) and names.csv, images anywhere under the split folder."""
-    with open(os.path.join(root, f"anno_{split}.csv"), newline="") as f:
-        rows = [r for r in csv.reader(f) if r]
-    with open(os.path.join(root, "names.csv"), newline="") as f:
-        class_names = [r[0] for r in csv.reader(f) if r]
+    class_names = [row.id for row in _csv_rows(os.path.join(root, "names.csv"))]
+    rows, first = _csv_rows(os.path.join(root, f"anno_{split}.csv")), {}
+    for row in rows:
+        if first.setdefault(row.id, row.line) != row.line:
+            raise DatasetError(f"{row.where()}: duplicated image {row.id} (first on line {first[row.id]})")
+    parsed = [_cars_csv_row(row, len(class_names)) for row in rows]
     candidates = (os.path.join("car_data", "car_data", split), os.path.join("car_data", split), split, f"cars_{split}")
     folder = _first_dir(root, candidates)
     if folder is None:
         raise _not_found("cars", root, f"the {split} images beside anno_{split}.csv in one of {', '.join(candidates)}")
     found = {name: os.path.join(d, name) for d, _, names in os.walk(folder) for name in names}
     return FileSource(
-        paths=[found.get(r[0], os.path.join(folder, r[0])) for r in rows],
-        labels=np.array([int(r[5]) - 1 for r in rows], np.int32),
+        paths=[found.get(row.id, os.path.join(folder, row.id)) for row in rows],
+        labels=np.array([label for _, label in parsed], np.int32),
         class_names=class_names,
-        boxes=np.array([r[1:5] for r in rows], np.float32).reshape(-1, 4),
+        boxes=np.array([box for box, _ in parsed], np.float32).reshape(-1, 4),
     )
 
 
@@ -342,8 +504,7 @@ def cars_source(data_dir: str, split: str) -> FileSource:
     for markers, read in _CARS_LAYOUTS:
         if all(os.path.exists(os.path.join(data_dir, m)) for m in markers):
             source = read(data_dir, split)
-            _check_files("cars", data_dir, source.paths)
-            return source
+            return source.select(_present("cars", data_dir, source.paths))
     raise _not_found("cars", data_dir, "one of the layouts " + "; ".join(" + ".join(m) for m, _ in _CARS_LAYOUTS))
 
 
@@ -371,8 +532,9 @@ def dogs_source(data_dir: str, split: str) -> FileSource:
     breeds = sorted(e.name for e in os.scandir(os.path.join(root, "Images")) if e.is_dir())
     if any(label >= len(breeds) or f.split("/")[0] != breeds[label] for f, label in zip(files, labels)):
         raise _not_found("dogs", data_dir, f"the labels of {listing} to number the sorted Images/ folders from 1")
+    keep = _present("dogs", data_dir, [os.path.join(root, "Images", f) for f in files])
+    files, labels = [f for f, present in zip(files, keep) if present], labels[keep]
     paths = [os.path.join(root, "Images", f) for f in files]
-    _check_files("dogs", data_dir, paths)
     annotations = [os.path.join(root, "Annotation", os.path.splitext(f)[0]) for f in files]
     has_boxes = all(os.path.isfile(a) for a in annotations)
     return FileSource(
@@ -383,8 +545,29 @@ def dogs_source(data_dir: str, split: str) -> FileSource:
     )
 
 
+def _walk_once(folder: str, seen: set[tuple[int, int]]) -> Iterator[tuple[str, list[str]]]:
+    """(folder, sorted file names) of `folder` and every folder under it, links followed, but no folder twice:
+    one reached again (by its (st_dev, st_ino) in `seen`, through a link loop or two links to it) is skipped."""
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        try:
+            st = os.stat(dirpath)
+        except OSError:
+            dirnames[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            log.warning("imagefolder: %s is a folder listed already (through a link); skipping it", dirpath)
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirnames.sort()
+        yield dirpath, sorted(filenames)
+
+
 def image_folder_source(data_dir: str, split: str, classes_from: str) -> FileSource:
-    """root/<split>/<class>/<image>; classes: the sorted folders of split `classes_from` (torchvision's ImageFolder)."""
+    """root/<split>/<class>/<image>; classes: the sorted folders of split `classes_from` (torchvision's ImageFolder).
+
+    Links are followed but no folder is listed twice (a link loop ends); a class folder without images is
+    reported."""
     root = _find_root("imagefolder", data_dir, (split, classes_from))
     class_names = sorted(
         e.name for e in os.scandir(os.path.join(root, classes_from)) if e.is_dir() and not e.name.startswith(".")
@@ -392,18 +575,22 @@ def image_folder_source(data_dir: str, split: str, classes_from: str) -> FileSou
     present = sorted(e.name for e in os.scandir(os.path.join(root, split)) if e.is_dir() and not e.name.startswith("."))
     unknown = sorted(set(present) - set(class_names))
     if unknown:
-        raise ValueError(f"{os.path.join(root, split)} has class folders that {classes_from}/ lacks: {unknown[:5]}")
-    paths, labels = [], []
+        raise DatasetError(f"{os.path.join(root, split)} has class folders that {classes_from}/ lacks: {unknown[:5]}")
+    paths, labels, seen = [], [], set()
     for label, name in enumerate(class_names):
         folder = os.path.join(root, split, name)
         if not os.path.isdir(folder):
             continue
-        for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-            dirnames.sort()
-            for f in sorted(filenames):
-                if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS and not f.startswith("."):
-                    paths.append(os.path.join(dirpath, f))
-                    labels.append(label)
+        found = [
+            os.path.join(dirpath, f)
+            for dirpath, filenames in _walk_once(folder, seen)
+            for f in filenames
+            if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS and not f.startswith(".")
+        ]
+        if not found:
+            log.warning("imagefolder: class folder %s has no images", folder)
+        paths += found
+        labels += [label] * len(found)
     if not paths:
         raise _not_found("imagefolder", data_dir, f"images in {os.path.join(root, split)}/<class>/")
     return FileSource(paths=paths, labels=np.array(labels, np.int32), class_names=class_names)
@@ -563,6 +750,7 @@ def _dataset_source(config: ml_collections.ConfigDict, split: str):
         source = readers[d.name](os.path.expanduser(d.data_dir), split_name)
     else:
         raise ConfigError(f"config.dataset.source={d.source!r} is not 'folder' or 'tfds'")
+    _check_labels(source, d.name)
     if d.num_classes != len(source.class_names):
         raise ConfigError(
             f"config.dataset.num_classes={d.num_classes} but {d.name} ({d.source}) has "
@@ -570,6 +758,21 @@ def _dataset_source(config: ml_collections.ConfigDict, split: str):
             f"{len(source.class_names)}"
         )
     return source
+
+
+def _check_labels(source, dataset: str) -> None:
+    """DatasetError when a folder dataset's label is not one of its classes (it would train on garbage or be
+    counted as another class)."""
+    labels = getattr(source, "labels", None)
+    if labels is None or not len(labels):
+        return
+    bad = np.flatnonzero((labels < 0) | (labels >= len(source.class_names)))
+    if len(bad):
+        i = int(bad[0])
+        raise DatasetError(
+            f"{dataset}: {source.paths[i]} has class {int(labels[i]) + 1}, not one of the "
+            f"{len(source.class_names)} classes (1..{len(source.class_names)}); {len(bad)} such image(s)"
+        )
 
 
 def collect_images(specs: Sequence[str]) -> tuple[list[str], list[str]]:
