@@ -146,27 +146,33 @@ def test_resnet50_gradients_and_maps_match_pytorch():
 
     (acts_32, grads_32), (acts_64, grads_64) = in_float32_and_float64(torch_capture, model_t, x, requests)
     captured = jax.jit(lambda v, x: cam.capture(model_j, v, x, requests))(variables, nhwc(x))
-    as_np = lambda d: {str(k): nchw_to_nhwc(v) for k, v in d.items()}
+    names = [name for name, _ in requests]
+    as_np = lambda d, keys: {str(k): nchw_to_nhwc(d[k]) for k in keys}
     assert_near_truth(
-        {n: captured.acts[n] for n in acts_64}, as_np(acts_32), as_np(acts_64), floor=ACT_FLOOR, what="activations"
+        {n: captured.acts[n] for n in names},
+        as_np(acts_32, names),
+        as_np(acts_64, names),
+        floor=ACT_FLOOR,
+        what="activations",
     )
     assert_near_truth(
-        {str(r): captured.grads[r] for r in grads_64}, as_np(grads_32), as_np(grads_64), floor=GRAD_FLOOR, what="grads"
+        {str(r): captured.grads[r] for r in requests},
+        as_np(grads_32, requests),
+        as_np(grads_64, requests),
+        floor=GRAD_FLOOR,
+        what="grads",
     )
     finish = jax.jit(cam.maps_from_capture, static_argnames=("method", "maps", "size"))
     for method in GRADIENT_METHODS:
         got = finish(captured, method=method, maps=cam.BLOCKS, size=(224, 224))
-        want = {}
-        for acts, grads in ((acts_32, grads_32), (acts_64, grads_64)):
-            want[acts is acts_64] = {
-                name: torch_finish(torch_raw(method, acts[name], grads[(name, head)]), 224).detach().numpy()
-                for name, head in requests
-            }
-        for m in want[True].values():
+        maps_of = lambda acts, grads, method=method: {
+            name: torch_finish(torch_raw(method, acts[name], grads[(name, head)]), 224).detach().numpy()
+            for name, head in requests
+        }
+        torch32, truth = maps_of(acts_32, grads_32), maps_of(acts_64, grads_64)
+        for m in truth.values():
             assert m.max(axis=(1, 2)).min() > 0.5, method  # every image has a real, non-trivial map
-        assert_near_truth(
-            {n: got[n] for n in want[True]}, want[False], want[True], floor=MAP_TOL, what=f"{method} maps"
-        )
+        assert_near_truth({n: got[n] for n in truth}, torch32, truth, floor=MAP_TOL, what=f"{method} maps")
 
 
 @pytest.mark.parametrize("method", GRADIENT_METHODS)
