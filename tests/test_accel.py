@@ -118,6 +118,7 @@ def remat_iterations():
     return results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", ["blocks", "stages"])
 def test_remat_gives_the_same_iteration(remat_iterations, remat):
     """Same parameters, statistics and momentum after one iteration. Not bit for bit in float32: the backward

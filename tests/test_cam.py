@@ -127,6 +127,7 @@ def nchw_to_nhwc(t: torch.Tensor) -> np.ndarray:
 # ---- tests ----
 
 
+@pytest.mark.slow
 def test_resnet50_gradients_and_maps_match_pytorch():
     """Full ResNet50 PMG at 224, batch 2: activations, gradients and five methods' maps at every block."""
     model_t = torch_pmg("resnet50", 64, None, 512, 200, seed=0, size=224)

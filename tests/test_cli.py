@@ -44,6 +44,7 @@ def test_refusals_are_one_line_and_leave_nothing_on_disk(tmp_path, case):
     assert sorted(os.listdir(tmp_path)) == before  # no runs/, no half-made workdir
 
 
+@pytest.mark.slow
 def test_a_folder_of_runs_says_which_run_and_warns_when_it_is_unfinished(tmp_path):
     runs = tmp_path / "runs"
     proc = start_and_wait(runs / "stopped", 3)  # a tiny run stopped by SIGTERM after a few steps
@@ -68,6 +69,7 @@ def test_training_throughput_leaves_out_the_step_that_compiled(monkeypatch):
     assert loop._rate((32, 10.0), (1, 15.0), 40, 8) == pytest.approx(8 * 8 / 10.0)
 
 
+@pytest.mark.slow
 @pytest.mark.xdist_group("demo_run")  # shares the session's demo run (conftest)
 def test_metrics_are_in_percent_everywhere(demo_run):
     workdir, _, _ = demo_run

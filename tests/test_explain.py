@@ -35,6 +35,7 @@ def write_demo_images(folder, config, n: int = 3) -> list[str]:
     return stems
 
 
+@pytest.mark.slow
 def test_command_line_writes_seed_files_grids_and_gallery(demo_run, tmp_path):
     """`python explain.py --ckpt <demo workdir> --block all --images <dir>`, as the README shows it."""
     workdir, config, _ = demo_run
@@ -79,6 +80,7 @@ def test_command_line_writes_seed_files_grids_and_gallery(demo_run, tmp_path):
     assert all(sum(name in line for name in names) == 5 for line in top5)  # five classes, by name
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_reported_and_skipped(demo_run, tmp_path, capsys):
     workdir, config, _ = demo_run
     write_demo_images(tmp_path / "good", config, n=1)
@@ -113,6 +115,7 @@ def test_bad_inputs_are_reported_and_skipped(demo_run, tmp_path, capsys):
     assert rc == 1 and "none of the" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_ckpt_forms_methods_and_class_targets(demo_run, tmp_path, capsys):
     """A folder of runs and a checkpoint step dir; two methods write a subfolder each."""
     workdir, config, _ = demo_run
@@ -151,6 +154,7 @@ def test_ckpt_forms_methods_and_class_targets(demo_run, tmp_path, capsys):
             )
 
 
+@pytest.mark.slow
 def test_evaluate_prints_tables_and_saves_json(demo_run, tmp_path, capsys):
     workdir, _, _ = demo_run
     rc = explain.main(

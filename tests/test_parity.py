@@ -72,6 +72,7 @@ def resnet50_pair():
     return model_t, model_j, flax_variables(model_t, model_j, 224)
 
 
+@pytest.mark.slow
 def test_resnet50_logits_eval_and_train_mode(resnet50_pair):
     model_t, model_j, variables = resnet50_pair
     x = torch.randn(4, 3, 224, 224, generator=torch.Generator().manual_seed(1))

@@ -84,6 +84,7 @@ def uninterrupted(tmp_path_factory):
     return final_params(workdir)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kill_at", [5, 12])  # mid-epoch, and at the epoch boundary (eval + save)
 def test_kill_9_then_resume_gives_identical_parameters(tmp_path, uninterrupted, kill_at):
     proc = start_and_wait(tmp_path, kill_at)
@@ -98,6 +99,7 @@ def test_kill_9_then_resume_gives_identical_parameters(tmp_path, uninterrupted, 
         np.testing.assert_array_equal(got[k], uninterrupted[k], err_msg=k)
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_exits_zero(tmp_path):
     proc = start_and_wait(tmp_path, 4)
     proc.send_signal(signal.SIGTERM)
@@ -125,6 +127,7 @@ def test_nonfinite_step_is_not_applied():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     run(tmp_path, "--config.num_epochs=1")
     ckpts = ckpt_lib.Checkpoints(os.path.join(tmp_path, "checkpoints"), read_only=True)
@@ -186,6 +189,7 @@ def test_cli_refuses_bad_settings_in_one_line(tmp_path, args, message):
     assert not os.path.exists(tmp_path / "checkpoints")  # refused before any work
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_model_is_refused(tmp_path):
     run(tmp_path, "--config.num_epochs=1")
     for args, message in (
