@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from pmg_jax import parallel, xla_options
 from pmg_jax.data import decode, pipeline, sources, transforms
-from pmg_jax.errors import PMGError
+from pmg_jax.errors import OutputError, PMGError, check_writable
 from pmg_jax.state import Restored, restore_and_report, transform_spec
 
 HEADS = ("head1", "head2", "head3", "concat")
@@ -363,11 +363,25 @@ def _predict_split(args, predictor: Predictor, writer: RowWriter | None) -> int:
             progress=bar.update,
         )
     print(format_accuracy(result, r.class_names, f"{r.config.dataset.name} {args.split} with {r.run} step {r.step}"))
-    folder = os.path.dirname(os.path.abspath(args.out)) if args.out else r.run
-    path = os.path.join(folder, f"confusion_{args.split}.csv")
+    path = os.path.join(_confusion_folder(args, r), f"confusion_{args.split}.csv")
     write_confusion(path, result.confusion, r.class_names)
     print(f"confusion matrix (combined) -> {path}")
     return 0 if result.counts.sum() else 1
+
+
+def _confusion_folder(args, restored: Restored) -> str:
+    """Where --split writes its confusion matrix: beside --out, else in the run."""
+    return os.path.dirname(os.path.abspath(args.out)) if args.out else restored.run
+
+
+def check_outputs(args, restored: Restored) -> None:
+    """Every file the command will write can be written, checked before any work (one line if not)."""
+    if args.out:
+        check_writable(os.path.dirname(os.path.abspath(args.out)), "pass --out FILE in a folder you can write")
+        if os.path.isdir(args.out):
+            raise OutputError(f"cannot write {args.out}: it is a directory: pass --out FILE")
+    if args.split:
+        check_writable(_confusion_folder(args, restored), "pass --out FILE: the confusion matrix goes beside it")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -376,6 +390,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("absl").setLevel(logging.ERROR)
     try:
         restored = restore_and_report(args.ckpt, args.checkpoint, PROG)
+        check_outputs(args, restored)
         predictor = make_predictor(restored, args.batch_size)
         print(f"batch {predictor.batch_size} over {jax.local_device_count()} device(s)", file=sys.stderr)
         outputs = OUTPUTS if args.heads else OUTPUTS[:1]

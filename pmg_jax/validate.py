@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import ml_collections
 from flax.traverse_util import flatten_dict
 
@@ -12,7 +10,7 @@ from pmg_jax import checkpoint as ckpt_lib
 from pmg_jax import config as config_lib
 from pmg_jax import model as model_lib
 from pmg_jax.data import transforms
-from pmg_jax.errors import ConfigError
+from pmg_jax.errors import ConfigError, check_writable
 from pmg_jax.layers import GROUP_STATS
 
 DTYPES = ("float32", "bfloat16", "float64")
@@ -171,13 +169,4 @@ def check_compatible(saved: dict, config: ml_collections.ConfigDict, where: str)
 
 def check_workdir(workdir: str) -> None:
     """The workdir must be a directory, or creatable as one, and writable (checked without creating it)."""
-    path = os.path.abspath(workdir)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ConfigError(f"workdir {workdir}: it is a file, not a directory")
-    parent = path
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise ConfigError(f"workdir {workdir}: {parent} is a file, not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"workdir {workdir}: {parent} is not writable")
+    check_writable(workdir, "pass --workdir DIR")

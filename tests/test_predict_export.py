@@ -223,6 +223,21 @@ def test_onnx_export_matches_jax_under_onnxruntime(batch, run, tmp_path):
         np.testing.assert_allclose(got[0], want[0][:n], atol=1e-5)
 
 
+def test_a_successful_onnx_export_says_only_what_it_did(run, tmp_path):
+    """The converter's chatter (its plugins' skipped-import tracebacks, debugging prints) is held back."""
+    done = subprocess.run(
+        [sys.executable, "-m", "pmg_jax.export", "--ckpt", run[0], "--format", "onnx", "--out", str(tmp_path / "o")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    said = done.stdout + done.stderr
+    assert "Traceback" not in said and "DEBUG" not in said and "WARNING" not in said, said[-3000:]
+    assert done.stdout.splitlines()[-1].startswith(f"exported {run[0]} step 0 as onnx") and not done.stderr.strip()
+
+
 @pytest.mark.slow
 def test_onnx_example_classifies_an_image(run, images, tmp_path):
     out = tmp_path / "onnx"
