@@ -52,7 +52,7 @@ class Explained:
     def top(self, head: str, k: int = 5, class_names: Sequence[str] = ()) -> list[tuple[str, float]]:
         """The k most probable (class name, probability) of one head."""
         names = class_names or [str(i) for i in range(len(self.probabilities[head]))]
-        return viz.top_k(self.probabilities[head], names, k)
+        return [(names[i], p) for i, p in model_lib.top_k(self.probabilities[head], k)]
 
     def explained_class(self, head: str) -> int:
         """The class the maps of `head` explain: the one asked for, else the head's prediction."""

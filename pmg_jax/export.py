@@ -26,13 +26,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from pmg_jax import kernels
+from pmg_jax import model as model_lib
 from pmg_jax.data import pipeline
 from pmg_jax.errors import PMGError, check_writable
 from pmg_jax.state import Restored, restore_and_report, transform_spec
 
 FORMATS = {"stablehlo": "model.stablehlo", "onnx": "model.onnx"}
 INPUT_NAME = "images"
-OUTPUT_NAMES = ("probabilities", "head1", "head2", "head3", "concat")
+OUTPUT_NAMES = ("probabilities", *model_lib.HEADS)
 # jax.export lowers for these; the exported model holds no platform-specific code, so it runs on any of them
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 
@@ -54,7 +55,7 @@ def inference_function(restored: Restored) -> Callable[[jax.Array], tuple[jax.Ar
 
     def infer(images: jax.Array) -> tuple[jax.Array, ...]:
         logits = model.apply(variables, pipeline.normalize_on_device(images, spec), train=False)
-        return (jax.nn.softmax(sum(logits), axis=-1), *logits)
+        return (jax.nn.softmax(model_lib.combined_logits(logits), axis=-1), *logits)
 
     return infer
 

@@ -27,13 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from pmg_jax import model as model_lib
 from pmg_jax import parallel, xla_options
 from pmg_jax.data import decode, pipeline, sources, transforms
 from pmg_jax.errors import OutputError, PMGError, check_writable
 from pmg_jax.state import Restored, restore_and_report, transform_spec
 
-HEADS = ("head1", "head2", "head3", "concat")
-OUTPUTS = ("combined", *HEADS)  # order of the jitted function's outputs
+OUTPUTS = (model_lib.COMBINED, *model_lib.HEADS)  # order of the jitted function's outputs
 FORMATS = (".csv", ".jsonl")
 
 
@@ -85,7 +85,7 @@ def make_predictor(restored: Restored, batch_size: int | None = None) -> Predict
 
     def forward(variables, images):
         logits = model.apply(variables, pipeline.normalize_on_device(images, spec), train=False)
-        stacked = jnp.stack([sum(logits), *logits], axis=1)  # the sum as evaluation's combined accuracy takes it
+        stacked = jnp.stack([model_lib.combined_logits(logits), *logits], axis=1)
         return stacked, jax.nn.softmax(stacked, axis=-1)
 
     jitted = xla_options.jit(forward, platform=devices[0].platform, in_shardings=(rep, data), out_shardings=data)
@@ -109,10 +109,9 @@ def _crop(path: str, spec: pipeline.TransformSpec, out: np.ndarray) -> str | Non
     return None
 
 
-def top_k(probs: np.ndarray, class_names: Sequence[str], k: int) -> list[dict]:
-    """The k most probable classes of one probability vector: [{'class', 'index', 'probability'}]."""
-    order = np.argsort(-probs, kind="stable")[:k]
-    return [{"class": class_names[i], "index": int(i), "probability": float(probs[i])} for i in order]
+def top_rows(probs: np.ndarray, class_names: Sequence[str], k: int) -> list[dict]:
+    """model.top_k of one probability vector as rows: [{'class', 'index', 'probability'}]."""
+    return [{"class": class_names[i], "index": i, "probability": p} for i, p in model_lib.top_k(probs, k)]
 
 
 def predict_files(
@@ -153,7 +152,7 @@ def _rows(
         if error is not None:
             yield {"path": path, "error": error}
         else:
-            yield {"path": path, **{o: top_k(probs[i, OUTPUTS.index(o)], names, k) for o in wanted}}
+            yield {"path": path, **{o: top_rows(probs[i, OUTPUTS.index(o)], names, k) for o in wanted}}
 
 
 @dataclasses.dataclass
@@ -214,7 +213,7 @@ def predict_split(
                     row = {
                         "path": name,
                         "label": names[label],
-                        **{o: top_k(probs[i, OUTPUTS.index(o)], names, k) for o in wanted},
+                        **{o: top_rows(probs[i, OUTPUTS.index(o)], names, k) for o in wanted},
                     }
                 if on_row is not None:
                     on_row(row)
@@ -230,8 +229,7 @@ def format_accuracy(result: SplitResult, class_names: Sequence[str], title: str)
     lines = [
         f"{title}: {acc['count']} images (top-1 %)"
         + (f", {result.unreadable} unreadable" if result.unreadable else ""),
-        "  " + " | ".join(f"{o:>8}" for o in OUTPUTS),
-        "  " + " | ".join(f"{acc[o]:8.2f}" for o in OUTPUTS),
+        *(f"  {line}" for line in model_lib.accuracy_table({o: acc[o] for o in OUTPUTS})),
         "",
         "per class (top-1 %)",
     ]

@@ -99,12 +99,6 @@ def grid(tiles: Sequence[tuple[np.ndarray, Sequence[str]]], height: int = TILE_H
     return np.concatenate(row[:-1], axis=1)
 
 
-def top_k(probs: np.ndarray, class_names: Sequence[str], k: int = 5) -> list[tuple[str, float]]:
-    """The k most probable (class name, probability) pairs of one probability vector."""
-    order = np.argsort(-np.asarray(probs), kind="stable")[:k]
-    return [(class_names[i], float(probs[i])) for i in order]
-
-
 def save_explanation(
     out_dir: str,
     tag: str,

@@ -1,6 +1,7 @@
 """The layering a notebook user relies on: inference modules load without the training loop, its steps or the
 optimizer (import-linter checks the imports as written; this checks what importing actually loads)."""
 
+import ast
 import os
 import pkgutil
 import re
@@ -58,3 +59,23 @@ def test_the_doc_names_every_module_and_no_other():
     assert sorted(named - modules) == [] and sorted(modules - named) == []
     top = {m.name.split(".")[1] for m in pkgutil.walk_packages(pmg_jax.__path__, "pmg_jax.")}
     assert sorted(m for layer in _layers_in_pyproject() for m in layer) == sorted(top)
+
+
+def test_the_heads_and_the_combined_prediction_are_named_once():
+    """Only model.py spells out a head's name, sums the heads' logits or ranks classes: the others take
+    model.HEADS, model.COMBINED, model.combined_logits, model.top_k and model.accuracy_table."""
+    found = []
+    for info in pkgutil.walk_packages(pmg_jax.__path__, "pmg_jax."):
+        if info.name == "pmg_jax.model":
+            continue
+        path = os.path.join(ROOT, *info.name.split(".")) + ("/__init__.py" if info.ispkg else ".py")
+        with open(path) as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and node.value in ("head1", "head2", "head3"):
+                found.append(f"{info.name}:{node.lineno}: the literal {node.value!r}")
+            elif isinstance(node, ast.Call) and ast.unparse(node.func) == "sum" and "logits" in ast.unparse(node):
+                found.append(f"{info.name}:{node.lineno}: {ast.unparse(node)}")
+            elif isinstance(node, ast.FunctionDef) and node.name in ("top_k", "format_accuracy_table"):
+                found.append(f"{info.name}:{node.lineno}: def {node.name}")
+    assert found == []

@@ -15,6 +15,7 @@ import pytest
 from conftest import ROOT, tiny_demo_config
 
 from pmg_jax import checkpoint as ckpt_lib
+from pmg_jax import model as model_lib
 from pmg_jax import state as state_lib
 from pmg_jax import steps as steps_lib
 from pmg_jax import validate
@@ -163,6 +164,24 @@ def test_bad_config_values_are_refused_naming_the_field(overrides, message):
     with pytest.raises(validate.ConfigError, match=None) as e:
         validate.check(config, num_devices=4)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("field", list(validate.choices()))
+def test_each_field_with_fixed_choices_is_refused_outside_them_by_the_one_table(field):
+    """validate.choices() is the one list of every field's allowed values (taken from the modules that own them):
+    a value outside it is refused in one line naming the field and the choices, and every value in it passes
+    that check."""
+    import inspect
+
+    allowed = validate.choices()[field]
+    with pytest.raises(validate.ConfigError) as refused:
+        validate.check_choices(tiny_demo_config(**{field: "no_such_choice"}))
+    assert str(refused.value) == f"config.{field}='no_such_choice' must be one of {allowed}"
+    for value in allowed:
+        validate.check_choices(tiny_demo_config(**{field: value}))
+    assert inspect.getsource(validate).count("must be one of") == 1  # no second, hand-written check
+    assert "must be" not in inspect.getsource(steps_lib.make_train_step)  # nor one where the value is used
+    assert "must be one of" not in inspect.getsource(model_lib)
 
 
 def test_unknown_field_in_a_config_file_is_refused():
