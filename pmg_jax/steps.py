@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from pmg_jax import backbones, kernels, parallel, xla_options
+from pmg_jax import backbones, kernels, parallel, validate, xla_options
 from pmg_jax import jigsaw as jigsaw_lib
 from pmg_jax import model as model_lib
 from pmg_jax.data import pipeline
@@ -75,6 +75,8 @@ def make_train_step(
     drops the forward of the rest as dead code. Each update's 'dropout' rng (the backbone's stochastic
     depth; one per micro-batch) comes from the state's rng and step too, so a resumed run draws the same.
     """
+    validate.check_choice("bn_stats", bn_stats)  # the config's one table, for callers that pass no config
+    validate.check_choice("schedule", schedule)
     backbone = backbones.get(model.backbone)
     k = accumulation_steps
 

@@ -39,11 +39,17 @@ def _value(config: ml_collections.ConfigDict, field: str):
     return node
 
 
+def check_choice(field: str, value) -> None:
+    """`value` is one of the choices of config field `field` (a key of `choices`)."""
+    allowed = choices()[field]
+    if value not in allowed:
+        raise ConfigError(f"config.{field}={value!r} must be one of {allowed}")
+
+
 def check_choices(config: ml_collections.ConfigDict) -> None:
     """Every field with a fixed set of values (`choices`) holds one of them."""
-    for field, allowed in choices().items():
-        if _value(config, field) not in allowed:
-            raise ConfigError(f"config.{field}={_value(config, field)!r} must be one of {allowed}")
+    for field in choices():
+        check_choice(field, _value(config, field))
 
 
 def _flat_keys(config: ml_collections.ConfigDict) -> set[str]:
