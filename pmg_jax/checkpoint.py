@@ -25,14 +25,16 @@ from pmg_jax.errors import PMGError
 WHICH = ("latest", "best")  # the checkpoints of a run one can ask for
 
 
-class _UnscoredSaveFilter(logging.Filter):
-    """Orbax warns on every save without metrics once best_fn is set; ours (mid-epoch, on a signal) are meant."""
+class _OrbaxNoticeFilter(logging.Filter):
+    """Two orbax warnings that are not: one on every save without metrics once best_fn is set (ours, mid-epoch or
+    on a signal, are meant), and 'Given directory is read only' whenever a manager is opened for reading, as
+    ours are to find and restore checkpoints (it reads like a permission problem; the directory is writable)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "did not provide metrics" not in record.getMessage()
+        return "did not provide metrics" not in record.getMessage() and record.msg != "Given directory is read only=%s"
 
 
-logging.getLogger("absl").addFilter(_UnscoredSaveFilter())
+logging.getLogger("absl").addFilter(_OrbaxNoticeFilter())
 
 
 def _score(metrics: dict) -> float:
@@ -61,7 +63,9 @@ class Checkpoints:
             best_mode="max",
             create=not read_only,
             read_only=read_only,
-            cleanup_tmp_directories=True,
+            # what orbax would otherwise change, with a warning each, for a reader
+            save_interval_steps=0 if read_only else 1,
+            cleanup_tmp_directories=not read_only,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta", "config"))
 
@@ -97,6 +101,13 @@ class Checkpoints:
             args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()),
         )
         return restored["state"], restored["meta"]
+
+    def meta(self, step: int | None = None) -> dict:
+        """The metadata of `step` (default latest) alone, without reading the state."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointNotFound(f"no checkpoint in {self.directory}")
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
     def config(self, step: int | None = None) -> ml_collections.ConfigDict:
         """The run's config, over today's defaults so that fields added since it was saved have values."""

@@ -37,7 +37,7 @@ from pmg_jax import config as config_lib
 from pmg_jax import model as model_lib
 from pmg_jax import state as state_lib
 from pmg_jax.data import sources
-from pmg_jax.errors import PMGError
+from pmg_jax.errors import PMGError, check_writable
 
 _SKIPPED_SUFFIXES = ("num_batches_tracked",)
 _PLAIN_PARAMS = ("gamma",)  # parameters kept under their own name, unchanged (ConvNeXt's layer scale)
@@ -374,6 +374,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--feature-size", type=int, help="expected block feature size (default: from the weights)")
     args = parser.parse_args(argv)
     try:
+        check_writable(args.out, "pass --out DIR")
         done = convert_to_run(
             args.src,
             args.out,

@@ -47,19 +47,33 @@ class Item:
 @dataclasses.dataclass
 class Explained:
     """One image's results: maps by method and map name ((H, W) in [0, 1] at the network input size), each
-    head's probabilities, the grids written (by method), and for target 'finer' the classes each head's map
-    contrasts its class with (by head)."""
+    head's probabilities, the grids written (by method), for target 'finer' the classes each head's map
+    contrasts its class with (by head), and the class each head's maps explain (by head; none: its prediction)."""
 
     item: Item
     maps: dict[str, dict[str, np.ndarray]]
     probabilities: dict[str, np.ndarray]
     grids: dict[str, str]
     contrasts: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    targets: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def top(self, head: str, k: int = 5, class_names: Sequence[str] = ()) -> list[tuple[str, float]]:
         """The k most probable (class name, probability) of one head."""
         names = class_names or [str(i) for i in range(len(self.probabilities[head]))]
-        return viz.top_k(self.probabilities[head], names, k)
+        return [(names[i], p) for i, p in model_lib.top_k(self.probabilities[head], k)]
+
+    def explained_class(self, head: str) -> int:
+        """The class the maps of `head` explain: the one asked for, else the head's prediction."""
+        return self.targets.get(head, int(np.argmax(self.probabilities[head])))
+
+
+def class_lines(probabilities: np.ndarray, explained: int, class_names: Sequence[str]) -> list[str]:
+    """A map's class lines: the class it explains with its probability, then the head's prediction if another."""
+    predicted = int(np.argmax(probabilities))
+    lines = [f"{class_names[explained]} {100 * probabilities[explained]:.0f}%"]
+    if predicted != explained:
+        lines.append(f"predicted: {class_names[predicted]} {100 * probabilities[predicted]:.0f}%")
+    return lines
 
 
 def unique_tags(paths: Sequence[str]) -> list[str]:
@@ -149,9 +163,10 @@ def _batches(
 def _titles(
     result: Explained, maps: dict[str, np.ndarray], class_names: Sequence[str], concat: str = "seed"
 ) -> dict[str, list[str]]:
-    """Grid titles: the image (and its true class), then each map with its head's top class; an all-zero map
-    says so (the head saw no positive evidence at that map), rather than showing a silent flat panel. With
-    Finer-CAM contrasts, a third line names the classes the map is contrasted with."""
+    """Grid titles: the image (and its true class), then each map with the class it explains (and its head's
+    prediction when that is another class, last); an all-zero map says so (the head saw no positive evidence at
+    that map), rather than showing a silent flat panel. With Finer-CAM contrasts, a third line names the classes
+    the map is contrasted with."""
     item = result.item
     first = [os.path.basename(item.origin), "{}x{}".format(*item.size)]
     if item.label is not None:
@@ -159,8 +174,7 @@ def _titles(
     titles = {"input": first}
     for name, m in maps.items():
         head = model_lib.HEADS[cam.HEAD_OF[name]]
-        name_top, p_top = result.top(head, 1, class_names)[0]
-        second = f"{name_top} {100 * p_top:.0f}%"
+        second, *predicted = class_lines(result.probabilities[head], result.explained_class(head), class_names)
         if not np.any(m > 0):
             second = "all zero: no positive evidence"
         titles[name] = [f"{viz.map_label(name)} ({head})", second]
@@ -171,6 +185,7 @@ def _titles(
                 if seed_sum
                 else "vs " + ", ".join(class_names[c] for c in result.contrasts[head])
             )
+        titles[name] += predicted
     return titles
 
 
@@ -257,6 +272,7 @@ def explain(
                 {h: p[i] for h, p in probs.items()},
                 {},
                 contrasted[i] if contrasted else {},
+                {h: int(t) for h, t in zip(model_lib.HEADS, first.targets[i], strict=True)},
             )
             for method, folder in outs.items():
                 if folder is not None:
@@ -383,6 +399,7 @@ class _Gatherer:
                     {h: p[slot] for h, p in zip(model_lib.HEADS, probabilities, strict=True)},
                     {},
                     contrasted[slot] if contrasted else {},
+                    {h: int(t) for h, t in zip(model_lib.HEADS, np.asarray(out.targets)[slot], strict=True)},
                 )
             )
         return results

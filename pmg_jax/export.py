@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -25,13 +26,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from pmg_jax import kernels
+from pmg_jax import model as model_lib
 from pmg_jax.data import pipeline
-from pmg_jax.errors import PMGError
+from pmg_jax.errors import PMGError, check_writable
 from pmg_jax.state import Restored, restore_and_report, transform_spec
 
 FORMATS = {"stablehlo": "model.stablehlo", "onnx": "model.onnx"}
 INPUT_NAME = "images"
-OUTPUT_NAMES = ("probabilities", "head1", "head2", "head3", "concat")
+OUTPUT_NAMES = ("probabilities", *model_lib.HEADS)
 # jax.export lowers for these; the exported model holds no platform-specific code, so it runs on any of them
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 
@@ -53,7 +55,7 @@ def inference_function(restored: Restored) -> Callable[[jax.Array], tuple[jax.Ar
 
     def infer(images: jax.Array) -> tuple[jax.Array, ...]:
         logits = model.apply(variables, pipeline.normalize_on_device(images, spec), train=False)
-        return (jax.nn.softmax(sum(logits), axis=-1), *logits)
+        return (jax.nn.softmax(model_lib.combined_logits(logits), axis=-1), *logits)
 
     return infer
 
@@ -81,13 +83,34 @@ def stablehlo(restored: Restored) -> jax.export.Exported:
     )
 
 
+@contextlib.contextmanager
+def _converter_chatter_held() -> Iterator[None]:
+    """Hold what the converter prints and logs (its plugins' skipped-import tracebacks, debugging prints) and
+    show it on stderr only if the conversion fails: a successful export says nothing of it."""
+    held = io.StringIO()
+    handler = logging.StreamHandler(held)
+    logger = logging.getLogger("jax2onnx")
+    propagate = logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        with contextlib.redirect_stdout(held):
+            yield
+    except BaseException:
+        sys.stderr.write(held.getvalue())
+        raise
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+
+
 def onnx_model(restored: Restored, path: str | None = None) -> Any:
     """The inference function converted by jax2onnx with a symbolic batch: an onnx.ModelProto, or written to `path`."""
-    try:
-        from jax2onnx import to_onnx
-    except ImportError as e:
-        raise ExportError(f"ONNX export needs jax2onnx ({e}): pip install 'pmg_jax[onnx]'") from None
-    with contextlib.redirect_stdout(sys.stderr):  # the converter's progress lines are not our output
+    with _converter_chatter_held():
+        try:
+            from jax2onnx import to_onnx
+        except ImportError as e:
+            raise ExportError(f"ONNX export needs jax2onnx ({e}): pip install 'pmg_jax[onnx]'") from None
         return to_onnx(
             _portable(inference_function(restored)),
             [_input_spec(restored)],
@@ -193,6 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("absl").setLevel(logging.ERROR)
     try:
         restored = restore_and_report(args.ckpt, args.checkpoint, PROG)
+        check_writable(args.out, "pass --out DIR")
         path = export(restored, args.format, args.out)
     except PMGError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

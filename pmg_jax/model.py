@@ -17,6 +17,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pmg_jax import backbones
 from pmg_jax.layers import BatchNorm, Conv, Linear, checkpointed
@@ -24,12 +25,29 @@ from pmg_jax.layers import BatchNorm, Conv, Linear, checkpointed
 BACKBONE = "features"  # scope of the backbone's parameters (the reference's name): its learning-rate group
 HEADS = ("head1", "head2", "head3", "concat")  # the model's logits, in this order
 CONCAT = HEADS.index("concat")
+COMBINED = "combined"  # the prediction PMG is judged by (the paper's number): see combined_logits
 BLOCKS = ("block1", "block2", "block3")  # granularity block k feeds head k and the concat head
 STAGES = ("layer2", "layer3", "layer4")  # the backbone stage maps the blocks read, named as in ResNet
 # The head whose logits explain each map a CAM can show: a block and the stage map under it by its own head;
 # 'concat' is the concat head (or the seed's sum of the block maps, see pmg_jax.cam).
 CAM_HEAD = {**{b: k for k, b in enumerate(BLOCKS)}, **{s: k for k, s in enumerate(STAGES)}, "concat": CONCAT}
 CAM_MAPS = (*BLOCKS, "concat", *STAGES)
+
+
+def combined_logits(logits: Sequence[jax.Array]) -> jax.Array:
+    """The combined prediction's logits, the reference's and the paper's: the sum of the four heads' logits."""
+    return sum(logits[1:], logits[0])
+
+
+def top_k(probabilities: np.ndarray, k: int) -> list[tuple[int, float]]:
+    """The k most probable classes of one probability vector as (index, probability), a tie to the lower index."""
+    probabilities = np.asarray(probabilities)
+    return [(int(i), float(probabilities[i])) for i in np.argsort(-probabilities, kind="stable")[:k]]
+
+
+def accuracy_table(accuracies: dict[str, float]) -> list[str]:
+    """Two aligned lines, the outputs' names over their accuracies (%): evaluation's and prediction's table."""
+    return [" | ".join(f"{name:>8}" for name in accuracies), " | ".join(f"{v:8.2f}" for v in accuracies.values())]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +65,9 @@ PASSES = (Pass(0, 0), Pass(1, 1), Pass(2, 2), Pass(CONCAT, None))
 # reference): one update per pass; joint: the four inputs as one batch and one update of their summed loss.
 SCHEDULES = {"progressive": tuple((p,) for p in PASSES), "joint": (PASSES,)}
 REMAT = ("none", "blocks", "stages")  # PMG.remat: what the backward recomputes (see PMG)
+DTYPES = ("float32", "bfloat16", "float64")  # PMG.dtype: what it computes in (its parameters stay float32)
+# config.bn_stats: the running statistics an update keeps, of every module or of those that feed its heads (feeds)
+BN_STATS = ("all", "used")
 
 
 def updates_per_iteration(schedule: str) -> int:
@@ -129,8 +150,6 @@ class PMG(nn.Module):
         `bn_group_size` > 0: every BatchNorm normalises training batches in groups of that many images
         (`layers.BatchNorm`, ghost BatchNorm), keeping the running statistics `bn_group_stats` says.
         """
-        if self.remat not in REMAT:
-            raise ValueError(f"PMG remat must be one of {REMAT}, got {self.remat!r}")
         remat = self.remat if train else "none"
         groups = {"group_size": self.bn_group_size, "group_stats": self.bn_group_stats}
         arch = backbones.resolve(self.backbone, self.width, self.stage_sizes)

@@ -29,13 +29,13 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from pmg_jax import model as model_lib
 from pmg_jax import parallel, xla_options
 from pmg_jax.data import decode, pipeline, sources, transforms
-from pmg_jax.errors import PMGError
+from pmg_jax.errors import OutputError, PMGError, check_writable
 from pmg_jax.state import Restored, add_max_pixels_option, apply_max_pixels, restore_and_report, transform_spec
 
-HEADS = ("head1", "head2", "head3", "concat")
-OUTPUTS = ("combined", *HEADS)  # order of the jitted function's outputs
+OUTPUTS = (model_lib.COMBINED, *model_lib.HEADS)  # order of the jitted function's outputs
 FORMATS = (".csv", ".jsonl")
 
 
@@ -87,7 +87,7 @@ def make_predictor(restored: Restored, batch_size: int | None = None) -> Predict
 
     def forward(variables, images):
         logits = model.apply(variables, pipeline.normalize_on_device(images, spec), train=False)
-        stacked = jnp.stack([sum(logits), *logits], axis=1)  # the sum as evaluation's combined accuracy takes it
+        stacked = jnp.stack([model_lib.combined_logits(logits), *logits], axis=1)
         return stacked, jax.nn.softmax(stacked, axis=-1)
 
     jitted = xla_options.jit(forward, platform=devices[0].platform, in_shardings=(rep, data), out_shardings=data)
@@ -121,10 +121,9 @@ def _crop(path: str, spec: pipeline.TransformSpec, out: np.ndarray) -> str | Non
     return None
 
 
-def top_k(probs: np.ndarray, class_names: Sequence[str], k: int) -> list[dict]:
-    """The k most probable classes of one probability vector: [{'class', 'index', 'probability'}]."""
-    order = np.argsort(-probs, kind="stable")[:k]
-    return [{"class": class_names[i], "index": int(i), "probability": float(probs[i])} for i in order]
+def top_rows(probs: np.ndarray, class_names: Sequence[str], k: int) -> list[dict]:
+    """model.top_k of one probability vector as rows: [{'class', 'index', 'probability'}]."""
+    return [{"class": class_names[i], "index": i, "probability": p} for i, p in model_lib.top_k(probs, k)]
 
 
 def predict_files(
@@ -165,7 +164,7 @@ def _rows(
         if error is not None:
             yield {"path": path, "error": error}
         else:
-            yield {"path": path, **{o: top_k(probs[i, OUTPUTS.index(o)], names, k) for o in wanted}}
+            yield {"path": path, **{o: top_rows(probs[i, OUTPUTS.index(o)], names, k) for o in wanted}}
 
 
 @dataclasses.dataclass
@@ -226,7 +225,7 @@ def predict_split(
                     row = {
                         "path": name,
                         "label": names[label],
-                        **{o: top_k(probs[i, OUTPUTS.index(o)], names, k) for o in wanted},
+                        **{o: top_rows(probs[i, OUTPUTS.index(o)], names, k) for o in wanted},
                     }
                 if on_row is not None:
                     on_row(row)
@@ -242,8 +241,7 @@ def format_accuracy(result: SplitResult, class_names: Sequence[str], title: str)
     lines = [
         f"{title}: {acc['count']} images (top-1 %)"
         + (f", {result.unreadable} unreadable" if result.unreadable else ""),
-        "  " + " | ".join(f"{o:>8}" for o in OUTPUTS),
-        "  " + " | ".join(f"{acc[o]:8.2f}" for o in OUTPUTS),
+        *(f"  {line}" for line in model_lib.accuracy_table({o: acc[o] for o in OUTPUTS})),
         "",
         "per class (top-1 %)",
     ]
@@ -376,11 +374,25 @@ def _predict_split(args, predictor: Predictor, writer: RowWriter | None) -> int:
             progress=bar.update,
         )
     print(format_accuracy(result, r.class_names, f"{r.config.dataset.name} {args.split} with {r.run} step {r.step}"))
-    folder = os.path.dirname(os.path.abspath(args.out)) if args.out else r.run
-    path = os.path.join(folder, f"confusion_{args.split}.csv")
+    path = os.path.join(_confusion_folder(args, r), f"confusion_{args.split}.csv")
     write_confusion(path, result.confusion, r.class_names)
     print(f"confusion matrix (combined) -> {path}")
     return 0 if result.counts.sum() else 1
+
+
+def _confusion_folder(args, restored: Restored) -> str:
+    """Where --split writes its confusion matrix: beside --out, else in the run."""
+    return os.path.dirname(os.path.abspath(args.out)) if args.out else restored.run
+
+
+def check_outputs(args, restored: Restored) -> None:
+    """Every file the command will write can be written, checked before any work (one line if not)."""
+    if args.out:
+        check_writable(os.path.dirname(os.path.abspath(args.out)), "pass --out FILE in a folder you can write")
+        if os.path.isdir(args.out):
+            raise OutputError(f"cannot write {args.out}: it is a directory: pass --out FILE")
+    if args.split:
+        check_writable(_confusion_folder(args, restored), "pass --out FILE: the confusion matrix goes beside it")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -390,6 +402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         restored = restore_and_report(args.ckpt, args.checkpoint, PROG)
         apply_max_pixels(restored, args.max_pixels)
+        check_outputs(args, restored)
         predictor = make_predictor(restored, args.batch_size)
         print(f"batch {predictor.batch_size} over {jax.local_device_count()} device(s)", file=sys.stderr)
         outputs = OUTPUTS if args.heads else OUTPUTS[:1]

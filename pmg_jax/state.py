@@ -93,7 +93,7 @@ class Restored:
     @property
     def finished(self) -> bool:
         """Whether the run had trained all its epochs when this checkpoint was written."""
-        return self.meta.get("epoch", 0) >= self.config.num_epochs or "converted_from" in self.meta
+        return _finished(self.meta, self.config.num_epochs)
 
     def describe(self) -> str:
         """One line: which checkpoint of which run, how far it trained and what it is."""
@@ -106,6 +106,11 @@ class Restored:
             f"{self.run} checkpoint {self.step} ({done}, {self.config.model.backbone}, "
             f"{len(self.class_names)} classes, input {self.config.data.crop_size}px)"
         )
+
+
+def _finished(meta: dict, num_epochs: int) -> bool:
+    """Whether a checkpoint with `meta` was written after the last of `num_epochs` (or converted: complete)."""
+    return meta.get("epoch", 0) >= num_epochs or "converted_from" in meta
 
 
 def restore(path: str, which: str = "latest") -> Restored:
@@ -136,13 +141,16 @@ def restore_and_report(path: str, which: str, prog: str) -> Restored:
     ) != os.path.join(restored.run, "checkpoints"):
         print(f"{path} is a folder of runs: using the one with the newest checkpoint, {restored.run}")
     print(f"using {restored.describe()}")
-    if not restored.finished:
+    ckpts = ckpt_lib.Checkpoints(os.path.join(restored.run, "checkpoints"), read_only=True)
+    # the run, not the chosen checkpoint: a finished run's best checkpoint may well be of an earlier epoch
+    latest = restored.meta if restored.step == ckpts.latest_step() else ckpts.meta()
+    if not _finished(latest, restored.config.num_epochs):
         print(
-            f"{prog}: warning: {restored.run} is unfinished (stopped at epoch {restored.meta.get('epoch')} of "
+            f"{prog}: warning: {restored.run} is unfinished (stopped at epoch {latest.get('epoch')} of "
             f"{restored.config.num_epochs})",
             file=sys.stderr,
         )
-    best = ckpt_lib.Checkpoints(os.path.join(restored.run, "checkpoints"), read_only=True).best_step()
+    best = ckpts.best_step()
     if which == "latest" and best not in (None, restored.step):
         print(f"(the latest checkpoint; --checkpoint best takes step {best}, the best combined accuracy)")
     return restored

@@ -11,14 +11,14 @@ import ml_collections
 import numpy as np
 import optax
 
-from pmg_jax import backbones, kernels, parallel, xla_options
+from pmg_jax import backbones, kernels, parallel, validate, xla_options
 from pmg_jax import jigsaw as jigsaw_lib
 from pmg_jax import model as model_lib
 from pmg_jax.data import pipeline
 from pmg_jax.model import PMG
 from pmg_jax.state import TrainState, transform_spec
 
-EVAL_NAMES = (*model_lib.HEADS, "combined")  # accuracies evaluation reports; combined = argmax of the summed logits
+EVAL_NAMES = (*model_lib.HEADS, model_lib.COMBINED)  # the accuracies evaluation reports
 LOSS_NAMES = ("loss1", "loss2", "loss3", "loss_concat")  # one per head, in model_lib.HEADS order
 
 
@@ -75,12 +75,8 @@ def make_train_step(
     drops the forward of the rest as dead code. Each update's 'dropout' rng (the backbone's stochastic
     depth; one per micro-batch) comes from the state's rng and step too, so a resumed run draws the same.
     """
-    if bn_stats not in ("all", "used"):
-        raise ValueError(f"bn_stats must be 'all' or 'used', got {bn_stats!r}")
-    if schedule not in model_lib.SCHEDULES:
-        raise ValueError(f"schedule must be one of {tuple(model_lib.SCHEDULES)}, got {schedule!r}")
-    if accumulation_steps < 1:
-        raise ValueError(f"accumulation_steps must be at least 1, got {accumulation_steps}")
+    validate.check_choice("bn_stats", bn_stats)  # the config's one table, for callers that pass no config
+    validate.check_choice("schedule", schedule)
     backbone = backbones.get(model.backbone)
     k = accumulation_steps
 
@@ -183,11 +179,11 @@ def pass_name(nonfinite_pass: int, schedule: str = "progressive") -> str:
 
 
 def make_eval_step(model: PMG) -> Callable[[TrainState, dict], jax.Array]:
-    """Correct-prediction counts of each head and of combined (sum of the four logits), masked, and the count."""
+    """Correct-prediction counts of each head and of combined (model.combined_logits), masked, and the count."""
 
     def eval_step(state: TrainState, batch: dict) -> jax.Array:
         logits = model.apply({"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False)
-        preds = [*logits, sum(logits)]
+        preds = [*logits, model_lib.combined_logits(logits)]
         hits = [jnp.sum((jnp.argmax(p, -1) == batch["label"]) * batch["mask"]) for p in preds]
         return jnp.stack([*hits, jnp.sum(batch["mask"])])
 
@@ -250,6 +246,5 @@ def evaluate(eval_step, state: TrainState, batches: Iterator[dict], sharding) ->
 
 def format_eval_table(title: str, result: dict[str, float]) -> str:
     """`title`, then an aligned table of the accuracies."""
-    head = " | ".join(f"{n:>8}" for n in EVAL_NAMES)
-    vals = " | ".join(f"{result[n]:8.2f}" for n in EVAL_NAMES)
+    head, vals = model_lib.accuracy_table({n: result[n] for n in EVAL_NAMES})
     return f"{title} on {result['count']} images (top-1 %)\n  {head}\n  {vals}"

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import ml_collections
 from flax.traverse_util import flatten_dict
 
@@ -12,11 +10,46 @@ from pmg_jax import checkpoint as ckpt_lib
 from pmg_jax import config as config_lib
 from pmg_jax import model as model_lib
 from pmg_jax.data import decode, transforms
-from pmg_jax.errors import ConfigError
+from pmg_jax.errors import ConfigError, check_writable
 from pmg_jax.layers import GROUP_STATS
 
-DTYPES = ("float32", "bfloat16", "float64")
-BN_STATS = ("all", "used")
+
+def choices() -> dict[str, tuple]:
+    """config field -> the values it may take, each from the module that owns the choice (the one table
+    `check_choices` refuses a config by; the backbones are read now, as one may be registered late)."""
+    return {
+        "model.backbone": tuple(backbones.REGISTRY),
+        "model.dtype": model_lib.DTYPES,
+        "model.remat": model_lib.REMAT,
+        "model.kernels": tuple(kernels.PRESETS),
+        "model.bn_group_stats": GROUP_STATS,
+        "schedule": tuple(model_lib.SCHEDULES),
+        "bn_stats": model_lib.BN_STATS,
+        "jigsaw.mode": jigsaw.MODES,
+        "data.resize_backend": transforms.RESIZE_BACKENDS,
+        "init.which": ckpt_lib.WHICH,
+    }
+
+
+def _value(config: ml_collections.ConfigDict, field: str):
+    """The value of a dotted config field."""
+    node = config
+    for part in field.split("."):
+        node = node[part]
+    return node
+
+
+def check_choice(field: str, value) -> None:
+    """`value` is one of the choices of config field `field` (a key of `choices`)."""
+    allowed = choices()[field]
+    if value not in allowed:
+        raise ConfigError(f"config.{field}={value!r} must be one of {allowed}")
+
+
+def check_choices(config: ml_collections.ConfigDict) -> None:
+    """Every field with a fixed set of values (`choices`) holds one of them."""
+    for field in choices():
+        check_choice(field, _value(config, field))
 
 
 def _flat_keys(config: ml_collections.ConfigDict) -> set[str]:
@@ -33,14 +66,13 @@ def check_known_keys(config: ml_collections.ConfigDict, reference: ml_collection
 def check(config: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1) -> None:
     """Raise ConfigError for the first value that cannot work, before any data or model is built."""
     check_known_keys(config, config_lib.get_config())
+    check_choices(config)
     d, m = config.data, config.model
     if d.crop_size > d.resize_size + 2 * d.pad:
         raise ConfigError(
             f"config.data.crop_size={d.crop_size} is larger than data.resize_size={d.resize_size} "
             f"plus 2 x data.pad={d.pad}"
         )
-    if m.backbone not in backbones.REGISTRY:
-        raise ConfigError(f"config.model.backbone={m.backbone!r} must be one of {tuple(backbones.REGISTRY)}")
     backbone = backbones.get(m.backbone)
     if d.crop_size % backbone.stride:
         raise ConfigError(
@@ -56,8 +88,6 @@ def check(config: ml_collections.ConfigDict, num_devices: int, num_processes: in
         raise ConfigError(
             f"config.jigsaw.granularities must have 3 entries (one per head), got {tuple(config.jigsaw.granularities)}"
         )
-    if config.jigsaw.mode not in jigsaw.MODES:
-        raise ConfigError(f"config.jigsaw.mode={config.jigsaw.mode!r} must be one of {jigsaw.MODES}")
     if m.stage_sizes and (len(m.stage_sizes) != backbone.num_stages or min(m.stage_sizes) < 1):
         raise ConfigError(
             f"config.model.stage_sizes={tuple(m.stage_sizes)} must be {backbone.num_stages} positive block counts or ()"
@@ -72,12 +102,6 @@ def check(config: ml_collections.ConfigDict, num_devices: int, num_processes: in
             f"config.model.drop_path_rate={m.drop_path_rate}: backbone {backbone.name} has no "
             f"stochastic depth (backbones with it: {takers})"
         )
-    if m.kernels not in kernels.PRESETS:
-        raise ConfigError(f"config.model.kernels={m.kernels!r} must be one of {tuple(kernels.PRESETS)}")
-    if d.resize_backend not in transforms.RESIZE_BACKENDS:
-        raise ConfigError(
-            f"config.data.resize_backend={d.resize_backend!r} must be one of {transforms.RESIZE_BACKENDS}"
-        )
     if not isinstance(d.max_image_pixels, int) or not 1 <= d.max_image_pixels <= decode.OPENCV_MAX_PIXELS:
         raise ConfigError(
             f"config.data.max_image_pixels={d.max_image_pixels!r} must be a whole number from 1 to "
@@ -85,12 +109,6 @@ def check(config: ml_collections.ConfigDict, num_devices: int, num_processes: in
         )
     if not 0.0 <= config.dataset.val_fraction < 1.0:
         raise ConfigError(f"config.dataset.val_fraction={config.dataset.val_fraction} must be in [0, 1)")
-    if config.init.which not in ckpt_lib.WHICH:
-        raise ConfigError(f"config.init.which={config.init.which!r} must be one of {ckpt_lib.WHICH}")
-    if m.dtype not in DTYPES:
-        raise ConfigError(f"config.model.dtype={m.dtype!r} must be one of {DTYPES}")
-    if config.bn_stats not in BN_STATS:
-        raise ConfigError(f"config.bn_stats={config.bn_stats!r} must be one of {BN_STATS}")
     for field in ("batch_size", "eval_batch_size"):
         value = config[field]
         if value < 1 or value % num_devices:
@@ -99,11 +117,8 @@ def check(config: ml_collections.ConfigDict, num_devices: int, num_processes: in
             raise ConfigError(f"config.{field}={value} must be divisible by the {num_processes} processes")
     check_accelerator_options(config, backbone, num_devices)
     for field in ("num_epochs", "eval_every_epochs", "log_every_steps", "dataset.num_classes", "checkpoint.keep"):
-        node = config
-        for part in field.split("."):
-            node = node[part]
-        if node < 1:
-            raise ConfigError(f"config.{field}={node} must be at least 1")
+        if _value(config, field) < 1:
+            raise ConfigError(f"config.{field}={_value(config, field)} must be at least 1")
     if config.checkpoint.every_steps < 0:
         raise ConfigError(f"config.checkpoint.every_steps={config.checkpoint.every_steps} must be >= 0")
     for field in ("lr_new", "lr_backbone", "weight_decay", "warmup_epochs"):
@@ -116,8 +131,6 @@ def check_accelerator_options(
 ) -> None:
     """The schedule, gradient accumulation, rematerialisation and ghost BatchNorm fields."""
     m, k = config.model, config.accumulation_steps
-    if config.schedule not in model_lib.SCHEDULES:
-        raise ConfigError(f"config.schedule={config.schedule!r} must be one of {tuple(model_lib.SCHEDULES)}")
     if not isinstance(k, int) or k < 1:
         raise ConfigError(f"config.accumulation_steps={k!r} must be a positive integer")
     if config.batch_size % (k * num_devices):
@@ -125,8 +138,6 @@ def check_accelerator_options(
             f"config.accumulation_steps={k}: config.batch_size={config.batch_size} must be divisible "
             f"by accumulation_steps x the {num_devices} devices = {k * num_devices}"
         )
-    if m.remat not in model_lib.REMAT:
-        raise ConfigError(f"config.model.remat={m.remat!r} must be one of {model_lib.REMAT}")
     if m.remat == "stages" and "remat" not in backbone.options:
         raise ConfigError(
             f"config.model.remat='stages': backbone {backbone.name} does not declare the 'remat' "
@@ -146,8 +157,6 @@ def check_accelerator_options(
             f"config.model.bn_group_size={m.bn_group_size}: backbone {backbone.name} does not declare "
             f"the 'bn_group_size' build option"
         )
-    if m.bn_group_stats not in GROUP_STATS:
-        raise ConfigError(f"config.model.bn_group_stats={m.bn_group_stats!r} must be one of {GROUP_STATS}")
 
 
 def check_compatible(saved: dict, config: ml_collections.ConfigDict, where: str) -> None:
@@ -176,13 +185,4 @@ def check_compatible(saved: dict, config: ml_collections.ConfigDict, where: str)
 
 def check_workdir(workdir: str) -> None:
     """The workdir must be a directory, or creatable as one, and writable (checked without creating it)."""
-    path = os.path.abspath(workdir)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ConfigError(f"workdir {workdir}: it is a file, not a directory")
-    parent = path
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise ConfigError(f"workdir {workdir}: {parent} is a file, not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"workdir {workdir}: {parent} is not writable")
+    check_writable(workdir, "pass --workdir DIR")

@@ -17,9 +17,8 @@ MAX_SIDE = 2048  # overlays are drawn on the image shrunk to at most this longes
 GRID_PREFIX = "grid_"
 CAPTION_KEY = "pmg_jax caption"  # PNG text chunk of a grid: its gallery caption lines, as JSON
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
-_LINE_HEIGHT = 18
-_MAX_FONT_SCALE = 0.5
-_MIN_FONT_SCALE = 0.3
+_FONT_SCALE = 0.6  # Hershey simplex at 0.6: capitals 12 px tall at the saved size (never smaller: long text wraps)
+_LINE_HEIGHT = 24
 
 
 def write_image(path: str, image: np.ndarray) -> None:
@@ -59,43 +58,56 @@ def overlay(image: np.ndarray, cam: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(blend), 0, 255).astype(np.uint8)
 
 
-def _fit_text(text: str, width: int) -> tuple[str, float]:
-    """The largest font scale (within limits) at which `text` fits `width`, shortening it with '...' if needed."""
-    for scale in np.arange(_MAX_FONT_SCALE, _MIN_FONT_SCALE - 1e-9, -0.05):
-        if cv2.getTextSize(text, _FONT, scale, 1)[0][0] <= width:
-            return text, float(scale)
-    while len(text) > 1 and cv2.getTextSize(text + "...", _FONT, _MIN_FONT_SCALE, 1)[0][0] > width:
-        text = text[:-1]
-    return text + "...", _MIN_FONT_SCALE
+def _width(text: str) -> int:
+    """Pixels `text` spans in the figures' font."""
+    return cv2.getTextSize(text, _FONT, _FONT_SCALE, 1)[0][0]
 
 
-def titled(tile: np.ndarray, lines: Sequence[str]) -> np.ndarray:
-    """`tile` under a white band holding one text line per entry of `lines`."""
+def wrap(text: str, width: int) -> list[str]:
+    """`text` as lines that each fit `width` pixels, broken between words and inside a word too long for a line."""
+    lines: list[str] = []
+    line = ""
+    for word in text.split(" "):
+        candidate = f"{line} {word}" if line else word
+        if _width(candidate) <= width:
+            line = candidate
+            continue
+        if line:
+            lines.append(line)
+        line = ""
+        for char in word:  # the word starts a line; what does not fit goes on to the next
+            if line and _width(line + char) > width:
+                lines.append(line)
+                line = ""
+            line += char
+    return [*lines, line]
+
+
+def titled(tile: np.ndarray, lines: Sequence[str], rows: int = 0) -> np.ndarray:
+    """`tile` under a white band of at least `rows` text lines holding `lines`, each wrapped to the tile's width."""
     w = tile.shape[1]
-    band = np.full((_LINE_HEIGHT * len(lines) + 6, w, 3), 255, np.uint8)
-    for i, line in enumerate(lines):
-        text, scale = _fit_text(line, w - 8)
-        cv2.putText(band, text, (4, _LINE_HEIGHT * (i + 1)), _FONT, scale, (0, 0, 0), 1, cv2.LINE_AA)
+    wrapped = [part for line in lines for part in wrap(line, w - 8)]
+    band = np.full((_LINE_HEIGHT * max(rows, len(wrapped)) + 6, w, 3), 255, np.uint8)
+    for i, text in enumerate(wrapped):
+        cv2.putText(band, text, (4, _LINE_HEIGHT * (i + 1) - 6), _FONT, _FONT_SCALE, (0, 0, 0), 1, cv2.LINE_AA)
     return np.concatenate([band, tile], axis=0)
 
 
 def grid(tiles: Sequence[tuple[np.ndarray, Sequence[str]]], height: int = TILE_HEIGHT, gap: int = 4) -> np.ndarray:
     """One row of RGB images, each scaled to `height` (aspect kept) and titled with its lines."""
-    n_lines = max(len(lines) for _, lines in tiles)
-    row = []
+    scaled = []
     for image, lines in tiles:
         w = max(1, round(image.shape[1] * height / image.shape[0]))
         shrink = image.shape[0] > height
-        scaled = cv2.resize(image, (w, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-        row.append(titled(scaled, [*lines, *[""] * (n_lines - len(lines))]))
+        scaled.append(
+            (cv2.resize(image, (w, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR), lines)
+        )
+    rows = max(sum(len(wrap(line, image.shape[1] - 8)) for line in lines) for image, lines in scaled)
+    row = []
+    for image, lines in scaled:
+        row.append(titled(image, lines, rows))
         row.append(np.full((row[-1].shape[0], gap, 3), 255, np.uint8))
     return np.concatenate(row[:-1], axis=1)
-
-
-def top_k(probs: np.ndarray, class_names: Sequence[str], k: int = 5) -> list[tuple[str, float]]:
-    """The k most probable (class name, probability) pairs of one probability vector."""
-    order = np.argsort(-np.asarray(probs), kind="stable")[:k]
-    return [(class_names[i], float(probs[i])) for i in order]
 
 
 def save_explanation(

@@ -28,8 +28,9 @@ WORKERS = 2  # much of the suite is single-threaded XLA compilation
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_cmdline_main(config):
-    """`python -m pytest` with no paths runs the whole suite on WORKERS xdist workers, tests sharing a fixture
-    grouped onto one (xdist_group("demo_run")); given paths, -n or -p no:xdist, pytest's own defaults apply.
+    """`python -m pytest` with no paths (the whole suite, or its fast tier `-m "not slow"`) runs on WORKERS xdist
+    workers, tests sharing a fixture grouped onto one (xdist_group("demo_run")); given paths, -n or -p no:xdist,
+    pytest's own defaults apply.
 
     A worker parses the controller's command line again, which does not say loadgroup, and would then name its
     tests without their groups, so that the groups were split over the workers and each trained its own copy of

@@ -118,6 +118,7 @@ def remat_iterations():
     return results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", ["blocks", "stages"])
 def test_remat_gives_the_same_iteration(remat_iterations, remat):
     """Same parameters, statistics and momentum after one iteration. Not bit for bit in float32: the backward
@@ -192,6 +193,7 @@ def _sgd_iteration(accumulation_steps=1, schedule="progressive"):
     return model, state, new
 
 
+@pytest.mark.slow
 def test_accumulation_averages_the_micro_batch_gradients_of_each_pass(x64):
     """Each pass's update is SGD on the mean of k gradients computed one micro-batch at a time (examples i,
     i + k, ...), each with its BatchNorm normalising that micro-batch and moving the running statistics."""

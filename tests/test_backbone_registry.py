@@ -77,6 +77,7 @@ def toy_run(tmp_path_factory):
     del backbones.REGISTRY["toy3"]
 
 
+@pytest.mark.slow
 def test_a_backbone_registered_outside_the_package_trains(toy_run):
     workdir, config, best = toy_run
     lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
@@ -94,6 +95,7 @@ def test_a_backbone_registered_outside_the_package_trains(toy_run):
     assert set(jax.tree.leaves(groups["conv_block1_0"])) == {"new"}
 
 
+@pytest.mark.slow
 def test_a_backbone_registered_outside_the_package_explains(toy_run, tmp_path):
     workdir, config, _ = toy_run
     restored = state_lib.restore(workdir)

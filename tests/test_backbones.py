@@ -88,6 +88,7 @@ def features(variables: dict) -> dict:
     return {c: tree["features"] for c, tree in variables.items() if "features" in tree}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["convnext_tiny", "resnet50d"])
 def test_stage_maps_equal_timm_at_224_directly_and_through_safetensors(name, tmp_path):
     """The registered backbone at its standard width and depths is timm's model of that name."""
@@ -338,6 +339,7 @@ def test_train_mode_drop_path_draws_from_the_dropout_rng(tiny_convnext):
     np.testing.assert_array_equal(apply(variables, x, train=True)[-1], eval_out)
 
 
+@pytest.mark.slow
 def test_tiny_convnext_pmg_trains_with_stochastic_depth_and_explains(tmp_path):
     """configs/demo.py on a tiny ConvNeXt with drop_path_rate 0.2: the train step feeds the 'dropout' rng
     (without it apply() raises), the loss stays finite, and explain.py reads the checkpoint."""

@@ -164,6 +164,7 @@ def test_bn_stats_used_keeps_learning_and_skips_dead_forward():
 SMOKE = ["--backbone", "resnet18", "--width", "8", "--feature-size", "16", "--stage-sizes", "1,1,1,1", "--classes", "5"]
 
 
+@pytest.mark.slow
 def test_gpu_sh_tiny_runs_every_benchmark(tmp_path):
     out = tmp_path / "gpu.jsonl"
     proc = subprocess.run(
@@ -211,6 +212,7 @@ def test_train_bench_can_force_either_channel_sum_form():
     assert "reduce_sum" not in str(jax.make_jaxpr(bn("gemv"))(x))
 
 
+@pytest.mark.slow
 def test_train_bench_autodiff_layers_compute_the_same_iteration():
     """--layers autodiff (the A/B for platforms other than XLA:CPU) swaps in the plain 1x1
     convolution, BatchNorm and max pool with JAX's own gradients: one training iteration moves
@@ -271,6 +273,7 @@ def test_bench_winograd_off_makes_every_convolution_direct():
         kernels.Kernels(winograd="on")
 
 
+@pytest.mark.slow
 def test_train_bench_alternates_variants_and_reports_their_time_ratios(capsys):
     from bench import train as train_bench
 
@@ -306,6 +309,7 @@ def test_train_bench_alternates_variants_and_reports_their_time_ratios(capsys):
         train_bench.parse(["--remat", "none,blocks", "--profile", "/tmp/trace"])
 
 
+@pytest.mark.slow
 def test_memory_bench_reads_xla_buffer_sizes_per_case(capsys):
     from bench import memory
 
@@ -325,6 +329,7 @@ def test_memory_bench_reads_xla_buffer_sizes_per_case(capsys):
         memory.parse(["--cases", "float32:all:1:joint"])
 
 
+@pytest.mark.slow
 def test_compare_alternates_and_reports_a_ratio(capsys):
     from bench import compare
 
@@ -338,6 +343,7 @@ def test_compare_alternates_and_reports_a_ratio(capsys):
     assert headline["torch_threads"] == common.cpu_threads()
 
 
+@pytest.mark.slow
 def test_compare_in_fresh_processes_takes_the_median_ratio(capsys):
     from bench import compare
 
@@ -350,6 +356,7 @@ def test_compare_in_fresh_processes_takes_the_median_ratio(capsys):
     assert headline["ratios"] == {"eval:64:2": sorted(ratios)[1]} and lines[-1] == headline
 
 
+@pytest.mark.slow
 def test_input_pipeline_bench_runs_and_its_goal_follows_from_its_figures():
     proc = subprocess.run(
         ["python", "-m", "bench.input_pipeline", "--images", "8", "--batch", "4", "--batches", "2", "--rounds", "1"],

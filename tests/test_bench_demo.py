@@ -51,6 +51,7 @@ def evaluations(workdir: str) -> list[tuple[int, float]]:
     return [(epochs[r["step"]], r["combined"]) for r in records if r["kind"] == "eval"]
 
 
+@pytest.mark.slow
 def test_one_line_per_seed_then_a_summary_with_the_runs_own_accuracies(tmp_path):
     done = bench("--seeds", "0", "1", "--override", *TINY, "--workdirs", str(tmp_path))
     assert done.returncode == 0, done.stderr[-3000:]

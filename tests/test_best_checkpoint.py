@@ -1,5 +1,6 @@
 """The best checkpoint (highest combined accuracy) outlives the latest-N retention and restores bit for bit."""
 
+import logging
 import os
 
 import jax
@@ -74,3 +75,24 @@ def test_best_is_kept_beside_the_latest_and_restored_exactly(scripted_run):
         np.testing.assert_array_equal(np.asarray(got[path]), value, err_msg=jax.tree_util.keystr(path))
     assert state_lib.restore(workdir, "latest").step == last_step
     assert ckpt_lib.resolve(workdir, "best") == (workdir, best_step)
+
+
+def test_the_best_checkpoint_of_a_finished_run_is_not_called_unfinished(scripted_run, capsys):
+    """Epoch 5 of 6 is the best; the run itself went to its last epoch, so no warning (the latest's is the same)."""
+    workdir, config, _, _ = scripted_run
+    for which in ("best", "latest"):
+        restored = state_lib.restore_and_report(workdir, which, "prog")
+        printed = capsys.readouterr()
+        assert "unfinished" not in printed.err, (which, printed.err)
+    assert restored.meta["epoch"] == len(SCRIPTED) and "epoch 6 of 6" in printed.out
+
+
+def test_reading_a_run_brings_no_orbax_warnings(scripted_run, caplog):
+    """Finding, listing and restoring checkpoints (as a re-run and every command do) opens orbax managers for
+    reading: they warn of nothing (orbax's 'Given directory is read only' and its read-only option changes)."""
+    workdir = scripted_run[0]
+    with caplog.at_level(logging.INFO):
+        assert ckpt_lib.has_checkpoint(os.path.join(workdir, "checkpoints"))
+        state_lib.restore(workdir, "best")
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warned == [], warned

@@ -3,6 +3,7 @@ folder of runs resolves to, and metrics in one unit."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,6 +26,22 @@ def test_train_help_exits_zero_and_says_where_the_fields_are():
     assert "optim.lr_new" in done.stdout and "dataset.num_classes" in done.stdout
 
 
+@pytest.mark.parametrize(
+    "override,section,fields",
+    [("optim.lr=0.1", "optim", ("lr_new", "lr_backbone", "momentum")), ("optimm.lr=1", "the config", ("optim",))],
+)
+def test_an_unknown_config_field_is_one_line_listing_its_sections_fields(tmp_path, override, section, fields):
+    """A misspelt field with no near match is named, with the fields its section does have."""
+    config = os.path.join(ROOT, "configs", "demo.py")
+    done = cli(os.path.join(ROOT, "train.py"), "--config", config, f"--config.{override}", cwd=str(tmp_path))
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    line = done.stderr.strip()
+    field = override.split("=")[0]
+    assert "\n" not in line and line.startswith(f"error: --config.{field}: {section} has no field "), line
+    assert all(name in line.split("its fields: ")[1] for name in fields), line
+    assert os.listdir(tmp_path) == []  # nothing written
+
+
 @pytest.mark.parametrize("case", ["parent_is_a_file", "no_data", "no_data_convnext"])
 def test_refusals_are_one_line_and_leave_nothing_on_disk(tmp_path, case):
     (tmp_path / "a_file").write_text("")
@@ -44,6 +61,7 @@ def test_refusals_are_one_line_and_leave_nothing_on_disk(tmp_path, case):
     assert sorted(os.listdir(tmp_path)) == before  # no runs/, no half-made workdir
 
 
+@pytest.mark.slow
 def test_a_folder_of_runs_says_which_run_and_warns_when_it_is_unfinished(tmp_path):
     runs = tmp_path / "runs"
     proc = start_and_wait(runs / "stopped", 3)  # a tiny run stopped by SIGTERM after a few steps
@@ -68,6 +86,7 @@ def test_training_throughput_leaves_out_the_step_that_compiled(monkeypatch):
     assert loop._rate((32, 10.0), (1, 15.0), 40, 8) == pytest.approx(8 * 8 / 10.0)
 
 
+@pytest.mark.slow
 @pytest.mark.xdist_group("demo_run")  # shares the session's demo run (conftest)
 def test_metrics_are_in_percent_everywhere(demo_run):
     workdir, _, _ = demo_run
@@ -76,3 +95,78 @@ def test_metrics_are_in_percent_everywhere(demo_run):
     evals = [line["combined"] for line in lines if line["kind"] == "eval"]
     assert max(train) > 1.0 and max(evals) > 1.0  # a fraction would never exceed 1
     assert all(0.0 <= v <= 100.0 for v in train + evals)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A run directory of a tiny PMG with random weights for the demo's 8 classes, and a demo image file."""
+    import cv2
+    import jax
+    from conftest import tiny_demo_config
+
+    from pmg_jax import convert
+    from pmg_jax import state as state_lib
+    from pmg_jax.data import synthetic
+
+    config = tiny_demo_config(**{"model.width": 8, "model.feature_size": 16, "data.crop_size": 32})
+    model = state_lib.create_model(config)
+    variables = state_lib.init_variables(model, jax.random.PRNGKey(0), config.data.crop_size)
+    root = tmp_path_factory.mktemp("cli")
+    convert.write_checkpoint(variables, str(root / "run"), config, synthetic.class_names(8))
+    image = synthetic.make_example(synthetic.DemoSpec(8, 48), "test", 0)["image"]
+    cv2.imwrite(str(root / "bird.png"), image)
+    (root / "a_file").write_text("")
+    return root
+
+
+COMMANDS = {  # how each command is run, then its arguments for: a missing checkpoint, an output it cannot write
+    "train": (
+        [os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs", "demo.py")],
+        ["--config.eval_only=True", "--config.init.checkpoint={missing}", "--workdir={root}/w"],
+        ["--workdir={unwritable}"],
+    ),
+    "explain": (
+        [os.path.join(ROOT, "explain.py")],
+        ["--ckpt", "{missing}", "--images", "{root}/bird.png"],
+        ["--ckpt", "{root}/run", "--images", "{root}/bird.png", "--out", "{unwritable}"],
+    ),
+    "predict": (
+        ["-m", "pmg_jax.predict"],
+        ["--ckpt", "{missing}", "--images", "{root}/bird.png"],
+        ["--ckpt", "{root}/run", "--images", "{root}/bird.png", "--out", "{unwritable}/rows.csv"],
+    ),
+    "predict --split": (
+        ["-m", "pmg_jax.predict", "--split", "test"],
+        ["--ckpt", "{missing}"],
+        ["--ckpt", "{root}/run", "--out", "{unwritable}/rows.csv"],
+    ),
+    "export": (
+        ["-m", "pmg_jax.export", "--format", "stablehlo"],
+        ["--ckpt", "{missing}", "--out", "{root}/exported"],
+        ["--ckpt", "{root}/run", "--out", "{unwritable}"],
+    ),
+    "convert": (
+        ["-m", "pmg_jax.convert"],
+        ["{missing}/model.pth", "--out", "{root}/converted"],
+        ["{root}/bird.png", "--out", "{unwritable}"],
+    ),
+}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_helps_and_refuses_a_missing_checkpoint_or_unwritable_output_in_one_line(tiny_run, command):
+    """--help exits 0; a checkpoint (or source) that is not there and an output under a file (which even root
+    cannot write) each exit 1 with one line 'error: ...' naming the path, the output's with the flag that moves
+    it, no traceback and nothing written."""
+    how, missing, unwritable = COMMANDS[command]
+    where = {"root": tiny_run, "missing": tiny_run / "no_such_run", "unwritable": tiny_run / "a_file" / "sub"}
+    assert cli(*how, "--help").returncode == 0
+    before = sorted(os.listdir(tiny_run))
+    for args, path in ((missing, where["missing"]), (unwritable, where["unwritable"])):
+        done = cli(*how, *(a.format(**where) for a in args))
+        lines = [line for line in done.stderr.strip().splitlines() if "warning:" not in line]
+        assert done.returncode == 1 and len(lines) == 1 and "Traceback" not in done.stderr, (args, done.stderr[-2000:])
+        assert re.match(r"^(\S+: )?error: ", lines[0]) and str(path) in lines[0], lines[0]
+        if path == where["unwritable"]:
+            assert f"cannot write {path}" in lines[0] and ": pass --" in lines[0], lines[0]
+    assert sorted(os.listdir(tiny_run)) == before

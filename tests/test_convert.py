@@ -153,6 +153,7 @@ def tiny_files(tmp_path_factory):
     return d, model
 
 
+@pytest.mark.slow
 def test_torchvision_resnet50_backbone_matches_torch(reference_resnet50_pmg, tmp_path):
     model_t, x = reference_resnet50_pmg
     path = tmp_path / "resnet50.pth"
@@ -168,6 +169,7 @@ def test_torchvision_resnet50_backbone_matches_torch(reference_resnet50_pmg, tmp
     assert_all_close(got, reference_outputs(stage_maps, model_t, x))
 
 
+@pytest.mark.slow
 def test_reference_pmg_state_dict_becomes_a_restorable_run(reference_resnet50_pmg, tmp_path, capsys):
     model_t, x = reference_resnet50_pmg
     src = tmp_path / "model.pth"
@@ -313,6 +315,7 @@ def test_infer_architecture_reads_torchvision_timm_and_reference_names(prefix):
     )
 
 
+@pytest.mark.slow
 def test_converted_checkpoint_runs_through_evaluation_and_explain(tmp_path, capsys):
     """A reference-format PMG for the demo's 8 classes: convert, evaluate with train.py's eval_only, explain."""
     import cv2

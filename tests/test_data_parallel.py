@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 from conftest import ROOT
 
 SCRIPT = textwrap.dedent("""
@@ -53,6 +54,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_four_devices_match_one_device():
     """Run in float64 so that only the order of reductions can differ; then the match must be tight.
 
@@ -75,3 +77,18 @@ def test_four_devices_match_one_device():
     for name in ("params", "batch_stats", "opt_state"):
         assert result["diff"][name] < 1e-8, result
     assert result["shardings"] == ["P()"]  # the state stays replicated
+
+
+def test_one_process_makes_a_data_mesh_over_its_devices_and_needs_no_coordinator(monkeypatch):
+    """The mesh and shardings every run uses (the fast tier's look at pmg_jax.parallel; the test above trains)."""
+    import jax
+
+    from pmg_jax import parallel
+
+    mesh = parallel.make_mesh()
+    assert dict(mesh.shape) == {"data": jax.device_count()} and "1 process(es)" in parallel.describe(mesh)
+    assert parallel.batch_sharding(mesh).spec == jax.sharding.PartitionSpec("data")
+    assert parallel.replicated(mesh).spec == jax.sharding.PartitionSpec()
+    for name in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES"):
+        monkeypatch.delenv(name, raising=False)
+    assert not parallel.maybe_initialize_distributed()  # nothing asks for several processes

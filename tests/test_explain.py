@@ -35,6 +35,7 @@ def write_demo_images(folder, config, n: int = 3) -> list[str]:
     return stems
 
 
+@pytest.mark.slow
 def test_command_line_writes_seed_files_grids_and_gallery(demo_run, tmp_path):
     """`python explain.py --ckpt <demo workdir> --block all --images <dir>`, as the README shows it."""
     workdir, config, _ = demo_run
@@ -79,6 +80,7 @@ def test_command_line_writes_seed_files_grids_and_gallery(demo_run, tmp_path):
     assert all(sum(name in line for name in names) == 5 for line in top5)  # five classes, by name
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_reported_and_skipped(demo_run, tmp_path, capsys):
     workdir, config, _ = demo_run
     write_demo_images(tmp_path / "good", config, n=1)
@@ -113,6 +115,7 @@ def test_bad_inputs_are_reported_and_skipped(demo_run, tmp_path, capsys):
     assert rc == 1 and "none of the" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_ckpt_forms_methods_and_class_targets(demo_run, tmp_path, capsys):
     """A folder of runs and a checkpoint step dir; two methods write a subfolder each."""
     workdir, config, _ = demo_run
@@ -151,6 +154,7 @@ def test_ckpt_forms_methods_and_class_targets(demo_run, tmp_path, capsys):
             )
 
 
+@pytest.mark.slow
 def test_evaluate_prints_tables_and_saves_json(demo_run, tmp_path, capsys):
     workdir, _, _ = demo_run
     rc = explain.main(
@@ -218,3 +222,66 @@ def test_grid_titles_fit_and_unique_tags():
     g = viz.grid(tiles, height=64)
     assert g.shape[0] > 64 and g.shape[1] == round(80 * 64 / 50) + 4 + 64
     assert explain_lib.unique_tags(["a/x.jpg", "b/x.png", "c/y.jpg", "d/x.jpg"]) == ["x", "x_2", "y", "x_3"]
+
+
+def explained(probabilities: list[float], targets: dict[str, int] | None = None) -> explain_lib.Explained:
+    """One image's result with every head's given probabilities and flat maps that are not all zero."""
+    item = explain_lib.Item("x", "some/dir/x.png", np.zeros((8, 8, 3), np.uint8), label=0)
+    maps = {n: np.full((8, 8), 0.5, np.float32) for n in ("block1", "block2", "block3", "concat")}
+    heads = ("head1", "head2", "head3", "concat")
+    return explain_lib.Explained(
+        item, {"gradcam": maps}, {h: np.asarray(probabilities) for h in heads}, {}, {}, targets or {}
+    )
+
+
+def test_each_panel_is_titled_with_the_class_it_explains_and_the_prediction_when_another():
+    names = ["ant", "bee", "cat", "dog", "eel", "fox"]
+    asked = explained([0.05, 0.1, 0.6, 0.1, 0.05, 0.1], dict.fromkeys(("head1", "head2", "head3", "concat"), 5))
+    titles = explain_lib._titles(asked, asked.maps["gradcam"], names)
+    for name in ("block1", "block2", "block3", "concat"):
+        assert titles[name][1:] == ["fox 10%", "predicted: cat 60%"], titles[name]
+    plain = explained([0.05, 0.1, 0.6, 0.1, 0.05, 0.1])  # no target asked: the prediction, once
+    assert explain_lib._titles(plain, plain.maps["gradcam"], names)["block2"][1:] == ["cat 60%"]
+
+
+def test_a_class_target_reaches_the_titles_through_explain(tmp_path):
+    """explain(target='class') on a converted tiny model: each result's maps explain the class asked for, and
+    the panels say so (and name the prediction) when it is not the predicted one."""
+    import torch
+    from test_parity import torch_pmg
+
+    from pmg_jax import convert, state
+
+    src, run = str(tmp_path / "model.pth"), str(tmp_path / "run")
+    torch.save(torch_pmg("resnet50", 8, (1, 1, 1, 1), 16, 8, seed=2, size=64).state_dict(), src)
+    convert.main([src, "--out", run, "--dataset", "demo"])
+    restored = state.restore(run)
+    _, items = explain_lib.from_split(restored.config, "test", 2)
+    results = explain_lib.explain(restored, items, target="class", class_id=5, batch_size=2, out_dir=str(tmp_path))
+    names, other = restored.class_names, 0
+    for result in results:
+        titles = explain_lib._titles(result, result.maps["gradcam"], names)
+        for name, head in (("block1", "head1"), ("block2", "head2"), ("block3", "head3"), ("concat", "concat")):
+            predicted = int(np.argmax(result.probabilities[head]))
+            assert titles[name][1].startswith(f"{names[5]} "), titles[name]
+            if predicted != 5:
+                other += 1
+                assert titles[name][-1].startswith(f"predicted: {names[predicted]} "), titles[name]
+            else:
+                assert not any(line.startswith("predicted") for line in titles[name]), titles[name]
+    assert other > 0  # some panel explains a class that is not its head's prediction
+
+
+def test_figure_text_is_at_least_12_px_and_wrapped_not_cut():
+    """Capitals 12 px tall at the saved size whatever the text's length; a long file name or contrast line goes
+    on over more lines, every character kept."""
+    text = "TEST_00000_RED_DISC_WING_PATCH.PNG vs RED-WINGED BLACKBIRD, YELLOW-HEADED BLACKBIRD"
+    lines = viz.wrap(text, 120)
+    assert len(lines) > 3 and "".join(lines).replace(" ", "") == text.replace(" ", "")
+    tile = np.zeros((64, 128, 3), np.uint8)
+    g = viz.grid([(tile, [text, "HELD 93%"]), (tile, ["BLOCK1"])], height=64)
+    for left, right in ((0, 128), (132, 260)):
+        dark = (g[: g.shape[0] - 64, left:right].min(axis=2) < 128).any(axis=1)  # the panel's title band, by row
+        edges = np.diff(np.concatenate([[0], dark.astype(int), [0]]))
+        heights = np.flatnonzero(edges == -1) - np.flatnonzero(edges == 1)  # one run of dark rows per text line
+        assert len(heights) == (len(lines) + 1 if left == 0 else 1) and heights.min() >= 12, heights

@@ -34,6 +34,7 @@ def report_page(path) -> tuple[str, Page]:
     return text, page
 
 
+@pytest.mark.slow
 def test_cub_miniature_with_parts_end_to_end(tmp_path, capsys):
     """A reference-format PMG converted for CUB, evaluated on a CUB-layout miniature that has parts/ files."""
     data_dir = write_cub(str(tmp_path / "data"))
@@ -65,6 +66,7 @@ def test_cub_miniature_with_parts_end_to_end(tmp_path, capsys):
     assert all(os.path.isfile(out / src) for src in page.images) and page.images[0].startswith("report_images/")
 
 
+@pytest.mark.slow
 @pytest.mark.xdist_group("demo_run")
 def test_demo_blocks_peak_on_the_wing_patch(demo_run, tmp_path):
     """The demo's classes differ only by the wing patch: a block's peaks land on it far more often than a
@@ -105,6 +107,7 @@ class Dropped:
         return {k: v for k, v in self.source[index].items() if k not in self.drop}
 
 
+@pytest.mark.slow
 @pytest.mark.xdist_group("demo_run")
 @pytest.mark.parametrize("drop", [("box",), ("parts",), ("box", "parts")])
 def test_splits_with_boxes_or_parts_or_neither(demo_run, tmp_path, monkeypatch, capsys, drop):
@@ -159,6 +162,7 @@ def test_finer_flags_parse():
     assert explain.parse_args(["--ckpt", "r"]).report_images == 8
 
 
+@pytest.mark.slow
 @pytest.mark.xdist_group("demo_run")
 def test_finer_maps_contrast_each_heads_prediction(demo_run, tmp_path):
     """--target finer explains each head's own prediction against its nearest classes: maps unlike the plain

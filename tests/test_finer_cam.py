@@ -60,6 +60,7 @@ def min_max(maps: np.ndarray) -> np.ndarray:
     return m / np.maximum(m.max(axis=(1, 2), keepdims=True), 1e-12)
 
 
+@pytest.mark.slow
 def test_resnet50_finer_cam_matches_pytorch_grad_cam_at_every_block(resnet50_pair):  # noqa: F811 (the fixture)
     """The full PMG at 224, k = 3 and alpha = 1 (FinerCAM's defaults)."""
     model_t, model_j, variables = resnet50_pair

@@ -215,6 +215,7 @@ def test_max_pool_matches_torch_values_and_first_maximum_gradients(shape):
     np.testing.assert_allclose(dx, xt.grad.permute(0, 2, 3, 1).numpy(), atol=1e-12)
 
 
+@pytest.mark.slow
 def test_pmg_with_winograd_convolutions_computes_what_it_computes_without(monkeypatch):
     """Every 3x3 "same" convolution of a small PMG through Winograd (thresholds lowered): eval logits and the
     training loss's parameter gradients are as near the float64 computation as the direct model's, give or take

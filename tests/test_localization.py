@@ -97,6 +97,7 @@ def test_deletion_and_insertion_reward_the_right_pixels():
     assert loc.auc(np.array([1.0, 0.5, 0.0])) == pytest.approx(0.5)
 
 
+@pytest.mark.slow
 def test_demo_cams_point_at_the_wing_patch(demo_run):
     """The acceptance: a block's pointing game on the part boxes is well above a centred guess."""
     workdir, config, _ = demo_run

@@ -17,7 +17,7 @@ from pmg_jax import loop
 from pmg_jax import state as state_lib
 from pmg_jax.data import pipeline, sources
 
-pytestmark = pytest.mark.xdist_group("bf16_demo")  # one bf16 run (module fixture) on one worker
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("bf16_demo")]  # one bf16 run (module fixture) on one worker
 
 # bf16 keeps 8 bits of mantissa (relative rounding 2^-9 per op); through ~20 layers the
 # logits of the trained demo net moved by 0.5-0.8% of their largest magnitude (bench/RESULTS.md).

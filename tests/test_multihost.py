@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import portpicker
+import pytest
 from conftest import ROOT
 
 WORKER = os.path.join(ROOT, "tests", "steps_worker.py")
@@ -20,6 +21,7 @@ def env_with_devices(n: int) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
     port = portpicker.pick_unused_port()
     multi = str(tmp_path / "multi.npz")

@@ -117,6 +117,7 @@ def test_bad_flags_and_checkpoints_get_one_line(run, tmp_path, capsys):
     assert export.main(["--ckpt", str(tmp_path / "nowhere"), "--format", "onnx", "--out", str(tmp_path)]) == 1
 
 
+@pytest.mark.slow
 def test_split_accuracy_equals_evaluation(run, tmp_path, capsys):
     workdir, config = run
     evaluated = loop.train_and_evaluate(
@@ -205,6 +206,7 @@ def test_stablehlo_export_runs_without_pmg_jax(batch, run, tmp_path):
         np.testing.assert_allclose(got[0], want[0][:n], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_onnx_export_matches_jax_under_onnxruntime(batch, run, tmp_path):
     import onnxruntime
 
@@ -221,6 +223,22 @@ def test_onnx_export_matches_jax_under_onnxruntime(batch, run, tmp_path):
         np.testing.assert_allclose(got[0], want[0][:n], atol=1e-5)
 
 
+def test_a_successful_onnx_export_says_only_what_it_did(run, tmp_path):
+    """The converter's chatter (its plugins' skipped-import tracebacks, debugging prints) is held back."""
+    done = subprocess.run(
+        [sys.executable, "-m", "pmg_jax.export", "--ckpt", run[0], "--format", "onnx", "--out", str(tmp_path / "o")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    said = done.stdout + done.stderr
+    assert "Traceback" not in said and "DEBUG" not in said and "WARNING" not in said, said[-3000:]
+    assert done.stdout.splitlines()[-1].startswith(f"exported {run[0]} step 0 as onnx") and not done.stderr.strip()
+
+
+@pytest.mark.slow
 def test_onnx_example_classifies_an_image(run, images, tmp_path):
     out = tmp_path / "onnx"
     assert export.main(["--ckpt", run[0], "--format", "onnx", "--out", str(out)]) == 0
@@ -242,6 +260,7 @@ def test_onnx_example_classifies_an_image(run, images, tmp_path):
     np.testing.assert_allclose([float(p) for _, p in printed], want[top], atol=6e-5)  # printed to 4 decimals
 
 
+@pytest.mark.slow
 def test_predict_bench_runs_and_checks_parity(capsys):
     from bench import predict as bench_predict
 

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 from conftest import ROOT
+from pytest import mark as pytest_mark
 
 ONE_TEST = "test_jigsaw.py::test_n2_reaches_exactly_the_six_four_cycles"
 
@@ -16,8 +17,9 @@ def pytest(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_the_whole_suite_runs_on_two_workers():
-    done = pytest("-k", "test_n2_reaches_exactly_the_six_four_cycles", "-p", "no:cacheprovider")
+@pytest_mark.parametrize("tier", [(), ("-m", "not slow")])  # the whole suite and its fast tier
+def test_the_whole_suite_runs_on_two_workers(tier):
+    done = pytest("-k", "test_n2_reaches_exactly_the_six_four_cycles", "-p", "no:cacheprovider", *tier)
     assert done.returncode == 0, done.stdout[-2000:]
     assert "created: 2/2 workers" in done.stdout and "1 passed" in done.stdout
 
@@ -29,6 +31,7 @@ def test_a_single_file_runs_in_process_and_keeps_the_users_flags():
         assert "workers" not in done.stdout and "1 passed" in done.stdout.splitlines()[-1]
 
 
+@pytest_mark.slow
 def test_the_whole_suite_keeps_each_xdist_group_on_one_worker(tmp_path):
     """This conftest over a small suite: the four modules of one group run on one worker (each would otherwise
     make its own copy of a shared run), the ungrouped tests wherever."""

@@ -15,6 +15,7 @@ import pytest
 from conftest import ROOT, tiny_demo_config
 
 from pmg_jax import checkpoint as ckpt_lib
+from pmg_jax import model as model_lib
 from pmg_jax import state as state_lib
 from pmg_jax import steps as steps_lib
 from pmg_jax import validate
@@ -84,6 +85,7 @@ def uninterrupted(tmp_path_factory):
     return final_params(workdir)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kill_at", [5, 12])  # mid-epoch, and at the epoch boundary (eval + save)
 def test_kill_9_then_resume_gives_identical_parameters(tmp_path, uninterrupted, kill_at):
     proc = start_and_wait(tmp_path, kill_at)
@@ -98,6 +100,7 @@ def test_kill_9_then_resume_gives_identical_parameters(tmp_path, uninterrupted, 
         np.testing.assert_array_equal(got[k], uninterrupted[k], err_msg=k)
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_exits_zero(tmp_path):
     proc = start_and_wait(tmp_path, 4)
     proc.send_signal(signal.SIGTERM)
@@ -125,6 +128,7 @@ def test_nonfinite_step_is_not_applied():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     run(tmp_path, "--config.num_epochs=1")
     ckpts = ckpt_lib.Checkpoints(os.path.join(tmp_path, "checkpoints"), read_only=True)
@@ -162,6 +166,24 @@ def test_bad_config_values_are_refused_naming_the_field(overrides, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("field", list(validate.choices()))
+def test_each_field_with_fixed_choices_is_refused_outside_them_by_the_one_table(field):
+    """validate.choices() is the one list of every field's allowed values (taken from the modules that own them):
+    a value outside it is refused in one line naming the field and the choices, and every value in it passes
+    that check."""
+    import inspect
+
+    allowed = validate.choices()[field]
+    with pytest.raises(validate.ConfigError) as refused:
+        validate.check_choices(tiny_demo_config(**{field: "no_such_choice"}))
+    assert str(refused.value) == f"config.{field}='no_such_choice' must be one of {allowed}"
+    for value in allowed:
+        validate.check_choices(tiny_demo_config(**{field: value}))
+    assert inspect.getsource(validate).count("must be one of") == 1  # no second, hand-written check
+    assert "must be" not in inspect.getsource(steps_lib.make_train_step)  # nor one where the value is used
+    assert "must be one of" not in inspect.getsource(model_lib)
+
+
 def test_unknown_field_in_a_config_file_is_refused():
     config = tiny_demo_config()
     with config.unlocked():
@@ -186,6 +208,7 @@ def test_cli_refuses_bad_settings_in_one_line(tmp_path, args, message):
     assert not os.path.exists(tmp_path / "checkpoints")  # refused before any work
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_model_is_refused(tmp_path):
     run(tmp_path, "--config.num_epochs=1")
     for args, message in (

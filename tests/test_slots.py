@@ -181,6 +181,7 @@ def alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_killing_the_main_process_ends_its_workers_and_frees_the_shared_memory(tmp_path):
     """kill -9 of the trainer must not leave input workers spinning or /dev/shm filled, even mid-start."""
     script = tmp_path / "hold.py"

@@ -383,6 +383,7 @@ def check_run(workdir: str, best: dict) -> None:
     assert [line["count"] for line in lines if line["kind"] == "eval"] == [3 * TEST]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["cub", "aircraft", "cars-devkit", "dogs", "imagefolder"])
 def test_training_end_to_end_on_each_folder_layout(tmp_path, compile_cache, layout):
     name, writer = LAYOUTS[layout]
@@ -391,12 +392,14 @@ def test_training_end_to_end_on_each_folder_layout(tmp_path, compile_cache, layo
     check_run(workdir, loop.train_and_evaluate(config, workdir))
 
 
+@pytest.mark.slow
 def test_training_end_to_end_on_tfds_array_record(tmp_path, compile_cache, tfds_dir):
     config = config_for("pmg_tiny_birds", tfds_dir, **{"dataset.source": "tfds"})
     workdir = str(tmp_path / "run")
     check_run(workdir, loop.train_and_evaluate(config, workdir))
 
 
+@pytest.mark.slow
 def test_train_py_on_the_cub_folder(tmp_path, compile_cache):
     """The user's command, `python train.py --config configs/cub.py`, with the miniature and the tiny model."""
     root = write_cub(str(tmp_path / "data"))

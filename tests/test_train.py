@@ -15,6 +15,7 @@ from pmg_jax import steps as steps_lib
 pytestmark = pytest.mark.xdist_group("demo_run")  # share one demo_run fixture (conftest)
 
 
+@pytest.mark.slow
 def test_demo_run_learns_and_checkpoints(demo_run):
     workdir, config, best = demo_run
     chance = 100.0 / config.dataset.num_classes
@@ -31,6 +32,7 @@ def test_demo_run_learns_and_checkpoints(demo_run):
     assert os.listdir(os.path.join(workdir, "tensorboard"))
 
 
+@pytest.mark.slow
 def test_rerun_resumes_instead_of_restarting(tmp_path, capsys):
     config = tiny_demo_config(num_epochs=2, **{"dataset.demo_train_size": 64, "dataset.demo_test_size": 20})
     config.num_epochs = 1
@@ -44,6 +46,7 @@ def test_rerun_resumes_instead_of_restarting(tmp_path, capsys):
     assert [l["step"] for l in lines if l["kind"] == "epoch"] == [4, 8]
 
 
+@pytest.mark.slow
 def test_evaluation_counts_every_example_once(demo_run):
     """A test set that does not fill the last batch: padded slots are masked, nothing dropped or repeated."""
     workdir, config, _ = demo_run

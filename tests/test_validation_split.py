@@ -43,6 +43,7 @@ def test_validation_share_is_disjoint_stratified_and_seeded():
         validate.check(tiny_demo_config(**{"dataset.val_fraction": 1.0}), 1)
 
 
+@pytest.mark.slow
 def test_best_is_chosen_on_val_and_its_test_accuracy_is_reported(tmp_path):
     config = tiny_demo_config(**{**SMALL, "dataset.val_fraction": 0.25})
     best = loop.train_and_evaluate(config, str(tmp_path))

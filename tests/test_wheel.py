@@ -18,7 +18,7 @@ from conftest import ROOT
 
 import bench.torch_reference as ref
 
-pytestmark = pytest.mark.xdist_group("readme")
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("readme")]
 
 
 def run(args: list[str], cwd: str, env: dict) -> str:

@@ -27,7 +27,7 @@ from pmg_jax import checkpoint as ckpt_lib
 from pmg_jax import model as model_lib
 from pmg_jax import state as state_lib
 from pmg_jax.data import sources
-from pmg_jax.errors import PMGError
+from pmg_jax.errors import PMGError, check_writable
 
 PROG = "explain.py"
 # --block values: blocks by number, the concat map, every block map, or a backbone stage by name
@@ -177,7 +177,7 @@ def explain_images(args: argparse.Namespace, restored) -> int:
     for problem in problems:  # found while collecting; unreadable files are added while reading
         print(f"skipping {problem}", file=sys.stderr)
     reported = len(problems)
-    out_root = args.out or os.path.join(restored.run, "explain")
+    out_root = args.out
     bar = tqdm(total=total, unit="image", desc="explain", dynamic_ncols=True)
 
     def done(result: explain.Explained) -> None:
@@ -251,7 +251,7 @@ def evaluate(args: argparse.Namespace, restored) -> int:
         print(localization.format_tables(located, title))
     for method, tables in (done.parts or {}).items():
         print(parts.format_tables(tables, f", {method}{title}", per_class=args.per_class))
-    out_dir = args.out or os.path.join(restored.run, "explain")
+    out_dir = args.out
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"localization_{args.split}.json")
     finer = {"finer_k": args.finer_k, "finer_alpha": args.finer_alpha} if args.target == "finer" else {}
@@ -287,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         restored = state_lib.restore_and_report(args.ckpt, args.checkpoint, PROG)
         state_lib.apply_max_pixels(restored, args.max_pixels)
+        args.out = args.out or os.path.join(restored.run, "explain")
+        check_writable(args.out, "pass --out DIR")
         return evaluate(args, restored) if args.evaluate else explain_images(args, restored)
     except PMGError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

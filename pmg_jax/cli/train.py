@@ -38,13 +38,38 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def unknown_override(argv: list[str]) -> str | None:
+    """The first --config.A.B=V of `argv` naming a field the config does not have, said with its section's
+    fields (pmg_jax/config.py's fields: every config file sets those and no others); None if there is none."""
+    from pmg_jax import config as config_lib
+
+    for arg in argv[1:]:
+        if not arg.startswith("--config."):
+            continue
+        node, path = config_lib.get_config(), arg[len("--config.") :].split("=", 1)[0].split(".")
+        for depth, key in enumerate(path):
+            section = ".".join(path[:depth]) or "the config"
+            if not hasattr(node, "keys"):
+                return f"--config.{'.'.join(path)}: {section} is a value, not a section with field {key!r}"
+            if key not in node:
+                return f"--config.{'.'.join(path)}: {section} has no field {key!r}; its fields: {', '.join(node)}"
+            node = node[key]
+    return None
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing, with a bad or misspelt --config.* override reported in one line."""
+    """absl flag parsing, with a bad or misspelt --config.* override reported in one line (an unknown field with
+    the fields of its section, and absl's nearest match when it has one)."""
     try:
         return FLAGS(argv)
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
         text = str(e).encode().decode("unicode_escape").replace("'", "")
-        sys.exit("error: " + " ".join(line.strip() for line in text.splitlines() if line.strip()))
+        said = " ".join(line.strip() for line in text.splitlines() if line.strip())
+        unknown = unknown_override(argv)
+        if unknown is not None:
+            hint = said[said.find("Did you mean") :] if "Did you mean" in said else ""
+            said = f"{unknown}{' (' + hint + ')' if hint else ''}"
+        sys.exit("error: " + said)
 
 
 def _main(argv: list[str]) -> None:
