@@ -238,7 +238,10 @@ def _host(x: Any) -> np.ndarray:
 
 
 def _digest(value: np.ndarray) -> str:
-    return hashlib.sha256(f"{value.dtype.str}{value.shape}".encode() + value.tobytes()).hexdigest()
+    """SHA-256 of a contiguous array's dtype, shape and bytes (hashed in place, not copied)."""
+    digest = hashlib.sha256(f"{value.dtype.str}{value.shape}".encode())
+    digest.update(value.reshape(-1).view(np.uint8))
+    return digest.hexdigest()
 
 
 def digests(state: Any) -> dict[str, str]:

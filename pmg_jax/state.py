@@ -120,8 +120,10 @@ def restore(path: str, which: str = "latest") -> Restored:
         return state, meta, ckpts.config(step)
 
     # a damaged checkpoint the user named is refused; one we picked falls back to the newest intact one
-    steps = [step] if ckpt_lib.names_step(path) else ckpts.newest_first(step)
-    step, (state, meta, config) = ckpts.intact(steps, read)
+    if ckpt_lib.names_step(path):
+        state, meta, config = read(step)
+    else:
+        step, (state, meta, config) = ckpts.intact(ckpts.newest_first(step), read)
     variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
     return Restored(run, step, create_model(config, len(meta["class_names"])), variables, config, meta)
 
