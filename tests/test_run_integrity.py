@@ -133,8 +133,8 @@ def test_predict_says_which_checkpoint_it_used_and_refuses_when_none_is_intact(f
             flip_bytes(os.path.join(run, "checkpoints", str(step)))
     assert predict.main(["--ckpt", run, "--split", "test", "--out", out]) == 1
     last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last.endswith("predict: error: " + last.split("predict: error: ")[1])  # the command's one line
-    assert last.split("predict: error: ")[1].startswith(f"no intact checkpoint in {run}/checkpoints (newest: ")
+    command, message = last.split(": error: ", 1)
+    assert command.endswith("predict") and message.startswith(f"no intact checkpoint in {run}/checkpoints (newest: ")
 
 
 def test_a_run_with_no_intact_checkpoint_is_refused_not_trained_from_scratch(finished, tmp_path):
