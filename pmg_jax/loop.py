@@ -94,6 +94,7 @@ class MetricsLog:
         if self.jsonl is not None:
             self.jsonl.close()
             self.tb.close()
+            self.jsonl = self.tb = None
 
 
 class FiniteGuard:
@@ -236,8 +237,9 @@ def resume(
     reader = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"), read_only=True)
 
     def read(step: int) -> tuple[ml_collections.ConfigDict, TrainState, dict]:
-        saved = reader.config(step)
+        saved = reader.config(step)  # checked first: a changed structure is refused, not called damage
         validate.check_compatible(saved, config, reader.step_dir(step))
+        validate.check_resume(saved, config, None, train_images, workdir)
         return saved, *reader.restore(abstract, step=step, sharding=sharding)
 
     step, (saved, state, meta) = reader.intact(reader.newest_first(), read)
@@ -331,6 +333,7 @@ def _train(
     )
     device_batches = pipeline.prefetch_to_device(batches, data_sharding)
     metrics_log, guard = MetricsLog(workdir, start_step), FiniteGuard(checkpoints, config.schedule)
+    held.callback(metrics_log.close)  # also when the run fails
 
     def save(step: int, results: dict | None = None) -> None:
         guard.check()  # never save after a bad step
