@@ -269,9 +269,10 @@ def _train(
     mesh = parallel.make_mesh()
     validate.check(config, mesh.devices.size, jax.process_count())
     validate.check_workdir(workdir)
-    locked = os.path.isdir(workdir) and _lock(workdir, held)  # a busy workdir is refused before any work
     if config.eval_only:
         return evaluate_only(config, workdir)
+    # a busy workdir is refused before any work (a workdir without a lock file has no training to wait for)
+    locked = os.path.exists(os.path.join(workdir, runguard.LOCK_NAME)) and _lock(workdir, held)
     from tqdm import tqdm
 
     spec, workers = state_lib.transform_spec(config), config.data.workers

@@ -16,11 +16,11 @@ from pmg_jax.errors import ConfigError
 from pmg_jax.layers import GROUP_STATS
 
 # What a resumed run may not change unless config.resume_changes names it: the global batch, the update, the
-# schedule's length and shape, the data order, and the training data ("train_images": its size).
+# schedule, the data order, and the training data ("train_images": its size). num_epochs may change (to train
+# longer): the step and the data position keep their meaning, and the cosine follows the new length from there.
 RESUME_FIELDS = (
     "batch_size",
     "accumulation_steps",
-    "num_epochs",
     "schedule",
     "seed",
     "optim.warmup_epochs",
