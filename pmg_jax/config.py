@@ -85,6 +85,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.init.checkpoint = ""  # a run or checkpoint whose weights start training, or that eval_only evaluates
     c.init.which = "latest"  # latest | best: which checkpoint of that run (or of the workdir, for eval_only)
     c.eval_only = False  # evaluate init.checkpoint (or the workdir's latest) on the test split and stop
+    # Resuming refuses a change to what a step or the data position means (validate.RESUME_FIELDS: batch size,
+    # accumulation, schedule, warm-up, seed, the training data); name the fields you mean to change, comma
+    # separated (e.g. 'batch_size,seed'), or 'all'.
+    c.resume_changes = ""
     return c
 
 

@@ -236,11 +236,14 @@ def explain(
     out_dir: str | None = None,
     save_npy: bool = False,
     on_result: Callable[[Explained], None] | None = None,
+    keep: bool = True,
 ) -> list[Explained]:
     """Maps and predictions for every item, in one jitted pass per batch and method; with `out_dir`, the
-    overlays, grids and captions are written there (one subfolder per method when there are several) and
-    each folder's index.html is rebuilt. `target` is predicted | seed | class (then `class_id`) | finer (each
-    head's prediction against its `finer_k` nearest classes, see cam.explain)."""
+    overlays, grids and captions are written there (one subfolder per method when there are several) as each
+    batch is done, and each folder's index.html is rebuilt. With keep=False the results are only written and
+    passed to `on_result`, not returned, so that memory holds one batch whatever the number of images.
+    `target` is predicted | seed | class (then `class_id`) | finer (each head's prediction against its `finer_k`
+    nearest classes, see cam.explain)."""
     if target == "class" and (class_id is None or not 0 <= class_id < len(restored.class_names)):
         raise ValueError(f"class target {class_id}: the model has {len(restored.class_names)} classes")
     maps = tuple(n for n in cam.MAP_NAMES if n in maps)
@@ -253,7 +256,7 @@ def explain(
     size, mean, std = config.data.crop_size, tuple(config.data.mean), tuple(config.data.std)
     # Only a class target takes classes: for 'finer' they would replace each head's prediction.
     classes = np.full(batch_size, class_id, np.int32) if target == "class" else None
-    results = []
+    results, count = [], 0
     prepare = functools.partial(cam.prepare, size=size, mean=mean, std=std)
     for pairs in _batches(items, batch_size, prepare):
         batch = [item for item, _ in pairs]
@@ -277,11 +280,13 @@ def explain(
             for method, folder in outs.items():
                 if folder is not None:
                     write_grid(folder, result, method, names, concat=concat, save_npy=save_npy)
-            results.append(result)
+            count += 1
+            if keep:
+                results.append(result)
             if on_result is not None:
                 on_result(result)
     for method, folder in outs.items():
-        if folder is not None and results:
+        if folder is not None and count:
             viz.rebuild_index(folder, f"{method} of {', '.join(maps)} ({restored.run})")
     return results
 

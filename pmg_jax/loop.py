@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import signal
+import shutil
+import sys
 import time
 from typing import Any
 
@@ -13,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from pmg_jax import checkpoint as ckpt_lib
-from pmg_jax import optim, parallel, steps, validate
+from pmg_jax import optim, parallel, runguard, steps, validate
 from pmg_jax import state as state_lib
 from pmg_jax.data import pipeline, slots, sources
 from pmg_jax.errors import PMGError
@@ -26,21 +28,61 @@ class NonFiniteError(PMGError, FloatingPointError):
     """A step's loss or gradient was inf or nan; the step was not applied."""
 
 
-class MetricsLog:
-    """metrics.jsonl plus TensorBoard events in the workdir (process 0 only); accuracies in percent."""
+class RunIOError(PMGError, OSError):
+    """The disk filled up (or failed) under the run; the checkpoints written before are intact."""
 
-    def __init__(self, workdir: str):
+
+def trim_metrics(path: str, last_step: int) -> None:
+    """Keep the rows of metrics.jsonl up to `last_step` (the checkpoint a run resumes from): a torn last line
+    and the rows of an attempt that was cut short go, so no row is written twice. Replaced atomically."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = [line for line in lines if _row_step(line) is not None and _row_step(line) <= last_step]
+    if kept == lines:
+        return
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
+def _row_step(line: str) -> int | None:
+    """The step of one complete metrics.jsonl row; None for a torn or foreign line."""
+    if not line.endswith("\n"):
+        return None
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row.get("step") if isinstance(row, dict) and isinstance(row.get("step"), int) else None
+
+
+class MetricsLog:
+    """metrics.jsonl plus TensorBoard events in the workdir (process 0 only); accuracies in percent.
+
+    Opened at the first write. A run resuming from the checkpoint at `start_step` first drops the rows after it
+    (see trim_metrics), and TensorBoard purges its events after it, so each row and point is written once."""
+
+    def __init__(self, workdir: str, start_step: int = 0):
         self.enabled = jax.process_index() == 0
-        if not self.enabled:
-            return
+        self.workdir, self.start_step = workdir, start_step
+        self.jsonl: Any = None
+        self.tb: Any = None
+
+    def _open(self) -> None:
         from tensorboardX import SummaryWriter
 
-        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115 (open for the run; close())
-        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        path = os.path.join(self.workdir, "metrics.jsonl")
+        trim_metrics(path, self.start_step)
+        self.jsonl = open(path, "a")  # noqa: SIM115 (open for the run; close())
+        self.tb = SummaryWriter(os.path.join(self.workdir, "tensorboard"), purge_step=self.start_step + 1)
 
     def write(self, step: int, kind: str, values: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        if self.jsonl is None:
+            self._open()
         self.jsonl.write(json.dumps({"step": step, "kind": kind, **values}) + "\n")
         self.jsonl.flush()
         for k, v in values.items():
@@ -49,32 +91,10 @@ class MetricsLog:
         self.tb.flush()
 
     def close(self) -> None:
-        if self.enabled:
+        if self.jsonl is not None:
             self.jsonl.close()
             self.tb.close()
-
-
-class Stop:
-    """SIGTERM/SIGINT while training: finish the iteration, checkpoint, exit cleanly."""
-
-    def __init__(self):
-        self.signal: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> Stop:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[sig] = signal.signal(sig, self._note)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
-
-    def _note(self, signum, frame) -> None:
-        self.signal = signum
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            self.jsonl = self.tb = None
 
 
 class FiniteGuard:
@@ -142,18 +162,117 @@ def evaluate_only(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
     return result
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, interrupts: runguard.Interrupts | None = None
+) -> dict[str, Any]:
     """Train by the progressive schedule, evaluating and checkpointing every epoch; resumes from `workdir`.
 
-    Everything that can refuse the run (the config, the workdir, the data, the starting weights) is
-    checked before anything is written. Returns the best evaluation ({'combined', 'concat', 'epoch',
-    'step'}), plus 'stopped_by' when a signal ended the run early (after checkpointing it).
+    Everything that can refuse the run (the config, the workdir, the data, the starting weights, a resume
+    that changes what a step means, another training in the workdir) is checked before anything is written.
+    The workdir is locked while training; SIGINT / SIGTERM are handled by `interrupts` (see runguard). A full
+    disk ends the run with RunIOError. Returns the best evaluation ({'combined', 'concat', 'epoch', 'step'}),
+    plus 'stopped_by' when a signal ended the run early (after checkpointing it).
     """
+    with interrupts or runguard.Interrupts() as interrupts, contextlib.ExitStack() as held:
+        try:
+            return _train(config, workdir, interrupts, held)
+        except Exception as e:
+            failed = ckpt_lib.io_error(e)
+            if failed is None:
+                raise
+            raise RunIOError(_io_message(failed, workdir)) from e
+
+
+def _io_message(error: OSError, workdir: str) -> str:
+    """One line: what failed where, which checkpoint it was writing, and which are intact."""
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    writing = ckpt_lib.unfinished_steps(ckpt_dir)
+    what = f"checkpoint {writing[-1]}" if writing else os.path.basename(error.filename or "") or "the run's files"
+    done = ckpt_lib.Checkpoints(ckpt_dir, read_only=True).latest_step() if ckpt_lib.has_checkpoint(ckpt_dir) else None
+    intact = f"the checkpoints up to step {done} are intact" if done is not None else "no checkpoint was written"
+    return f"{ckpt_lib.IO_ERRNOS[error.errno]} on {os.path.abspath(workdir)} while writing {what}; {intact}"
+
+
+def open_run(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    abstract: TrainState,
+    fresh: Any,
+    rep: Any,
+    train_images: int,
+    interrupts: runguard.Interrupts,
+    held: contextlib.ExitStack,
+    locked: bool,
+) -> tuple[TrainState, dict, ckpt_lib.Checkpoints]:
+    """The run's state, meta and checkpoints, with the workdir locked (unless `locked` already; `held` releases
+    it): resumed from the newest intact checkpoint, or `fresh()`'s state with the workdir made only now, after
+    every refusal."""
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if ckpt_lib.has_checkpoint(ckpt_dir):
+        locked = locked or _lock(workdir, held)
+        state, meta = resume(config, workdir, abstract, rep, train_images)
+        return state, meta, ckpt_lib.Checkpoints(ckpt_dir, keep=config.checkpoint.keep)
+    state = fresh()
+    with interrupts.creating(workdir):
+        os.makedirs(workdir, exist_ok=True)  # the first write: every refusal has happened by now
+        locked = locked or _lock(workdir, held)
+        if ckpt_lib.has_checkpoint(ckpt_dir):
+            raise PMGError(f"{workdir}: another training wrote checkpoints while this one started; run it again")
+        checkpoints = ckpt_lib.Checkpoints(ckpt_dir, keep=config.checkpoint.keep)
+    return state, {}, checkpoints
+
+
+def _lock(workdir: str, held: contextlib.ExitStack) -> bool:
+    """Lock the workdir for this training (process 0 speaks for the run), released when `held` closes."""
+    if jax.process_index() == 0:
+        held.callback(runguard.RunLock(workdir).release)
+    return True
+
+
+def resume(
+    config: ml_collections.ConfigDict, workdir: str, abstract: TrainState, sharding: Any, train_images: int
+) -> tuple[TrainState, dict]:
+    """State and meta of the workdir's newest intact checkpoint, refused if the config does not fit it; the
+    damaged checkpoints after it are moved aside (each said in one line)."""
+    reader = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"), read_only=True)
+
+    def read(step: int) -> tuple[ml_collections.ConfigDict, TrainState, dict]:
+        saved = reader.config(step)  # checked first: a changed structure is refused, not called damage
+        validate.check_compatible(saved, config, reader.step_dir(step))
+        validate.check_resume(saved, config, None, train_images, workdir)
+        return saved, *reader.restore(abstract, step=step, sharding=sharding)
+
+    step, (saved, state, meta) = reader.intact(reader.newest_first(), read)
+    validate.check_resume(saved, config, meta.get("data_state", {}).get("train_images"), train_images, workdir)
+    set_aside_damaged(reader, step, workdir)
+    return state, meta
+
+
+def set_aside_damaged(reader: ckpt_lib.Checkpoints, step: int, workdir: str) -> None:
+    """Move the checkpoints after `step` (the newest intact one) to <workdir>/damaged_checkpoints/, so that the
+    run writes those steps afresh and the damaged files stay for inspection."""
+    if jax.process_index() != 0:
+        return
+    for later in sorted(s for s in reader.manager.all_steps() if s > step):
+        dest = os.path.join(workdir, "damaged_checkpoints", str(later))
+        while os.path.exists(dest):
+            dest += "_"
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        shutil.move(reader.step_dir(later), dest)
+        print(f"moved damaged checkpoint {reader.step_dir(later)} to {dest}", file=sys.stderr)
+
+
+def _train(
+    config: ml_collections.ConfigDict, workdir: str, interrupts: runguard.Interrupts, held: contextlib.ExitStack
+) -> dict[str, Any]:
+    """train_and_evaluate's work, with the signals handled and the lock released by the caller."""
     mesh = parallel.make_mesh()
     validate.check(config, mesh.devices.size, jax.process_count())
     validate.check_workdir(workdir)
     if config.eval_only:
         return evaluate_only(config, workdir)
+    # a busy workdir is refused before any work (a workdir without a lock file has no training to wait for)
+    locked = os.path.exists(os.path.join(workdir, runguard.LOCK_NAME)) and _lock(workdir, held)
     from tqdm import tqdm
 
     spec, workers = state_lib.transform_spec(config), config.data.workers
@@ -180,22 +299,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     tx = optim.from_config(config, steps_per_epoch)
     rep, data_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
 
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    if ckpt_lib.has_checkpoint(ckpt_dir):
-        checkpoints = ckpt_lib.Checkpoints(ckpt_dir, keep=config.checkpoint.keep)
-        validate.check_compatible(checkpoints.config(), config, checkpoints.directory)
-        abstract = jax.eval_shape(lambda: state_lib.create_state(model, tx, config.seed, config.data.crop_size))
-        state, meta = checkpoints.restore(abstract, sharding=rep)
+    def fresh() -> TrainState:
+        state = state_lib.create_state(model, tx, config.seed, config.data.crop_size)
+        variables = initial_variables(config, state)
+        return jax.device_put(state.replace(**variables, opt_state=tx.init(variables["params"])), rep)
+
+    abstract = jax.eval_shape(lambda: state_lib.create_state(model, tx, config.seed, config.data.crop_size))
+    state, meta, checkpoints = open_run(config, workdir, abstract, fresh, rep, len(train_src), interrupts, held, locked)
+    if meta:
         print(
             f"resuming from {checkpoints.directory} at step {int(state.step)} "
             f"(epoch {int(state.step) // steps_per_epoch})"
         )
-    else:
-        state, meta = state_lib.create_state(model, tx, config.seed, config.data.crop_size), {}
-        variables = initial_variables(config, state)
-        state = jax.device_put(state.replace(**variables, opt_state=tx.init(variables["params"])), rep)
-        os.makedirs(workdir, exist_ok=True)  # the first write: every refusal has happened by now
-        checkpoints = ckpt_lib.Checkpoints(ckpt_dir, keep=config.checkpoint.keep)
     best = meta.get("best", {"combined": -1.0, "epoch": -1})
     start_step = int(state.step)
     train_step, eval_step = steps.compile_steps(model, tx, config, mesh)
@@ -218,7 +333,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         prefetch=config.data.prefetch,
     )
     device_batches = pipeline.prefetch_to_device(batches, data_sharding)
-    metrics_log, guard = MetricsLog(workdir), FiniteGuard(checkpoints, config.schedule)
+    metrics_log, guard = MetricsLog(workdir, start_step), FiniteGuard(checkpoints, config.schedule)
+    held.callback(metrics_log.close)  # also when the run fails
 
     def save(step: int, results: dict | None = None) -> None:
         guard.check()  # never save after a bad step
@@ -227,14 +343,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             "step": step,
             "best": best,
             "class_names": class_names,
-            "data_state": {"step": step, "seed": config.seed},
+            "data_state": {"step": step, "seed": config.seed, "train_images": len(train_src)},
             "eval": results,
         }
         metric = None if results is None else results[ranked_on]["combined"]
         checkpoints.save(step, state, meta, config.to_dict(), metric=metric)
 
     step, compiled_at = start_step, None  # compiled_at: (step, time) once the step function has been compiled
-    with Stop() as stop:
+    with interrupts as stop:
         while step < total_steps and stop.signal is None:
             epoch = step // steps_per_epoch
             epoch_end, sums, logged = (epoch + 1) * steps_per_epoch, {}, 0
@@ -250,7 +366,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 while step < epoch_end and stop.signal is None:
                     state, metrics = train_step(state, next(device_batches))
                     step += 1
-                    compiled_at = compiled_at or (step, time.perf_counter())  # the first call compiled
+                    if compiled_at is None:  # the first call compiled: from now on a signal stops after an iteration
+                        interrupts.training()
+                    compiled_at = compiled_at or (step, time.perf_counter())
                     guard.push(step, metrics)
                     if step % config.log_every_steps == 0 or step == epoch_end:
                         m = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "nonfinite_pass"}

@@ -114,11 +114,22 @@ def _finished(meta: dict, num_epochs: int) -> bool:
 
 
 def restore(path: str, which: str = "latest") -> Restored:
-    """The checkpoint at `path`: a run, a folder of runs (the newest), or one checkpoint (see checkpoint.resolve)."""
+    """The checkpoint at `path`: a run, a folder of runs (the newest), or one checkpoint (see checkpoint.resolve).
+
+    A damaged checkpoint (checkpoint.CheckpointDamaged) is reported on stderr and the run's newest intact one
+    is used instead; one named by its own directory, or a run with none intact, is refused."""
     run, step = ckpt_lib.resolve(path, which)
     ckpts = ckpt_lib.Checkpoints(os.path.join(run, "checkpoints"), read_only=True)
-    state, meta = ckpts.restore(step=step)
-    config = ckpts.config(step)
+
+    def read(step: int) -> tuple[dict, dict, ml_collections.ConfigDict]:
+        state, meta = ckpts.restore(step=step)
+        return state, meta, ckpts.config(step)
+
+    # a damaged checkpoint the user named is refused; one we picked falls back to the newest intact one
+    if ckpt_lib.names_step(path):
+        state, meta, config = read(step)
+    else:
+        step, (state, meta, config) = ckpts.intact(ckpts.newest_first(step), read)
     variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
     return Restored(run, step, create_model(config, len(meta["class_names"])), variables, config, meta)
 

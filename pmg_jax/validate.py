@@ -52,6 +52,27 @@ def check_choices(config: ml_collections.ConfigDict) -> None:
         check_choice(field, _value(config, field))
 
 
+# What a resumed run may not change unless config.resume_changes names it: the global batch, the update, the
+# schedule, the data order, and the training data ("train_images": its size). num_epochs may change (to train
+# longer): the step and the data position keep their meaning, and the cosine follows the new length from there.
+RESUME_FIELDS = (
+    "batch_size",
+    "accumulation_steps",
+    "schedule",
+    "seed",
+    "optim.warmup_epochs",
+    "dataset.name",
+    "dataset.source",
+    "dataset.tfds_name",
+    "dataset.train_split",
+    "dataset.val_fraction",
+    "dataset.val_seed",
+    "dataset.demo_train_size",
+    "dataset.demo_seed",
+    "train_images",
+)
+
+
 def _flat_keys(config: ml_collections.ConfigDict) -> set[str]:
     return {".".join(k) for k in flatten_dict(config.to_dict())}
 
@@ -124,6 +145,12 @@ def check(config: ml_collections.ConfigDict, num_devices: int, num_processes: in
     for field in ("lr_new", "lr_backbone", "weight_decay", "warmup_epochs"):
         if config.optim[field] < 0:
             raise ConfigError(f"config.optim.{field}={config.optim[field]} must be >= 0")
+    unknown = sorted(set(resume_changes(config)) - {*RESUME_FIELDS, "all"})
+    if unknown:
+        raise ConfigError(
+            f"config.resume_changes: {', '.join(unknown)} is not a field a resume checks "
+            f"(one of {', '.join(RESUME_FIELDS)}, or all)"
+        )
 
 
 def check_accelerator_options(
@@ -181,6 +208,47 @@ def check_compatible(saved: dict, config: ml_collections.ConfigDict, where: str)
             f"{where}: checkpoint has {saved['dataset']['num_classes']} classes but "
             f"config.dataset.num_classes={config.dataset.num_classes}"
         )
+
+
+def resume_changes(config: ml_collections.ConfigDict) -> list[str]:
+    """The fields config.resume_changes allows a resume to change."""
+    return [name.strip() for name in str(config.resume_changes).split(",") if name.strip()]
+
+
+def _field(config: ml_collections.ConfigDict, dotted: str) -> object:
+    node = config
+    for part in dotted.split("."):
+        node = node[part]
+    return tuple(node) if isinstance(node, list) else node
+
+
+def check_resume(
+    saved: ml_collections.ConfigDict,
+    config: ml_collections.ConfigDict,
+    saved_images: int | None,
+    train_images: int,
+    where: str,
+) -> None:
+    """Refuse to resume a run with a config that changes what its step or data position means (RESUME_FIELDS),
+    unless config.resume_changes names the field (or says 'all')."""
+    allowed = set(resume_changes(config))
+    if "all" in allowed:
+        return
+    changes = [
+        (f"config.{f}", _field(saved, f), _field(config, f))
+        for f in RESUME_FIELDS
+        if f != "train_images" and _field(saved, f) != _field(config, f)
+    ]
+    if saved_images is not None and saved_images != train_images:
+        changes.append(("train_images (the training split's size)", saved_images, train_images))
+    for name, was, now in changes:
+        field = name.split()[0].removeprefix("config.")
+        if field not in allowed:
+            raise ConfigError(
+                f"{where}: {name} is {now!r} but the run was trained with {was!r}, so its step and data position "
+                f"would mean something else; resume with the run's value, use another --workdir, or "
+                f"--config.resume_changes={field} if you mean it"
+            )
 
 
 def check_workdir(workdir: str) -> None:

@@ -179,9 +179,11 @@ def explain_images(args: argparse.Namespace, restored) -> int:
     reported = len(problems)
     out_root = args.out
     bar = tqdm(total=total, unit="image", desc="explain", dynamic_ncols=True)
+    explained = 0
 
     def done(result: explain.Explained) -> None:
-        nonlocal reported
+        nonlocal reported, explained
+        explained += 1
         for problem in problems[reported:]:
             tqdm.write(f"skipping {problem}", file=sys.stderr)
         reported = len(problems)
@@ -189,7 +191,7 @@ def explain_images(args: argparse.Namespace, restored) -> int:
         bar.update(1)
 
     target = "class" if args.target.isdigit() else args.target
-    results = explain.explain(
+    explain.explain(  # streamed: each image's files are written as it is done, and not kept
         restored,
         items,
         maps=args.maps,
@@ -203,16 +205,17 @@ def explain_images(args: argparse.Namespace, restored) -> int:
         out_dir=out_root,
         save_npy=args.save_npy,
         on_result=done,
+        keep=False,
     )
     bar.close()
     for problem in problems[reported:]:
         print(f"skipping {problem}", file=sys.stderr)
-    if not results:
+    if not explained:
         print(f"{PROG}: none of the {total} inputs could be read as an image", file=sys.stderr)
         return 1
     index = os.path.join(out_root, "index.html" if len(args.method) == 1 else "*/index.html")
     print(
-        f"explained {len(results)} of {total} images ({', '.join(args.maps)}; {', '.join(args.method)}, target "
+        f"explained {explained} of {total} images ({', '.join(args.maps)}; {', '.join(args.method)}, target "
         f"{args.target}) -> {index}"
     )
     return 0

@@ -9,17 +9,21 @@ import os
 import sys
 
 from absl import app, flags, logging
-from flax.traverse_util import flatten_dict
 from ml_collections import config_flags
+
+from pmg_jax import runguard
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. configs/cub.py.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory for checkpoints and metrics (default: runs/<config name>).")
 HELP_FLAGS = ("-h", "--help", "-help", "--helpshort", "--helpfull", "-?")
+INTERRUPTS = runguard.Interrupts()  # installed by main before anything slow, so that Ctrl-C is handled at once
 
 
 def usage() -> str:
     """--help: the command, its two flags, and where every config field is documented (with the defaults)."""
+    from flax.traverse_util import flatten_dict
+
     from pmg_jax import config as config_lib
 
     fields = flatten_dict(config_lib.get_config().to_dict())
@@ -85,7 +89,7 @@ def _main(argv: list[str]) -> None:
     workdir = FLAGS.workdir or os.path.join("runs", name)
     try:
         parallel.maybe_initialize_distributed()
-        loop.train_and_evaluate(FLAGS.config, workdir)
+        loop.train_and_evaluate(FLAGS.config, workdir, INTERRUPTS)
     except PMGError as e:
         sys.exit(f"error: {e}")  # one line, exit status 1 (refusals come before anything is written)
 
@@ -97,4 +101,5 @@ def main(argv: list[str] | None = None) -> None:
         print(usage())
         sys.exit(0)
     flags.mark_flags_as_required(["config"])
-    app.run(_main, argv=argv, flags_parser=parse_flags)
+    with INTERRUPTS:
+        app.run(_main, argv=argv, flags_parser=parse_flags)
