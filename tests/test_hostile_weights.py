@@ -22,7 +22,7 @@ import safetensors.numpy
 import torch
 from conftest import ROOT
 
-from pmg_jax import convert
+from pmg_jax import convert, weightfile
 
 MARKER = "pwned"
 NAMES = ("weights.pth", "weights.npz", "weights.NPZ", "weights.safetensors", "w.safetensors.bak")
@@ -360,3 +360,26 @@ def test_truncated_torch_files_are_refused(honest_files, tmp_path, kind):
         with pytest.raises(convert.ConversionError) as error:
             convert.load_state_dict(str(path))
         assert_refused(str(error.value), path, "cannot read it as a PyTorch file (truncated or corrupt?)")
+
+
+def test_the_scan_names_each_global_in_order_and_runs_nothing(tmp_path):
+    """weightfile.pickle_globals reads a pickle's globals with pickletools: a GLOBAL and a protocol-4 STACK_GLOBAL
+    (whose names come from the stack, here one fetched back from the memo) are both named, nothing is run."""
+    ops = (
+        PROTO4
+        + call(glob("collections", "OrderedDict"))
+        + b"0"  # POP
+        + text("os")
+        + b"\x94"  # MEMOIZE: the module name, fetched back below
+        + b"0"
+        + b"h\x00"  # BINGET 0
+        + text("system")
+        + b"\x93"
+        + b"("
+        + text(shell(tmp_path))
+        + b"tR."
+    )
+    found, opcodes = weightfile.pickle_globals(io.BytesIO(ops))
+    assert found == ["collections.OrderedDict", "os.system"]
+    assert {"STACK_GLOBAL", "MEMOIZE", "BINGET", "REDUCE"} <= opcodes
+    assert not (tmp_path / MARKER).exists()
