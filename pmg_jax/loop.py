@@ -237,7 +237,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     with Stop() as stop:
         while step < total_steps and stop.signal is None:
             epoch = step // steps_per_epoch
-            epoch_end, sums, logged = (epoch + 1) * steps_per_epoch, {}, 0
+            epoch_end, sums, logged, totals = (epoch + 1) * steps_per_epoch, {}, 0, None
             epoch_start = (step, time.perf_counter())
             bar = tqdm(
                 total=steps_per_epoch,
@@ -252,6 +252,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     step += 1
                     compiled_at = compiled_at or (step, time.perf_counter())  # the first call compiled
                     guard.push(step, metrics)
+                    totals = _add_metrics(totals, metrics)
                     if step % config.log_every_steps == 0 or step == epoch_end:
                         m = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "nonfinite_pass"}
                         guard.check()
@@ -276,6 +277,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 "seconds": time.perf_counter() - epoch_start[1],
                 "images_per_s": _rate(epoch_start, compiled_at, step, config.batch_size),
                 "unreadable_images": len(batches.unreadable.indices),
+                **_mean_metrics(totals, step - epoch_start[0]),
             }
             results = None
             if (epoch + 1) % config.eval_every_epochs == 0 or epoch + 1 == config.num_epochs:
@@ -328,6 +330,20 @@ def _best(results: dict[str, dict], ranked_on: str, epoch: int, step: int) -> di
     if ranked_on != "test":
         best.update(test_combined=results["test"]["combined"], test_concat=results["test"]["concat"])
     return best
+
+
+def _add_metrics(totals: dict | None, metrics: dict) -> dict:
+    """Running sums of every step's losses and train accuracy, kept on the device (no wait for the step)."""
+    metrics = {k: v for k, v in metrics.items() if k != "nonfinite_pass"}
+    return metrics if totals is None else jax.tree.map(jnp.add, totals, metrics)
+
+
+def _mean_metrics(totals: dict | None, count: int) -> dict[str, float]:
+    """The epoch record's mean of each loss and of the train accuracy over its `count` steps in this process
+    (every step, where the logged train lines sample every log_every_steps-th); {} before any step."""
+    if totals is None or count <= 0:
+        return {}
+    return {"train_steps": count, **{k: float(v) / count for k, v in jax.device_get(totals).items()}}
 
 
 def _rate(epoch_start: tuple[int, float], compiled_at: tuple[int, float], step: int, batch_size: int) -> float:
