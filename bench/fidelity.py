@@ -305,12 +305,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="runs/fidelity", help="folder for the data, the runs and summary.json")
     p.add_argument("--figure", default="", help="where to write the figure (default OUT/fidelity.png)")
     p.add_argument("--tiny", action="store_true", help="one epoch of a tiny model on a few images")
+    p.add_argument(
+        "--summarize",
+        action="store_true",
+        help="train nothing: the summary and figure of the seeds whose runs in OUT are complete on both sides",
+    )
     args = p.parse_args(argv)
     if len(set(args.seeds)) < len(args.seeds):
         p.error("--seeds: each seed can run once")
     args.out = os.path.abspath(args.out)
     args.figure = os.path.abspath(args.figure or os.path.join(args.out, "fidelity.png"))
-    for seed in args.seeds:
+    for seed in [] if args.summarize else args.seeds:
         if os.path.exists(os.path.join(args.out, "pmg_jax", f"seed{seed}")):
             p.error(f"--out {args.out}: pmg_jax/seed{seed} already exists (train.py would resume it)")
     return args
@@ -346,11 +351,30 @@ def write_summary(args: argparse.Namespace, argv: list[str] | None, runs: dict[s
     )
 
 
+def summarize_existing(args: argparse.Namespace, argv: list[str] | None, epochs: int) -> None:
+    """write_summary over the seeds in OUT whose two runs both reached `epochs` epochs (wall times unknown: 0)."""
+    runs: dict[str, list[dict]] = {side: [] for side in SIDES}
+    for seed in args.seeds:
+        workdir = os.path.join(args.out, "pmg_jax", f"seed{seed}")
+        ref_out = os.path.join(args.out, "reference", f"seed{seed}.jsonl")
+        if not (os.path.isfile(os.path.join(workdir, "metrics.jsonl")) and os.path.isfile(ref_out)):
+            continue
+        pair = {"pmg_jax": read_pmg(workdir, workdir + ".log"), "reference": read_reference(ref_out)}
+        if all(len(r["curves"]["test_combined"]) == epochs for r in pair.values()):
+            for side in SIDES:
+                runs[side].append({"seed": seed, "seconds": 0.0, **pair[side]})
+    if not runs["pmg_jax"]:
+        sys.exit(f"error: --out {args.out}: no seed of {args.seeds} has both runs complete")
+    write_summary(args, argv, runs)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     overrides = TINY if args.tiny else {}
     config = demo_config(overrides)
     check_config(config)
+    if args.summarize:
+        return summarize_existing(args, argv, config.num_epochs)
     for side in SIDES:
         os.makedirs(os.path.join(args.out, side), exist_ok=True)
     data = write_data(config, args.out)

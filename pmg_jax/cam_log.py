@@ -31,7 +31,7 @@ from pmg_jax.data import decode, transforms
 
 MAPS = (*model_lib.BLOCKS, "concat")  # the maps logged: each block's, and the seed's concat map
 FOLDER = "cams"
-TILE = 112  # pixels of a tile's side in the logged pictures
+TILE = 160  # pixels of a tile's side in the logged pictures (room for a class name in its title)
 
 
 def epoch_stem(epoch: int) -> str:
@@ -101,7 +101,7 @@ class CamLog:
                 label = f"{self.class_names[top]} {100 * probs[i, head, top]:.0f}%"
                 tiles.append((_tile(viz.overlay(image, maps[i, m])), [viz.map_label(name), label]))
             rows.append(viz.grid(tiles, height=TILE))
-        return _stack(rows)
+        return stack_rows(rows)
 
 
 def _tile(image: np.ndarray) -> np.ndarray:
@@ -114,7 +114,7 @@ def _tile(image: np.ndarray) -> np.ndarray:
     )
 
 
-def _stack(rows: Sequence[np.ndarray], gap: int = 4) -> np.ndarray:
+def stack_rows(rows: Sequence[np.ndarray], gap: int = 4) -> np.ndarray:
     """Rows of pictures one above the other, padded white to the widest."""
     width = max(r.shape[1] for r in rows)
     padded = [np.pad(r, ((0, gap), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]

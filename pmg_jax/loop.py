@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from pmg_jax import cam_log, optim, parallel, steps, validate
 from pmg_jax import checkpoint as ckpt_lib
-from pmg_jax import optim, parallel, steps, validate
 from pmg_jax import state as state_lib
 from pmg_jax.data import pipeline, slots, sources
 from pmg_jax.errors import PMGError
@@ -219,6 +219,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
     device_batches = pipeline.prefetch_to_device(batches, data_sharding)
     metrics_log, guard = MetricsLog(workdir), FiniteGuard(checkpoints, config.schedule)
+    cams = cam_log.for_config(config, model, eval_srcs["test"], workdir, rep)  # None unless config.log_cams
 
     def save(step: int, results: dict | None = None) -> None:
         guard.check()  # never save after a bad step
@@ -281,7 +282,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             }
             results = None
             if (epoch + 1) % config.eval_every_epochs == 0 or epoch + 1 == config.num_epochs:
-                results = {}
+                results, eval_start = {}, time.perf_counter()
                 for name, src in eval_srcs.items():
                     _, eval_it = pipeline.eval_batches(
                         src, spec, pipeline.host_layout(config.eval_batch_size), workers=workers, prefetch=EVAL_PREFETCH
@@ -289,6 +290,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     results[name] = steps.evaluate(eval_step, state, eval_it, data_sharding)
                     print(steps.format_eval_table(f"eval epoch {epoch + 1}, {name}", results[name]))
                     metrics_log.write(step, "eval", {"split": name, **results[name]})
+                record["eval_seconds"] = time.perf_counter() - eval_start
+                record.update(_log_cams(cams, epoch + 1, state, metrics_log, step))
                 if results[ranked_on]["combined"] >= best["combined"]:  # a tie goes to the later step, as in orbax
                     best = _best(results, ranked_on, epoch + 1, step)
             metrics_log.write(step, "epoch", record)
@@ -330,6 +333,15 @@ def _best(results: dict[str, dict], ranked_on: str, epoch: int, step: int) -> di
     if ranked_on != "test":
         best.update(test_combined=results["test"]["combined"], test_concat=results["test"]["concat"])
     return best
+
+
+def _log_cams(cams: cam_log.CamLog | None, epoch: int, state: TrainState, log: MetricsLog, step: int) -> dict:
+    """After an evaluation, the CAMs of the run's fixed test images (config.log_cams) to TensorBoard and cams/;
+    the seconds they took, for the epoch record ({} when off)."""
+    if cams is None:
+        return {}
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    return {"cams_seconds": cams(epoch, variables, log.tb if log.enabled else None, step)}
 
 
 def _add_metrics(totals: dict | None, metrics: dict) -> dict:
