@@ -1,6 +1,7 @@
 """Whole training runs of pmg_jax and of the PyTorch reference's loop, side by side over seeds, on the same files.
 
-python -m bench.fidelity --seeds 0 1 2 [--out runs/fidelity] [--figure docs/images/fidelity_demo.png] [--tiny]
+python -m bench.fidelity --seeds 0 1 2 [--out runs/fidelity] [--figure docs/images/fidelity_demo.png] [--jobs 2]
+    [--tiny] [--summarize]
 
 The demo dataset of configs/demo.py is written once as an ImageFolder (`python -m pmg_jax.data.synthetic
 --class-folders`, OUT/data/{train,test}/<class>/) and both sides read those files. For each seed, in fresh
@@ -12,7 +13,9 @@ epoch, each side's mean training loss of every head and its test accuracy of eve
 Prints one JSON line per run and writes OUT/summary.json: the final combined accuracy's mean, min and max
 per side, and per epoch and curve the two sides' means, their min-max bands and the epochs where one side's
 mean leaves the other's band. The figure shows every curve of both sides: the mean over seeds as a line, the
-min-max over seeds as a band. --tiny: one epoch of a tiny model on 64 / 32 images (a check that it all runs).
+min-max over seeds as a band. --jobs K runs K trainings at a time (default 2, the two sides of a seed; 6 runs
+three seeds at once). --tiny: one epoch of a tiny model on 64 / 32 images (a check that it all runs).
+--summarize trains nothing and summarises the runs in OUT as far as all of them have got.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import threading
 import time
 
 from bench.demo import ROOT, commit, uptime
+from pmg_jax import checkpoint as ckpt_lib
 
 HEADS = ("head1", "head2", "head3", "concat", "combined")
 LOSSES = ("loss1", "loss2", "loss3", "loss_concat")
@@ -207,9 +211,7 @@ def _checkpoint_meta(workdir: str) -> dict:
     """The latest checkpoint's metadata (its class names), read with the library that wrote it."""
     import orbax.checkpoint as ocp
 
-    from pmg_jax import checkpoint
-
-    checkpoints = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), read_only=True)
+    checkpoints = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"), read_only=True)
     try:
         meta = ocp.args.Composite(meta=ocp.args.JsonRestore())
         return checkpoints.manager.restore(checkpoints.latest_step(), args=meta)["meta"]
@@ -305,12 +307,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="runs/fidelity", help="folder for the data, the runs and summary.json")
     p.add_argument("--figure", default="", help="where to write the figure (default OUT/fidelity.png)")
     p.add_argument("--tiny", action="store_true", help="one epoch of a tiny model on a few images")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2: the two sides of a seed at once)")
     p.add_argument(
         "--summarize",
         action="store_true",
-        help="train nothing: the summary and figure of the seeds whose runs in OUT are complete on both sides",
+        help="train nothing: the summary and figure of the runs in OUT so far (cut to the epochs all have reached)",
     )
     args = p.parse_args(argv)
+    if args.jobs < 1:
+        p.error(f"--jobs {args.jobs}: at least 1")
     if len(set(args.seeds)) < len(args.seeds):
         p.error("--seeds: each seed can run once")
     args.out = os.path.abspath(args.out)
@@ -321,7 +326,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def write_summary(args: argparse.Namespace, argv: list[str] | None, runs: dict[str, list[dict]]) -> None:
+def write_summary(
+    args: argparse.Namespace, argv: list[str] | None, runs: dict[str, list[dict]], extra: dict | None = None
+) -> None:
     """OUT/summary.json and the figure of the seeds done so far; prints the final combined accuracies."""
     done = [r["seed"] for r in runs["pmg_jax"]]
     summary = {
@@ -333,6 +340,7 @@ def write_summary(args: argparse.Namespace, argv: list[str] | None, runs: dict[s
         "commit": commit(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "uptime": uptime(),
+        **(extra or {}),
     }
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
@@ -352,20 +360,26 @@ def write_summary(args: argparse.Namespace, argv: list[str] | None, runs: dict[s
 
 
 def summarize_existing(args: argparse.Namespace, argv: list[str] | None, epochs: int) -> None:
-    """write_summary over the seeds in OUT whose two runs both reached `epochs` epochs (wall times unknown: 0)."""
+    """write_summary over the seeds in OUT that both sides have started: every curve cut to the epochs that all
+    of those runs have reached, so that runs still going can be compared so far (wall times unknown: 0)."""
     runs: dict[str, list[dict]] = {side: [] for side in SIDES}
     for seed in args.seeds:
         workdir = os.path.join(args.out, "pmg_jax", f"seed{seed}")
         ref_out = os.path.join(args.out, "reference", f"seed{seed}.jsonl")
         if not (os.path.isfile(os.path.join(workdir, "metrics.jsonl")) and os.path.isfile(ref_out)):
             continue
+        if not ckpt_lib.has_checkpoint(os.path.join(workdir, "checkpoints")):  # no epoch finished yet
+            continue
         pair = {"pmg_jax": read_pmg(workdir, workdir + ".log"), "reference": read_reference(ref_out)}
-        if all(len(r["curves"]["test_combined"]) == epochs for r in pair.values()):
+        if all(r["curves"]["test_combined"] for r in pair.values()):
             for side in SIDES:
                 runs[side].append({"seed": seed, "seconds": 0.0, **pair[side]})
     if not runs["pmg_jax"]:
-        sys.exit(f"error: --out {args.out}: no seed of {args.seeds} has both runs complete")
-    write_summary(args, argv, runs)
+        sys.exit(f"error: --out {args.out}: no seed of {args.seeds} has an evaluated epoch on both sides")
+    reached = min(len(r["curves"]["test_combined"]) for rs in runs.values() for r in rs)
+    for r in (r for rs in runs.values() for r in rs):
+        r["curves"] = {c: v[:reached] for c, v in r["curves"].items()}
+    write_summary(args, argv, runs, {"epochs": reached, "of_epochs": epochs})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -378,37 +392,38 @@ def main(argv: list[str] | None = None) -> None:
     for side in SIDES:
         os.makedirs(os.path.join(args.out, side), exist_ok=True)
     data = write_data(config, args.out)
-    runs: dict[str, list[dict]] = {side: [] for side in SIDES}
+    results: dict[tuple[str, int], dict] = {}
     lock = threading.Lock()
 
-    def side_runs(side: str) -> None:
-        """One side's seeds one after the other; the summary is rewritten whenever both sides have a seed."""
-        for seed in args.seeds:
-            if side == "pmg_jax":
-                workdir = os.path.join(args.out, "pmg_jax", f"seed{seed}")
-                seconds = run(pmg_command(config, overrides, data, workdir, seed), workdir + ".log")
-                result = read_pmg(workdir, workdir + ".log")
-            else:
-                out = os.path.join(args.out, "reference", f"seed{seed}.jsonl")
-                seconds = run(reference_command(config, data, out, seed), out[: -len(".jsonl")] + ".log")
-                result = read_reference(out)
-            final = {k: result["curves"][k][-1] for k in CURVES}
-            with lock:
-                runs[side].append({"seed": seed, "seconds": seconds, **result})
-                print(
-                    json.dumps({"side": side, "seed": seed, "seconds": round(seconds, 1), "final": final}), flush=True
-                )
-                done = min(len(rs) for rs in runs.values())
-                if len(runs[side]) == done:  # this side was the later one for this seed
-                    write_summary(args, argv, {s: rs[:done] for s, rs in runs.items()})
+    def one_run(side: str, seed: int) -> None:
+        """Train one side for one seed; the summary is rewritten over the seeds that both sides have finished."""
+        if side == "pmg_jax":
+            workdir = os.path.join(args.out, "pmg_jax", f"seed{seed}")
+            seconds = run(pmg_command(config, overrides, data, workdir, seed), workdir + ".log")
+            result = read_pmg(workdir, workdir + ".log")
+        else:
+            out = os.path.join(args.out, "reference", f"seed{seed}.jsonl")
+            seconds = run(reference_command(config, data, out, seed), out[: -len(".jsonl")] + ".log")
+            result = read_reference(out)
+        final = {k: result["curves"][k][-1] for k in CURVES}
+        with lock:
+            results[side, seed] = {"seed": seed, "seconds": seconds, **result}
+            print(json.dumps({"side": side, "seed": seed, "seconds": round(seconds, 1), "final": final}), flush=True)
+            both = [s for s in args.seeds if all((side, s) in results for side in SIDES)]
+            if seed in both:
+                write_summary(args, argv, {side: [results[side, s] for s in both] for side in SIDES})
 
-    # The two sides run side by side (two processes at a time): the reference with one CPU thread, since its
-    # two-thread OpenMP slows down several times over on a busy machine, and pmg_jax with XLA's own pool.
-    with concurrent.futures.ThreadPoolExecutor(len(SIDES)) as pool:
-        for future in [pool.submit(side_runs, side) for side in SIDES]:
+    # --jobs runs at a time, seed by seed (by default the two sides of a seed side by side): the reference with
+    # one CPU thread, since its two-thread OpenMP slows down several times over on a busy machine, and pmg_jax
+    # with XLA's own pool.
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        futures = [pool.submit(one_run, side, seed) for seed in args.seeds for side in SIDES]
+        for future in futures:
             try:
                 future.result()
             except RuntimeError as e:
+                for other in futures:
+                    other.cancel()
                 sys.exit(f"error: {e}")
 
 

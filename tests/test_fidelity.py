@@ -61,3 +61,7 @@ def test_summary_compares_final_means_with_the_spread_and_names_epochs_outside_t
     assert curve["epochs_outside_other_band"] == [2, 3]  # epoch 1: each mean inside the other's band
     close = _runs({"pmg_jax": [[70.0], [90.0]], "reference": [[75.0], [80.0]]})
     assert fidelity.summarize(close)["within_spread"] is True
+    assert fidelity.summarize(close)["curves"]["test_combined"]["epochs_outside_other_band"] == []
+    # One side's wide band holds the other's mean, but its own mean lies outside the other's narrow band.
+    one_sided = _runs({"pmg_jax": [[0.0], [100.0]], "reference": [[60.0], [62.0]]})
+    assert fidelity.summarize(one_sided)["curves"]["test_combined"]["epochs_outside_other_band"] == [1]
