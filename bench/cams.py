@@ -1,12 +1,14 @@
 """What config.log_cams costs a demo run: seconds per evaluation with the CAMs logged and without.
 
 python -m bench.cams [--epochs 3] [--log-cams 4] [--config configs/demo.py]
+python -m bench.cams --run runs/demo        # the same figures from one finished run's own records
 
 Trains the config twice by `python train.py` in fresh processes, with --config.log_cams=0 and with
 --config.log_cams=N, for --epochs epochs each (an evaluation after every epoch), and reads each run's epoch
 records: `eval_seconds` (the test-split evaluation) and `cams_seconds` (the CAM pass and its pictures, after
 it). Prints one JSON line: per run the seconds of the first evaluation (which compiles) and the median of the
-later ones, evaluation and CAMs apart and together, with the commit and the machine's load.
+later ones, evaluation and CAMs apart and together, with the commit and the machine's load. With --run, no
+training: the figures of that run alone (its `eval` seconds are the cost without the CAMs, `eval_and_cams` with).
 """
 
 from __future__ import annotations
@@ -43,7 +45,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epochs", type=int, default=3, help="epochs of each run (one evaluation after each)")
     p.add_argument("--log-cams", type=int, default=4, help="images whose CAMs the second run logs")
     p.add_argument("--config", default="configs/demo.py", help="config file (default configs/demo.py)")
+    p.add_argument("--run", default="", help="read this finished run's metrics.jsonl instead of training")
     args = p.parse_args(argv)
+    if args.run:
+        if not os.path.isfile(os.path.join(args.run, "metrics.jsonl")):
+            p.error(f"--run {args.run}: no metrics.jsonl there")
+        print(json.dumps({"run": args.run, **per_evaluation(args.run), "uptime": uptime()}), flush=True)
+        return
     if args.epochs < 2:
         p.error(f"--epochs {args.epochs}: at least 2 (the first evaluation compiles)")
     if args.log_cams < 1:

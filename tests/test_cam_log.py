@@ -121,3 +121,16 @@ def test_a_run_without_cams_and_a_negative_count_are_one_line_errors(tmp_path):
         explain_history.main(["--run", str(tmp_path)])
     with pytest.raises(validate.ConfigError, match="config.log_cams=-1 must be >= 0"):
         validate.check(tiny_demo_config(log_cams=-1), 1)
+
+
+def test_bench_cams_reads_evaluation_and_cam_seconds_of_a_run(tmp_path, capsys):
+    from bench import cams
+
+    records = [{"kind": "eval", "step": 1}] + [
+        {"kind": "epoch", "step": e, "eval_seconds": float(e), "cams_seconds": 10.0 * e} for e in (1, 2, 3, 4)
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    cams.main(["--run", str(tmp_path)])
+    out = json.loads(capsys.readouterr().out)
+    assert out["evaluations"] == 4 and out["eval_first"] == 1.0 and out["eval_and_cams_first"] == 11.0
+    assert out["eval_later_median"] == 3.0 and out["cams_later_median"] == 30.0  # epochs 2-4, the first compiles
