@@ -65,3 +65,33 @@ def test_summary_compares_final_means_with_the_spread_and_names_epochs_outside_t
     # One side's wide band holds the other's mean, but its own mean lies outside the other's narrow band.
     one_sided = _runs({"pmg_jax": [[0.0], [100.0]], "reference": [[60.0], [62.0]]})
     assert fidelity.summarize(one_sided)["curves"]["test_combined"]["epochs_outside_other_band"] == [1]
+
+
+def test_initial_weight_scales_match_the_reference():
+    """A whole run starts from each side's own random weights: their scales must agree layer by layer."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+    from flax.traverse_util import flatten_dict
+
+    from bench import torch_reference as ref
+    from pmg_jax import convert
+    from pmg_jax import state as state_lib
+
+    config = fidelity.demo_config({})
+    m = config.model
+    crop = config.data.crop_size
+    model = state_lib.create_model(config, 8)
+    ours = flatten_dict(model.init(jax.random.PRNGKey(0), jnp.zeros((1, crop, crop, 3)), train=False)["params"])
+    theirs: dict[tuple, list[float]] = {}
+    for seed in range(3):
+        torch.manual_seed(seed)
+        net = ref.PMG(ref.make_resnet("resnet50", m.width, m.stage_sizes), feature_size=m.feature_size, num_classes=8)
+        for k, v in flatten_dict(convert.variables_from_torch(net.state_dict())["params"]).items():
+            theirs.setdefault(k, []).append(float(np.std(v)))
+    assert ours.keys() == theirs.keys()
+    for k, v in ours.items():
+        if v.size >= 256:  # smaller tensors' standard deviations vary too much from one draw to the next
+            want = np.mean(theirs[k])
+            assert abs(float(np.std(v)) - want) <= 0.1 * want, "/".join(k)
