@@ -105,11 +105,18 @@ def test_every_evaluation_logs_each_map_to_tensorboard_and_cams_with_one_explain
 
 def test_log_cams_zero_builds_no_explainer_and_writes_no_cams(tmp_path, explainer_calls):
     workdir = str(tmp_path / "run")
-    loop.train_and_evaluate(tiny_demo_config(**TINY, log_cams=0), workdir)
+    loop.train_and_evaluate(tiny_demo_config(**TINY, log_cams=0, log_every_steps=1), workdir)
     assert explainer_calls == []
     assert not os.path.exists(os.path.join(workdir, "cams"))
     assert tensorboard_images(workdir) == {}
     assert not any("cams_seconds" in r for r in epoch_records(workdir))
+    # The epoch record's losses are the means over every step of the epoch (here each step is logged too).
+    train = [r for r in map(json.loads, open(os.path.join(workdir, "metrics.jsonl"))) if r["kind"] == "train"]
+    for record in epoch_records(workdir):
+        steps = [t for t in train if record["step"] - record["train_steps"] < t["step"] <= record["step"]]
+        assert len(steps) == record["train_steps"] == 2
+        for k in ("loss1", "loss2", "loss3", "loss_concat", "accuracy"):
+            assert record[k] == pytest.approx(np.mean([t[k] for t in steps]), rel=1e-6), k
 
 
 def test_a_run_without_cams_and_a_negative_count_are_one_line_errors(tmp_path):
