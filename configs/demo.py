@@ -18,4 +18,5 @@ def get_config():
     c.eval_batch_size = 64
     c.num_epochs = 12
     c.log_every_steps = 8
+    c.log_cams = 4  # watch each block's Grad-CAM of 4 test images evolve (TensorBoard, cams/epoch_<e>.png)
     return c

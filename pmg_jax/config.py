@@ -75,6 +75,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.num_epochs = 200  # epochs; also the period of the cosine schedule
     c.eval_every_epochs = 1  # evaluate on the test split every this many epochs
     c.log_every_steps = 10  # fetch metrics to the host every this many steps
+    c.log_cams = 0  # at each evaluation, Grad-CAM of this many fixed test images to TensorBoard and cams/ (0: off)
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.keep = 3  # keep the latest N checkpoints (plus the best)

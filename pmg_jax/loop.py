@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from pmg_jax import cam_log, optim, parallel, runguard, steps, validate
 from pmg_jax import checkpoint as ckpt_lib
-from pmg_jax import optim, parallel, runguard, steps, validate
 from pmg_jax import state as state_lib
 from pmg_jax.data import pipeline, slots, sources
 from pmg_jax.errors import PMGError
@@ -335,6 +335,7 @@ def _train(
     device_batches = pipeline.prefetch_to_device(batches, data_sharding)
     metrics_log, guard = MetricsLog(workdir, start_step), FiniteGuard(checkpoints, config.schedule)
     held.callback(metrics_log.close)  # also when the run fails
+    cams = cam_log.for_config(config, model, eval_srcs["test"], workdir, rep)  # None unless config.log_cams
 
     def save(step: int, results: dict | None = None) -> None:
         guard.check()  # never save after a bad step
@@ -353,7 +354,7 @@ def _train(
     with interrupts as stop:
         while step < total_steps and stop.signal is None:
             epoch = step // steps_per_epoch
-            epoch_end, sums, logged = (epoch + 1) * steps_per_epoch, {}, 0
+            epoch_end, sums, logged, totals = (epoch + 1) * steps_per_epoch, {}, 0, None
             epoch_start = (step, time.perf_counter())
             bar = tqdm(
                 total=steps_per_epoch,
@@ -370,6 +371,7 @@ def _train(
                         interrupts.training()
                     compiled_at = compiled_at or (step, time.perf_counter())
                     guard.push(step, metrics)
+                    totals = _add_metrics(totals, metrics)
                     if step % config.log_every_steps == 0 or step == epoch_end:
                         m = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "nonfinite_pass"}
                         guard.check()
@@ -394,10 +396,11 @@ def _train(
                 "seconds": time.perf_counter() - epoch_start[1],
                 "images_per_s": _rate(epoch_start, compiled_at, step, config.batch_size),
                 "unreadable_images": len(batches.unreadable.indices),
+                **_mean_metrics(totals, step - epoch_start[0]),
             }
             results = None
             if (epoch + 1) % config.eval_every_epochs == 0 or epoch + 1 == config.num_epochs:
-                results = {}
+                results, eval_start = {}, time.perf_counter()
                 for name, src in eval_srcs.items():
                     _, eval_it = pipeline.eval_batches(
                         src, spec, pipeline.host_layout(config.eval_batch_size), workers=workers, prefetch=EVAL_PREFETCH
@@ -405,6 +408,8 @@ def _train(
                     results[name] = steps.evaluate(eval_step, state, eval_it, data_sharding)
                     print(steps.format_eval_table(f"eval epoch {epoch + 1}, {name}", results[name]))
                     metrics_log.write(step, "eval", {"split": name, **results[name]})
+                record["eval_seconds"] = time.perf_counter() - eval_start
+                record.update(_log_cams(cams, epoch + 1, state, metrics_log, step))
                 if results[ranked_on]["combined"] >= best["combined"]:  # a tie goes to the later step, as in orbax
                     best = _best(results, ranked_on, epoch + 1, step)
             metrics_log.write(step, "epoch", record)
@@ -446,6 +451,29 @@ def _best(results: dict[str, dict], ranked_on: str, epoch: int, step: int) -> di
     if ranked_on != "test":
         best.update(test_combined=results["test"]["combined"], test_concat=results["test"]["concat"])
     return best
+
+
+def _log_cams(cams: cam_log.CamLog | None, epoch: int, state: TrainState, log: MetricsLog, step: int) -> dict:
+    """After an evaluation, the CAMs of the run's fixed test images (config.log_cams) to TensorBoard and cams/;
+    the seconds they took, for the epoch record ({} when off)."""
+    if cams is None:
+        return {}
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    return {"cams_seconds": cams(epoch, variables, log.tb if log.enabled else None, step)}
+
+
+def _add_metrics(totals: dict | None, metrics: dict) -> dict:
+    """Running sums of every step's losses and train accuracy, kept on the device (no wait for the step)."""
+    metrics = {k: v for k, v in metrics.items() if k != "nonfinite_pass"}
+    return metrics if totals is None else jax.tree.map(jnp.add, totals, metrics)
+
+
+def _mean_metrics(totals: dict | None, count: int) -> dict[str, float]:
+    """The epoch record's mean of each loss and of the train accuracy over its `count` steps in this process
+    (every step, where the logged train lines sample every log_every_steps-th); {} before any step."""
+    if totals is None or count <= 0:
+        return {}
+    return {"train_steps": count, **{k: float(v) / count for k, v in jax.device_get(totals).items()}}
 
 
 def _rate(epoch_start: tuple[int, float], compiled_at: tuple[int, float], step: int, batch_size: int) -> float:

@@ -142,6 +142,8 @@ def check(config: ml_collections.ConfigDict, num_devices: int, num_processes: in
             raise ConfigError(f"config.{field}={_value(config, field)} must be at least 1")
     if config.checkpoint.every_steps < 0:
         raise ConfigError(f"config.checkpoint.every_steps={config.checkpoint.every_steps} must be >= 0")
+    if config.log_cams < 0:
+        raise ConfigError(f"config.log_cams={config.log_cams} must be >= 0 (0: no CAMs logged)")
     for field in ("lr_new", "lr_backbone", "weight_decay", "warmup_epochs"):
         if config.optim[field] < 0:
             raise ConfigError(f"config.optim.{field}={config.optim[field]} must be >= 0")

@@ -72,6 +72,7 @@ def tiny_demo_config(**overrides):
     c.num_epochs = 6
     c.optim.lr_new = c.optim.lr_backbone = 0.02  # few steps: a higher rate than the demo's so that it learns
     c.log_every_steps = 4
+    c.log_cams = 0  # the demo's CAM logging costs a compile; tests/test_cam_log.py turns it on where it tests it
     for key, value in overrides.items():
         node = c
         *parents, leaf = key.split(".")

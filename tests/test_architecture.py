@@ -18,7 +18,15 @@ TRAINING = ("pmg_jax.loop", "pmg_jax.steps", "pmg_jax.optim")
 
 
 @pytest.mark.parametrize(
-    "module", ["pmg_jax.state", "pmg_jax.explain", "pmg_jax.predict", "pmg_jax.export", "pmg_jax.cli.explain"]
+    "module",
+    [
+        "pmg_jax.state",
+        "pmg_jax.explain",
+        "pmg_jax.predict",
+        "pmg_jax.export",
+        "pmg_jax.cli.explain",
+        "pmg_jax.explain_history",
+    ],
 )
 def test_importing_an_inference_module_loads_no_training_code(module):
     code = f"import sys, {module}; print(' '.join(m for m in {TRAINING!r} if m in sys.modules))"

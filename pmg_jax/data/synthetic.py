@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
+import os
 import zlib
 
 import cv2
@@ -334,10 +335,27 @@ class DemoSource:
         return f"DemoSource(spec={self.spec!r}, split={self.split!r}, size={self.size})"
 
 
+def write_files(out: str, spec: DemoSpec, split: str, count: int, class_folders: bool = False) -> list[str]:
+    """Write the first `count` examples of a split as PNG files into `out`, flat or as `out/<split>/<class>/`
+    (an ImageFolder tree that any reader, ours or torchvision's, takes); returns the paths written."""
+    names = class_names(spec.num_classes)
+    paths = []
+    for i in range(count):
+        example = make_example(spec, split, i)
+        name = names[example["label"]]
+        folder = os.path.join(out, split, name) if class_folders else out
+        os.makedirs(folder, exist_ok=True)
+        stem = f"{split}_{i:05d}" if class_folders else f"{split}_{i:05d}_{name.replace(' ', '_')}"
+        paths.append(os.path.join(folder, stem + ".png"))
+        if not cv2.imwrite(paths[-1], cv2.cvtColor(example["image"], cv2.COLOR_RGB2BGR)):
+            raise OSError(f"could not write {paths[-1]}")
+    return paths
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Write demo images as PNG files (to try predict and explain on files): python -m pmg_jax.data.synthetic."""
+    """Write demo images as PNG files (to try predict and explain on files, or to train from an ImageFolder):
+    python -m pmg_jax.data.synthetic."""
     import argparse
-    import os
 
     p = argparse.ArgumentParser(prog="python -m pmg_jax.data.synthetic", description=main.__doc__)
     p.add_argument("--out", required=True, help="folder to write into (made if needed)")
@@ -346,15 +364,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--classes", type=int, default=8, help="classes (configs/demo.py has 8)")
     p.add_argument("--image-size", type=int, default=112, help="side in pixels (configs/demo.py has 112)")
     p.add_argument("--seed", type=int, default=0, help="the generator seed (config.dataset.demo_seed)")
+    p.add_argument(
+        "--class-folders",
+        action="store_true",
+        help="write OUT/<split>/<class name>/<split>_<index>.png (an ImageFolder dataset) instead of flat files",
+    )
     args = p.parse_args(argv)
+    if args.count < 0:
+        p.error(f"--count {args.count}: must be 0 or more")
     spec = DemoSpec(args.classes, args.image_size, args.seed)
-    os.makedirs(args.out, exist_ok=True)
-    names = class_names(args.classes)
-    for i in range(args.count):
-        example = make_example(spec, args.split, i)
-        path = os.path.join(args.out, f"{args.split}_{i:05d}_{names[example['label']].replace(' ', '_')}.png")
-        cv2.imwrite(path, cv2.cvtColor(example["image"], cv2.COLOR_RGB2BGR))
-    print(f"wrote {args.count} {args.split} images of the demo dataset to {args.out}")
+    write_files(args.out, spec, args.split, args.count, args.class_folders)
+    where = os.path.join(args.out, args.split) + "/<class>/" if args.class_folders else args.out
+    print(f"wrote {args.count} {args.split} images of the demo dataset to {where}")
 
 
 if __name__ == "__main__":
