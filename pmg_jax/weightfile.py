@@ -354,7 +354,16 @@ def _read_legacy(path: str) -> dict[str, np.ndarray]:
         _fill_storages(stream, [storages[k] for k in keys])
     except WeightFileError:
         raise
-    except (pickle.UnpicklingError, ValueError, EOFError, KeyError, TypeError, RuntimeError, AttributeError) as e:
+    except (
+        pickle.UnpicklingError,
+        ValueError,
+        EOFError,
+        KeyError,
+        TypeError,
+        RuntimeError,
+        AttributeError,
+        struct.error,
+    ) as e:
         raise unreadable(path, "PyTorch", e) from e
     return _arrays(obj, path, torch)
 
@@ -362,7 +371,10 @@ def _read_legacy(path: str) -> dict[str, np.ndarray]:
 def _fill_storages(stream: IO[bytes], storages: Iterable[_Storage]) -> None:
     """Read each storage's bytes: its element count (8 bytes, little-endian), then the elements."""
     for storage in storages:
-        (count,) = struct.unpack("<q", stream.read(8))
+        head = stream.read(8)
+        if len(head) != 8:
+            raise EOFError("the file ends before a storage's size")
+        (count,) = struct.unpack("<q", head)
         buffer = storage.data.numpy()
         if count * storage.data.new_empty((), dtype=storage.dtype).element_size() != buffer.size:
             raise ValueError(f"a storage of {count} elements where {buffer.size} bytes were declared")
