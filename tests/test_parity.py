@@ -96,10 +96,18 @@ def test_one_training_iteration_matches_pytorch(name):
     assert all(not np.array_equal(before[k], ours["params"][k]) for k in before)
 
 
-@pytest.mark.parametrize("change", [dict(weight_decay=0.0), dict(granularities=(4, 8, 2)), dict(momentum=0.8)], ids=str)
+BREAKS = {
+    "no weight decay": dict(weight_decay=0.0),
+    "passes swapped": dict(granularities=(4, 8, 2)),
+    "momentum 0.8": dict(momentum=0.8),
+}
+
+
+@pytest.mark.parametrize("change", list(BREAKS.values()), ids=list(BREAKS))
 def test_the_iteration_check_fails_for_a_broken_step(change):
-    """The tolerances are tight enough to see a dropped weight decay or two swapped passes, on the case where
-    PyTorch float32 is furthest from the truth (on an AMD EPYC, its first convolution's momentum by 3e-2)."""
+    """The tolerances are tight enough to see a dropped weight decay, two swapped passes or a wrong momentum, on
+    the case where PyTorch float32 is furthest from the truth (on an AMD EPYC, its first convolution's momentum
+    by 3e-2)."""
     case, truth, torch32 = reference_iteration("resnet18")
     broken = parity.jax_iteration(case, **change)
     worst = max(
