@@ -32,11 +32,11 @@ def choices() -> dict[str, tuple]:
 
 
 def _value(config: ml_collections.ConfigDict, field: str):
-    """The value of a dotted config field."""
+    """The value of a dotted config field (a list as a tuple, so that a saved JSON config compares equal)."""
     node = config
     for part in field.split("."):
         node = node[part]
-    return node
+    return tuple(node) if isinstance(node, list) else node
 
 
 def check_choice(field: str, value) -> None:
@@ -217,13 +217,6 @@ def resume_changes(config: ml_collections.ConfigDict) -> list[str]:
     return [name.strip() for name in str(config.resume_changes).split(",") if name.strip()]
 
 
-def _field(config: ml_collections.ConfigDict, dotted: str) -> object:
-    node = config
-    for part in dotted.split("."):
-        node = node[part]
-    return tuple(node) if isinstance(node, list) else node
-
-
 def check_resume(
     saved: ml_collections.ConfigDict,
     config: ml_collections.ConfigDict,
@@ -237,9 +230,9 @@ def check_resume(
     if "all" in allowed:
         return
     changes = [
-        (f"config.{f}", _field(saved, f), _field(config, f))
+        (f"config.{f}", _value(saved, f), _value(config, f))
         for f in RESUME_FIELDS
-        if f != "train_images" and _field(saved, f) != _field(config, f)
+        if f != "train_images" and _value(saved, f) != _value(config, f)
     ]
     if saved_images is not None and saved_images != train_images:
         changes.append(("train_images (the training split's size)", saved_images, train_images))
