@@ -157,7 +157,7 @@ class Checkpoints:
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointNotFound(f"no checkpoint in {self.directory}")
-        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        return self._read(step, ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
     def config(self, step: int | None = None) -> ml_collections.ConfigDict:
         """The run's config, over today's defaults so that fields added since it was saved have values."""

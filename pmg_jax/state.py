@@ -154,7 +154,12 @@ def restore_and_report(path: str, which: str, prog: str) -> Restored:
     print(f"using {restored.describe()}")
     ckpts = ckpt_lib.Checkpoints(os.path.join(restored.run, "checkpoints"), read_only=True)
     # the run, not the chosen checkpoint: a finished run's best checkpoint may well be of an earlier epoch
-    latest = restored.meta if restored.step == ckpts.latest_step() else ckpts.meta()
+    latest = restored.meta
+    if restored.step != ckpts.latest_step():
+        try:
+            latest = ckpts.meta()
+        except ckpt_lib.CheckpointDamaged:  # restore fell back past it, and has said so
+            pass
     if not _finished(latest, restored.config.num_epochs):
         print(
             f"{prog}: warning: {restored.run} is unfinished (stopped at epoch {latest.get('epoch')} of "
