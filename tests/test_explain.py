@@ -250,7 +250,8 @@ def test_a_class_target_reaches_the_titles_through_explain(tmp_path):
     import torch
     from test_parity import torch_pmg
 
-    from pmg_jax import convert, state
+    from pmg_jax import state
+    from pmg_jax.cli import convert
 
     src, run = str(tmp_path / "model.pth"), str(tmp_path / "run")
     torch.save(torch_pmg("resnet50", 8, (1, 1, 1, 1), 16, 8, seed=2, size=64).state_dict(), src)

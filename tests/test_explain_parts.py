@@ -11,8 +11,9 @@ from test_report import Page
 from test_sources import CLASSES, write_cub, write_lines
 
 from bench.parity import torch_pmg
-from pmg_jax import cam, convert, parts, state
+from pmg_jax import cam, parts, state
 from pmg_jax import explain as explain_lib
+from pmg_jax.cli import convert as convert_cli
 from pmg_jax.cli import explain
 from pmg_jax.data import sources
 
@@ -46,7 +47,7 @@ def test_cub_miniature_with_parts_end_to_end(tmp_path, capsys):
     )
     src, run, out = str(tmp_path / "model.pth"), str(tmp_path / "run"), tmp_path / "out"
     torch.save(torch_pmg("resnet50", 8, (1, 1, 1, 1), 16, 200, seed=2, size=64).state_dict(), src)
-    convert.main([src, "--out", run, "--dataset", "cub", "--data-dir", data_dir])
+    convert_cli.main([src, "--out", run, "--dataset", "cub", "--data-dir", data_dir])
     assert (
         explain.main(["--evaluate", "--ckpt", run, "--auc-steps", "0", "--report-images", "2", "--out", str(out)]) == 0
     )

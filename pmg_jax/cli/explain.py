@@ -16,18 +16,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 
 from tqdm import tqdm
 
 from pmg_jax import cam, explain, localization, parts
-from pmg_jax import checkpoint as ckpt_lib
 from pmg_jax import model as model_lib
-from pmg_jax import state as state_lib
+from pmg_jax.cli import common
 from pmg_jax.data import sources
-from pmg_jax.errors import PMGError, check_writable
+from pmg_jax.errors import check_writable
 
 PROG = "explain.py"
 # --block values: blocks by number, the concat map, every block map, or a backbone stage by name
@@ -44,13 +42,7 @@ BLOCK_CHOICES = {
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line, checked; adds `maps` (in model order) and resolves the default target."""
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="run dir, folder of runs, or checkpoint step dir")
-    p.add_argument(
-        "--checkpoint",
-        choices=ckpt_lib.WHICH,
-        default="latest",
-        help="which checkpoint of a run (ignored for a step dir)",
-    )
+    common.add_checkpoint_flags(p)
     p.add_argument("--images", nargs="+", default=[], help="image files, directories and glob patterns")
     p.add_argument(
         "--num-images",
@@ -114,7 +106,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=8,
         help="with --evaluate: how many of the images whose blocks disagree most report.html shows",
     )
-    state_lib.add_max_pixels_option(p)
+    common.add_max_pixels_option(p)
     args = p.parse_args(argv)
     args.maps = tuple(n for n in cam.MAP_NAMES if any(n in BLOCK_CHOICES[b] for b in (args.block or ["all"])))
     args.method = list(dict.fromkeys(args.method or ["gradcam"]))
@@ -283,19 +275,19 @@ def evaluate(args: argparse.Namespace, restored) -> int:
     return 0
 
 
+def _explain(args: argparse.Namespace) -> int:
+    """Restore, check the output folder, then explain the images or evaluate the split; returns the exit status."""
+    restored = common.restore(args, PROG)
+    args.out = args.out or os.path.join(restored.run, "explain")
+    check_writable(args.out, "pass --out DIR")
+    return evaluate(args, restored) if args.evaluate else explain_images(args, restored)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command; returns the exit status."""
     args = parse_args(argv)
-    logging.getLogger("absl").setLevel(logging.ERROR)
-    try:
-        restored = state_lib.restore_and_report(args.ckpt, args.checkpoint, PROG)
-        state_lib.apply_max_pixels(restored, args.max_pixels)
-        args.out = args.out or os.path.join(restored.run, "explain")
-        check_writable(args.out, "pass --out DIR")
-        return evaluate(args, restored) if args.evaluate else explain_images(args, restored)
-    except PMGError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
+    common.quiet_logging()
+    return common.status(PROG, lambda: _explain(args))
 
 
 def run() -> None:
