@@ -89,7 +89,7 @@ def test_every_evaluation_logs_each_map_to_tensorboard_and_cams_with_one_explain
     test = sources.make_source(restored.config, "test")
     size, mean, std = config.data.crop_size, config.data.mean, config.data.std
     x = np.stack([cam.prepare(decode.load_example(test[i])["image"], size, mean, std) for i in indices])
-    fresh = cam.make_explainer(restored.model, cam_log.MAPS)(restored.variables, x)
+    fresh = cam.make_explainer(restored.model, cam.CamOptions(cam_log.MAPS))(restored.variables, x)
     expected = np.stack([np.asarray(fresh.maps[m]) for m in cam_log.MAPS], axis=1)
     np.testing.assert_allclose(logged_maps, expected, atol=1e-5)
 

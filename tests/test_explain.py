@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
+from pmg_jax import cam, viz
 from pmg_jax import explain as explain_lib
-from pmg_jax import viz
 from pmg_jax.cli import explain
 from pmg_jax.data import synthetic
 
@@ -258,7 +258,8 @@ def test_a_class_target_reaches_the_titles_through_explain(tmp_path):
     convert.main([src, "--out", run, "--dataset", "demo"])
     restored = state.restore(run)
     _, items = explain_lib.from_split(restored.config, "test", 2)
-    results = explain_lib.explain(restored, items, target="class", class_id=5, batch_size=2, out_dir=str(tmp_path))
+    options = cam.CamOptions(target="class")
+    results = explain_lib.explain(restored, items, options=options, class_id=5, batch_size=2, out_dir=str(tmp_path))
     names, other = restored.class_names, 0
     for result in results:
         titles = explain_lib._titles(result, result.maps["gradcam"], names)

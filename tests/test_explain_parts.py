@@ -157,9 +157,9 @@ def test_bad_finer_and_report_flags_are_usage_errors(argv, message, capsys):
 
 def test_finer_flags_parse():
     args = explain.parse_args(["--ckpt", "r", "--target", "finer", "--finer-k", "2", "--finer-alpha", "0.5"])
-    assert (args.target, args.finer_k, args.finer_alpha) == ("finer", 2, 0.5)
+    assert (args.target, args.options.finer_k, args.options.finer_alpha) == ("finer", 2, 0.5)
     args = explain.parse_args(["--ckpt", "r", "--evaluate", "--target", "finer"])
-    assert (args.finer_k, args.finer_alpha) == (cam.FINER_K, cam.FINER_ALPHA)
+    assert (args.options.finer_k, args.options.finer_alpha) == (cam.FINER_K, cam.FINER_ALPHA)
     assert explain.parse_args(["--ckpt", "r"]).report_images == 8
 
 
@@ -172,8 +172,9 @@ def test_finer_maps_contrast_each_heads_prediction(demo_run, tmp_path):
     restored = state.restore(workdir)
     _, items = explain_lib.from_split(config, "test", 4)
     items = list(items)
-    finer = explain_lib.explain(restored, items, target="finer", finer_k=2, batch_size=4, out_dir=str(tmp_path))
-    plain = explain_lib.explain(restored, items, target="predicted", batch_size=4)
+    finer_options = cam.CamOptions(target="finer", finer_k=2)
+    finer = explain_lib.explain(restored, items, options=finer_options, batch_size=4, out_dir=str(tmp_path))
+    plain = explain_lib.explain(restored, items, options=cam.CamOptions(target="predicted"), batch_size=4)
     names = restored.class_names
     differ = 0
     for f, p in zip(finer, plain, strict=True):
