@@ -1,2 +1,2 @@
-"""Every command line (train, explain, predict, export, convert), each a thin layer over the library; common.py holds
-what they share."""
+"""Every command line (train, explain, predict, export, convert, explain_history), each a thin layer over the
+library; common.py holds what they share."""
