@@ -11,11 +11,13 @@ seed's sum of the three block maps ('seed') or the concat head's gradient throug
 defines it: the explained class's logit contrasted with its k nearest classes by logit (see
 `finer_score`), so a map shows what tells the class apart from those it is most confused with.
 Every map is ReLU'd, divided by its maximum (an all-zero map stays zero) and resized
-bilinearly to the input size, so it lies in [0, 1].
+bilinearly to the input size, so it lies in [0, 1]. What a request explains (maps, methods, target,
+concat map, Finer-CAM's k and alpha) is one frozen `CamOptions`, checked once when it is made.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -28,6 +30,7 @@ import numpy as np
 from pmg_jax import model as model_lib
 from pmg_jax import xla_options
 from pmg_jax.data import transforms
+from pmg_jax.errors import PMGError
 
 MAP_NAMES = model_lib.CAM_MAPS
 TARGETS = ("predicted", "class", "seed", "finer")
@@ -64,21 +67,14 @@ def prepare(image: np.ndarray, size: int, mean: Sequence[float], std: Sequence[f
     return transforms.normalize(transforms.resize(image, size), mean, std)
 
 
-def target_score(
-    logits: jax.Array,
-    target: str,
-    classes: jax.Array | None = None,
-    *,
-    finer_k: int = FINER_K,
-    finer_alpha: float = FINER_ALPHA,
-) -> jax.Array:
-    """Per-image score (B,) whose gradient a map explains: a class's logit, the Finer-CAM contrast, or the seed's
-    0.5 * sum_c z_c^2."""
-    if target == "seed":
+def target_score(logits: jax.Array, options: CamOptions, classes: jax.Array | None = None) -> jax.Array:
+    """Per-image score (B,) whose gradient a map explains (options.target): a class's logit, the Finer-CAM contrast,
+    or the seed's 0.5 * sum_c z_c^2."""
+    if options.target == "seed":
         return 0.5 * jnp.sum(jnp.square(logits), axis=-1)
-    main = explained_class(logits, target, classes)
-    if target == "finer":
-        return finer_score(logits, main, similar_classes(logits, main, finer_k), finer_alpha)
+    main = explained_class(logits, options.target, classes)
+    if options.target == "finer":
+        return finer_score(logits, main, similar_classes(logits, main, options.finer_k), options.finer_alpha)
     return jnp.take_along_axis(logits, main[:, None], axis=-1)[:, 0]
 
 
@@ -132,44 +128,6 @@ def forward(model: nn.Module, variables: dict, images: jax.Array) -> tuple[tuple
     """Inference logits and every sown map, without gradients."""
     logits, state = model.apply(_variables(variables), images, train=False, mutable=["intermediates"])
     return logits, {name: value[0] for name, value in state["intermediates"].items()}
-
-
-def capture(
-    model: nn.Module,
-    variables: dict,
-    images: jax.Array,
-    requests: Sequence[Request],
-    target: str = "predicted",
-    classes: jax.Array | None = None,
-    *,
-    finer_k: int = FINER_K,
-    finer_alpha: float = FINER_ALPHA,
-) -> Captured:
-    """One forward pass, and for each (map, head) request the gradient of that head's summed target score.
-
-    The backward pass is the reverse-mode Jacobian of one scalar per distinct head, so gradients
-    driven by different heads never mix (layer2 feeds all three heads); only the requested maps
-    are differentiated, so nothing below them is back-propagated.
-    """
-    variables = _variables(variables)
-    zeros = perturbation_zeros(model, variables, images)
-    names = sorted({name for name, _ in requests})
-    heads = sorted({head for _, head in requests})
-
-    def scores(perturbed: dict[str, jax.Array]):
-        """Summed target score per requested head, with the logits and sown maps as aux."""
-        logits, state = model.apply(
-            {**variables, "perturbations": {**zeros, **perturbed}}, images, train=False, mutable=["intermediates"]
-        )
-        per_head = jnp.stack(
-            [jnp.sum(target_score(logits[h], target, classes, finer_k=finer_k, finer_alpha=finer_alpha)) for h in heads]
-        )
-        return per_head, (logits, state["intermediates"])
-
-    jacobian, (logits, sown) = jax.jacrev(scores, has_aux=True)({name: zeros[name] for name in names})
-    acts = {name: sown[name][0] for name in names}
-    grads = {(name, head): jacobian[name][heads.index(head)] for name, head in requests}
-    return Captured(acts, grads, logits)
 
 
 def _spatial_sum(x: jax.Array) -> jax.Array:
@@ -245,6 +203,108 @@ _METHODS: dict[str, Method] = {
 METHODS = tuple(_METHODS)
 
 
+class CamOptionsError(PMGError, ValueError):
+    """CAM options that cannot work; the message is one line that starts with the field's name (`field`)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+@dataclasses.dataclass(frozen=True)
+class CamOptions:
+    """What a CAM request explains, checked once when made: the maps (kept in model order), the methods (each
+    computed by its own explainer: `per_method`), the target (predicted | class | seed | finer), the concat map
+    (seed: the block maps' sum; head: the concat head's gradient) and Finer-CAM's k and alpha (used by target
+    'finer' only). A CamOptionsError names the field that cannot work."""
+
+    maps: Sequence[str] = (*BLOCKS, "concat")
+    methods: Sequence[str] | str = ("gradcam",)
+    target: str = "predicted"
+    concat: str = "seed"
+    finer_k: int = FINER_K
+    finer_alpha: float = FINER_ALPHA
+
+    def __post_init__(self) -> None:
+        maps, methods = [self.maps] if isinstance(self.maps, str) else self.maps, self.methods
+        methods = tuple(dict.fromkeys([methods] if isinstance(methods, str) else methods))
+        if not maps or any(m not in MAP_NAMES for m in maps):
+            raise CamOptionsError(
+                "maps", f"maps must be a non-empty subset of {', '.join(MAP_NAMES)}; got {list(maps)}"
+            )
+        object.__setattr__(self, "maps", tuple(n for n in MAP_NAMES if n in maps))
+        object.__setattr__(self, "methods", methods)
+        for field, value, allowed in (("target", self.target, TARGETS), ("concat", self.concat, CONCAT_MODES)):
+            if value not in allowed:
+                raise CamOptionsError(field, f"{field} must be one of {', '.join(allowed)}; got {value!r}")
+        if not methods or any(m not in METHODS for m in methods):
+            raise CamOptionsError("methods", f"methods must be among {', '.join(METHODS)}; got {list(methods)}")
+        if self.target == "finer":
+            self._check_finer()
+
+    def _check_finer(self) -> None:
+        """Finer-CAM: gradient methods only, k a positive whole number of classes, alpha finite."""
+        for method in self.methods:
+            if not _METHODS[method].uses_gradients:
+                raise CamOptionsError(
+                    "methods",
+                    f"methods must be gradient methods for target 'finer': {method} has no target class to contrast "
+                    f"(use one of {', '.join(m for m, v in _METHODS.items() if v.uses_gradients)})",
+                )
+        k = self.finer_k
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise CamOptionsError("finer_k", f"finer_k must be a positive number of similar classes, not {k!r}")
+        if not np.isfinite(self.finer_alpha):
+            raise CamOptionsError("finer_alpha", f"finer_alpha must be a finite number, not {self.finer_alpha!r}")
+
+    def one_method(self) -> str:
+        """The method of options that hold one (what cam.explain computes); `per_method` splits several."""
+        if len(self.methods) != 1:
+            raise CamOptionsError("methods", f"methods: one per explainer, not {list(self.methods)} (per_method)")
+        return self.methods[0]
+
+    def per_method(self) -> dict[str, CamOptions]:
+        """These options split by method, each of one method, in order."""
+        return {m: dataclasses.replace(self, methods=(m,)) for m in self.methods}
+
+
+DEFAULT = CamOptions()  # the four maps by Grad-CAM, each head's prediction explained
+
+
+def capture(
+    model: nn.Module,
+    variables: dict,
+    images: jax.Array,
+    requests: Sequence[Request],
+    options: CamOptions = DEFAULT,
+    classes: jax.Array | None = None,
+) -> Captured:
+    """One forward pass, and for each (map, head) request the gradient of that head's summed target score
+    (`options`' target, and its Finer-CAM k and alpha).
+
+    The backward pass is the reverse-mode Jacobian of one scalar per distinct head, so gradients
+    driven by different heads never mix (layer2 feeds all three heads); only the requested maps
+    are differentiated, so nothing below them is back-propagated.
+    """
+    variables = _variables(variables)
+    zeros = perturbation_zeros(model, variables, images)
+    names = sorted({name for name, _ in requests})
+    heads = sorted({head for _, head in requests})
+
+    def scores(perturbed: dict[str, jax.Array]):
+        """Summed target score per requested head, with the logits and sown maps as aux."""
+        logits, state = model.apply(
+            {**variables, "perturbations": {**zeros, **perturbed}}, images, train=False, mutable=["intermediates"]
+        )
+        per_head = jnp.stack([jnp.sum(target_score(logits[h], options, classes)) for h in heads])
+        return per_head, (logits, state["intermediates"])
+
+    jacobian, (logits, sown) = jax.jacrev(scores, has_aux=True)({name: zeros[name] for name in names})
+    acts = {name: sown[name][0] for name in names}
+    grads = {(name, head): jacobian[name][heads.index(head)] for name, head in requests}
+    return Captured(acts, grads, logits)
+
+
 def raw_map(method: str, acts: jax.Array, grads: jax.Array | None = None) -> jax.Array:
     """A method's map (B, h, w) before ReLU and normalisation, computed in float32."""
     a = acts.astype(jnp.float32)
@@ -293,93 +353,33 @@ def maps_from_capture(
     return out
 
 
-def check_options(
-    maps: Sequence[str], method: str, target: str, concat: str, finer_k: int = FINER_K, finer_alpha: float = FINER_ALPHA
-) -> None:
-    """Raise ValueError for an unknown map, method, target kind or concat mode, or a Finer-CAM it cannot do."""
-    for value, allowed, what in (
-        (method, METHODS, "method"),
-        (target, TARGETS, "target"),
-        (concat, CONCAT_MODES, "concat mode"),
-    ):
-        if value not in allowed:
-            raise ValueError(f"unknown {what} {value!r}; expected one of {', '.join(allowed)}")
-    unknown = [m for m in maps if m not in MAP_NAMES]
-    if unknown or not maps:
-        raise ValueError(f"maps must be a non-empty subset of {', '.join(MAP_NAMES)}; got {list(maps)}")
-    if target == "finer":
-        if not _METHODS[method].uses_gradients:
-            raise ValueError(
-                f"target 'finer' needs a gradient method: {method} has no target class to contrast "
-                f"(use one of {', '.join(m for m, v in _METHODS.items() if v.uses_gradients)})"
-            )
-        if isinstance(finer_k, bool) or not isinstance(finer_k, (int, np.integer)) or finer_k < 1:
-            raise ValueError(f"finer_k must be a positive number of similar classes, not {finer_k!r}")
-        if not np.isfinite(finer_alpha):
-            raise ValueError(f"finer_alpha must be a finite number, not {finer_alpha!r}")
-
-
 def explain(
     model: nn.Module,
     variables: dict,
     images: jax.Array,
     classes: jax.Array | None = None,
-    *,
-    maps: Sequence[str] = ("block1", "block2", "block3", "concat"),
-    method: str = "gradcam",
-    target: str = "predicted",
-    concat: str = "seed",
-    finer_k: int = FINER_K,
-    finer_alpha: float = FINER_ALPHA,
+    options: CamOptions = DEFAULT,
 ) -> Explanation:
-    """Maps of a batch of normalised NHWC images; `classes` (B,) are the targets when target='class'.
+    """Maps of a batch of normalised NHWC images for `options` (of one method); `classes` (B,) are the targets
+    when its target is 'class'.
 
-    target='finer' contrasts each head's explained class (`classes` if given, else the head's
-    prediction) with its `finer_k` nearest classes by that head's logits, weighted by `finer_alpha`.
+    Target 'finer' contrasts each head's explained class (`classes` if given, else the head's prediction) with
+    its options.finer_k nearest classes by that head's logits, weighted by options.finer_alpha.
     """
-    check_options(maps, method, target, concat, finer_k, finer_alpha)
-    if target == "class" and classes is None:
+    method, maps, concat = options.one_method(), options.maps, options.concat
+    if options.target == "class" and classes is None:
         raise ValueError("target='class' needs `classes` (one class id per image)")
     if not _METHODS[method].uses_gradients:
         logits, sown = forward(model, variables, images)
         captured = Captured({name: sown[name] for name, _ in requests_for(maps, concat)}, {}, logits)
     else:
-        captured = capture(
-            model,
-            variables,
-            images,
-            requests_for(maps, concat),
-            target,
-            classes,
-            finer_k=finer_k,
-            finer_alpha=finer_alpha,
-        )
+        captured = capture(model, variables, images, requests_for(maps, concat), options, classes)
     out = maps_from_capture(captured, method, maps, images.shape[1:3], concat)
-    targets = jnp.stack([explained_class(z, target, classes) for z in captured.logits], axis=-1)
+    targets = jnp.stack([explained_class(z, options.target, classes) for z in captured.logits], axis=-1)
     return Explanation(out, captured.logits, targets)
 
 
-def make_explainer(
-    model: nn.Module,
-    maps: Sequence[str] = ("block1", "block2", "block3", "concat"),
-    method: str = "gradcam",
-    target: str = "predicted",
-    concat: str = "seed",
-    *,
-    finer_k: int = FINER_K,
-    finer_alpha: float = FINER_ALPHA,
-) -> Callable[..., Explanation]:
-    """`explain` jitted for fixed options: fn(variables, images, classes=None) -> Explanation."""
-    check_options(maps, method, target, concat, finer_k, finer_alpha)
-    return xla_options.jit(
-        functools.partial(
-            explain,
-            model,
-            maps=tuple(maps),
-            method=method,
-            target=target,
-            concat=concat,
-            finer_k=finer_k,
-            finer_alpha=finer_alpha,
-        )
-    )
+def make_explainer(model: nn.Module, options: CamOptions = DEFAULT) -> Callable[..., Explanation]:
+    """`explain` jitted for `options` (of one method): fn(variables, images, classes=None) -> Explanation."""
+    options.one_method()  # options of several methods are refused here, not when first traced
+    return xla_options.jit(functools.partial(explain, model, options=options))

@@ -58,7 +58,7 @@ class CamLog:
         self.display = np.stack([transforms.resize(e["image"], size) for e in examples])  # uint8, what the maps cover
         x = np.stack([cam.prepare(e["image"], size, mean, std) for e in examples]).astype(np.float32)
         self.inputs = x if sharding is None else jax.device_put(x, sharding)
-        self.explainer = cam.make_explainer(model, MAPS)  # jitted once; every evaluation reuses it
+        self.explainer = cam.make_explainer(model, cam.CamOptions(MAPS))  # jitted once; every evaluation reuses it
         self.folder = os.path.join(workdir, FOLDER)
 
     def __call__(self, epoch: int, variables: dict, writer=None, step: int = 0) -> float:

@@ -13,13 +13,13 @@ ResNets, timm ResNet-D and ConvNeXt) with or without `features.`, and a DataPara
 Files are read by pmg_jax.weightfile, by content and never running code from them: safetensors
 and .npz with numpy alone; PyTorch files (a state dict, a training checkpoint holding one, or a
 whole pickled model such as the reference's `model.pth`, read without its source code) with torch.
+The command line is pmg_jax/cli/convert.py:
 
     python -m pmg_jax.convert model.pth --out runs/pmg_cub --dataset cub
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 from collections.abc import Mapping, Sequence
@@ -37,7 +37,7 @@ from pmg_jax import config as config_lib
 from pmg_jax import model as model_lib
 from pmg_jax import state as state_lib
 from pmg_jax.data import sources
-from pmg_jax.errors import PMGError, check_writable
+from pmg_jax.errors import PMGError
 
 _SKIPPED_SUFFIXES = ("num_batches_tracked",)
 _PLAIN_PARAMS = ("gamma",)  # parameters kept under their own name, unchanged (ConvNeXt's layer scale)
@@ -359,41 +359,7 @@ def convert_to_run(
     return Converted(write_checkpoint(variables, out_dir, config, names, source=os.path.abspath(src)), arch, origin)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: convert one PyTorch/safetensors/npz PMG file into a checkpoint run directory."""
-    parser = argparse.ArgumentParser(prog="python -m pmg_jax.convert", description=__doc__.split("\n")[0])
-    parser.add_argument("src", help="model.pth (state dict or whole pickled model), .safetensors or .npz")
-    parser.add_argument("--out", required=True, help="new run directory to write (e.g. runs/pmg_cub)")
-    parser.add_argument(
-        "--dataset",
-        help=f"dataset preset for the config and class names: {', '.join(config_lib.DATASETS)} (default: none)",
-    )
-    parser.add_argument("--data-dir", help="where the dataset lives, to read its class names")
-    parser.add_argument("--num-classes", type=int, help="expected classes (default: read from the heads)")
-    parser.add_argument("--backbone", help="expected backbone, e.g. resnet50 (default: read from the weights)")
-    parser.add_argument("--feature-size", type=int, help="expected block feature size (default: from the weights)")
-    args = parser.parse_args(argv)
-    try:
-        check_writable(args.out, "pass --out DIR")
-        done = convert_to_run(
-            args.src,
-            args.out,
-            dataset=args.dataset,
-            num_classes=args.num_classes,
-            backbone=args.backbone,
-            feature_size=args.feature_size,
-            data_dir=args.data_dir,
-        )
-    except (ConversionError, OSError) as e:
-        raise SystemExit(f"pmg_jax.convert: error: {e}") from None
-    a = done.architecture
-    print(
-        f"converted {args.src}: PMG {a.backbone} (width {a.width}, feature size {a.feature_size}, "
-        f"{a.num_classes} classes) -> {done.checkpoint_dir}"
-    )
-    print(f"class names: {done.class_names_origin}")
-    print(f"use it with: python explain.py --ckpt {args.out}")
+if __name__ == "__main__":  # python -m pmg_jax.convert: the command lives in pmg_jax.cli.convert
+    from pmg_jax.cli import convert as _command
 
-
-if __name__ == "__main__":
-    main()
+    _command.main()

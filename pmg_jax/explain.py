@@ -1,8 +1,8 @@
 """Explain a restored PMG: images or a sample of a dataset split in; maps, predictions and files out.
 
     r = state.restore("runs/cub")
-    results = explain.explain(r, explain.from_files(["bird.jpg"])[0], out_dir="out/")
-    results = explain.explain(r, explain.from_split(r.config, "test", 16), out_dir="out/")
+    results = explain.explain(r, explain.from_files(["bird.jpg"])[1], out_dir="out/")
+    results = explain.explain(r, explain.from_split(r.config, "test", 16)[1], options=cam.CamOptions(target="finer"))
 
 Each image gets the seed's overlays (conv_block{k}_<tag>.jpg, conv_block_concat_<tag>.jpg) and a titled
 grid (grid_<tag>.png, its caption stored inside); index.html in the folder is rebuilt from every grid
@@ -221,17 +221,35 @@ def contrasts(logits: Sequence[np.ndarray], targets: np.ndarray, k: int = cam.FI
     return [{h: tuple(int(c) for c in s[b]) for h, s in similar.items()} for b in range(len(targets))]
 
 
+def explained(
+    items: Sequence[Item], slots: Iterable[int], outs: dict[str, cam.Explanation], options: cam.CamOptions
+) -> list[Explained]:
+    """The results of a batch's images (`items`, at `slots` of the batch) from its explanations by method: the maps
+    of options.maps, and from the first method's logits each head's probabilities, the class it explains and,
+    for target 'finer', the classes it is contrasted with."""
+    first = next(iter(outs.values()))
+    probabilities = [np.asarray(jax.nn.softmax(z)) for z in first.logits]
+    targets = np.asarray(first.targets)
+    contrasted = contrasts(first.logits, targets, options.finer_k) if options.target == "finer" else None
+    return [
+        Explained(
+            item,
+            {m: {n: np.asarray(out.maps[n][slot]) for n in options.maps} for m, out in outs.items()},
+            {h: p[slot] for h, p in zip(model_lib.HEADS, probabilities, strict=True)},
+            {},
+            contrasted[slot] if contrasted else {},
+            {h: int(t) for h, t in zip(model_lib.HEADS, targets[slot], strict=True)},
+        )
+        for item, slot in zip(items, slots, strict=True)
+    ]
+
+
 def explain(
     restored: Restored,
     items: Iterable[Item],
     *,
-    maps: Sequence[str] = (*model_lib.BLOCKS, "concat"),
-    methods: Sequence[str] = ("gradcam",),
-    target: str = "predicted",
+    options: cam.CamOptions = cam.DEFAULT,
     class_id: int | None = None,
-    concat: str = "seed",
-    finer_k: int = cam.FINER_K,
-    finer_alpha: float = cam.FINER_ALPHA,
     batch_size: int = 8,
     out_dir: str | None = None,
     save_npy: bool = False,
@@ -242,20 +260,16 @@ def explain(
     overlays, grids and captions are written there (one subfolder per method when there are several) as each
     batch is done, and each folder's index.html is rebuilt. With keep=False the results are only written and
     passed to `on_result`, not returned, so that memory holds one batch whatever the number of images.
-    `target` is predicted | seed | class (then `class_id`) | finer (each head's prediction against its `finer_k`
-    nearest classes, see cam.explain)."""
-    if target == "class" and (class_id is None or not 0 <= class_id < len(restored.class_names)):
+    options.target is predicted | seed | class (then `class_id`) | finer (each head's prediction against its
+    finer_k nearest classes, see cam.explain)."""
+    if options.target == "class" and (class_id is None or not 0 <= class_id < len(restored.class_names)):
         raise ValueError(f"class target {class_id}: the model has {len(restored.class_names)} classes")
-    maps = tuple(n for n in cam.MAP_NAMES if n in maps)
-    config, names = restored.config, restored.class_names
-    explainers = {
-        m: cam.make_explainer(restored.model, maps, m, target, concat, finer_k=finer_k, finer_alpha=finer_alpha)
-        for m in methods
-    }
+    config, names, methods = restored.config, restored.class_names, options.methods
+    explainers = {m: cam.make_explainer(restored.model, one) for m, one in options.per_method().items()}
     outs = {m: None if out_dir is None else out_dir if len(methods) == 1 else os.path.join(out_dir, m) for m in methods}
     size, mean, std = config.data.crop_size, tuple(config.data.mean), tuple(config.data.std)
     # Only a class target takes classes: for 'finer' they would replace each head's prediction.
-    classes = np.full(batch_size, class_id, np.int32) if target == "class" else None
+    classes = np.full(batch_size, class_id, np.int32) if options.target == "class" else None
     results, count = [], 0
     prepare = functools.partial(cam.prepare, size=size, mean=mean, std=std)
     for pairs in _batches(items, batch_size, prepare):
@@ -265,21 +279,10 @@ def explain(
         per_method = {
             m: jax.device_get(explainer(restored.variables, x, classes)) for m, explainer in explainers.items()
         }
-        first = per_method[methods[0]]
-        probs = {h: np.asarray(jax.nn.softmax(z)) for h, z in zip(model_lib.HEADS, first.logits)}
-        contrasted = contrasts(first.logits, first.targets, finer_k) if target == "finer" else None
-        for i, item in enumerate(batch):
-            result = Explained(
-                item,
-                {m: {n: np.asarray(out.maps[n][i]) for n in maps} for m, out in per_method.items()},
-                {h: p[i] for h, p in probs.items()},
-                {},
-                contrasted[i] if contrasted else {},
-                {h: int(t) for h, t in zip(model_lib.HEADS, first.targets[i], strict=True)},
-            )
+        for result in explained(batch, range(len(batch)), per_method, options):
             for method, folder in outs.items():
                 if folder is not None:
-                    write_grid(folder, result, method, names, concat=concat, save_npy=save_npy)
+                    write_grid(folder, result, method, names, concat=options.concat, save_npy=save_npy)
             count += 1
             if keep:
                 results.append(result)
@@ -287,7 +290,7 @@ def explain(
                 on_result(result)
     for method, folder in outs.items():
         if folder is not None and count:
-            viz.rebuild_index(folder, f"{method} of {', '.join(maps)} ({restored.run})")
+            viz.rebuild_index(folder, f"{method} of {', '.join(options.maps)} ({restored.run})")
     return results
 
 
@@ -313,12 +316,13 @@ def has_boxes(source: pipeline.Source) -> bool:
 
 @dataclasses.dataclass
 class Evaluation:
-    """One explain pass over a split: localisation.evaluate's report (its 'results' None without boxes), the
-    part tables by method (parts.tables; None without parts), and by method the (disagreement, image) pairs of
-    the images whose block maps disagree most (report.disagreement), most first, each image as the network saw
-    it (the eval crop) with its maps."""
+    """One explain pass over a split: its CAM options, localisation.evaluate's report (its 'results' None without
+    boxes), the part tables by method (parts.tables; None without parts), and by method the (disagreement, image)
+    pairs of the images whose block maps disagree most (report.disagreement), most first, each image as the
+    network saw it (the eval crop) with its maps."""
 
     split: str
+    options: cam.CamOptions
     localization: dict
     parts: dict[str, dict] | None
     disagreeing: dict[str, list[tuple[float, Explained]]]
@@ -341,16 +345,14 @@ class _Gatherer:
         source: pipeline.Source,
         split: str,
         layout: pipeline.Layout,
-        maps: Sequence[str],
+        options: cam.CamOptions,
         keep_top: int,
-        target: str,
-        finer_k: int,
     ):
-        self.restored, self.source, self.split, self.layout, self.maps = restored, source, split, layout, maps
+        self.restored, self.source, self.split, self.layout = restored, source, split, layout
+        self.options, self.maps = options, options.maps
         self.part_names = pipeline.part_names(source)
-        self.blocks = tuple(b for b in model_lib.BLOCKS if b in maps)
+        self.blocks = tuple(b for b in model_lib.BLOCKS if b in self.maps)
         self.keep_top = keep_top if len(self.blocks) >= 2 else 0
-        self.finer_k = finer_k if target == "finer" else None
         self.attributions: dict[str, dict[str, list[parts.Attribution]]] = {}
         self.parts, self.labels, self.batches_seen = [], [], {}
         self.top: dict[str, list[tuple[float, Explained]]] = {}
@@ -386,28 +388,12 @@ class _Gatherer:
         """The images in `slots` of a batch as Explained results of `method` (their crops, maps, probabilities)."""
         config = self.restored.config
         pictures = _display(np.asarray(batch["image"]), config.data.mean, config.data.std)
-        probabilities = [np.asarray(jax.nn.softmax(z)) for z in out.logits]
-        contrasted = contrasts(out.logits, np.asarray(out.targets), self.finer_k) if self.finer_k else None
-        results = []
+        items = []
         for slot in slots:
             index = self.layout.global_position(number, int(slot))
-            item = Item(
-                f"{self.split}_{index:05d}",
-                _origin(self.source[index], config, self.split, index),
-                pictures[slot].copy(),
-                int(batch["label"][slot]),
-            )
-            results.append(
-                Explained(
-                    item,
-                    {method: {n: np.asarray(out.maps[n][slot]) for n in self.maps}},
-                    {h: p[slot] for h, p in zip(model_lib.HEADS, probabilities, strict=True)},
-                    {},
-                    contrasted[slot] if contrasted else {},
-                    {h: int(t) for h, t in zip(model_lib.HEADS, np.asarray(out.targets)[slot], strict=True)},
-                )
-            )
-        return results
+            origin = _origin(self.source[index], config, self.split, index)
+            items.append(Item(f"{self.split}_{index:05d}", origin, pictures[slot].copy(), int(batch["label"][slot])))
+        return explained(items, slots, {method: out}, self.options)
 
     def part_tables(self, size: tuple[int, int]) -> dict[str, dict] | None:
         """parts.tables by method over every image seen, with its uniform-map baseline and per class."""
@@ -431,12 +417,7 @@ def evaluate(
     restored: Restored,
     split: str = "test",
     *,
-    maps: Sequence[str] = (*model_lib.BLOCKS, "concat"),
-    methods: Sequence[str] = ("gradcam",),
-    target: str = "class",
-    concat: str = "seed",
-    finer_k: int = cam.FINER_K,
-    finer_alpha: float = cam.FINER_ALPHA,
+    options: cam.CamOptions = localization.LABELS,
     batch_size: int = 8,
     max_images: int | None = None,
     auc_steps: int = 16,
@@ -456,30 +437,23 @@ def evaluate(
         source = _Prefix(source, max_images)
     spec, layout = transform_spec(restored.config), pipeline.host_layout(batch_size)
     _, batches = pipeline.eval_batches(source, spec, layout, with_box=boxes, with_parts=True)
-    maps = tuple(n for n in cam.MAP_NAMES if n in maps)
-    gather = _Gatherer(restored, source, split, layout, maps, report_images, target, finer_k)
+    gather = _Gatherer(restored, source, split, layout, options, report_images)
     with batches:
         located = localization.evaluate(
             restored.model,
             restored.variables,
             batches,
             spec,
-            maps=maps,
-            methods=methods,
-            target=target,
-            concat=concat,
+            options=options,
             auc_steps=auc_steps,
             progress=progress,
-            finer_k=finer_k,
-            finer_alpha=finer_alpha,
             on_maps=gather,
         )
-    return Evaluation(split, located, gather.part_tables((spec.crop_size, spec.crop_size)), gather.top)
+    parts_tables = gather.part_tables((spec.crop_size, spec.crop_size))
+    return Evaluation(split, options, located, parts_tables, gather.top)
 
 
-def write_report(
-    evaluation: Evaluation, restored: Restored, out_dir: str, *, concat: str = "seed", title: str = ""
-) -> list[str]:
+def write_report(evaluation: Evaluation, restored: Restored, out_dir: str, *, title: str = "") -> list[str]:
     """report.html of an evaluation in `out_dir` (in <out_dir>/<method>/ for each of several methods), with the
     most disagreeing images' grids in its report_images/ subfolder; returns the reports' paths."""
     located = evaluation.localization
@@ -494,7 +468,7 @@ def write_report(
                     result,
                     method,
                     restored.class_names,
-                    concat=concat,
+                    concat=evaluation.options.concat,
                     caption=[result.item.origin, f"disagreement {score:.3f}"],
                 ),
                 f"{result.item.origin}: disagreement {score:.3f}",

@@ -1,19 +1,14 @@
 """One image's block maps over a run's epochs, in one strip figure (from the CAMs a run logs with config.log_cams).
 
-  python -m pmg_jax.explain_history --run runs/demo --image 0            # writes runs/demo/cams/history_0.png
-
---run is a run directory or a folder of runs (the one with the newest checkpoint). --image picks one of the
-images the run logged (0 to log_cams - 1: test images spread over the split). Rows are the maps (blocks 1-3 and
-the concat map), columns the evaluations in order; each tile is titled with its head's top class then.
+Rows are the maps (blocks 1-3 and the concat map), columns the evaluations in order; each tile is titled with its
+head's top class then. The command line is pmg_jax/cli/explain_history.py (`python -m pmg_jax.explain_history`).
 """
 
 from __future__ import annotations
 
-import argparse
 import glob
 import os
 import re
-import sys
 
 import numpy as np
 
@@ -81,23 +76,7 @@ def strip(history: list[dict[str, np.ndarray]], image: int) -> np.ndarray:
     return cam_log.stack_rows(rows)
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m pmg_jax.explain_history", description=__doc__.splitlines()[0])
-    p.add_argument("--run", required=True, help="a run directory, or a folder of runs (the newest is used)")
-    p.add_argument("--image", type=int, default=0, help="which logged image (0 to log_cams - 1)")
-    p.add_argument("--out", default="", help="PNG to write (default <run>/cams/history_<image>.png)")
-    args = p.parse_args(argv)
-    try:
-        run = find_run(args.run)
-        history = read_history(run)
-        figure = strip(history, args.image)
-        out = args.out or os.path.join(run, cam_log.FOLDER, f"history_{args.image}.png")
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        viz.write_image(out, figure)
-    except (PMGError, OSError) as e:
-        sys.exit(f"error: {e}")
-    print(f"wrote {out}: {len(history)} evaluations of {run}")
+if __name__ == "__main__":  # python -m pmg_jax.explain_history: the command lives in pmg_jax.cli.explain_history
+    from pmg_jax.cli import explain_history as _command
 
-
-if __name__ == "__main__":
-    main()
+    _command.main()

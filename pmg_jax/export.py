@@ -1,17 +1,14 @@
 """Export a trained run as one function of uint8 images, as StableHLO (jax.export) or ONNX, with a model card.
 
-  python -m pmg_jax.export --ckpt runs/cub --format stablehlo --out exported/cub
-  python -m pmg_jax.export --ckpt runs/cub --format onnx --out exported/cub_onnx     # needs pmg_jax[onnx]
-
 The function takes RGB uint8 images, NHWC, already resized and centre-cropped to the crop size (the caller
 resizes: DIR/model.json says how), with any batch size, and returns the softmax of the sum of the four
 heads' logits ('probabilities') and the four logits ('head1', 'head2', 'head3', 'concat'). Normalisation
 happens inside. DIR/model.json holds the class names, sizes, mean/std, input and outputs and the source.
+The command line is pmg_jax/cli/export.py (`python -m pmg_jax.export`).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -28,17 +25,14 @@ import numpy as np
 from pmg_jax import kernels
 from pmg_jax import model as model_lib
 from pmg_jax.data import pipeline
-from pmg_jax.errors import PMGError, check_writable
-from pmg_jax.state import Restored, restore_and_report, transform_spec
+from pmg_jax.errors import PMGError
+from pmg_jax.state import Restored, transform_spec
 
 FORMATS = {"stablehlo": "model.stablehlo", "onnx": "model.onnx"}
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("probabilities", *model_lib.HEADS)
 # jax.export lowers for these; the exported model holds no platform-specific code, so it runs on any of them
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
-
-
-PROG = "pmg_jax.export"  # how its messages start (run as python -m pmg_jax.export)
 
 
 class ExportError(PMGError, RuntimeError):
@@ -203,35 +197,7 @@ def max_relative_difference(ours: Sequence[np.ndarray], reference: Sequence[np.n
     ) / max(scale, np.finfo(np.float32).tiny)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command; returns the exit status."""
-    p = argparse.ArgumentParser(
-        prog="python -m pmg_jax.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--ckpt", required=True, help="run dir, folder of runs (the newest), or checkpoint step dir")
-    p.add_argument("--checkpoint", choices=("latest", "best"), default="latest", help="which checkpoint of a run")
-    p.add_argument("--format", required=True, choices=tuple(FORMATS), help="stablehlo (jax.export) or onnx")
-    p.add_argument("--out", required=True, help="output directory (gets the model file and model.json)")
-    args = p.parse_args(argv)
-    logging.getLogger("absl").setLevel(logging.ERROR)
-    try:
-        restored = restore_and_report(args.ckpt, args.checkpoint, PROG)
-        check_writable(args.out, "pass --out DIR")
-        path = export(restored, args.format, args.out)
-    except PMGError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
-    print(
-        f"exported {restored.run} step {restored.step} as {args.format} -> {path} (and model.json); the caller "
-        f"resizes to {restored.config.data.resize_size} and centre-crops {restored.config.data.crop_size}"
-    )
-    return 0
+if __name__ == "__main__":  # python -m pmg_jax.export: the command lives in pmg_jax.cli.export
+    from pmg_jax.cli import export as _command
 
-
-def run() -> None:
-    """The console script: exit with main's status."""
-    sys.exit(main())
-
-
-if __name__ == "__main__":
-    run()
+    _command.run()

@@ -30,6 +30,7 @@ from pmg_jax.data import pipeline
 THRESHOLDS = np.arange(100) / 100.0
 CAM_THRESHOLD_INDEX = 20  # THRESHOLDS[20] = 0.2, the CAM paper's fixed threshold
 IOU_V2 = (0.3, 0.5, 0.7)
+LABELS = cam.CamOptions(target="class")  # evaluate's default: the four maps by Grad-CAM, of the true label
 METRICS = ("MaxBoxAcc", "MaxBoxAccV2", "GT-known", "Top-1 Loc", "Top-1 Cls", "Pointing", "Deletion", "Insertion")
 
 
@@ -168,29 +169,24 @@ def evaluate(
     batches: Iterable[dict],
     spec: pipeline.TransformSpec,
     *,
-    maps: Sequence[str] = ("block1", "block2", "block3", "concat"),
-    methods: Sequence[str] = ("gradcam",),
-    target: str = "class",
-    concat: str = "seed",
+    options: cam.CamOptions = LABELS,
     auc_steps: int = 16,
     progress: Callable[[int], Any] | None = None,
-    finer_k: int = cam.FINER_K,
-    finer_alpha: float = cam.FINER_ALPHA,
     on_maps: Callable[[str, cam.Explanation, dict, np.ndarray], Any] | None = None,
 ) -> dict:
-    """Localisation metrics per method and map over eval batches {'image', 'label', 'box', 'mask'} made with `spec`.
+    """Localisation metrics per method and map of `options` over eval batches {'image', 'label', 'box', 'mask'} made
+    with `spec`.
 
-    target='class' explains the true label (the WSOL protocol), target='finer' contrasts it with its finer_k
-    nearest classes (cam.explain); auc_steps=0 skips the (costly:
+    Target 'class' explains the true label (the WSOL protocol), 'finer' contrasts it with its finer_k nearest
+    classes (cam.explain); auc_steps=0 skips the (costly:
     2 x (auc_steps + 1) forward passes per map) deletion and insertion curves. Returns {'count', 'centre_pointing',
     'results': {method: {map: {metric: value}}}}; `progress(n)` is called with each batch's real count.
     `on_maps(method, explanation, batch, keep)` sees every batch's maps as they are made, so a caller gathers
     more from the same pass (parts, disagreement); batches without 'box' skip the box metrics, and then
     'centre_pointing' and 'results' are None.
     """
-    explainers = {
-        m: cam.make_explainer(model, maps, m, target, concat, finer_k=finer_k, finer_alpha=finer_alpha) for m in methods
-    }
+    explainers = {m: cam.make_explainer(model, one) for m, one in options.per_method().items()}
+    maps, methods = options.maps, options.methods
     curves = xla_options.jit(functools.partial(deletion_insertion, model, steps=auc_steps))
     records = {(m, name): {} for m in methods for name in maps}
     centre, count = [], 0

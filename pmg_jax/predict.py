@@ -1,26 +1,19 @@
-"""Batch prediction with a trained run: the top classes of image files, or accuracy on a split of its dataset.
-
-  python -m pmg_jax.predict --ckpt runs/cub --images bird.jpg photos/ '*.png' [--top-k 5] [--out preds.csv]
-  python -m pmg_jax.predict --ckpt runs/cub --split test [--out results/preds.jsonl]
+"""Batch prediction with a trained run: the top classes of image files, or the accuracy of a split of its dataset.
 
 Images get the checkpoint's own evaluation transform (resize, centre crop, normalise) and run in fixed-size
 batches (the last one padded) through one jitted function, the batch sharded over every local device.
-"combined" is the softmax of the sum of the four heads' logits (the paper's prediction); --heads adds each
-head's own softmax. --out's extension picks the format (.csv or .jsonl; default: a table on stdout).
-Unreadable files are reported on stderr and written with an `error` field; the run goes on.
+"combined" is the softmax of the sum of the four heads' logits (the paper's prediction). Rows go out as CSV,
+JSON lines or a table (RowWriter). The command line is pmg_jax/cli/predict.py (`python -m pmg_jax.predict`).
 """
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import contextlib
 import csv
 import dataclasses
 import json
-import logging
 import os
-import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 
@@ -32,14 +25,11 @@ from tqdm import tqdm
 from pmg_jax import model as model_lib
 from pmg_jax import parallel, xla_options
 from pmg_jax.data import decode, pipeline, sources, transforms
-from pmg_jax.errors import OutputError, PMGError, check_writable
-from pmg_jax.state import Restored, add_max_pixels_option, apply_max_pixels, restore_and_report, transform_spec
+from pmg_jax.errors import PMGError
+from pmg_jax.state import Restored, transform_spec
 
 OUTPUTS = (model_lib.COMBINED, *model_lib.HEADS)  # order of the jitted function's outputs
-FORMATS = (".csv", ".jsonl")
-
-
-PROG = "pmg_jax.predict"  # how its messages start (run as python -m pmg_jax.predict)
+FORMATS = (".csv", ".jsonl")  # what RowWriter writes, by --out's extension
 
 
 class PredictError(PMGError, ValueError):
@@ -312,116 +302,7 @@ def format_row(row: dict, outputs: Sequence[str]) -> str:
     )
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m pmg_jax.predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--ckpt", required=True, help="run dir, folder of runs (the newest), or checkpoint step dir")
-    p.add_argument("--checkpoint", choices=("latest", "best"), default="latest", help="which checkpoint of a run")
-    what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--images", nargs="+", help="image files, directories and glob patterns")
-    what.add_argument("--split", choices=sources.SPLITS, help="predict this split of the checkpoint's dataset")
-    p.add_argument("--top-k", type=int, default=5, help="classes per image and output (default 5)")
-    p.add_argument(
-        "--out",
-        help="preds.csv or preds.jsonl (default: a table on stdout); with --split its folder "
-        "also gets the confusion matrix",
-    )
-    p.add_argument(
-        "--batch-size",
-        type=int,
-        help="images per jitted batch, a multiple of the local devices (default: the checkpoint's eval batch)",
-    )
-    p.add_argument("--heads", action="store_true", help="also the top classes of each head")
-    add_max_pixels_option(p)
-    args = p.parse_args(argv)
-    if args.out is not None and os.path.splitext(args.out)[1].lower() not in FORMATS:
-        p.error(f"--out {args.out}: the extension must be .csv or .jsonl")
-    if args.top_k < 1:
-        p.error(f"--top-k must be at least 1, got {args.top_k}")
-    return args
+if __name__ == "__main__":  # python -m pmg_jax.predict: the command lives in pmg_jax.cli.predict
+    from pmg_jax.cli import predict as _command
 
-
-def _predict_images(args, predictor: Predictor, writer: RowWriter) -> int:
-    paths, problems = sources.collect_images(args.images)
-    for problem in problems:
-        print(f"skipping {problem}", file=sys.stderr)
-    k = min(args.top_k, len(predictor.class_names))
-    read = 0
-    with tqdm(total=len(paths), unit="image", desc="predict", dynamic_ncols=True) as bar:
-        for row in predict_files(predictor, paths, k=k, heads=args.heads):
-            if "error" in row:
-                tqdm.write(f"unreadable: {row['path']}: {row['error']}", file=sys.stderr)
-            read += "error" not in row
-            writer.write(row)
-            bar.update(1)
-    if not read:
-        print(f"{PROG}: none of the {len(paths)} inputs could be read as an image", file=sys.stderr)
-        return 1
-    print(f"predicted {read} of {len(paths)} images" + (f" -> {args.out}" if args.out else ""), file=sys.stderr)
-    return 0
-
-
-def _predict_split(args, predictor: Predictor, writer: RowWriter | None) -> int:
-    r = predictor.restored
-    with tqdm(unit="image", desc=f"predict {args.split}", dynamic_ncols=True) as bar:
-        result = predict_split(
-            predictor,
-            args.split,
-            k=min(args.top_k, len(r.class_names)),
-            heads=args.heads,
-            on_row=writer.write if writer else None,
-            progress=bar.update,
-        )
-    print(format_accuracy(result, r.class_names, f"{r.config.dataset.name} {args.split} with {r.run} step {r.step}"))
-    path = os.path.join(_confusion_folder(args, r), f"confusion_{args.split}.csv")
-    write_confusion(path, result.confusion, r.class_names)
-    print(f"confusion matrix (combined) -> {path}")
-    return 0 if result.counts.sum() else 1
-
-
-def _confusion_folder(args, restored: Restored) -> str:
-    """Where --split writes its confusion matrix: beside --out, else in the run."""
-    return os.path.dirname(os.path.abspath(args.out)) if args.out else restored.run
-
-
-def check_outputs(args, restored: Restored) -> None:
-    """Every file the command will write can be written, checked before any work (one line if not)."""
-    if args.out:
-        check_writable(os.path.dirname(os.path.abspath(args.out)), "pass --out FILE in a folder you can write")
-        if os.path.isdir(args.out):
-            raise OutputError(f"cannot write {args.out}: it is a directory: pass --out FILE")
-    if args.split:
-        check_writable(_confusion_folder(args, restored), "pass --out FILE: the confusion matrix goes beside it")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command; returns the exit status."""
-    args = parse_args(argv)
-    logging.getLogger("absl").setLevel(logging.ERROR)
-    try:
-        restored = restore_and_report(args.ckpt, args.checkpoint, PROG)
-        apply_max_pixels(restored, args.max_pixels)
-        check_outputs(args, restored)
-        predictor = make_predictor(restored, args.batch_size)
-        print(f"batch {predictor.batch_size} over {jax.local_device_count()} device(s)", file=sys.stderr)
-        outputs = OUTPUTS if args.heads else OUTPUTS[:1]
-        writer = RowWriter(args.out, min(args.top_k, len(restored.class_names)), outputs, with_label=bool(args.split))
-        try:
-            if args.split:
-                return _predict_split(args, predictor, writer if args.out else None)
-            return _predict_images(args, predictor, writer)
-        finally:
-            writer.close()
-    except PMGError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
-
-
-def run() -> None:
-    """The console script: exit with main's status."""
-    sys.exit(main())
-
-
-if __name__ == "__main__":
-    run()
+    _command.run()

@@ -6,9 +6,7 @@ training loop or the optimizer.
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from typing import Any
 
 import flax
@@ -19,7 +17,7 @@ import optax
 
 from pmg_jax import checkpoint as ckpt_lib
 from pmg_jax import validate
-from pmg_jax.data import decode, pipeline
+from pmg_jax.data import pipeline
 from pmg_jax.model import PMG
 
 
@@ -93,7 +91,7 @@ class Restored:
     @property
     def finished(self) -> bool:
         """Whether the run had trained all its epochs when this checkpoint was written."""
-        return _finished(self.meta, self.config.num_epochs)
+        return run_finished(self.meta, self.config.num_epochs)
 
     def describe(self) -> str:
         """One line: which checkpoint of which run, how far it trained and what it is."""
@@ -108,7 +106,7 @@ class Restored:
         )
 
 
-def _finished(meta: dict, num_epochs: int) -> bool:
+def run_finished(meta: dict, num_epochs: int) -> bool:
     """Whether a checkpoint with `meta` was written after the last of `num_epochs` (or converted: complete)."""
     return meta.get("epoch", 0) >= num_epochs or "converted_from" in meta
 
@@ -140,61 +138,3 @@ def load_variables(path: str, config: ml_collections.ConfigDict, which: str = "l
     validate.check_compatible(restored.config, config, path)
     print(f"weights from {restored.run} at step {restored.step}")
     return restored.variables
-
-
-def restore_and_report(path: str, which: str, prog: str) -> Restored:
-    """`restore` for a command line: announces the checkpoint in one line, says which run a folder of runs
-    resolved to, warns (on stderr) when that run is unfinished, and notes when a better checkpoint exists."""
-    restored = restore(path, which)
-    given = os.path.abspath(path)
-    if given not in (restored.run, os.path.join(restored.run, "checkpoints")) and os.path.dirname(
-        given
-    ) != os.path.join(restored.run, "checkpoints"):
-        print(f"{path} is a folder of runs: using the one with the newest checkpoint, {restored.run}")
-    print(f"using {restored.describe()}")
-    ckpts = ckpt_lib.Checkpoints(os.path.join(restored.run, "checkpoints"), read_only=True)
-    # the run, not the chosen checkpoint: a finished run's best checkpoint may well be of an earlier epoch
-    latest = restored.meta
-    if restored.step != ckpts.latest_step():
-        try:
-            latest = ckpts.meta()
-        except ckpt_lib.CheckpointDamaged:  # restore fell back past it, and has said so
-            pass
-    if not _finished(latest, restored.config.num_epochs):
-        print(
-            f"{prog}: warning: {restored.run} is unfinished (stopped at epoch {latest.get('epoch')} of "
-            f"{restored.config.num_epochs})",
-            file=sys.stderr,
-        )
-    best = ckpts.best_step()
-    if which == "latest" and best not in (None, restored.step):
-        print(f"(the latest checkpoint; --checkpoint best takes step {best}, the best combined accuracy)")
-    return restored
-
-
-def add_max_pixels_option(p: argparse.ArgumentParser) -> None:
-    """The --max-pixels option (predict and explain): the cap on an image's pixels, over the checkpoint's."""
-    p.add_argument(
-        "--max-pixels",
-        type=_pixel_cap,
-        help="refuse (report and skip) images with more pixels than this, read from their header before "
-        f"decoding (default: the checkpoint's data.max_image_pixels, normally {decode.DEFAULT_MAX_PIXELS}; "
-        f"at most {decode.OPENCV_MAX_PIXELS}, OpenCV's own limit)",
-    )
-
-
-def _pixel_cap(text: str) -> int:
-    """A --max-pixels value: a whole number from 1 to OpenCV's limit."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of pixels") from None
-    if not 1 <= value <= decode.OPENCV_MAX_PIXELS:
-        raise argparse.ArgumentTypeError(f"{value} is not between 1 and {decode.OPENCV_MAX_PIXELS}")
-    return value
-
-
-def apply_max_pixels(restored: Restored, max_pixels: int | None) -> None:
-    """Make --max-pixels, when given, the restored config's cap (which every decode of the command reads)."""
-    if max_pixels is not None:
-        restored.config.data.max_image_pixels = max_pixels

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import tiny_demo_config
 
-from pmg_jax import backbones, explain, loop, optim
+from pmg_jax import backbones, cam, explain, loop, optim
 from pmg_jax import state as state_lib
 
 
@@ -100,7 +100,9 @@ def test_a_backbone_registered_outside_the_package_explains(toy_run, tmp_path):
     workdir, config, _ = toy_run
     restored = state_lib.restore(workdir)
     _, items = explain.from_split(restored.config, "test", 3)
-    results = explain.explain(restored, items, maps=("block1", "block3", "concat", "layer2"), out_dir=str(tmp_path))
+    results = explain.explain(
+        restored, items, options=cam.CamOptions(maps=("block1", "block3", "concat", "layer2")), out_dir=str(tmp_path)
+    )
     assert len(results) == 3
     for r in results:
         for name, m in r.maps["gradcam"].items():

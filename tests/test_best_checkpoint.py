@@ -12,6 +12,7 @@ from pmg_jax import checkpoint as ckpt_lib
 from pmg_jax import loop
 from pmg_jax import state as state_lib
 from pmg_jax import steps as steps_lib
+from pmg_jax.cli import common
 
 # combined accuracy per epoch: up, down, up again but not as high, then a tie with the best
 SCRIPTED = (30.0, 60.0, 40.0, 50.0, 60.0, 20.0)
@@ -81,7 +82,7 @@ def test_the_best_checkpoint_of_a_finished_run_is_not_called_unfinished(scripted
     """Epoch 5 of 6 is the best; the run itself went to its last epoch, so no warning (the latest's is the same)."""
     workdir, config, _, _ = scripted_run
     for which in ("best", "latest"):
-        restored = state_lib.restore_and_report(workdir, which, "prog")
+        restored = common.restore_and_report(workdir, which, "prog")
         printed = capsys.readouterr()
         assert "unfinished" not in printed.err, (which, printed.err)
     assert restored.meta["epoch"] == len(SCRIPTED) and "epoch 6 of 6" in printed.out

@@ -14,9 +14,10 @@ from big_images import write_grey_png, write_noise_jpeg
 from conftest import ROOT, tiny_demo_config
 from PIL import Image
 
-from pmg_jax import convert, predict, validate, viz
+from pmg_jax import convert, validate, viz
 from pmg_jax import explain as explain_lib
 from pmg_jax import state as state_lib
+from pmg_jax.cli import predict as predict_cli
 from pmg_jax.data import decode, synthetic
 from pmg_jax.errors import ConfigError
 
@@ -167,14 +168,14 @@ def test_predict_reports_bombs_and_predicts_the_rest_in_bounded_memory(run, bomb
 
 def test_max_pixels_flag_overrides_the_checkpoints_cap(run, tmp_path, capsys):
     good = good_images(tmp_path / "good")  # 48 x 48 = 2304 pixels each
-    assert predict.main(["--ckpt", run, "--images", *good, "--max-pixels", "2304"]) == 0
+    assert predict_cli.main(["--ckpt", run, "--images", *good, "--max-pixels", "2304"]) == 0
     capsys.readouterr()
-    assert predict.main(["--ckpt", run, "--images", *good, "--max-pixels", "2303"]) == 1
+    assert predict_cli.main(["--ckpt", run, "--images", *good, "--max-pixels", "2303"]) == 1
     err = capsys.readouterr().err
     assert err.count("48x48 pixels is more than the 2303 pixels allowed") == 2
     for bad in ("0", str(2**30 + 1), "many"):
         with pytest.raises(SystemExit):
-            predict.main(["--ckpt", run, "--images", *good, "--max-pixels", bad])
+            predict_cli.main(["--ckpt", run, "--images", *good, "--max-pixels", bad])
         assert "--max-pixels" in capsys.readouterr().err
 
 

@@ -18,6 +18,7 @@ from truth import assert_near_truth
 from bench.parity import as_float64, flax_variables, nhwc, torch_pmg
 from pmg_jax import cam
 from pmg_jax.data import synthetic
+from pmg_jax.errors import PMGError
 from pmg_jax.model import PMG
 
 GRADIENT_METHODS = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam")
@@ -180,7 +181,7 @@ def test_every_map_matches_pytorch(tiny_pair, method):
     """Blocks, backbone stages and the seed concat, each explained by its own head only."""
     model_t, model_j, variables, x = tiny_pair
     torch32, truth = in_float32_and_float64(torch_maps, model_t, x, cam.MAP_NAMES, method)
-    got = cam.make_explainer(model_j, cam.MAP_NAMES, method)(variables, nhwc(x))
+    got = cam.make_explainer(model_j, cam.CamOptions(cam.MAP_NAMES, method))(variables, nhwc(x))
     for name in cam.MAP_NAMES:
         assert got.maps[name].shape == (3, TINY_SIZE, TINY_SIZE)
     assert_near_truth(dict(got.maps), torch32, truth, floor=MAP_TOL, what=f"{method} maps")
@@ -191,7 +192,9 @@ def test_targets_and_concat_head_match_pytorch(tiny_pair, target, concat):
     model_t, model_j, variables, x = tiny_pair
     classes = np.array([4, 0, 2], np.int32)
     torch32, truth = in_float32_and_float64(torch_maps, model_t, x, cam.MAP_NAMES, "gradcam", target, classes, concat)
-    got = cam.make_explainer(model_j, cam.MAP_NAMES, "gradcam", target, concat)(variables, nhwc(x), classes)
+    got = cam.make_explainer(model_j, cam.CamOptions(cam.MAP_NAMES, "gradcam", target, concat))(
+        variables, nhwc(x), classes
+    )
     assert_near_truth(dict(got.maps), torch32, truth, floor=MAP_TOL, what=f"{target} {concat} maps")
     if target == "class":
         np.testing.assert_array_equal(got.targets, np.repeat(classes[:, None], 4, axis=1))
@@ -204,7 +207,9 @@ def test_seed_target_and_concat_reproduce_the_seed(tiny_pair):
     x = cam.prepare(image, TINY_SIZE, (0.5,) * 3, (0.5,) * 3)
     image = torch.from_numpy(x.transpose(2, 0, 1)[None].copy())
     seed32, truth = in_float32_and_float64(seed_maps, model_t, image)
-    got = cam.make_explainer(model_j, ("block1", "block2", "block3", "concat"), target="seed")(variables, x[None])
+    got = cam.make_explainer(model_j, cam.CamOptions(("block1", "block2", "block3", "concat"), target="seed"))(
+        variables, x[None]
+    )
     assert_near_truth({n: got.maps[n][0] for n in truth}, seed32, truth, floor=MAP_TOL, what="the seed's maps")
 
 
@@ -227,7 +232,7 @@ def seed_maps(model_t, image: torch.Tensor) -> dict[str, np.ndarray]:
 
 def test_any_batch_size_gives_per_image_maps(tiny_pair):
     _, model_j, variables, x = tiny_pair
-    explainer = cam.make_explainer(model_j, cam.MAP_NAMES)
+    explainer = cam.make_explainer(model_j, cam.CamOptions(cam.MAP_NAMES))
     batch = explainer(variables, nhwc(x))
     for i in range(3):
         single = explainer(variables, nhwc(x[i : i + 1]))
@@ -242,7 +247,7 @@ def test_a_dead_block_gives_zero_maps_not_nan(tiny_pair):
     bn = dead["params"]["conv_block3_1"]["bn"]
     bn["bias"] = jnp.full_like(bn["bias"], -1e4)
     for method in cam.METHODS:
-        out = cam.make_explainer(model_j, cam.MAP_NAMES, method)(dead, nhwc(x))
+        out = cam.make_explainer(model_j, cam.CamOptions(cam.MAP_NAMES, method))(dead, nhwc(x))
         for name, m in out.maps.items():
             assert np.all(np.isfinite(m)) and m.min() >= 0 and m.max() <= 1, (method, name)
         assert np.all(out.maps["block3"] == 0), method
@@ -251,7 +256,7 @@ def test_a_dead_block_gives_zero_maps_not_nan(tiny_pair):
 def test_eigencam_is_the_first_principal_component(tiny_pair):
     _, model_j, variables, x = tiny_pair
     _, sown = cam.forward(model_j, variables, nhwc(x))
-    got = cam.make_explainer(model_j, ("block2",), "eigencam")(variables, nhwc(x)).maps["block2"]
+    got = cam.make_explainer(model_j, cam.CamOptions(("block2",), "eigencam"))(variables, nhwc(x)).maps["block2"]
     for i in range(3):
         a = np.asarray(sown["block2"][i], np.float64)
         flat = a.reshape(-1, a.shape[-1])
@@ -266,18 +271,60 @@ def test_eigencam_is_the_first_principal_component(tiny_pair):
 def test_bfloat16_model_gives_valid_maps(tiny_pair):
     _, _, variables, x = tiny_pair
     model = PMG(**TINY, dtype=jnp.bfloat16)
-    out = cam.make_explainer(model, cam.MAP_NAMES)(variables, nhwc(x))
+    out = cam.make_explainer(model, cam.CamOptions(cam.MAP_NAMES))(variables, nhwc(x))
     for name, m in out.maps.items():
         assert m.dtype == jnp.float32 and np.all(np.isfinite(m)) and m.min() >= 0 and m.max() <= 1, name
 
 
 def test_options_are_checked():
     model = PMG(**TINY)
-    for kwargs in ({"method": "gradcam+"}, {"target": "label"}, {"concat": "sum"}, {"maps": ("block4",)}, {"maps": ()}):
+    for kwargs in (
+        {"methods": "gradcam+"},
+        {"target": "label"},
+        {"concat": "sum"},
+        {"maps": ("block4",)},
+        {"maps": ()},
+    ):
         with pytest.raises(ValueError):
-            cam.make_explainer(model, **kwargs)
+            cam.CamOptions(**kwargs)
     with pytest.raises(ValueError, match="classes"):
-        cam.explain(model, {"params": {}, "batch_stats": {}}, jnp.zeros((1, 64, 64, 3)), target="class")
+        cam.explain(
+            model, {"params": {}, "batch_stats": {}}, jnp.zeros((1, 64, 64, 3)), options=cam.CamOptions(target="class")
+        )
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("maps", ("block4",)),
+        ("maps", ()),
+        ("methods", ("gradcam", "gradcam+")),
+        ("target", "label"),
+        ("concat", "sum"),
+        ("finer_k", 0),
+        ("finer_alpha", float("inf")),
+    ],
+)
+def test_bad_cam_options_are_refused_when_made_in_one_line_naming_the_field(field, value):
+    """CamOptions checks every field once, when it is made: a PMGError (so each command prints one line) whose
+    message starts with the field's name, which it also carries for a command line to name its flag."""
+    finer = {"target": "finer"} if field.startswith("finer") else {}
+    with pytest.raises(cam.CamOptionsError) as refused:
+        cam.CamOptions(**finer, **{field: value})
+    message = str(refused.value)
+    assert isinstance(refused.value, PMGError) and refused.value.field == field
+    assert message.startswith(f"{field} ") and "\n" not in message, message
+
+
+def test_cam_options_are_one_value_in_model_order_split_by_method():
+    """Maps in model order, methods once each, per_method splits several (an explainer takes one) and equal
+    options are equal values."""
+    options = cam.CamOptions(("concat", "block1", "block1"), ("layercam", "gradcam", "layercam"))
+    assert options.maps == ("block1", "concat") and options.methods == ("layercam", "gradcam")
+    split = options.per_method()
+    assert list(split) == ["layercam", "gradcam"] and split["gradcam"] == cam.CamOptions(("block1", "concat"))
+    with pytest.raises(cam.CamOptionsError, match="^methods: one per explainer"):
+        cam.make_explainer(PMG(**TINY), options)
 
 
 def test_default_cam_input_gives_the_maps_of_pil_resized_input(tiny_pair):
@@ -296,7 +343,7 @@ def test_default_cam_input_gives_the_maps_of_pil_resized_input(tiny_pair):
             for p in photos
         ]
     )
-    explainer = cam.make_explainer(model_j, cam.BLOCKS)
+    explainer = cam.make_explainer(model_j, cam.CamOptions(cam.BLOCKS))
     a, b = explainer(variables, ours).maps, explainer(variables, pil).maps
     for name in cam.BLOCKS:
         for i in range(len(photos)):

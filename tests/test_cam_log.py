@@ -11,8 +11,9 @@ from conftest import tiny_demo_config
 from PIL import Image
 from tensorboardX.proto import event_pb2
 
-from pmg_jax import cam, cam_log, explain_history, loop, validate
+from pmg_jax import cam, cam_log, loop, validate
 from pmg_jax import state as state_lib
+from pmg_jax.cli import explain_history as explain_history_cli
 from pmg_jax.data import decode, sources
 
 EPOCHS = 2
@@ -89,18 +90,18 @@ def test_every_evaluation_logs_each_map_to_tensorboard_and_cams_with_one_explain
     test = sources.make_source(restored.config, "test")
     size, mean, std = config.data.crop_size, config.data.mean, config.data.std
     x = np.stack([cam.prepare(decode.load_example(test[i])["image"], size, mean, std) for i in indices])
-    fresh = cam.make_explainer(restored.model, cam_log.MAPS)(restored.variables, x)
+    fresh = cam.make_explainer(restored.model, cam.CamOptions(cam_log.MAPS))(restored.variables, x)
     expected = np.stack([np.asarray(fresh.maps[m]) for m in cam_log.MAPS], axis=1)
     np.testing.assert_allclose(logged_maps, expected, atol=1e-5)
 
     # One image's strip over the epochs: a row per map, the image then one tile per evaluation.
     out = str(tmp_path / "strip.png")
-    explain_history.main(["--run", workdir, "--image", "1", "--out", out])
+    explain_history_cli.main(["--run", workdir, "--image", "1", "--out", out])
     strip = Image.open(out)
     assert (1 + EPOCHS) * cam_log.TILE < strip.width < (2 + EPOCHS) * cam_log.TILE
     assert len(cam_log.MAPS) * cam_log.TILE < strip.height < (len(cam_log.MAPS) + 1) * (cam_log.TILE + 60)
     with pytest.raises(SystemExit, match="--image 2: the run logged 2 images"):
-        explain_history.main(["--run", workdir, "--image", "2"])
+        explain_history_cli.main(["--run", workdir, "--image", "2"])
 
 
 def test_log_cams_zero_builds_no_explainer_and_writes_no_cams(tmp_path, explainer_calls):
@@ -121,11 +122,11 @@ def test_log_cams_zero_builds_no_explainer_and_writes_no_cams(tmp_path, explaine
 
 def test_a_run_without_cams_and_a_negative_count_are_one_line_errors(tmp_path):
     with pytest.raises(SystemExit, match="no cams/epoch_.*npz .*--config.log_cams=N"):
-        explain_history.main(["--run", str(tmp_path)])
+        explain_history_cli.main(["--run", str(tmp_path)])
     os.makedirs(tmp_path / "cams")
     (tmp_path / "cams" / "epoch_0001.npz").write_bytes(b"not an npz")
     with pytest.raises(SystemExit, match="epoch_0001.npz: not a CAM record"):
-        explain_history.main(["--run", str(tmp_path)])
+        explain_history_cli.main(["--run", str(tmp_path)])
     with pytest.raises(validate.ConfigError, match="config.log_cams=-1 must be >= 0"):
         validate.check(tiny_demo_config(log_cams=-1), 1)
 

@@ -4,6 +4,7 @@ folder of runs resolves to, and metrics in one unit."""
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +13,9 @@ import pytest
 from conftest import ROOT
 from test_robustness import start_and_wait
 
+from pmg_jax import checkpoint as ckpt_lib
 from pmg_jax import loop
+from pmg_jax.cli import explain, export, predict
 
 
 def cli(*args, cwd=ROOT):
@@ -170,3 +173,39 @@ def test_every_command_helps_and_refuses_a_missing_checkpoint_or_unwritable_outp
         if path == where["unwritable"]:
             assert f"cannot write {path}" in lines[0] and ": pass --" in lines[0], lines[0]
     assert sorted(os.listdir(tiny_run)) == before
+
+
+INFERENCE = {  # the commands over a checkpoint, in this process: each one's arguments besides --ckpt
+    "explain": (explain, ["--images", "{root}/bird.png", "--out", "{root}/explained"]),
+    "predict": (predict, ["--images", "{root}/bird.png"]),
+    "export": (export, ["--format", "stablehlo", "--out", "{root}/exported"]),
+}
+
+
+@pytest.mark.parametrize("command", INFERENCE)
+def test_a_run_with_no_intact_checkpoint_is_one_line_and_status_1(tiny_run, tmp_path, capsys, command):
+    """The shared restore and error wrapper: a run whose only checkpoint lost its state is refused by every
+    command with one line 'PROG: error: ...' naming the run (the damage itself is a warning), and status 1."""
+    module, extra = INFERENCE[command]
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run / "run", run)
+    shutil.rmtree(run / "checkpoints" / "0" / "state")
+    assert module.main(["--ckpt", str(run), *(a.format(root=tmp_path) for a in extra)]) == 1
+    lines = [line for line in capsys.readouterr().err.strip().splitlines() if "warning:" not in line]
+    assert len(lines) == 1 and lines[0].startswith(f"{module.PROG}: error: no intact checkpoint in {run}"), lines
+    assert sorted(os.listdir(tmp_path)) == ["run"]  # nothing written
+
+
+def test_the_checkpoint_flag_offers_what_the_checkpoint_module_offers(monkeypatch, capsys):
+    """--checkpoint's choices are checkpoint.WHICH, whatever it holds, its first the default; another value is
+    refused by argparse (status 2) in a line naming the flag, the value and the choices."""
+    monkeypatch.setattr(ckpt_lib, "WHICH", ("newest", "best", "second_best"))
+    for module, extra in INFERENCE.values():
+        args = [a.format(root="r") for a in extra]
+        assert module.parse_args(["--ckpt", "r", *args]).checkpoint == "newest"
+        assert module.parse_args(["--ckpt", "r", *args, "--checkpoint", "second_best"]).checkpoint == "second_best"
+        with pytest.raises(SystemExit) as refused:
+            module.parse_args(["--ckpt", "r", *args, "--checkpoint", "latest"])
+        assert refused.value.code == 2
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "--checkpoint" in error and "'latest'" in error and "second_best" in error, error

@@ -20,6 +20,7 @@ from pmg_jax import convert, loop
 from pmg_jax import state as state_lib
 from pmg_jax.backbones.resnet import ResNet
 from pmg_jax.checkpoint import Checkpoints
+from pmg_jax.cli import convert as convert_cli
 from pmg_jax.model import PMG
 from pmg_jax.optim import make_optimizer
 
@@ -71,7 +72,7 @@ class BlockTorch:
 
 
 sys.meta_path.insert(0, BlockTorch())
-from pmg_jax import convert
+from pmg_jax.cli import convert
 
 src_st, src_npz, src_pth, out = sys.argv[1:]
 convert.main([src_st, "--out", out + "/st"])
@@ -175,7 +176,7 @@ def test_reference_pmg_state_dict_becomes_a_restorable_run(reference_resnet50_pm
     src = tmp_path / "model.pth"
     torch.save({f"module.{k}": v for k, v in model_t.state_dict().items()}, src)  # as saved from DataParallel
 
-    convert.main([str(src), "--out", str(tmp_path / "run"), "--dataset", "cub"])
+    convert_cli.main([str(src), "--out", str(tmp_path / "run"), "--dataset", "cub"])
 
     printed = capsys.readouterr().out
     assert "PMG resnet50 (width 64, feature size 512, 200 classes)" in printed
@@ -289,7 +290,7 @@ def test_safetensors_and_npz_convert_without_torch(tiny_files, tmp_path):
 def test_bad_inputs_give_one_line_and_a_nonzero_exit(tiny_files, tmp_path, file, flags, expected):
     d, _ = tiny_files
     with pytest.raises(SystemExit) as exit_info:
-        convert.main([str(d / file), "--out", str(tmp_path / "run"), *flags])
+        convert_cli.main([str(d / file), "--out", str(tmp_path / "run"), *flags])
     message = exit_info.value.code
     assert isinstance(message, str) and "\n" not in message, message  # a string code exits with status 1
     assert message.startswith("pmg_jax.convert: error: ") and expected in message, message
@@ -328,7 +329,7 @@ def test_converted_checkpoint_runs_through_evaluation_and_explain(tmp_path, caps
     src = str(tmp_path / "model.pth")
     torch.save(model_t.state_dict(), src)
     out = str(tmp_path / "converted")
-    convert.main([src, "--out", out, "--dataset", "demo"])
+    convert_cli.main([src, "--out", out, "--dataset", "demo"])
 
     config = tiny_demo_config(
         **{

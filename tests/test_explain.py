@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
+from pmg_jax import cam, viz
 from pmg_jax import explain as explain_lib
-from pmg_jax import viz
 from pmg_jax.cli import explain
 from pmg_jax.data import synthetic
 
@@ -250,14 +250,16 @@ def test_a_class_target_reaches_the_titles_through_explain(tmp_path):
     import torch
     from test_parity import torch_pmg
 
-    from pmg_jax import convert, state
+    from pmg_jax import state
+    from pmg_jax.cli import convert
 
     src, run = str(tmp_path / "model.pth"), str(tmp_path / "run")
     torch.save(torch_pmg("resnet50", 8, (1, 1, 1, 1), 16, 8, seed=2, size=64).state_dict(), src)
     convert.main([src, "--out", run, "--dataset", "demo"])
     restored = state.restore(run)
     _, items = explain_lib.from_split(restored.config, "test", 2)
-    results = explain_lib.explain(restored, items, target="class", class_id=5, batch_size=2, out_dir=str(tmp_path))
+    options = cam.CamOptions(target="class")
+    results = explain_lib.explain(restored, items, options=options, class_id=5, batch_size=2, out_dir=str(tmp_path))
     names, other = restored.class_names, 0
     for result in results:
         titles = explain_lib._titles(result, result.maps["gradcam"], names)

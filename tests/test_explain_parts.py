@@ -11,8 +11,9 @@ from test_report import Page
 from test_sources import CLASSES, write_cub, write_lines
 
 from bench.parity import torch_pmg
-from pmg_jax import cam, convert, parts, state
+from pmg_jax import cam, parts, state
 from pmg_jax import explain as explain_lib
+from pmg_jax.cli import convert as convert_cli
 from pmg_jax.cli import explain
 from pmg_jax.data import sources
 
@@ -46,7 +47,7 @@ def test_cub_miniature_with_parts_end_to_end(tmp_path, capsys):
     )
     src, run, out = str(tmp_path / "model.pth"), str(tmp_path / "run"), tmp_path / "out"
     torch.save(torch_pmg("resnet50", 8, (1, 1, 1, 1), 16, 200, seed=2, size=64).state_dict(), src)
-    convert.main([src, "--out", run, "--dataset", "cub", "--data-dir", data_dir])
+    convert_cli.main([src, "--out", run, "--dataset", "cub", "--data-dir", data_dir])
     assert (
         explain.main(["--evaluate", "--ckpt", run, "--auc-steps", "0", "--report-images", "2", "--out", str(out)]) == 0
     )
@@ -156,9 +157,9 @@ def test_bad_finer_and_report_flags_are_usage_errors(argv, message, capsys):
 
 def test_finer_flags_parse():
     args = explain.parse_args(["--ckpt", "r", "--target", "finer", "--finer-k", "2", "--finer-alpha", "0.5"])
-    assert (args.target, args.finer_k, args.finer_alpha) == ("finer", 2, 0.5)
+    assert (args.target, args.options.finer_k, args.options.finer_alpha) == ("finer", 2, 0.5)
     args = explain.parse_args(["--ckpt", "r", "--evaluate", "--target", "finer"])
-    assert (args.finer_k, args.finer_alpha) == (cam.FINER_K, cam.FINER_ALPHA)
+    assert (args.options.finer_k, args.options.finer_alpha) == (cam.FINER_K, cam.FINER_ALPHA)
     assert explain.parse_args(["--ckpt", "r"]).report_images == 8
 
 
@@ -171,8 +172,9 @@ def test_finer_maps_contrast_each_heads_prediction(demo_run, tmp_path):
     restored = state.restore(workdir)
     _, items = explain_lib.from_split(config, "test", 4)
     items = list(items)
-    finer = explain_lib.explain(restored, items, target="finer", finer_k=2, batch_size=4, out_dir=str(tmp_path))
-    plain = explain_lib.explain(restored, items, target="predicted", batch_size=4)
+    finer_options = cam.CamOptions(target="finer", finer_k=2)
+    finer = explain_lib.explain(restored, items, options=finer_options, batch_size=4, out_dir=str(tmp_path))
+    plain = explain_lib.explain(restored, items, options=cam.CamOptions(target="predicted"), batch_size=4)
     names = restored.class_names
     differ = 0
     for f, p in zip(finer, plain, strict=True):

@@ -67,7 +67,7 @@ def test_resnet50_finer_cam_matches_pytorch_grad_cam_at_every_block(resnet50_pai
     model_t.requires_grad_(False)  # only the maps' gradients are needed: torch skips the weights'
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(7)).requires_grad_(True)
     torch32, want = finer_cam_truth(model_t, x, cam.BLOCKS, cam.FINER_K, cam.FINER_ALPHA)
-    got = cam.make_explainer(model_j, cam.BLOCKS, "gradcam", "finer")(variables, nhwc(x.detach())).maps
+    got = cam.make_explainer(model_j, cam.CamOptions(cam.BLOCKS, "gradcam", "finer"))(variables, nhwc(x.detach())).maps
     assert_near_truth({n: min_max(got[n]) for n in want}, torch32, want, floor=MAP_TOL, what="Finer-CAM maps")
     gc = import_beside_cpu_torch("pytorch_grad_cam")
     for k, name in enumerate(cam.BLOCKS):
@@ -101,7 +101,8 @@ def test_k_alpha_and_a_given_class_match_pytorch_grad_cam_at_every_map(tiny_pair
     model_t, model_j, variables, x = tiny_pair
     torch32, want = finer_cam_truth(model_t, x, SINGLE_HEAD_MAPS, k, alpha, target_idx)
     classes = None if target_idx is None else np.full(3, target_idx, np.int32)
-    explainer = cam.make_explainer(model_j, SINGLE_HEAD_MAPS, "gradcam", "finer", finer_k=k, finer_alpha=alpha)
+    options = cam.CamOptions(SINGLE_HEAD_MAPS, "gradcam", "finer", finer_k=k, finer_alpha=alpha)
+    explainer = cam.make_explainer(model_j, options)
     out = explainer(variables, nhwc(x), classes)
     assert_near_truth({n: min_max(out.maps[n]) for n in want}, torch32, want, floor=MAP_TOL, what="Finer-CAM maps")
     main = np.stack([np.argmax(z, -1) for z in out.logits], -1) if classes is None else np.full((3, 4), target_idx)
@@ -125,30 +126,29 @@ def test_finer_score_is_the_softmax_weighted_contrast():
     similar = [1, 3]  # nearest to class 0's 2.0: 1.5, then 1.0
     alpha = 0.7
     want = sum(p[j] * (2.0 - alpha * logits[0, j]) for j in similar) / (p[1] + p[3])
-    got = cam.target_score(jnp.asarray(logits), "finer", finer_k=2, finer_alpha=alpha)
+    got = cam.target_score(jnp.asarray(logits), cam.CamOptions(target="finer", finer_k=2, finer_alpha=alpha))
     np.testing.assert_allclose(np.asarray(got), [want], rtol=1e-6)
 
 
 def test_finer_needs_a_gradient_method_and_sane_options():
     model = PMG(**TINY)
     with pytest.raises(ValueError, match="eigencam has no target"):
-        cam.make_explainer(model, method="eigencam", target="finer")
+        cam.make_explainer(model, cam.CamOptions(methods="eigencam", target="finer"))
     for k in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="finer_k"):
-            cam.make_explainer(model, target="finer", finer_k=k)
-    cam.make_explainer(model, target="finer", finer_k=np.int64(2))  # a numpy integer is a number of classes too
+            cam.make_explainer(model, cam.CamOptions(target="finer", finer_k=k))
+    cam.make_explainer(model, cam.CamOptions(target="finer", finer_k=np.int64(2)))  # a numpy integer is a count too
     with pytest.raises(ValueError, match="finer_alpha"):
-        cam.make_explainer(model, target="finer", finer_alpha=float("nan"))
+        cam.make_explainer(model, cam.CamOptions(target="finer", finer_alpha=float("nan")))
 
 
 def test_localization_evaluate_passes_the_finer_options_on(tiny_pair, monkeypatch):
     _, model_j, variables, _ = tiny_pair
     made, real = [], cam.make_explainer
-    monkeypatch.setattr(cam, "make_explainer", lambda *args, **kwargs: made.append(kwargs) or real(*args, **kwargs))
+    monkeypatch.setattr(cam, "make_explainer", lambda model, options: made.append(options) or real(model, options))
     source = synthetic.DemoSource(synthetic.DemoSpec(num_classes=TINY["num_classes"], image_size=72), "test", 2)
     spec = pipeline.TransformSpec(72, TINY_SIZE)
     _, batches = pipeline.eval_batches(source, spec, pipeline.Layout(2), with_box=True)
-    report = localization.evaluate(
-        model_j, variables, batches, spec, maps=("block3",), target="finer", auc_steps=0, finer_k=2, finer_alpha=0.5
-    )
-    assert made == [{"finer_k": 2, "finer_alpha": 0.5}] and report["count"] == 2
+    asked = cam.CamOptions(("block3",), target="finer", finer_k=2, finer_alpha=0.5)
+    report = localization.evaluate(model_j, variables, batches, spec, options=asked, auc_steps=0)
+    assert made == [asked] and (made[0].finer_k, made[0].finer_alpha) == (2, 0.5) and report["count"] == 2

@@ -109,7 +109,12 @@ def test_demo_cams_point_at_the_wing_patch(demo_run):
     spec = state_lib.transform_spec(config)
     _, batches = pipeline.eval_batches(source, spec, pipeline.host_layout(64), with_box=True)
     report = loc.evaluate(
-        model, variables, batches, spec, maps=("block1", "block2", "block3", "concat"), target="class", auc_steps=0
+        model,
+        variables,
+        batches,
+        spec,
+        options=cam.CamOptions(("block1", "block2", "block3", "concat"), target="class"),
+        auc_steps=0,
     )
     print(loc.format_tables(report))
     results = report["results"]["gradcam"]

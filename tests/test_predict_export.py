@@ -17,6 +17,8 @@ from conftest import ROOT, tiny_demo_config
 
 from pmg_jax import convert, export, kernels, loop, predict
 from pmg_jax import state as state_lib
+from pmg_jax.cli import export as export_cli
+from pmg_jax.cli import predict as predict_cli
 from pmg_jax.data import synthetic, transforms
 
 pytestmark = pytest.mark.xdist_group("predict_export")  # one worker: the fixtures' run and compilations are shared
@@ -76,7 +78,7 @@ def test_predict_a_folder_writes_a_row_per_file_and_reports_the_corrupt_one(run,
     folder, colour = images
     out = tmp_path / "preds.csv"
     args = ["--ckpt", run[0], "--images", str(folder), "--top-k", "3", "--heads", "--batch-size", "2"]
-    assert predict.main([*args, "--out", str(out)]) == 0
+    assert predict_cli.main([*args, "--out", str(out)]) == 0
     rows = list(csv.DictReader(open(out)))
     assert [os.path.basename(r["path"]) for r in rows] == ["bird.png", "broken.jpg", "grey.jpg"]
     assert capsys.readouterr().err.count("broken.jpg") == 1
@@ -92,7 +94,7 @@ def test_predict_a_folder_writes_a_row_per_file_and_reports_the_corrupt_one(run,
         np.testing.assert_allclose([float(bird[f"{name}_top{r}_prob"]) for r in (1, 2, 3)], probs[order], atol=1e-5)
 
     jsonl = tmp_path / "preds.jsonl"
-    assert predict.main([*args, "--out", str(jsonl)]) == 0
+    assert predict_cli.main([*args, "--out", str(jsonl)]) == 0
     lines = [json.loads(line) for line in open(jsonl)]
     assert [os.path.basename(r["path"]) for r in lines] == ["bird.png", "broken.jpg", "grey.jpg"]
     assert "error" in lines[1] and set(lines[2]) == {"path", *predict.OUTPUTS}
@@ -102,19 +104,19 @@ def test_predict_a_folder_writes_a_row_per_file_and_reports_the_corrupt_one(run,
 def test_no_readable_image_exits_1_with_one_line(run, images, tmp_path, capsys):
     folder, _ = images
     missing = str(tmp_path / "missing.jpg")
-    assert predict.main(["--ckpt", run[0], "--images", str(folder / "broken.jpg"), missing]) == 1
+    assert predict_cli.main(["--ckpt", run[0], "--images", str(folder / "broken.jpg"), missing]) == 1
     err = capsys.readouterr().err.replace("\r", "\n").splitlines()  # the progress bar rewrites its line
     assert err[-1] == "pmg_jax.predict: none of the 2 inputs could be read as an image"
     assert sum("broken.jpg" in line for line in err) == 1 and sum("missing.jpg" in line for line in err) == 1
 
 
 def test_bad_flags_and_checkpoints_get_one_line(run, tmp_path, capsys):
-    assert predict.main(["--ckpt", str(tmp_path / "nowhere"), "--images", "x.jpg"]) == 1
+    assert predict_cli.main(["--ckpt", str(tmp_path / "nowhere"), "--images", "x.jpg"]) == 1
     assert "error: " in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        predict.main(["--ckpt", run[0], "--images", "x.jpg", "--out", str(tmp_path / "preds.txt")])
+        predict_cli.main(["--ckpt", run[0], "--images", "x.jpg", "--out", str(tmp_path / "preds.txt")])
     assert "--out" in capsys.readouterr().err
-    assert export.main(["--ckpt", str(tmp_path / "nowhere"), "--format", "onnx", "--out", str(tmp_path)]) == 1
+    assert export_cli.main(["--ckpt", str(tmp_path / "nowhere"), "--format", "onnx", "--out", str(tmp_path)]) == 1
 
 
 @pytest.mark.slow
@@ -129,7 +131,7 @@ def test_split_accuracy_equals_evaluation(run, tmp_path, capsys):
     assert result.confusion.sum() == config.dataset.demo_test_size
 
     out = tmp_path / "split" / "preds.jsonl"
-    assert predict.main(["--ckpt", workdir, "--split", "test", "--out", str(out)]) == 0
+    assert predict_cli.main(["--ckpt", workdir, "--split", "test", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert f"{evaluated['combined']:8.2f}" in printed and "per class" in printed
     assert all(name in printed for name in restored.class_names)
@@ -175,7 +177,7 @@ STABLEHLO_RUNNER = textwrap.dedent("""
 def test_stablehlo_export_runs_without_pmg_jax(batch, run, tmp_path):
     restored, crops, want = batch
     out = tmp_path / "shlo"
-    assert export.main(["--ckpt", run[0], "--format", "stablehlo", "--out", str(out)]) == 0
+    assert export_cli.main(["--ckpt", run[0], "--format", "stablehlo", "--out", str(out)]) == 0
     card = json.load(open(out / "model.json"))
     assert card["class_names"] == restored.class_names and card["files"] == ["model.stablehlo"]
     assert (card["crop_size"], card["resize_size"], card["input"]["dtype"]) == (32, 40, "uint8")
@@ -212,7 +214,7 @@ def test_onnx_export_matches_jax_under_onnxruntime(batch, run, tmp_path):
 
     restored, crops, want = batch
     out = tmp_path / "onnx"
-    assert export.main(["--ckpt", run[0], "--format", "onnx", "--out", str(out)]) == 0
+    assert export_cli.main(["--ckpt", run[0], "--format", "onnx", "--out", str(out)]) == 0
     card = json.load(open(out / "model.json"))
     session = onnxruntime.InferenceSession(str(out / card["files"][0]), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == [card["input"]["name"]]
@@ -241,7 +243,7 @@ def test_a_successful_onnx_export_says_only_what_it_did(run, tmp_path):
 @pytest.mark.slow
 def test_onnx_example_classifies_an_image(run, images, tmp_path):
     out = tmp_path / "onnx"
-    assert export.main(["--ckpt", run[0], "--format", "onnx", "--out", str(out)]) == 0
+    assert export_cli.main(["--ckpt", run[0], "--format", "onnx", "--out", str(out)]) == 0
     restored = state_lib.restore(run[0])
     # an image at the resize size: no resampling, so the example's OpenCV crop is the transform's exactly
     image = cv2.resize(images[1], (restored.config.data.resize_size,) * 2)

@@ -18,8 +18,9 @@ import pytest
 from conftest import ROOT, tiny_demo_config
 
 from pmg_jax import checkpoint as ckpt_lib
-from pmg_jax import loop, predict, runguard, validate
+from pmg_jax import loop, runguard, validate
 from pmg_jax import state as state_lib
+from pmg_jax.cli import predict as predict_cli
 from pmg_jax.errors import PMGError
 
 # 48 images in batches of 8: 6 steps an epoch, 12 in all; a checkpoint every 2 steps (the latest 3 are kept).
@@ -125,14 +126,14 @@ def test_predict_says_which_checkpoint_it_used_and_refuses_when_none_is_intact(f
     run = copy_run(finished, tmp_path)
     flip_bytes(os.path.join(run, "checkpoints", str(LAST)))
     out = str(tmp_path / "pred.csv")
-    assert predict.main(["--ckpt", run, "--split", "test", "--out", out]) == 0
+    assert predict_cli.main(["--ckpt", run, "--split", "test", "--out", out]) == 0
     captured = capsys.readouterr()
     assert f"using checkpoint {BEFORE}, the newest intact one" in captured.err
     assert f"{run} checkpoint {BEFORE} " in captured.out
     for step in ckpt_lib.Checkpoints(os.path.join(run, "checkpoints"), read_only=True).manager.all_steps():
         if step != LAST:  # flipped already (twice would undo it)
             flip_bytes(os.path.join(run, "checkpoints", str(step)))
-    assert predict.main(["--ckpt", run, "--split", "test", "--out", out]) == 1
+    assert predict_cli.main(["--ckpt", run, "--split", "test", "--out", out]) == 1
     last = capsys.readouterr().err.strip().splitlines()[-1]
     command, message = last.split(": error: ", 1)
     assert command.endswith("predict") and message.startswith(f"no intact checkpoint in {run}/checkpoints (newest: ")

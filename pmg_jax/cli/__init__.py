@@ -1,1 +1,2 @@
-"""The command lines: `train` (train.py) and `explain` (explain.py); each is a thin layer over the library."""
+"""Every command line (train, explain, predict, export, convert, explain_history), each a thin layer over the
+library; common.py holds what they share."""

@@ -16,18 +16,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 
 from tqdm import tqdm
 
 from pmg_jax import cam, explain, localization, parts
-from pmg_jax import checkpoint as ckpt_lib
 from pmg_jax import model as model_lib
-from pmg_jax import state as state_lib
+from pmg_jax.cli import common
 from pmg_jax.data import sources
-from pmg_jax.errors import PMGError, check_writable
+from pmg_jax.errors import check_writable
 
 PROG = "explain.py"
 # --block values: blocks by number, the concat map, every block map, or a backbone stage by name
@@ -42,15 +40,9 @@ BLOCK_CHOICES = {
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """The command line, checked; adds `maps` (in model order) and resolves the default target."""
+    """The command line, checked; resolves the default target and adds `options`, the CAM options it asks for."""
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="run dir, folder of runs, or checkpoint step dir")
-    p.add_argument(
-        "--checkpoint",
-        choices=ckpt_lib.WHICH,
-        default="latest",
-        help="which checkpoint of a run (ignored for a step dir)",
-    )
+    common.add_checkpoint_flags(p)
     p.add_argument("--images", nargs="+", default=[], help="image files, directories and glob patterns")
     p.add_argument(
         "--num-images",
@@ -114,10 +106,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=8,
         help="with --evaluate: how many of the images whose blocks disagree most report.html shows",
     )
-    state_lib.add_max_pixels_option(p)
+    common.add_max_pixels_option(p)
     args = p.parse_args(argv)
-    args.maps = tuple(n for n in cam.MAP_NAMES if any(n in BLOCK_CHOICES[b] for b in (args.block or ["all"])))
-    args.method = list(dict.fromkeys(args.method or ["gradcam"]))
     args.target = args.target or ("label" if args.evaluate else "predicted")
     if args.target not in ("predicted", "seed", "label", "finer") and not args.target.isdigit():
         p.error(f"--target must be predicted, seed, label, finer or a class id, not {args.target!r}")
@@ -130,23 +120,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"--{flag.replace('_', '-')} must be positive")
     if args.report_images < 0:
         p.error("--report-images must be 0 or more")
-    _check_finer(p, args)
+    args.options = cam_options(p, args)
     return args
 
 
-def _check_finer(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Finer-CAM's flags: only with --target finer, a gradient method, k >= 1, a finite alpha; fills defaults."""
-    given = [flag for flag in ("finer_k", "finer_alpha") if getattr(args, flag) is not None]
+# the flag that sets each field of cam.CamOptions
+OPTION_FLAGS = {
+    "maps": "--block",
+    "methods": "--method",
+    "target": "--target",
+    "concat": "--concat",
+    "finer_k": "--finer-k",
+    "finer_alpha": "--finer-alpha",
+}
+
+
+def cam_options(p: argparse.ArgumentParser, args: argparse.Namespace) -> cam.CamOptions:
+    """The CAM options of the flags (Finer-CAM's only with --target finer), refused as a usage error naming the
+    flag when they cannot work."""
+    given = {f: getattr(args, f) for f in ("finer_k", "finer_alpha") if getattr(args, f) is not None}
     if given and args.target != "finer":
-        p.error(f"--{given[0].replace('_', '-')} needs --target finer")
-    args.finer_k = cam.FINER_K if args.finer_k is None else args.finer_k
-    args.finer_alpha = cam.FINER_ALPHA if args.finer_alpha is None else args.finer_alpha
-    if args.target == "finer":
-        for method in args.method:
-            try:
-                cam.check_options(args.maps, method, "finer", args.concat, args.finer_k, args.finer_alpha)
-            except ValueError as e:
-                p.error(str(e).replace("finer_k", "--finer-k").replace("finer_alpha", "--finer-alpha"))
+        p.error(f"{OPTION_FLAGS[next(iter(given))]} needs --target finer")
+    try:
+        return cam.CamOptions(
+            maps=tuple(n for n in cam.MAP_NAMES if any(n in BLOCK_CHOICES[b] for b in (args.block or ["all"]))),
+            methods=tuple(args.method or ["gradcam"]),
+            target="class" if args.target == "label" or args.target.isdigit() else args.target,
+            concat=args.concat,
+            **given,
+        )
+    except cam.CamOptionsError as e:
+        p.error(OPTION_FLAGS[e.field] + str(e).removeprefix(e.field))
 
 
 def _print_top5(result: explain.Explained, class_names: list[str]) -> None:
@@ -190,17 +194,12 @@ def explain_images(args: argparse.Namespace, restored) -> int:
         _print_top5(result, restored.class_names)
         bar.update(1)
 
-    target = "class" if args.target.isdigit() else args.target
+    options = args.options
     explain.explain(  # streamed: each image's files are written as it is done, and not kept
         restored,
         items,
-        maps=args.maps,
-        methods=args.method,
-        target=target,
-        class_id=int(args.target) if target == "class" else None,
-        concat=args.concat,
-        finer_k=args.finer_k,
-        finer_alpha=args.finer_alpha,
+        options=options,
+        class_id=int(args.target) if args.target.isdigit() else None,
         batch_size=args.batch_size,
         out_dir=out_root,
         save_npy=args.save_npy,
@@ -213,9 +212,9 @@ def explain_images(args: argparse.Namespace, restored) -> int:
     if not explained:
         print(f"{PROG}: none of the {total} inputs could be read as an image", file=sys.stderr)
         return 1
-    index = os.path.join(out_root, "index.html" if len(args.method) == 1 else "*/index.html")
+    index = os.path.join(out_root, "index.html" if len(options.methods) == 1 else "*/index.html")
     print(
-        f"explained {explained} of {total} images ({', '.join(args.maps)}; {', '.join(args.method)}, target "
+        f"explained {explained} of {total} images ({', '.join(options.maps)}; {', '.join(options.methods)}, target "
         f"{args.target}) -> {index}"
     )
     return 0
@@ -224,18 +223,13 @@ def explain_images(args: argparse.Namespace, restored) -> int:
 def evaluate(args: argparse.Namespace, restored) -> int:
     """Print the localisation tables (split with boxes) and part tables (split with parts) of one explain pass
     over a split; save them as JSON and write report.html."""
-    target = {"label": "class"}.get(args.target, args.target)
+    options = args.options
     try:
         with tqdm(unit="image", desc=f"evaluate {args.split}", dynamic_ncols=True) as bar:
             done = explain.evaluate(
                 restored,
                 args.split,
-                maps=args.maps,
-                methods=args.method,
-                target=target,
-                concat=args.concat,
-                finer_k=args.finer_k,
-                finer_alpha=args.finer_alpha,
+                options=options,
                 batch_size=args.batch_size,
                 max_images=args.max_images,
                 auc_steps=args.auc_steps,
@@ -257,7 +251,7 @@ def evaluate(args: argparse.Namespace, restored) -> int:
     out_dir = args.out
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"localization_{args.split}.json")
-    finer = {"finer_k": args.finer_k, "finer_alpha": args.finer_alpha} if args.target == "finer" else {}
+    finer = {"finer_k": options.finer_k, "finer_alpha": options.finer_alpha} if options.target == "finer" else {}
     disagreeing = {
         m: [{"tag": r.item.tag, "origin": r.item.origin, "disagreement": score} for score, r in top]
         for m, top in done.disagreeing.items()
@@ -266,7 +260,7 @@ def evaluate(args: argparse.Namespace, restored) -> int:
         json.dump(
             {
                 "target": args.target,
-                "concat": args.concat,
+                "concat": options.concat,
                 **finer,
                 **located,
                 "parts": done.parts,
@@ -278,24 +272,24 @@ def evaluate(args: argparse.Namespace, restored) -> int:
     print(f"saved {path}")
     if args.report_images and not done.disagreeing:
         print("(fewer than two block maps: report.html ranks no images by how much the blocks disagree)")
-    for report in explain.write_report(done, restored, out_dir, concat=args.concat, title=f" (target {args.target})"):
+    for report in explain.write_report(done, restored, out_dir, title=f" (target {args.target})"):
         print(f"wrote {report}")
     return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    """Restore, check the output folder, then explain the images or evaluate the split; returns the exit status."""
+    restored = common.restore(args, PROG)
+    args.out = args.out or os.path.join(restored.run, "explain")
+    check_writable(args.out, "pass --out DIR")
+    return evaluate(args, restored) if args.evaluate else explain_images(args, restored)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command; returns the exit status."""
     args = parse_args(argv)
-    logging.getLogger("absl").setLevel(logging.ERROR)
-    try:
-        restored = state_lib.restore_and_report(args.ckpt, args.checkpoint, PROG)
-        state_lib.apply_max_pixels(restored, args.max_pixels)
-        args.out = args.out or os.path.join(restored.run, "explain")
-        check_writable(args.out, "pass --out DIR")
-        return evaluate(args, restored) if args.evaluate else explain_images(args, restored)
-    except PMGError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
+    common.quiet_logging()
+    return common.status(PROG, lambda: _explain(args))
 
 
 def run() -> None:

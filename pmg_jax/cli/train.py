@@ -80,18 +80,16 @@ def _main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)
     from pmg_jax import loop, parallel
-    from pmg_jax.errors import PMGError
+    from pmg_jax.cli import common
 
     path = config_flags.get_config_filename(FLAGS["config"])
     if not os.path.isfile(path):
         sys.exit(f"error: --config {path}: no such config file (see configs/)")
     name = os.path.splitext(os.path.basename(path))[0]
     workdir = FLAGS.workdir or os.path.join("runs", name)
-    try:
+    with common.exit_on_error(None):  # one line, exit status 1 (refusals come before anything is written)
         parallel.maybe_initialize_distributed()
         loop.train_and_evaluate(FLAGS.config, workdir, INTERRUPTS)
-    except PMGError as e:
-        sys.exit(f"error: {e}")  # one line, exit status 1 (refusals come before anything is written)
 
 
 def main(argv: list[str] | None = None) -> None:
