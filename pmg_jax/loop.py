@@ -369,6 +369,7 @@ class Run:
         self.best = meta.get("best", {"combined": -1.0, "epoch": -1})
         self.step = int(self.state.step)
         self.compiled_at: tuple[int, float] | None = None  # (step, time) once the step function has been compiled
+        self.epoch_start, self.sums, self.logged = (self.step, 0.0), {}, 0  # this epoch's, for the train lines
         _, self.batches = pipeline.train_batches(
             plan.train_src,
             state_lib.transform_spec(config),
