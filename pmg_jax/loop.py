@@ -1,18 +1,22 @@
-"""The training loop: train by the progressive schedule, evaluate and checkpoint every epoch, resume exactly."""
+"""The training loop: train by the config's schedule, evaluate and checkpoint every epoch, resume exactly."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import json
 import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import tqdm
 
 from pmg_jax import cam_log, optim, parallel, runguard, steps, validate
 from pmg_jax import checkpoint as ckpt_lib
@@ -165,7 +169,7 @@ def evaluate_only(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, interrupts: runguard.Interrupts | None = None
 ) -> dict[str, Any]:
-    """Train by the progressive schedule, evaluating and checkpointing every epoch; resumes from `workdir`.
+    """Train by config.schedule, evaluating and checkpointing every epoch; resumes from `workdir`.
 
     Everything that can refuse the run (the config, the workdir, the data, the starting weights, a resume
     that changes what a step means, another training in the workdir) is checked before anything is written.
@@ -262,6 +266,249 @@ def set_aside_damaged(reader: ckpt_lib.Checkpoints, step: int, workdir: str) -> 
         print(f"moved damaged checkpoint {reader.step_dir(later)} to {dest}", file=sys.stderr)
 
 
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What a run trains and evaluates: its data, model, optimizer and step counts, fixed before anything is written."""
+
+    config: ml_collections.ConfigDict
+    mesh: Any
+    train_src: Any
+    eval_srcs: dict[str, Any]  # with a validation split, 'best' is ranked on it and test is what it reports
+    model: Any
+    tx: Any
+    steps_per_epoch: int
+
+    @property
+    def ranked_on(self) -> str:
+        """The split the best checkpoint is chosen on: val when there is one, else test."""
+        return next(iter(self.eval_srcs))
+
+    @property
+    def total_steps(self) -> int:
+        """The iterations of the whole run."""
+        return self.steps_per_epoch * self.config.num_epochs
+
+    def eval_due(self, epoch: int) -> bool:
+        """Whether the 1-based `epoch` ends with an evaluation (every eval_every_epochs-th, and the last)."""
+        return epoch % self.config.eval_every_epochs == 0 or epoch == self.config.num_epochs
+
+
+def plan_run(config: ml_collections.ConfigDict, mesh: Any) -> Plan:
+    """The run's data, model and optimizer; refuses input buffers without room and a batch larger than the data."""
+    spec, workers = state_lib.transform_spec(config), config.data.workers
+    # The train iterator's ring and an eval iterator's exist together; fail now, not after an epoch.
+    slots.check_room(
+        pipeline.shared_memory_bytes(spec, pipeline.host_layout(config.batch_size), workers, config.data.prefetch)
+        + pipeline.shared_memory_bytes(spec, pipeline.host_layout(config.eval_batch_size), workers, EVAL_PREFETCH),
+        f"the input pipeline's batch buffers for {workers} workers",
+    )
+    train_src = sources.make_source(config, "train")
+    eval_srcs = {"test": sources.make_source(config, "test")}
+    if config.dataset.val_fraction:
+        eval_srcs = {"val": sources.make_source(config, "val"), **eval_srcs}
+    steps_per_epoch = len(train_src) // config.batch_size
+    if steps_per_epoch == 0:
+        raise validate.ConfigError(
+            f"config.batch_size={config.batch_size} is larger than the {len(train_src)} training images"
+        )
+    model = state_lib.create_model(config, len(train_src.class_names))
+    tx = optim.from_config(config, steps_per_epoch)
+    return Plan(config, mesh, train_src, eval_srcs, model, tx, steps_per_epoch)
+
+
+def fresh_state(plan: Plan) -> TrainState:
+    """A new run's state: the seed's weights under the starting weights of init.*, a new optimizer state."""
+    config = plan.config
+    state = state_lib.create_state(plan.model, plan.tx, config.seed, config.data.crop_size)
+    variables = initial_variables(config, state)
+    state = state.replace(**variables, opt_state=plan.tx.init(variables["params"]))
+    return jax.device_put(state, parallel.replicated(plan.mesh))
+
+
+def restore_or_initialise(
+    plan: Plan, workdir: str, interrupts: runguard.Interrupts, held: contextlib.ExitStack, locked: bool
+) -> tuple[TrainState, dict, ckpt_lib.Checkpoints]:
+    """The run's state, meta and checkpoints: resumed from the workdir's newest intact checkpoint, or fresh."""
+    config = plan.config
+    abstract = jax.eval_shape(lambda: state_lib.create_state(plan.model, plan.tx, config.seed, config.data.crop_size))
+    rep, fresh = parallel.replicated(plan.mesh), functools.partial(fresh_state, plan)
+    opened = open_run(config, workdir, abstract, fresh, rep, len(plan.train_src), interrupts, held, locked)
+    state, meta, checkpoints = opened
+    if meta:
+        step = int(state.step)
+        print(f"resuming from {checkpoints.directory} at step {step} (epoch {step // plan.steps_per_epoch})")
+    return opened
+
+
+def announce(plan: Plan) -> None:
+    """Print the devices and what is trained on what, for how long."""
+    config = plan.config
+    print(parallel.describe(plan.mesh))
+    sizes = " / ".join(f"{len(s)} {n}" for n, s in {"train": plan.train_src, **plan.eval_srcs}.items())
+    print(
+        f"training {config.model.backbone} PMG on {config.dataset.name} ({sizes} images, "
+        f"{len(plan.train_src.class_names)} classes): {plan.steps_per_epoch} steps x {config.num_epochs} epochs, "
+        f"global batch {config.batch_size}"
+        + ("; the best checkpoint is chosen on val" if plan.ranked_on == "val" else "")
+    )
+
+
+class Run:
+    """A run in progress: its state, step and best evaluation, and where they go (checkpoints, metrics, CAMs)."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        workdir: str,
+        opened: tuple[TrainState, dict, ckpt_lib.Checkpoints],
+        interrupts: runguard.Interrupts,
+        held: contextlib.ExitStack,
+    ):
+        config, self.plan, self.interrupts = plan.config, plan, interrupts
+        self.state, meta, self.checkpoints = opened
+        self.best = meta.get("best", {"combined": -1.0, "epoch": -1})
+        self.step = int(self.state.step)
+        self.compiled_at: tuple[int, float] | None = None  # (step, time) once the step function has been compiled
+        self.epoch_start, self.sums, self.logged = (self.step, 0.0), {}, 0  # this epoch's, for the train lines
+        _, self.batches = pipeline.train_batches(
+            plan.train_src,
+            state_lib.transform_spec(config),
+            pipeline.host_layout(config.batch_size),
+            seed=config.seed,
+            num_epochs=config.num_epochs,
+            start_step=self.step,
+            workers=config.data.workers,
+            prefetch=config.data.prefetch,
+        )
+        self.device_batches = pipeline.prefetch_to_device(self.batches, parallel.batch_sharding(plan.mesh))
+        self.metrics_log = MetricsLog(workdir, self.step)
+        self.guard = FiniteGuard(self.checkpoints, config.schedule)
+        held.callback(self.metrics_log.close)  # also when the run fails
+        rep = parallel.replicated(plan.mesh)
+        self.cams = cam_log.for_config(config, plan.model, plan.eval_srcs["test"], workdir, rep)  # None unless log_cams
+
+    def save(self, step: int, results: dict | None = None) -> None:
+        """Checkpoint the state at `step` with its meta (and the evaluation `results` it is ranked by, if any)."""
+        self.guard.check()  # never save after a bad step
+        config = self.plan.config
+        meta = {
+            "epoch": step // self.plan.steps_per_epoch,
+            "step": step,
+            "best": self.best,
+            "class_names": list(self.plan.train_src.class_names),
+            "data_state": {"step": step, "seed": config.seed, "train_images": len(self.plan.train_src)},
+            "eval": results,
+        }
+        metric = None if results is None else results[self.plan.ranked_on]["combined"]
+        self.checkpoints.save(step, self.state, meta, config.to_dict(), metric=metric)
+
+    def train_epoch(self, train_step: Callable, stop: runguard.Interrupts) -> dict | None:
+        """Train to the end of the current epoch (or a signal), checkpointing every checkpoint.every_steps; the
+        epoch's record, or None when a signal stopped it mid-epoch."""
+        config, steps_per_epoch = self.plan.config, self.plan.steps_per_epoch
+        epoch = self.step // steps_per_epoch
+        epoch_end, totals = (epoch + 1) * steps_per_epoch, None
+        self.epoch_start, self.sums, self.logged = (self.step, time.perf_counter()), {}, 0
+        bar = tqdm.tqdm(
+            total=steps_per_epoch,
+            initial=self.step - epoch * steps_per_epoch,
+            desc=f"epoch {epoch + 1}/{config.num_epochs}",
+            dynamic_ncols=True,
+            disable=jax.process_index() != 0,
+        )
+        with bar:  # closed before any error propagates, so the error is the last line
+            while self.step < epoch_end and stop.signal is None:
+                totals = self.iteration(train_step, totals, bar, epoch_end)
+        self.guard.check()
+        if self.step < epoch_end:  # stopped by a signal mid-epoch
+            return None
+        return {
+            "epoch": epoch + 1,
+            "seconds": time.perf_counter() - self.epoch_start[1],
+            "images_per_s": _rate(self.epoch_start, self.compiled_at, self.step, config.batch_size),
+            "unreadable_images": len(self.batches.unreadable.indices),
+            **_mean_metrics(totals, self.step - self.epoch_start[0]),
+        }
+
+    def iteration(self, train_step: Callable, totals: dict | None, bar: Any, epoch_end: int) -> dict:
+        """One training step: logged every log_every_steps (and at the epoch's end); the running metric sums."""
+        config = self.plan.config
+        self.state, metrics = train_step(self.state, next(self.device_batches))
+        self.step += 1
+        if self.compiled_at is None:  # the first call compiled: from now on a signal stops after an iteration
+            self.interrupts.training()
+        self.compiled_at = self.compiled_at or (self.step, time.perf_counter())
+        self.guard.push(self.step, metrics)
+        totals = _add_metrics(totals, metrics)
+        if self.step % config.log_every_steps == 0 or self.step == epoch_end:
+            self.log_train(metrics, bar)
+        if config.checkpoint.every_steps and self.step % config.checkpoint.every_steps == 0 and self.step < epoch_end:
+            self.save(self.step)
+        bar.update(1)
+        return totals
+
+    def log_train(self, metrics: dict, bar: Any) -> None:
+        """Write one step's train metrics (after checking it was finite) and show the epoch's means on the bar."""
+        m = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "nonfinite_pass"}
+        self.guard.check()
+        self.sums = {k: self.sums.get(k, 0.0) + v for k, v in m.items()}
+        self.logged += 1
+        rate = _rate(self.epoch_start, self.compiled_at, self.step, self.plan.config.batch_size)
+        bar.set_postfix(
+            {
+                **{k: f"{self.sums[k] / self.logged:.3f}" for k in steps.LOSS_NAMES},
+                "acc": f"{self.sums['accuracy'] / self.logged:.1f}",
+                "img/s": f"{rate:.1f}",
+            }
+        )
+        self.metrics_log.write(self.step, "train", m)
+
+    def evaluate(self, eval_step: Callable, record: dict) -> dict[str, dict]:
+        """Evaluate every split, log the CAMs (timings into `record`) and keep the best; the results by split."""
+        config, epoch = self.plan.config, record["epoch"]
+        spec, layout = state_lib.transform_spec(config), pipeline.host_layout(config.eval_batch_size)
+        results, eval_start = {}, time.perf_counter()
+        for name, src in self.plan.eval_srcs.items():
+            _, eval_it = pipeline.eval_batches(src, spec, layout, workers=config.data.workers, prefetch=EVAL_PREFETCH)
+            results[name] = steps.evaluate(eval_step, self.state, eval_it, parallel.batch_sharding(self.plan.mesh))
+            print(steps.format_eval_table(f"eval epoch {epoch}, {name}", results[name]))
+            self.metrics_log.write(self.step, "eval", {"split": name, **results[name]})
+        record["eval_seconds"] = time.perf_counter() - eval_start
+        record.update(_log_cams(self.cams, epoch, self.state, self.metrics_log, self.step))
+        ranked_on = self.plan.ranked_on
+        if results[ranked_on]["combined"] >= self.best["combined"]:  # a tie goes to the later step, as in orbax
+            self.best = _best(results, ranked_on, epoch, self.step)
+        return results
+
+    def end_epoch(self, record: dict, results: dict | None) -> None:
+        """Write the epoch's record and its checkpoint."""
+        self.metrics_log.write(self.step, "epoch", record)
+        self.save(self.step, results)
+
+    def outcome(self, signal: int | None) -> dict[str, Any]:
+        """Wait for the checkpoints, say how the run ended; the best evaluation (and 'stopped_by' a signal)."""
+        self.checkpoints.wait()
+        self.metrics_log.close()
+        best, where = self.best, self.checkpoints.directory
+        if signal is not None:
+            print(
+                f"stopped by signal {signal} at iteration {self.step}: checkpoint written to {where}; "
+                "run the same command again to resume"
+            )
+            return {**best, "stopped_by": int(signal)}
+        if best["epoch"] >= 0 and self.plan.ranked_on == "val":
+            print(
+                f"best on val: combined {best['combined']:.2f}% at epoch {best['epoch']}; its test accuracy: combined "
+                f"{best['test_combined']:.2f}% (concat {best['test_concat']:.2f}%); checkpoints in {where}"
+            )
+        elif best["epoch"] >= 0:
+            print(
+                f"best: combined {best['combined']:.2f}% (concat {best['concat']:.2f}%) at epoch {best['epoch']}; "
+                f"checkpoints in {where}"
+            )
+        return best
+
+
 def _train(
     config: ml_collections.ConfigDict, workdir: str, interrupts: runguard.Interrupts, held: contextlib.ExitStack
 ) -> dict[str, Any]:
@@ -273,169 +520,21 @@ def _train(
         return evaluate_only(config, workdir)
     # a busy workdir is refused before any work (a workdir without a lock file has no training to wait for)
     locked = os.path.exists(os.path.join(workdir, runguard.LOCK_NAME)) and _lock(workdir, held)
-    from tqdm import tqdm
-
-    spec, workers = state_lib.transform_spec(config), config.data.workers
-    # The train iterator's ring and an eval iterator's exist together; fail now, not after an epoch.
-    slots.check_room(
-        pipeline.shared_memory_bytes(spec, pipeline.host_layout(config.batch_size), workers, config.data.prefetch)
-        + pipeline.shared_memory_bytes(spec, pipeline.host_layout(config.eval_batch_size), workers, EVAL_PREFETCH),
-        f"the input pipeline's batch buffers for {workers} workers",
-    )
-    train_src = sources.make_source(config, "train")
-    # evaluated every epoch; with a validation split, 'best' is ranked on it and test is what it reports
-    eval_srcs = {"test": sources.make_source(config, "test")}
-    if config.dataset.val_fraction:
-        eval_srcs = {"val": sources.make_source(config, "val"), **eval_srcs}
-    ranked_on = next(iter(eval_srcs))
-    class_names = list(train_src.class_names)
-    steps_per_epoch = len(train_src) // config.batch_size
-    if steps_per_epoch == 0:
-        raise validate.ConfigError(
-            f"config.batch_size={config.batch_size} is larger than the {len(train_src)} training images"
-        )
-    total_steps = steps_per_epoch * config.num_epochs
-    model = state_lib.create_model(config, len(class_names))
-    tx = optim.from_config(config, steps_per_epoch)
-    rep, data_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-
-    def fresh() -> TrainState:
-        state = state_lib.create_state(model, tx, config.seed, config.data.crop_size)
-        variables = initial_variables(config, state)
-        return jax.device_put(state.replace(**variables, opt_state=tx.init(variables["params"])), rep)
-
-    abstract = jax.eval_shape(lambda: state_lib.create_state(model, tx, config.seed, config.data.crop_size))
-    state, meta, checkpoints = open_run(config, workdir, abstract, fresh, rep, len(train_src), interrupts, held, locked)
-    if meta:
-        print(
-            f"resuming from {checkpoints.directory} at step {int(state.step)} "
-            f"(epoch {int(state.step) // steps_per_epoch})"
-        )
-    best = meta.get("best", {"combined": -1.0, "epoch": -1})
-    start_step = int(state.step)
-    train_step, eval_step = steps.compile_steps(model, tx, config, mesh)
-    print(parallel.describe(mesh))
-    sizes = " / ".join(f"{len(s)} {n}" for n, s in {"train": train_src, **eval_srcs}.items())
-    print(
-        f"training {config.model.backbone} PMG on {config.dataset.name} ({sizes} images, {len(class_names)} "
-        f"classes): {steps_per_epoch} steps x {config.num_epochs} epochs, global batch {config.batch_size}"
-        + ("; the best checkpoint is chosen on val" if ranked_on == "val" else "")
-    )
-
-    _, batches = pipeline.train_batches(
-        train_src,
-        spec,
-        pipeline.host_layout(config.batch_size),
-        seed=config.seed,
-        num_epochs=config.num_epochs,
-        start_step=start_step,
-        workers=workers,
-        prefetch=config.data.prefetch,
-    )
-    device_batches = pipeline.prefetch_to_device(batches, data_sharding)
-    metrics_log, guard = MetricsLog(workdir, start_step), FiniteGuard(checkpoints, config.schedule)
-    held.callback(metrics_log.close)  # also when the run fails
-    cams = cam_log.for_config(config, model, eval_srcs["test"], workdir, rep)  # None unless config.log_cams
-
-    def save(step: int, results: dict | None = None) -> None:
-        guard.check()  # never save after a bad step
-        meta = {
-            "epoch": step // steps_per_epoch,
-            "step": step,
-            "best": best,
-            "class_names": class_names,
-            "data_state": {"step": step, "seed": config.seed, "train_images": len(train_src)},
-            "eval": results,
-        }
-        metric = None if results is None else results[ranked_on]["combined"]
-        checkpoints.save(step, state, meta, config.to_dict(), metric=metric)
-
-    step, compiled_at = start_step, None  # compiled_at: (step, time) once the step function has been compiled
+    plan = plan_run(config, mesh)
+    opened = restore_or_initialise(plan, workdir, interrupts, held, locked)
+    train_step, eval_step = steps.compile_steps(plan.model, plan.tx, config, mesh)
+    announce(plan)
+    run = Run(plan, workdir, opened, interrupts, held)
     with interrupts as stop:
-        while step < total_steps and stop.signal is None:
-            epoch = step // steps_per_epoch
-            epoch_end, sums, logged, totals = (epoch + 1) * steps_per_epoch, {}, 0, None
-            epoch_start = (step, time.perf_counter())
-            bar = tqdm(
-                total=steps_per_epoch,
-                initial=step - epoch * steps_per_epoch,
-                desc=f"epoch {epoch + 1}/{config.num_epochs}",
-                dynamic_ncols=True,
-                disable=jax.process_index() != 0,
-            )
-            with bar:  # closed before any error propagates, so the error is the last line
-                while step < epoch_end and stop.signal is None:
-                    state, metrics = train_step(state, next(device_batches))
-                    step += 1
-                    if compiled_at is None:  # the first call compiled: from now on a signal stops after an iteration
-                        interrupts.training()
-                    compiled_at = compiled_at or (step, time.perf_counter())
-                    guard.push(step, metrics)
-                    totals = _add_metrics(totals, metrics)
-                    if step % config.log_every_steps == 0 or step == epoch_end:
-                        m = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "nonfinite_pass"}
-                        guard.check()
-                        sums = {k: sums.get(k, 0.0) + v for k, v in m.items()}
-                        logged += 1
-                        bar.set_postfix(
-                            {
-                                **{k: f"{sums[k] / logged:.3f}" for k in steps.LOSS_NAMES},
-                                "acc": f"{sums['accuracy'] / logged:.1f}",
-                                "img/s": f"{_rate(epoch_start, compiled_at, step, config.batch_size):.1f}",
-                            }
-                        )
-                        metrics_log.write(step, "train", m)
-                    if config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0 and step < epoch_end:
-                        save(step)
-                    bar.update(1)
-            guard.check()
-            if step < epoch_end:  # stopped by a signal mid-epoch
+        while run.step < plan.total_steps and stop.signal is None:
+            record = run.train_epoch(train_step, stop)
+            if record is None:  # a signal stopped the epoch
                 break
-            record = {
-                "epoch": epoch + 1,
-                "seconds": time.perf_counter() - epoch_start[1],
-                "images_per_s": _rate(epoch_start, compiled_at, step, config.batch_size),
-                "unreadable_images": len(batches.unreadable.indices),
-                **_mean_metrics(totals, step - epoch_start[0]),
-            }
-            results = None
-            if (epoch + 1) % config.eval_every_epochs == 0 or epoch + 1 == config.num_epochs:
-                results, eval_start = {}, time.perf_counter()
-                for name, src in eval_srcs.items():
-                    _, eval_it = pipeline.eval_batches(
-                        src, spec, pipeline.host_layout(config.eval_batch_size), workers=workers, prefetch=EVAL_PREFETCH
-                    )
-                    results[name] = steps.evaluate(eval_step, state, eval_it, data_sharding)
-                    print(steps.format_eval_table(f"eval epoch {epoch + 1}, {name}", results[name]))
-                    metrics_log.write(step, "eval", {"split": name, **results[name]})
-                record["eval_seconds"] = time.perf_counter() - eval_start
-                record.update(_log_cams(cams, epoch + 1, state, metrics_log, step))
-                if results[ranked_on]["combined"] >= best["combined"]:  # a tie goes to the later step, as in orbax
-                    best = _best(results, ranked_on, epoch + 1, step)
-            metrics_log.write(step, "epoch", record)
-            save(step, results)
-        if stop.signal is not None and checkpoints.latest_step() != step:
-            save(step)
-    checkpoints.wait()
-    metrics_log.close()
-    if stop.signal is not None:
-        print(
-            f"stopped by signal {stop.signal} at iteration {step}: checkpoint written to "
-            f"{checkpoints.directory}; run the same command again to resume"
-        )
-        return {**best, "stopped_by": int(stop.signal)}
-    if best["epoch"] >= 0 and ranked_on == "val":
-        print(
-            f"best on val: combined {best['combined']:.2f}% at epoch {best['epoch']}; its test accuracy: combined "
-            f"{best['test_combined']:.2f}% (concat {best['test_concat']:.2f}%); checkpoints in "
-            f"{checkpoints.directory}"
-        )
-    elif best["epoch"] >= 0:
-        print(
-            f"best: combined {best['combined']:.2f}% (concat {best['concat']:.2f}%) at epoch {best['epoch']}; "
-            f"checkpoints in {checkpoints.directory}"
-        )
-    return best
+            results = run.evaluate(eval_step, record) if plan.eval_due(record["epoch"]) else None
+            run.end_epoch(record, results)
+        if stop.signal is not None and run.checkpoints.latest_step() != run.step:
+            run.save(run.step)
+    return run.outcome(stop.signal)
 
 
 def _best(results: dict[str, dict], ranked_on: str, epoch: int, step: int) -> dict:

@@ -45,6 +45,89 @@ def whole_batch(x: jax.Array) -> jax.Array:
     return x.swapaxes(0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """The mean softmax cross-entropy of integer `labels`."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def keep_used(backbone: backbones.Backbone, heads: tuple[int, ...], new: Any, old: Any) -> Any:
+    """`new` BatchNorm statistics where their module feeds one of `heads` (`model_lib.feeds`), `old` elsewhere:
+    XLA then drops the forward of the rest as dead code (bn_stats='used')."""
+
+    def pick(path, n, o):
+        return n if any(model_lib.feeds(h, [p.key for p in path], backbone) for h in heads) else o
+
+    return jax.tree_util.tree_map_with_path(pick, new, old)
+
+
+def make_loss(model: PMG, group: tuple[model_lib.Pass, ...], *, concat_weight: float, bn_stats: str) -> Callable:
+    """value_and_grad of one update's loss(params, stats, inputs, labels, dropout): its passes' inputs run as one
+    batch in train mode (BatchNorm normalises over all of them), each head's cross-entropy on its share, the
+    concat pass's weighted by `concat_weight`; aux (new statistics, the weighted loss terms, the heads' logits)."""
+    heads = tuple(p.head for p in group)
+    weights = [concat_weight if p.jigsaw is None else 1.0 for p in group]
+    backbone = backbones.get(model.backbone)
+
+    def loss_fn(params, stats, inputs, labels, dropout):
+        x = inputs[0] if len(inputs) == 1 else jnp.concatenate(inputs)
+        logits, updated = model.apply(
+            {"params": params, "batch_stats": stats},
+            x,
+            train=True,
+            mutable=["batch_stats"],
+            rngs={"dropout": dropout},
+        )
+        new_stats = updated["batch_stats"]
+        if bn_stats == "used":
+            new_stats = keep_used(backbone, heads, new_stats, stats)
+        n = labels.shape[0]
+        outs = [logits[h] if len(group) == 1 else logits[h][j * n : (j + 1) * n] for j, h in enumerate(heads)]
+        losses = [w * cross_entropy(o, labels) for w, o in zip(weights, outs, strict=True)]
+        return sum(losses[1:], losses[0]), (new_stats, losses, outs)
+
+    return jax.value_and_grad(loss_fn, has_aux=True)
+
+
+def accumulate(grad_fn: Callable, k: int, params: Any, stats: Any, inputs: list, labels: jax.Array, dropout: Any):
+    """`grad_fn` over k micro-batches (`micro_batches`, a `lax.scan`; one dropout rng each): the mean loss terms
+    and gradient, and the statistics after the last (each micro-batch normalised on its own and updating them)."""
+
+    def micro(carry, batch):
+        stats, total = carry
+        (_, (stats, losses, outs)), grads = grad_fn(params, stats, *batch)
+        return (stats, jax.tree.map(jnp.add, total, grads)), (losses, outs)
+
+    split = ([micro_batches(x, k) for x in inputs], micro_batches(labels, k), jax.random.split(dropout, k))
+    (stats, total), (losses, outs) = jax.lax.scan(micro, (stats, jax.tree.map(jnp.zeros_like, params)), split)
+    grads = jax.tree.map(lambda g: g / k, total)
+    losses = [jnp.mean(term) for term in losses]
+    return sum(losses[1:], losses[0]), (stats, losses, [whole_batch(o) for o in outs]), grads
+
+
+def update_inputs(
+    group: tuple[model_lib.Pass, ...],
+    images: jax.Array,
+    key: jax.Array,
+    *,
+    granularities: tuple[int, ...],
+    jigsaw_mode: str,
+    permutations: dict[int, jax.Array] | None = None,
+) -> list[jax.Array]:
+    """One update's inputs, a batch per pass: the images for the concat pass, else their n x n jigsaw (n from
+    `granularities`), drawn from fold_in(key, the pass's index) or fixed by `permutations` per n (tests)."""
+    inputs = []
+    for p in group:
+        if p.jigsaw is None:
+            inputs.append(images)
+            continue
+        n = granularities[p.jigsaw]
+        if permutations is not None:
+            inputs.append(jigsaw_lib.shuffle_blocks(images, n, permutations[n]))
+        else:
+            inputs.append(jigsaw_lib.jigsaw(jax.random.fold_in(key, model_lib.PASSES.index(p)), images, n, jigsaw_mode))
+    return inputs
+
+
 def make_train_step(
     model: PMG,
     tx: optax.GradientTransformation,
@@ -57,103 +140,31 @@ def make_train_step(
     schedule: str = "progressive",
     accumulation_steps: int = 1,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    """One whole PMG iteration: the updates of `model_lib.SCHEDULES[schedule]`, each an optimizer update of
-    the weighted loss of its passes.
-
-    A jigsaw pass shuffles the batch into n x n blocks (n from `granularities`) and trains its head;
-    the concat pass trains the concat head on the unshuffled images with weight `concat_weight`.
-    'progressive' (the reference) updates after each pass; 'joint' runs the four inputs through the
-    network as one batch of 4B (BatchNorm then normalises over all of them) and updates once, on the sum
-    of the four weighted losses. Every forward runs the whole network in train mode (every BN updates its
-    running statistics). With `accumulation_steps` k > 1 each update's gradient is the mean of the
-    gradients of k micro-batches (`micro_batches`, a `lax.scan`): BatchNorm normalises each micro-batch on
-    its own and the running statistics are updated once per micro-batch, k times per update. If any
-    loss or gradient is non-finite the state is returned unchanged and metrics['nonfinite_pass'] names
-    the first bad update (1-based, see `pass_name`; 0 when all are finite). `permutations` fixes the
-    jigsaw per granularity (tests); otherwise they are drawn from the state's RNG. bn_stats='used' keeps
-    only the running statistics of the modules that feed the update's heads (`model_lib.feeds`): XLA then
-    drops the forward of the rest as dead code. Each update's 'dropout' rng (the backbone's stochastic
-    depth; one per micro-batch) comes from the state's rng and step too, so a resumed run draws the same.
-    """
+    """One whole PMG iteration: an optimizer update per group of `model_lib.SCHEDULES[schedule]` (`make_loss`,
+    `update_inputs`, `accumulate` over `accumulation_steps`), the state kept unchanged and
+    metrics['nonfinite_pass'] naming the first update (1-based, `pass_name`) if any loss or gradient is not finite."""
     validate.check_choice("bn_stats", bn_stats)  # the config's one table, for callers that pass no config
     validate.check_choice("schedule", schedule)
-    backbone = backbones.get(model.backbone)
     k = accumulation_steps
-
-    def cross_entropy(logits, labels):
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-    def keep_used(heads: tuple[int, ...], new: Any, old: Any) -> Any:
-        """`new` statistics where they feed one of `heads`, `old` elsewhere."""
-
-        def pick(path, n, o):
-            return n if any(model_lib.feeds(h, [p.key for p in path], backbone) for h in heads) else o
-
-        return jax.tree_util.tree_map_with_path(pick, new, old)
-
-    def make_loss(group: tuple[model_lib.Pass, ...]) -> Callable:
-        """loss_fn(params, stats, inputs, labels) of one update: its passes' inputs as one batch."""
-        heads = tuple(p.head for p in group)
-        weights = [concat_weight if p.jigsaw is None else 1.0 for p in group]
-
-        def loss_fn(params, stats, inputs, labels, dropout):
-            x = inputs[0] if len(inputs) == 1 else jnp.concatenate(inputs)
-            logits, updated = model.apply(
-                {"params": params, "batch_stats": stats},
-                x,
-                train=True,
-                mutable=["batch_stats"],
-                rngs={"dropout": dropout},
-            )
-            new_stats = updated["batch_stats"]
-            if bn_stats == "used":
-                new_stats = keep_used(heads, new_stats, stats)
-            n = labels.shape[0]
-            outs = [logits[h] if len(group) == 1 else logits[h][j * n : (j + 1) * n] for j, h in enumerate(heads)]
-            losses = [w * cross_entropy(o, labels) for w, o in zip(weights, outs, strict=True)]
-            return sum(losses[1:], losses[0]), (new_stats, losses, outs)
-
-        return jax.value_and_grad(loss_fn, has_aux=True)
-
-    def accumulate(grad_fn, params, stats, inputs, labels, dropout):
-        """grad_fn over k micro-batches: the mean loss terms and gradient, the statistics after the last."""
-
-        def micro(carry, batch):
-            stats, total = carry
-            (_, (stats, losses, outs)), grads = grad_fn(params, stats, *batch)
-            return (stats, jax.tree.map(jnp.add, total, grads)), (losses, outs)
-
-        split = ([micro_batches(x, k) for x in inputs], micro_batches(labels, k), jax.random.split(dropout, k))
-        (stats, total), (losses, outs) = jax.lax.scan(micro, (stats, jax.tree.map(jnp.zeros_like, params)), split)
-        grads = jax.tree.map(lambda g: g / k, total)
-        losses = [jnp.mean(term) for term in losses]
-        return sum(losses[1:], losses[0]), (stats, losses, [whole_batch(o) for o in outs]), grads
-
-    updates = [(group, make_loss(group)) for group in model_lib.SCHEDULES[schedule]]
+    updates = [
+        (group, make_loss(model, group, concat_weight=concat_weight, bn_stats=bn_stats))
+        for group in model_lib.SCHEDULES[schedule]
+    ]
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         images, labels = batch["image"], batch["label"]
-        key = jax.random.fold_in(state.rng, state.step)
+        key = jax.random.fold_in(state.rng, state.step)  # so a resumed run draws the same jigsaws and dropout
         params, stats, opt_state = state.params, state.batch_stats, state.opt_state
         metrics, bad_pass = {}, jnp.zeros((), jnp.int32)
         for u, (group, grad_fn) in enumerate(updates):
-            inputs = []
-            for p in group:
-                i = model_lib.PASSES.index(p)
-                if p.jigsaw is None:
-                    inputs.append(images)
-                elif permutations is not None:
-                    n = granularities[p.jigsaw]
-                    inputs.append(jigsaw_lib.shuffle_blocks(images, n, permutations[n]))
-                else:
-                    inputs.append(
-                        jigsaw_lib.jigsaw(jax.random.fold_in(key, i), images, granularities[p.jigsaw], jigsaw_mode)
-                    )
+            inputs = update_inputs(
+                group, images, key, granularities=granularities, jigsaw_mode=jigsaw_mode, permutations=permutations
+            )
             dropout = jax.random.fold_in(key, len(model_lib.PASSES) + u)  # not a jigsaw's fold_in(key, i)
             if k == 1:
                 (loss, (stats, losses, outs)), grads = grad_fn(params, stats, inputs, labels, dropout)
             else:
-                loss, (stats, losses, outs), grads = accumulate(grad_fn, params, stats, inputs, labels, dropout)
+                loss, (stats, losses, outs), grads = accumulate(grad_fn, k, params, stats, inputs, labels, dropout)
             finite = jnp.isfinite(loss) & _all_finite(grads)
             bad_pass = jnp.where((bad_pass == 0) & ~finite, u + 1, bad_pass)
             grad_updates, opt_state = tx.update(grads, opt_state, params)
@@ -170,6 +181,20 @@ def make_train_step(
         return new_state, metrics
 
     return train_step
+
+
+def train_step_from_config(model: PMG, tx: optax.GradientTransformation, config: ml_collections.ConfigDict) -> Callable:
+    """The train step the config asks for (the one place a method's step is chosen from the config)."""
+    return make_train_step(
+        model,
+        tx,
+        granularities=tuple(config.jigsaw.granularities),
+        jigsaw_mode=config.jigsaw.mode,
+        concat_weight=config.concat_loss_weight,
+        bn_stats=config.bn_stats,
+        schedule=config.schedule,
+        accumulation_steps=config.accumulation_steps,
+    )
 
 
 def pass_name(nonfinite_pass: int, schedule: str = "progressive") -> str:
@@ -199,16 +224,7 @@ def compile_steps(
     on the device (config.data.normalize_on_device); float batches pass.
     """
     rep, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-    train_step = make_train_step(
-        model,
-        tx,
-        granularities=tuple(config.jigsaw.granularities),
-        jigsaw_mode=config.jigsaw.mode,
-        concat_weight=config.concat_loss_weight,
-        bn_stats=config.bn_stats,
-        schedule=config.schedule,
-        accumulation_steps=config.accumulation_steps,
-    )
+    train_step = train_step_from_config(model, tx, config)
     spec = transform_spec(config)
     chosen = kernels.resolve(config.model.kernels if kernel_choice is None else kernel_choice)
 
