@@ -5,7 +5,7 @@ from __future__ import annotations
 import ml_collections
 from flax.traverse_util import flatten_dict
 
-from pmg_jax import backbones, jigsaw, kernels
+from pmg_jax import backbones, jigsaw, kernels, methods
 from pmg_jax import checkpoint as ckpt_lib
 from pmg_jax import config as config_lib
 from pmg_jax import model as model_lib
@@ -18,6 +18,7 @@ def choices() -> dict[str, tuple]:
     """config field -> the values it may take, each from the module that owns the choice (the one table
     `check_choices` refuses a config by; the backbones are read now, as one may be registered late)."""
     return {
+        "method": tuple(methods.METHODS),
         "model.backbone": tuple(backbones.REGISTRY),
         "model.dtype": model_lib.DTYPES,
         "model.remat": model_lib.REMAT,
