@@ -12,9 +12,10 @@ alpha_k * w * MSE of the anchors' and positives' consistency features k (w = CE 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import flax.linen as nn
+import jax
 
 from pmg_jax import model, pmg_v2
 from pmg_jax.errors import ConfigError
@@ -52,6 +53,16 @@ class Method:
     def updates(self, schedule: str) -> tuple:
         """The updates of one training iteration under config.schedule `schedule`."""
         return self.schedules[schedule]
+
+    @property
+    def eval_names(self) -> tuple[str, ...]:
+        """What evaluation reports, in the eval step's order: every head, then their combined prediction."""
+        return (*self.heads, model.COMBINED)
+
+    def combined(self, logits: Sequence[jax.Array]) -> jax.Array:
+        """The prediction's logits: the sum of the `prediction` heads' logits."""
+        picked = [logits[i] for i in self.prediction]
+        return sum(picked[1:], picked[0])
 
 
 PMG = Method(
