@@ -65,8 +65,7 @@ class Method:
 
     def combined(self, logits: Sequence[jax.Array]) -> jax.Array:
         """The prediction's logits: the sum of the `prediction` heads' logits."""
-        picked = [logits[i] for i in self.prediction]
-        return sum(picked[1:], picked[0])
+        return model.combined_logits([logits[i] for i in self.prediction])
 
 
 PMG = Method(
