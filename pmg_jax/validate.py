@@ -28,6 +28,7 @@ def choices() -> dict[str, tuple]:
         "jigsaw.mode": jigsaw.MODES,
         "data.resize_backend": transforms.RESIZE_BACKENDS,
         "init.which": ckpt_lib.WHICH,
+        "optim.schedule": ("auto", *config_lib.LR_SCHEDULES),
     }
 
 
@@ -147,12 +148,22 @@ def check(config: ml_collections.ConfigDict, num_devices: int, num_processes: in
     for field in ("lr_new", "lr_backbone", "weight_decay", "warmup_epochs"):
         if config.optim[field] < 0:
             raise ConfigError(f"config.optim.{field}={config.optim[field]} must be >= 0")
+    check_step_schedule(config.optim)
     unknown = sorted(set(resume_changes(config)) - {*RESUME_FIELDS, "all"})
     if unknown:
         raise ConfigError(
             f"config.resume_changes: {', '.join(unknown)} is not a field a resume checks "
             f"(one of {', '.join(RESUME_FIELDS)}, or all)"
         )
+
+
+def check_step_schedule(o: ml_collections.ConfigDict) -> None:
+    """optim.step_epochs: increasing whole epochs >= 0; optim.step_factor: a positive factor."""
+    epochs = tuple(o.step_epochs)
+    if not all(isinstance(e, int) and e >= 0 for e in epochs) or list(epochs) != sorted(set(epochs)):
+        raise ConfigError(f"config.optim.step_epochs={epochs} must be increasing whole epochs >= 0")
+    if not o.step_factor > 0:
+        raise ConfigError(f"config.optim.step_factor={o.step_factor} must be > 0")
 
 
 def check_accelerator_options(
