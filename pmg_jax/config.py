@@ -71,7 +71,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.weight_decay = 5e-4  # added to the gradient of every parameter
     c.optim.warmup_epochs = 0  # epochs of linear learning-rate warm-up per update (0: none, as the reference)
     c.optim.schedule = "auto"  # per-epoch lr: auto (the method's: pmg cosine, pmg_v2 step) | cosine | step
-    c.optim.step_epochs = (100,)  # step: the lr is multiplied by step_factor after each (0-based epoch > e)
+    c.optim.step_epochs = ()  # step: lr times step_factor after each (0-based epoch > e); () = the method's: (100,)
     c.optim.step_factor = 0.1  # step: the factor at each step epoch (PMG-V2: lr / 10 after epoch 100)
 
     c.concat_loss_weight = 2.0  # the concat pass trains on 2 x cross-entropy

@@ -14,10 +14,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from pmg_jax import cam_log, optim, parallel, runguard, steps, validate
+from pmg_jax import cam_log, methods, optim, parallel, runguard, steps, validate
 from pmg_jax import checkpoint as ckpt_lib
 from pmg_jax import state as state_lib
-from pmg_jax.data import pipeline, slots, sources
+from pmg_jax.data import pipeline, positives, slots, sources
 from pmg_jax.errors import PMGError
 from pmg_jax.state import TrainState
 
@@ -157,7 +157,7 @@ def evaluate_only(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
         pipeline.host_layout(config.eval_batch_size),
         workers=config.data.workers,
     )
-    result = steps.evaluate(eval_step, state, it, data_sharding)
+    result = steps.evaluate(eval_step, state, it, data_sharding, methods.get(config.method).eval_names)
     print(steps.format_eval_table(f"eval of {path}", result))
     return result
 
@@ -275,14 +275,19 @@ def _train(
     locked = os.path.exists(os.path.join(workdir, runguard.LOCK_NAME)) and _lock(workdir, held)
     from tqdm import tqdm
 
-    spec, workers = state_lib.transform_spec(config), config.data.workers
+    spec, workers, method = state_lib.transform_spec(config), config.data.workers, methods.get(config.method)
     # The train iterator's ring and an eval iterator's exist together; fail now, not after an epoch.
     slots.check_room(
-        pipeline.shared_memory_bytes(spec, pipeline.host_layout(config.batch_size), workers, config.data.prefetch)
+        pipeline.shared_memory_bytes(
+            spec, pipeline.host_layout(config.batch_size), workers, config.data.prefetch, method.pairs
+        )
         + pipeline.shared_memory_bytes(spec, pipeline.host_layout(config.eval_batch_size), workers, EVAL_PREFETCH),
         f"the input pipeline's batch buffers for {workers} workers",
     )
     train_src = sources.make_source(config, "train")
+    pairing = (
+        positives.Pairing.of(train_src) if method.pairs else None
+    )  # refuses a class of one image, before any write
     # evaluated every epoch; with a validation split, 'best' is ranked on it and test is what it reports
     eval_srcs = {"test": sources.make_source(config, "test")}
     if config.dataset.val_fraction:
@@ -317,7 +322,7 @@ def _train(
     print(parallel.describe(mesh))
     sizes = " / ".join(f"{len(s)} {n}" for n, s in {"train": train_src, **eval_srcs}.items())
     print(
-        f"training {config.model.backbone} PMG on {config.dataset.name} ({sizes} images, {len(class_names)} "
+        f"training {config.model.backbone} {method.name} on {config.dataset.name} ({sizes} images, {len(class_names)} "
         f"classes): {steps_per_epoch} steps x {config.num_epochs} epochs, global batch {config.batch_size}"
         + ("; the best checkpoint is chosen on val" if ranked_on == "val" else "")
     )
@@ -331,6 +336,7 @@ def _train(
         start_step=start_step,
         workers=workers,
         prefetch=config.data.prefetch,
+        pairing=pairing,
     )
     device_batches = pipeline.prefetch_to_device(batches, data_sharding)
     metrics_log, guard = MetricsLog(workdir, start_step), FiniteGuard(checkpoints, config.schedule)
@@ -379,7 +385,7 @@ def _train(
                         logged += 1
                         bar.set_postfix(
                             {
-                                **{k: f"{sums[k] / logged:.3f}" for k in steps.LOSS_NAMES},
+                                **{k: f"{sums[k] / logged:.3f}" for k in steps.LOSS_NAMES if k in sums},
                                 "acc": f"{sums['accuracy'] / logged:.1f}",
                                 "img/s": f"{_rate(epoch_start, compiled_at, step, config.batch_size):.1f}",
                             }
@@ -405,7 +411,7 @@ def _train(
                     _, eval_it = pipeline.eval_batches(
                         src, spec, pipeline.host_layout(config.eval_batch_size), workers=workers, prefetch=EVAL_PREFETCH
                     )
-                    results[name] = steps.evaluate(eval_step, state, eval_it, data_sharding)
+                    results[name] = steps.evaluate(eval_step, state, eval_it, data_sharding, method.eval_names)
                     print(steps.format_eval_table(f"eval epoch {epoch + 1}, {name}", results[name]))
                     metrics_log.write(step, "eval", {"split": name, **results[name]})
                 record["eval_seconds"] = time.perf_counter() - eval_start
@@ -427,15 +433,20 @@ def _train(
     if best["epoch"] >= 0 and ranked_on == "val":
         print(
             f"best on val: combined {best['combined']:.2f}% at epoch {best['epoch']}; its test accuracy: combined "
-            f"{best['test_combined']:.2f}% (concat {best['test_concat']:.2f}%); checkpoints in "
+            f"{best['test_combined']:.2f}%{_concat(best['test_concat'])}; checkpoints in "
             f"{checkpoints.directory}"
         )
     elif best["epoch"] >= 0:
         print(
-            f"best: combined {best['combined']:.2f}% (concat {best['concat']:.2f}%) at epoch {best['epoch']}; "
+            f"best: combined {best['combined']:.2f}%{_concat(best['concat'])} at epoch {best['epoch']}; "
             f"checkpoints in {checkpoints.directory}"
         )
     return best
+
+
+def _concat(accuracy: float | None) -> str:
+    """' (concat X%)' after a combined accuracy, for a method with a concat head; '' otherwise."""
+    return "" if accuracy is None else f" (concat {accuracy:.2f}%)"
 
 
 def _best(results: dict[str, dict], ranked_on: str, epoch: int, step: int) -> dict:
@@ -443,13 +454,13 @@ def _best(results: dict[str, dict], ranked_on: str, epoch: int, step: int) -> di
     also the test accuracy of this same checkpoint (the honest figure: not the best test accuracy over epochs)."""
     best = {
         "combined": results[ranked_on]["combined"],
-        "concat": results[ranked_on]["concat"],
+        "concat": results[ranked_on].get("concat"),  # PMG's concat head (PMG-V2 has none)
         "epoch": epoch,
         "step": step,
         "split": ranked_on,
     }
     if ranked_on != "test":
-        best.update(test_combined=results["test"]["combined"], test_concat=results["test"]["concat"])
+        best.update(test_combined=results["test"]["combined"], test_concat=results["test"].get("concat"))
     return best
 
 

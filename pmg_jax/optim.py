@@ -12,6 +12,7 @@ import ml_collections
 import optax
 
 from pmg_jax import config as config_lib
+from pmg_jax import methods
 from pmg_jax import model as model_lib
 
 
@@ -67,6 +68,7 @@ def make_optimizer(
     momentum: float = 0.9,
     weight_decay: float = 5e-4,
     schedule: str = "progressive",
+    method: str = "pmg",
     warmup_epochs: int = 0,
     lr_schedule: str = "cosine",
     step_epochs: Sequence[int] = (),
@@ -75,11 +77,11 @@ def make_optimizer(
     """PyTorch SGD semantics: g += wd * p; buf = momentum * buf + g; p -= lr * buf.
 
     The learning rate is constant within an epoch, `epoch_schedule(lr_schedule, ...)` of it; epochs are
-    counted in iterations of model.updates_per_iteration(schedule) optimizer updates each (progressive: one
-    per pass; joint: one). With warmup_epochs > 0 (not in the reference) it instead rises linearly per update
+    counted in iterations of the method's updates under `schedule` (PMG progressive: one per pass; joint:
+    one; PMG-V2: three). With warmup_epochs > 0 (not in the reference) it instead rises linearly per update
     from 0 to the base rate over the first warmup_epochs epochs, and follows the schedule of the epoch after.
     """
-    updates_per_epoch = model_lib.updates_per_iteration(schedule) * steps_per_epoch
+    updates_per_epoch = len(methods.get(method).updates(schedule)) * steps_per_epoch
     warmup_updates = warmup_epochs * updates_per_epoch
 
     def group(base_lr: float) -> optax.GradientTransformation:
@@ -111,13 +113,14 @@ def from_config(config: ml_collections.ConfigDict, steps_per_epoch: int) -> opta
         momentum=o.momentum,
         weight_decay=o.weight_decay,
         schedule=config.schedule,
+        method=config.method,
         warmup_epochs=o.warmup_epochs,
         lr_schedule=lr_schedule(config),
-        step_epochs=tuple(o.step_epochs),
+        step_epochs=tuple(o.step_epochs) or methods.get(config.method).step_epochs,
         step_factor=o.step_factor,
     )
 
 
 def lr_schedule(config: ml_collections.ConfigDict) -> str:
     """The learning-rate schedule a config trains with: config.optim.schedule, or for 'auto' its method's."""
-    return config.optim.schedule if config.optim.schedule != "auto" else "cosine"
+    return config.optim.schedule if config.optim.schedule != "auto" else methods.get(config.method).lr_schedule

@@ -225,8 +225,13 @@ def check_accelerator_options(
 
 
 def check_compatible(saved: dict, config: ml_collections.ConfigDict, where: str) -> None:
-    """A checkpoint's model must be the configured one (architecture and class count; a width or block
-    counts left at 0 / () are the backbone's standard ones)."""
+    """A checkpoint's model must be the configured one (method, architecture and class count; a width or block
+    counts left at 0 / () are the backbone's standard ones; a checkpoint without a method is PMG's)."""
+    if saved.get("method", "pmg") != config.method:
+        raise ConfigError(
+            f"{where}: checkpoint was trained with config.method={saved.get('method', 'pmg')!r} but the config says "
+            f"{config.method!r}; its parameters and steps belong to that method (use another --workdir)"
+        )
     for field in ("backbone", "feature_size"):
         if saved["model"][field] != config.model[field]:
             raise ConfigError(
