@@ -115,3 +115,20 @@ def test_the_schedule_and_its_steps_are_checked_naming_the_field():
     c.optim.step_factor = 0.1
     validate.check(c, num_devices=1)
     assert optim.lr_schedule(c) == "step"
+
+
+def test_auto_takes_the_methods_schedule_and_counts_its_updates_per_epoch():
+    """pmg_v2: the step schedule at its (100,) and three updates an iteration; pmg: the cosine."""
+    c: ml_collections.ConfigDict = config_lib.for_dataset("demo")
+    assert optim.lr_schedule(c) == "cosine"
+    c.method, c.num_epochs = "pmg_v2", 200
+    assert optim.lr_schedule(c) == "step"
+    tx = optim.from_config(c, steps_per_epoch=1)
+    params, grads = {"head1": {"w": jnp.zeros(1)}}, {"head1": {"w": jnp.ones(1)}}
+    state, rates = tx.init(params), []
+    for _ in range(3 * 102):  # three updates an iteration, one iteration an epoch: epochs 0 to 101
+        updates, state = tx.update(grads, state, params)
+        rates.append(-float(updates["head1"]["w"][0]))
+    # no momentum cancels out here: compare the first update of epoch 100 with that of epoch 101 after momentum
+    assert rates[3 * 100] == pytest.approx(rates[3 * 100 - 1], rel=1e-3)  # epoch 100: the base rate still
+    assert rates[3 * 101] < 0.2 * rates[3 * 101 - 1]  # epoch 101: a tenth
