@@ -81,7 +81,7 @@ def make_optimizer(
     one; PMG-V2: three). With warmup_epochs > 0 (not in the reference) it instead rises linearly per update
     from 0 to the base rate over the first warmup_epochs epochs, and follows the schedule of the epoch after.
     """
-    updates_per_epoch = len(methods.get(method).updates(schedule)) * steps_per_epoch
+    updates_per_epoch = methods.get(method).updates_per_iteration(schedule) * steps_per_epoch
     warmup_updates = warmup_epochs * updates_per_epoch
 
     def group(base_lr: float) -> optax.GradientTransformation:
