@@ -132,3 +132,19 @@ def test_auto_takes_the_methods_schedule_and_counts_its_updates_per_epoch():
     # no momentum cancels out here: compare the first update of epoch 100 with that of epoch 101 after momentum
     assert rates[3 * 100] == pytest.approx(rates[3 * 100 - 1], rel=1e-3)  # epoch 100: the base rate still
     assert rates[3 * 101] < 0.2 * rates[3 * 101 - 1]  # epoch 101: a tenth
+
+
+def test_the_pmg_v2_configs_validate_with_the_official_schedule():
+    from configs import cub_pmg_v2, demo_pmg_v2
+
+    c = cub_pmg_v2.get_config()
+    validate.check(c, num_devices=1)
+    assert (c.method, optim.lr_schedule(c), tuple(c.optim.step_epochs), c.num_epochs) == ("pmg_v2", "step", (100,), 200)
+    assert (c.optim.lr_new, c.optim.lr_backbone, c.batch_size, c.data.resize_size, c.data.crop_size) == (
+        0.005,
+        0.0005,
+        16,
+        550,
+        448,
+    )
+    validate.check(demo_pmg_v2.get_config(), num_devices=1)
