@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import ml_collections
 
+# The per-epoch learning-rate schedules optim.schedule names (pmg_jax.optim.epoch_schedule): PMG's cosine over
+# num_epochs, PMG-V2's step (the rate times optim.step_factor after each of optim.step_epochs).
+LR_SCHEDULES = ("cosine", "step")
+
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -61,11 +65,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.jigsaw.mode = "cycle"  # cycle: reference single cycle shared by the batch; uniform: per image
 
     c.optim = ml_collections.ConfigDict()
-    c.optim.lr_new = 0.002  # learning rate of the blocks and heads (epoch-cosine decayed)
+    c.optim.lr_new = 0.002  # learning rate of the blocks and heads (decayed by optim.schedule)
     c.optim.lr_backbone = 0.0002  # learning rate of the backbone (the ResNet trunk)
     c.optim.momentum = 0.9  # SGD momentum (no Nesterov)
     c.optim.weight_decay = 5e-4  # added to the gradient of every parameter
     c.optim.warmup_epochs = 0  # epochs of linear learning-rate warm-up per update (0: none, as the reference)
+    c.optim.schedule = "auto"  # per-epoch lr: auto (the method's: pmg cosine, pmg_v2 step) | cosine | step
+    c.optim.step_epochs = ()  # step: lr times step_factor after each (0-based epoch > e); () = the method's: (100,)
+    c.optim.step_factor = 0.1  # step: the factor at each step epoch (PMG-V2: lr / 10 after epoch 100)
 
     c.concat_loss_weight = 2.0  # the concat pass trains on 2 x cross-entropy
     c.schedule = "progressive"  # progressive: 4 passes, 4 updates | joint: 4 inputs as one 4B batch, 1 update

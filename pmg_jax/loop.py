@@ -18,10 +18,10 @@ import jax.numpy as jnp
 import ml_collections
 import tqdm
 
-from pmg_jax import cam_log, optim, parallel, runguard, steps, validate
+from pmg_jax import cam_log, methods, optim, parallel, runguard, steps, validate
 from pmg_jax import checkpoint as ckpt_lib
 from pmg_jax import state as state_lib
-from pmg_jax.data import pipeline, slots, sources
+from pmg_jax.data import pipeline, positives, slots, sources
 from pmg_jax.errors import PMGError
 from pmg_jax.state import TrainState
 
@@ -161,7 +161,7 @@ def evaluate_only(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
         pipeline.host_layout(config.eval_batch_size),
         workers=config.data.workers,
     )
-    result = steps.evaluate(eval_step, state, it, data_sharding)
+    result = steps.evaluate(eval_step, state, it, data_sharding, methods.get(config.method).eval_names)
     print(steps.format_eval_table(f"eval of {path}", result))
     return result
 
@@ -277,6 +277,12 @@ class Plan:
     model: Any
     tx: Any
     steps_per_epoch: int
+    pairing: positives.Pairing | None  # the positive pairs of a method that trains on them (PMG-V2)
+
+    @property
+    def method(self) -> methods.Method:
+        """The method the run trains (config.method)."""
+        return methods.get(self.config.method)
 
     @property
     def ranked_on(self) -> str:
@@ -295,14 +301,17 @@ class Plan:
 
 def plan_run(config: ml_collections.ConfigDict, mesh: Any) -> Plan:
     """The run's data, model and optimizer; refuses input buffers without room and a batch larger than the data."""
-    spec, workers = state_lib.transform_spec(config), config.data.workers
+    spec, workers, method = state_lib.transform_spec(config), config.data.workers, methods.get(config.method)
     # The train iterator's ring and an eval iterator's exist together; fail now, not after an epoch.
     slots.check_room(
-        pipeline.shared_memory_bytes(spec, pipeline.host_layout(config.batch_size), workers, config.data.prefetch)
+        pipeline.shared_memory_bytes(
+            spec, pipeline.host_layout(config.batch_size), workers, config.data.prefetch, method.pairs
+        )
         + pipeline.shared_memory_bytes(spec, pipeline.host_layout(config.eval_batch_size), workers, EVAL_PREFETCH),
         f"the input pipeline's batch buffers for {workers} workers",
     )
     train_src = sources.make_source(config, "train")
+    pairing = positives.Pairing.of(train_src) if method.pairs else None  # refuses a class of one image
     eval_srcs = {"test": sources.make_source(config, "test")}
     if config.dataset.val_fraction:
         eval_srcs = {"val": sources.make_source(config, "val"), **eval_srcs}
@@ -313,7 +322,7 @@ def plan_run(config: ml_collections.ConfigDict, mesh: Any) -> Plan:
         )
     model = state_lib.create_model(config, len(train_src.class_names))
     tx = optim.from_config(config, steps_per_epoch)
-    return Plan(config, mesh, train_src, eval_srcs, model, tx, steps_per_epoch)
+    return Plan(config, mesh, train_src, eval_srcs, model, tx, steps_per_epoch, pairing)
 
 
 def fresh_state(plan: Plan) -> TrainState:
@@ -346,7 +355,7 @@ def announce(plan: Plan) -> None:
     print(parallel.describe(plan.mesh))
     sizes = " / ".join(f"{len(s)} {n}" for n, s in {"train": plan.train_src, **plan.eval_srcs}.items())
     print(
-        f"training {config.model.backbone} PMG on {config.dataset.name} ({sizes} images, "
+        f"training {config.model.backbone} {plan.method.name} on {config.dataset.name} ({sizes} images, "
         f"{len(plan.train_src.class_names)} classes): {plan.steps_per_epoch} steps x {config.num_epochs} epochs, "
         f"global batch {config.batch_size}"
         + ("; the best checkpoint is chosen on val" if plan.ranked_on == "val" else "")
@@ -379,6 +388,7 @@ class Run:
             start_step=self.step,
             workers=config.data.workers,
             prefetch=config.data.prefetch,
+            pairing=plan.pairing,
         )
         self.device_batches = pipeline.prefetch_to_device(self.batches, parallel.batch_sharding(plan.mesh))
         self.metrics_log = MetricsLog(workdir, self.step)
@@ -456,7 +466,7 @@ class Run:
         rate = _rate(self.epoch_start, self.compiled_at, self.step, self.plan.config.batch_size)
         bar.set_postfix(
             {
-                **{k: f"{self.sums[k] / self.logged:.3f}" for k in steps.LOSS_NAMES},
+                **{k: f"{self.sums[k] / self.logged:.3f}" for k in steps.LOSS_NAMES if k in self.sums},
                 "acc": f"{self.sums['accuracy'] / self.logged:.1f}",
                 "img/s": f"{rate:.1f}",
             }
@@ -470,7 +480,9 @@ class Run:
         results, eval_start = {}, time.perf_counter()
         for name, src in self.plan.eval_srcs.items():
             _, eval_it = pipeline.eval_batches(src, spec, layout, workers=config.data.workers, prefetch=EVAL_PREFETCH)
-            results[name] = steps.evaluate(eval_step, self.state, eval_it, parallel.batch_sharding(self.plan.mesh))
+            results[name] = steps.evaluate(
+                eval_step, self.state, eval_it, parallel.batch_sharding(self.plan.mesh), self.plan.method.eval_names
+            )
             print(steps.format_eval_table(f"eval epoch {epoch}, {name}", results[name]))
             self.metrics_log.write(self.step, "eval", {"split": name, **results[name]})
         record["eval_seconds"] = time.perf_counter() - eval_start
@@ -499,11 +511,11 @@ class Run:
         if best["epoch"] >= 0 and self.plan.ranked_on == "val":
             print(
                 f"best on val: combined {best['combined']:.2f}% at epoch {best['epoch']}; its test accuracy: combined "
-                f"{best['test_combined']:.2f}% (concat {best['test_concat']:.2f}%); checkpoints in {where}"
+                f"{best['test_combined']:.2f}%{_concat(best['test_concat'])}; checkpoints in {where}"
             )
         elif best["epoch"] >= 0:
             print(
-                f"best: combined {best['combined']:.2f}% (concat {best['concat']:.2f}%) at epoch {best['epoch']}; "
+                f"best: combined {best['combined']:.2f}%{_concat(best['concat'])} at epoch {best['epoch']}; "
                 f"checkpoints in {where}"
             )
         return best
@@ -537,18 +549,23 @@ def _train(
     return run.outcome(stop.signal)
 
 
+def _concat(accuracy: float | None) -> str:
+    """' (concat X%)' after a combined accuracy, for a method with a concat head; '' otherwise."""
+    return "" if accuracy is None else f" (concat {accuracy:.2f}%)"
+
+
 def _best(results: dict[str, dict], ranked_on: str, epoch: int, step: int) -> dict:
     """The best-so-far record: the ranking split's combined and concat accuracy, and with a validation split
     also the test accuracy of this same checkpoint (the honest figure: not the best test accuracy over epochs)."""
     best = {
         "combined": results[ranked_on]["combined"],
-        "concat": results[ranked_on]["concat"],
+        "concat": results[ranked_on].get("concat"),  # PMG's concat head (PMG-V2 has none)
         "epoch": epoch,
         "step": step,
         "split": ranked_on,
     }
     if ranked_on != "test":
-        best.update(test_combined=results["test"]["combined"], test_concat=results["test"]["concat"])
+        best.update(test_combined=results["test"]["combined"], test_concat=results["test"].get("concat"))
     return best
 
 

@@ -260,6 +260,6 @@ def evaluate(
 
 
 def format_eval_table(title: str, result: dict[str, float]) -> str:
-    """`title`, then an aligned table of the accuracies."""
-    head, vals = model_lib.accuracy_table({n: result[n] for n in EVAL_NAMES})
+    """`title`, then an aligned table of the accuracies (those `evaluate` returned, in its order)."""
+    head, vals = model_lib.accuracy_table({n: v for n, v in result.items() if n != "count"})
     return f"{title} on {result['count']} images (top-1 %)\n  {head}\n  {vals}"

@@ -29,6 +29,7 @@ def choices() -> dict[str, tuple]:
         "jigsaw.mode": jigsaw.MODES,
         "data.resize_backend": transforms.RESIZE_BACKENDS,
         "init.which": ckpt_lib.WHICH,
+        "optim.schedule": ("auto", *config_lib.LR_SCHEDULES),
     }
 
 
@@ -172,12 +173,22 @@ def check(config: ml_collections.ConfigDict, num_devices: int, num_processes: in
     for field in ("lr_new", "lr_backbone", "weight_decay", "warmup_epochs"):
         if config.optim[field] < 0:
             raise ConfigError(f"config.optim.{field}={config.optim[field]} must be >= 0")
+    check_step_schedule(config.optim)
     unknown = sorted(set(resume_changes(config)) - {*RESUME_FIELDS, "all"})
     if unknown:
         raise ConfigError(
             f"config.resume_changes: {', '.join(unknown)} is not a field a resume checks "
             f"(one of {', '.join(RESUME_FIELDS)}, or all)"
         )
+
+
+def check_step_schedule(o: ml_collections.ConfigDict) -> None:
+    """optim.step_epochs: increasing whole epochs >= 0; optim.step_factor: a positive factor."""
+    epochs = tuple(o.step_epochs)
+    if not all(isinstance(e, int) and e >= 0 for e in epochs) or list(epochs) != sorted(set(epochs)):
+        raise ConfigError(f"config.optim.step_epochs={epochs} must be increasing whole epochs >= 0")
+    if not o.step_factor > 0:
+        raise ConfigError(f"config.optim.step_factor={o.step_factor} must be > 0")
 
 
 def check_accelerator_options(
@@ -214,8 +225,13 @@ def check_accelerator_options(
 
 
 def check_compatible(saved: dict, config: ml_collections.ConfigDict, where: str) -> None:
-    """A checkpoint's model must be the configured one (architecture and class count; a width or block
-    counts left at 0 / () are the backbone's standard ones)."""
+    """A checkpoint's model must be the configured one (method, architecture and class count; a width or block
+    counts left at 0 / () are the backbone's standard ones; a checkpoint without a method is PMG's)."""
+    if saved.get("method", "pmg") != config.method:
+        raise ConfigError(
+            f"{where}: checkpoint was trained with config.method={saved.get('method', 'pmg')!r} but the config says "
+            f"{config.method!r}; its parameters and steps belong to that method (use another --workdir)"
+        )
     for field in ("backbone", "feature_size"):
         if saved["model"][field] != config.model[field]:
             raise ConfigError(

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pmg_jax.data import decode, pipeline, sources, synthetic
+from pmg_jax.data import decode, pipeline, positives, sources, synthetic, transforms
 
 SPEC = pipeline.TransformSpec(resize_size=36, crop_size=32, pad=2)
 
@@ -208,3 +208,128 @@ def test_eval_masks_unreadable_images_and_counts_the_rest_once(bad_folder, caplo
     np.testing.assert_array_equal(mask[: len(bad_folder)], readable)
     assert mask.sum() == len(bad_folder) - len(UNREADABLE)
     assert sum(m.getMessage().startswith("skipping") for m in caplog.records) == len(UNREADABLE)
+
+
+# --- positive pairs (PMG-V2) -----------------------------------------------------------------------------------
+
+
+def expected_positives(src, spec: pipeline.TransformSpec, layout: pipeline.Layout, seed: int, step: int) -> np.ndarray:
+    """Step `step`'s positives made by hand: the first candidate of each example, cropped with the positive stream."""
+    pairing, n = positives.Pairing.of(src), len(src)
+    per_epoch = (n // layout.global_batch) * layout.global_batch
+    out = []
+    for slot in range(layout.local_batch):
+        position = layout.global_position(step, slot)
+        epoch, k = divmod(position, per_epoch)
+        index = int(np.random.default_rng([seed, epoch, 0x5EED]).permutation(n)[k])
+        others = pairing.others(index)
+        assert index not in others and (src.labels[others] == src.labels[index]).all() and len(others)
+        other = int(pairing.candidates(index, pairing.first(index, seed, position))[0])
+        params = transforms.position_crop(
+            seed,
+            position,
+            resize_size=spec.resize_size,
+            crop_size=spec.crop_size,
+            pad=spec.pad,
+            hflip=spec.hflip,
+            stream=transforms.POSITIVE_CROP_STREAM,
+        )
+        crop = transforms.train_crop(
+            src[other]["image"], params, resize_size=spec.resize_size, crop_size=spec.crop_size, pad=spec.pad
+        )
+        out.append(transforms.normalize(crop, spec.mean, spec.std))
+    return np.stack(out)
+
+
+def test_positives_are_other_images_of_the_class_cropped_independently_and_resume_bit_for_bit():
+    src, layout = demo(), pipeline.Layout(8)
+    pairing = positives.Pairing.of(src)
+    steps, full = pipeline.train_batches(src, SPEC, layout, seed=1, num_epochs=2, pairing=pairing)
+    uninterrupted = list(full)
+    batch = uninterrupted[0]
+    assert set(batch) == {"image", "positive", "label"}
+    assert batch["positive"].shape == batch["image"].shape and batch["positive"].dtype == batch["image"].dtype
+    for step in (0, 6):
+        np.testing.assert_array_equal(uninterrupted[step]["positive"], expected_positives(src, SPEC, layout, 1, step))
+    without = take(pipeline.train_batches(src, SPEC, layout, seed=1, num_epochs=2)[1], 2)
+    for a, b in zip(without, uninterrupted):  # the examples and their crops are those of a run without pairs
+        np.testing.assert_array_equal(a["image"], b["image"])
+    _, resumed = pipeline.train_batches(src, SPEC, layout, seed=1, num_epochs=2, start_step=7, pairing=pairing)
+    assert_same(list(resumed), uninterrupted[7:])
+    assert steps == 5
+    _, workers = pipeline.train_batches(src, SPEC, layout, seed=1, num_epochs=2, workers=2, pairing=pairing)
+    assert_same([{k: v.copy() for k, v in b.items()} for b in workers], uninterrupted)
+    shares = [
+        take(pipeline.train_batches(src, SPEC, pipeline.Layout(8, p, 2), seed=1, num_epochs=1, pairing=pairing)[1], 2)
+        for p in range(2)
+    ]
+    for step in range(2):
+        np.testing.assert_array_equal(
+            np.concatenate([s[step]["positive"] for s in shares]),
+            uninterrupted[step]["positive"],
+        )
+
+
+def test_a_class_with_one_training_image_is_refused_naming_it(tmp_path):
+    for name, count in (("finch", 3), ("lonely_wren", 1)):
+        folder = tmp_path / "train" / name
+        folder.mkdir(parents=True)
+        for i in range(count):
+            (folder / f"{name}{i}.png").write_bytes(cv2_bytes(np.full((20, 20, 3), 40 * i, np.uint8), ".png"))
+    src = sources.image_folder_source(str(tmp_path), "train", "train")
+    with pytest.raises(
+        sources.DatasetError, match=r"class 1 \('lonely_wren'\) has one training image \(.*lonely_wren0.png\)"
+    ):
+        positives.Pairing.of(src)
+
+
+def test_unreadable_or_oversized_positives_are_passed_over_and_reported_once(tmp_path, caplog):
+    """A positive that cannot be read (corrupt, or over the pixel cap) is replaced by the next image of its class;
+    a class whose other images are all unreadable pairs an image with itself; each skipped file is reported once."""
+    classes = {
+        "a": {"a0.png": 10, "a1_corrupt.png": None, "a2_huge.png": 2000, "a3.png": 30},
+        "b": {"b0.png": 50, "b1_corrupt.png": None},
+    }
+    for name, files in classes.items():
+        (tmp_path / "train" / name).mkdir(parents=True)
+        for file, grey in files.items():
+            side = 40 if grey == 2000 else 20
+            data = (
+                UNREADABLE["truncated.png"]
+                if grey is None
+                else cv2_bytes(np.full((side, side, 3), grey % 256, np.uint8), ".png")
+            )
+            (tmp_path / "train" / name / file).write_bytes(data)
+    src = sources.image_folder_source(str(tmp_path), "train", "train")
+    spec = dataclasses.replace(SPEC, max_pixels=30 * 30)
+    with caplog.at_level(logging.WARNING, logger="pmg_jax.data.pipeline"):
+        _, it = pipeline.train_batches(
+            src, spec, pipeline.Layout(2), seed=0, num_epochs=4, pairing=positives.Pairing.of(src)
+        )
+        batches = list(it)
+    skips = sorted(r.getMessage().split()[3] for r in caplog.records if r.getMessage().startswith("skipping"))
+    assert [os.path.basename(p.rstrip(":")) for p in skips] == ["a1_corrupt.png", "a2_huge.png", "b1_corrupt.png"]
+    greys = {10, 30, 50}  # each crop keeps some of its image's grey (pad 2 of 36: the centre is always inside)
+    for b in batches:
+        for image, positive, label in zip(b["image"], b["positive"], b["label"]):
+            g_image, g_positive = (int(round((x[16, 16, 0] * 0.5 + 0.5) * 255)) for x in (image, positive))
+            assert {g_image, g_positive} <= greys
+            assert (g_positive == 50) == (label == 1)  # class b has one readable image: it is its own positive
+            if label == 0:
+                assert g_positive != g_image  # class a: the other readable image
+    bad = {i for i, path in enumerate(src.paths) if "_" in os.path.basename(path)}
+    pairing, passed_over = positives.Pairing.of(src), 0
+    for seed in range(8):  # one example per step: what step 0 reports is its example's and its positive's skips
+        _, it = pipeline.train_batches(src, spec, pipeline.Layout(1), seed=seed, num_epochs=1, pairing=pairing)
+        next(it)
+        index = int(np.random.default_rng([seed, 0, 0x5EED]).permutation(len(src))[0])
+        anchor_skips = set()
+        while index in bad:
+            anchor_skips.add(index)
+            index = (index + 1) % len(src)
+        tried = pairing.candidates(index, pairing.first(index, seed, 0))
+        readable = [i for i, c in enumerate(tried) if c not in bad]
+        skipped = set(tried[: readable[0] if readable else len(tried)].tolist())
+        assert it.unreadable.indices == anchor_skips | skipped
+        passed_over += len(skipped)
+    assert passed_over  # some positive was passed over

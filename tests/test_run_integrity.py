@@ -215,6 +215,17 @@ def test_a_resume_that_changes_the_batch_size_is_refused_unless_the_override_nam
         validate.check(tiny_config(resume_changes="batch"), num_devices=1)
 
 
+def test_a_resume_that_changes_the_method_is_refused_whatever_resume_changes_says(finished, tmp_path):
+    run = copy_run(finished, tmp_path)
+    v2 = {"method": "pmg_v2", "data.resize_size": 64, "data.crop_size": 64, "dataset.demo_image_size": 64}
+    for allowed in ("", "all"):
+        with pytest.raises(validate.ConfigError) as refused:
+            loop.train_and_evaluate(tiny_config(resume_changes=allowed, **v2), run)
+        message = str(refused.value)
+        assert "trained with config.method='pmg' but the config says 'pmg_v2'" in message and "\n" not in message
+    assert sorted(os.listdir(run)) == sorted(os.listdir(finished[0]))
+
+
 def test_a_lock_names_its_holder_and_dies_with_it(tmp_path):
     """A second locker is refused while the holder lives; kill -9 the holder and the lock is free."""
     code = "import sys, time; from pmg_jax import runguard; runguard.RunLock(sys.argv[1]); print('locked', flush=True)"
@@ -363,3 +374,29 @@ def test_explain_streams_its_results(finished, tmp_path):
 def test_pmg_errors_are_one_line():
     assert issubclass(ckpt_lib.CheckpointDamaged, PMGError) and issubclass(loop.RunIOError, PMGError)
     assert issubclass(runguard.RunLocked, PMGError)
+
+
+# pmg_v2 on the tiny demo: crop 64, the smallest that its tilings (8, 4, 2 tiles per side) cut at every stage.
+V2 = {"method": "pmg_v2", "dataset.demo_image_size": 64, "data.resize_size": 64, "data.crop_size": 64}
+
+
+@pytest.mark.slow
+def test_kill_9_of_a_pmg_v2_run_then_resume_gives_identical_parameters(tmp_path):
+    """The positives are part of the data position: a pmg_v2 run killed mid-epoch resumes to the uninterrupted
+    run's parameters bit for bit (the uninterrupted run here fills the compilation cache the others read)."""
+    whole = str(tmp_path / "whole")
+    loop.train_and_evaluate(tiny_config(**V2), whole)
+    run = tmp_path / "killed"
+    flags = [f"--config.{k}={v}" for k, v in V2.items()]
+    proc = subprocess.Popen(train_cmd(run) + flags, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    ckpts = run / "checkpoints"
+    while not (ckpts.is_dir() and any(d.isdigit() for d in os.listdir(ckpts))):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]  # killed mid-epoch once a checkpoint is written
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 0 < ckpt_lib.Checkpoints(os.path.join(run, "checkpoints"), read_only=True).latest_step() < LAST
+    loop.train_and_evaluate(tiny_config(**V2), str(run))
+    assert_same(params_at(str(run), LAST), params_at(whole, LAST))

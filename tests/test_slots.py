@@ -108,6 +108,16 @@ def test_worker_batches_equal_in_process_ones_whether_kept_or_dropped():
             np.testing.assert_array_equal(got[k], ref[k])
 
 
+def test_a_ring_with_positives_has_room_for_both_halves():
+    layout = pipeline.Layout(8)
+    one = slots.ring_bytes(5, (8, 32, 32, 3), np.uint8)
+    assert pipeline.shared_memory_bytes(SPEC, layout, 2, 1) == one
+    assert pipeline.shared_memory_bytes(SPEC, layout, 2, 1, pairs=True) == slots.ring_bytes(
+        5, (2, 8, 32, 32, 3), np.uint8
+    )
+    assert pipeline.shared_memory_bytes(SPEC, layout, 0, 1, pairs=True) == 0
+
+
 def test_eval_in_workers_masks_padding_and_closing_stops_them():
     src = demo(21)
     want = list(pipeline.eval_batches(src, SPEC, pipeline.Layout(2), with_box=True)[1])

@@ -16,6 +16,9 @@ each such file once, with its path, and keeps the count (`Batches.unreadable`).
 Worker processes write each batch's images into a `slots.SlotRing` in shared memory
 that lives as long as the iterator; the main process copies them out (see slots.py
 for why Grain's per-batch shared memory was not kept).
+
+With a `positives.Pairing` (PMG-V2), each training example also brings another image of its class, chosen
+and cropped from (seed, position) too, in 'positive' (shaped as 'image'); a ring slot then holds both halves.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Protocol
 
 import cv2
@@ -37,12 +40,14 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from pmg_jax.data import decode, slots, transforms
+from pmg_jax.data import decode, positives, slots, transforms
 
 log = logging.getLogger(__name__)
 
-# Per-example marks from the workers, stripped in the main process by `Batches`.
+# Per-example marks from the workers, stripped in the main process by `Batches`: the permuted source index, the
+# unreadable images passed over to fill the slot, and for a positive its first candidate and those passed over.
 _INDEX, _SKIPPED = "_source_index", "_skipped"
+_PAIR_FIRST, _PAIR_SKIPPED = "_pair_first", "_pair_skipped"
 # In place of the images, when a worker process wrote them into a SlotRing: the step they belong to.
 _STEP = "_step"
 
@@ -154,9 +159,10 @@ def _buffer(name: str, shape: tuple[int, ...]) -> np.ndarray:
     return buf
 
 
-def image_shape(spec: TransformSpec, layout: Layout) -> tuple[int, int, int, int]:
-    """Shape of a host batch's images."""
-    return (layout.local_batch, spec.crop_size, spec.crop_size, 3)
+def image_shape(spec: TransformSpec, layout: Layout, pairs: bool = False) -> tuple[int, ...]:
+    """Shape of a host batch's images; with `pairs`, (2, ...): the examples, then their positives."""
+    shape = (layout.local_batch, spec.crop_size, spec.crop_size, 3)
+    return (2, *shape) if pairs else shape
 
 
 def image_dtype(spec: TransformSpec) -> type:
@@ -171,18 +177,20 @@ class _BatchMaker:
     and the batch handed through Grain carries the step number in its place.
     """
 
+    pairs = False  # whether each example brings a positive (the images array is then (2, B, ...))
+
     def __init__(self, source: Source, spec: TransformSpec, layout: Layout, ring: slots.SlotRing | None):
         self.source, self.spec, self.layout, self.ring = source, spec, layout, ring
 
     def _new_images(self, step: int) -> np.ndarray:
         if self.ring is not None:
             return self.ring.slot_for(step)
-        return np.empty(image_shape(self.spec, self.layout), image_dtype(self.spec))
+        return np.empty(image_shape(self.spec, self.layout, self.pairs), image_dtype(self.spec))
 
     def _pack(self, step: int, images: np.ndarray, batch: dict) -> dict:
-        if self.ring is None:
-            return {"image": images, **batch}
-        return {_STEP: np.int64(step), **batch}
+        if self.ring is not None:
+            return {_STEP: np.int64(step), **batch}
+        return {**split_images(images, self.pairs), **batch}
 
     def _crop_target(self, images: np.ndarray, slot: int) -> np.ndarray:
         """Where a uint8 crop goes: its slot, or a scratch buffer when the slot holds normalised floats."""
@@ -198,6 +206,11 @@ class _BatchMaker:
         return _buffer("resized", (self.spec.resize_size, self.spec.resize_size, 3))
 
 
+def split_images(images: np.ndarray, pairs: bool) -> dict[str, np.ndarray]:
+    """A batch's 'image' (and with `pairs`, 'positive') from the array the batch maker wrote."""
+    return {"image": images[0], "positive": images[1]} if pairs else {"image": images}
+
+
 class _TrainBatch(_BatchMaker):
     """Step -> this host's share of that step's batch (picklable for Grain worker processes)."""
 
@@ -209,36 +222,59 @@ class _TrainBatch(_BatchMaker):
         seed: int,
         examples_per_epoch: int,
         ring: slots.SlotRing | None = None,
+        pairing: positives.Pairing | None = None,
     ):
         super().__init__(source, spec, layout, ring)
-        self.seed, self.per_epoch = seed, examples_per_epoch
+        self.seed, self.per_epoch, self.pairing = seed, examples_per_epoch, pairing
+        self.pairs = pairing is not None
+
+    def _crop(self, out: np.ndarray, slot: int, image: np.ndarray, position: int, stream: int) -> None:
+        """The train transform of `image` at `position` (crop randomness from `stream`) into out[slot]."""
+        s = self.spec
+        params = transforms.position_crop(
+            self.seed,
+            position,
+            resize_size=s.resize_size,
+            crop_size=s.crop_size,
+            pad=s.pad,
+            hflip=s.hflip,
+            stream=stream,
+        )
+        crop = transforms.train_crop(
+            image,
+            params,
+            resize_size=s.resize_size,
+            crop_size=s.crop_size,
+            pad=s.pad,
+            backend=s.resize_backend,
+            out=self._crop_target(out, slot),
+            scratch=self._resize_buffer(),
+        )
+        self._finish(out, slot, crop)
 
     def __call__(self, step: int) -> dict:
         s, n = self.spec, self.layout.local_batch
         step = int(step)
         images = self._new_images(step)
-        labels, indices, skips = (np.zeros(n, np.int32) for _ in range(3))
+        anchors = images[0] if self.pairs else images
+        labels, indices, skips, firsts, pair_skips = (np.zeros(n, np.int32) for _ in range(5))
         for slot in range(n):
             position = self.layout.global_position(step, slot)
             epoch, k = divmod(position, self.per_epoch)
             indices[slot] = int(_epoch_permutation(self.seed, epoch, len(self.source))[k])
             example, skips[slot] = first_readable(self.source, int(indices[slot]), s.max_pixels)
             labels[slot] = example["label"]
-            params = transforms.position_crop(
-                self.seed, position, resize_size=s.resize_size, crop_size=s.crop_size, pad=s.pad, hflip=s.hflip
-            )
-            crop = transforms.train_crop(
-                example["image"],
-                params,
-                resize_size=s.resize_size,
-                crop_size=s.crop_size,
-                pad=s.pad,
-                backend=s.resize_backend,
-                out=self._crop_target(images, slot),
-                scratch=self._resize_buffer(),
-            )
-            self._finish(images, slot, crop)
-        return self._pack(step, images, {"label": labels, _INDEX: indices, _SKIPPED: skips})
+            self._crop(anchors, slot, example["image"], position, transforms.CROP_STREAM)
+            if self.pairs:
+                index = (int(indices[slot]) + int(skips[slot])) % len(self.source)  # the example actually used
+                firsts[slot] = self.pairing.first(index, self.seed, position)
+                positive, pair_skips[slot] = self.pairing.pick(self.source, index, int(firsts[slot]), s.max_pixels)
+                image = example["image"] if positive is None else positive["image"]  # none readable: itself
+                self._crop(images[1], slot, image, position, transforms.POSITIVE_CROP_STREAM)
+        marks = {_INDEX: indices, _SKIPPED: skips}
+        if self.pairs:
+            marks.update({_PAIR_FIRST: firsts, _PAIR_SKIPPED: pair_skips})
+        return self._pack(step, images, {"label": labels, **marks})
 
 
 class _EvalBatch(_BatchMaker):
@@ -312,7 +348,11 @@ class UnreadableLog:
 
     def note(self, index: int, count: int) -> None:
         """Record that `count` images from source `index` on (wrapping) were skipped."""
-        for i in ((index + j) % len(self.source) for j in range(count)):
+        self.note_each((index + j) % len(self.source) for j in range(count))
+
+    def note_each(self, indices: Iterable[int]) -> None:
+        """Record that the images at source `indices` were skipped."""
+        for i in map(int, indices):
             if i in self.indices:
                 continue
             self.indices.add(i)
@@ -329,8 +369,9 @@ class Batches:
     """Iterator over host batches that reports unreadable images as they are skipped.
 
     The workers mark each example with its source index and the number of images
-    skipped to fill it; this strips those marks and feeds them to `unreadable`. When
-    worker processes wrote the images into `ring`, this copies them out.
+    skipped to fill it (and its positive's, with `pairing`); this strips those marks and
+    feeds them to `unreadable`. When worker processes wrote the images into `ring`, this
+    copies them out.
     """
 
     def __init__(
@@ -339,8 +380,9 @@ class Batches:
         source: Source,
         ring: slots.SlotRing | None = None,
         max_pixels: int = decode.DEFAULT_MAX_PIXELS,
+        pairing: positives.Pairing | None = None,
     ):
-        self._batches, self._ring = batches, ring
+        self._batches, self._ring, self._pairing = batches, ring, pairing
         self._host = None if ring is None else slots.HostBuffers(ring.shape, ring.dtype)
         self.unreadable = UnreadableLog(source, max_pixels)
 
@@ -355,11 +397,21 @@ class Batches:
                 log.warning("%d unreadable images were skipped", len(self.unreadable.indices))
             raise
         if _STEP in batch:
-            batch = {"image": self._ring.take(int(batch.pop(_STEP)), self._host.get()), **batch}
+            images = self._ring.take(int(batch.pop(_STEP)), self._host.get())
+            batch = {**split_images(images, self._pairing is not None), **batch}
         indices, skipped = batch.pop(_INDEX), batch.pop(_SKIPPED)
         for i in np.flatnonzero(skipped):
             self.unreadable.note(int(indices[i]), int(skipped[i]))
+        if self._pairing is not None:
+            self._note_positives(indices, skipped, batch.pop(_PAIR_FIRST), batch.pop(_PAIR_SKIPPED))
         return batch
+
+    def _note_positives(self, indices: np.ndarray, skipped: np.ndarray, firsts: np.ndarray, passed: np.ndarray) -> None:
+        """Report the candidate positives passed over as unreadable (the first `passed` of each one's candidates)."""
+        n = len(self.unreadable.source)
+        for i in np.flatnonzero(passed):
+            index = (int(indices[i]) + int(skipped[i])) % n
+            self.unreadable.note_each(self._pairing.candidates(index, int(firsts[i]))[: passed[i]])
 
     def close(self) -> None:
         """Stop the workers and free the shared memory (also done when the iterator is garbage collected)."""
@@ -412,11 +464,12 @@ def ring_slots(workers: int, prefetch: int) -> int:
     return 2 * workers + prefetch
 
 
-def shared_memory_bytes(spec: TransformSpec, layout: Layout, workers: int, prefetch: int) -> int:
-    """/dev/shm that an iterator with `workers` worker processes takes (none without workers)."""
+def shared_memory_bytes(spec: TransformSpec, layout: Layout, workers: int, prefetch: int, pairs: bool = False) -> int:
+    """/dev/shm that an iterator with `workers` worker processes takes (none without workers); `pairs`: with
+    positives, twice the images."""
     if not workers:
         return 0
-    return slots.ring_bytes(ring_slots(workers, prefetch), image_shape(spec, layout), image_dtype(spec))
+    return slots.ring_bytes(ring_slots(workers, prefetch), image_shape(spec, layout, pairs), image_dtype(spec))
 
 
 def _iterate(
@@ -428,11 +481,12 @@ def _iterate(
     start: int,
     workers: int,
     prefetch: int,
+    pairing: positives.Pairing | None = None,
 ) -> Batches:
     """Batches start..count-1 of make(ring), read in-process (two threads) or by `workers` processes."""
-    ring = None
+    ring, pairs = None, pairing is not None
     if workers:
-        ring = slots.SlotRing(ring_slots(workers, prefetch), image_shape(spec, layout), image_dtype(spec), start)
+        ring = slots.SlotRing(ring_slots(workers, prefetch), image_shape(spec, layout, pairs), image_dtype(spec), start)
     ds = grain.MapDataset.range(count).map(make(ring))[start:]
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0 if workers else 2, prefetch_buffer_size=prefetch))
     if workers:
@@ -445,7 +499,7 @@ def _iterate(
             grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=prefetch),
             worker_init_fn=functools.partial(_init_worker, _opencv_threads(workers), os.getpid()),
         )
-    return Batches(iter(it), source, ring, spec.max_pixels)
+    return Batches(iter(it), source, ring, spec.max_pixels, pairing)
 
 
 def train_batches(
@@ -458,11 +512,13 @@ def train_batches(
     start_step: int = 0,
     workers: int = 0,
     prefetch: int = 2,
+    pairing: positives.Pairing | None = None,
 ) -> tuple[int, Batches]:
     """(steps_per_epoch, iterator of this host's batches from `start_step` to the end of training).
 
     Each epoch is a fresh permutation of the source; its last incomplete batch is
-    dropped, as in the reference.
+    dropped, as in the reference. With `pairing` (`positives.Pairing.of(source)`), each
+    batch also has 'positive': every example's positive, augmented independently.
     """
     steps_per_epoch = len(source) // layout.global_batch
     if steps_per_epoch == 0:
@@ -470,10 +526,10 @@ def train_batches(
     examples_per_epoch = steps_per_epoch * layout.global_batch
 
     def make(ring: slots.SlotRing | None) -> _TrainBatch:
-        return _TrainBatch(source, spec, layout, seed, examples_per_epoch, ring)
+        return _TrainBatch(source, spec, layout, seed, examples_per_epoch, ring, pairing)
 
     return steps_per_epoch, _iterate(
-        make, source, spec, layout, steps_per_epoch * num_epochs, start_step, workers, prefetch
+        make, source, spec, layout, steps_per_epoch * num_epochs, start_step, workers, prefetch, pairing
     )
 
 
