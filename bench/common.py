@@ -175,9 +175,10 @@ def compiled_memory(compiled: jax.stages.Compiled) -> dict[str, int]:
 
 
 def measure(
-    bench: str, prepared: Prepared, args: argparse.Namespace, flops_per_step: int, **fields: Any
+    bench: str, prepared: Prepared, args: argparse.Namespace, flops_per_step: int | None, **fields: Any
 ) -> dict[str, Any]:
-    """Warm up, time `args.steps` iterations one by one and print a line each, then the headline; returns it."""
+    """Warm up, time `args.steps` iterations one by one and print a line each, then the headline; returns it.
+    `flops_per_step` is the analytic count (None where there is none: the model-FLOP fields are then None)."""
     tags = {
         "bench": bench,
         "size": args.size,
@@ -194,7 +195,7 @@ def measure(
         seconds.append(timed(prepared.run))
         emit({**tags, "kind": "step", "step": i, "seconds": seconds[-1], "images_per_s": args.batch / seconds[-1]})
     median = statistics.median(seconds)
-    achieved = flops_per_step / median
+    achieved = None if flops_per_step is None else flops_per_step / median
     peak = flops.peak_flops(prepared.device["device_kind"], args.dtype)
     headline = {
         **tags,
@@ -206,10 +207,10 @@ def measure(
         "steps": args.steps,
         "compile_s": prepared.compile_s,
         "warmup_s": warmup_s,
-        "model_tflops_per_step": flops_per_step / 1e12,
+        "model_tflops_per_step": None if flops_per_step is None else flops_per_step / 1e12,
         "xla_tflops_per_step": prepared.xla_flops / 1e12 if prepared.xla_flops else None,
-        "model_tflop_per_s": achieved / 1e12,
-        "mfu": achieved / peak if peak else None,
+        "model_tflop_per_s": None if achieved is None else achieved / 1e12,
+        "mfu": achieved / peak if peak and achieved is not None else None,
         **prepared.memory(),
         **prepared.compiled_memory,
         **prepared.device,

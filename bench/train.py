@@ -1,12 +1,14 @@
-"""Benchmark whole PMG training iterations (four passes; four updates, one if joint) on synthetic data.
+"""Benchmark whole training iterations of a method (PMG: four passes, four updates or one if joint; PMG-V2:
+three tiled updates of anchors and positives) on synthetic data.
 
     python -m bench.train --size 448 --batch 16 --dtype bfloat16 --steps 5 [--bn-stats used]
     python -m bench.train --size 224 --batch 8 --remat none,blocks,stages   # alternate the variants
+    python -m bench.train --size 224 --batch 8 --method pmg,pmg_v2          # the two methods side by side
     python -m bench.train --size 448 --batch 16 --dtype bfloat16 --profile /tmp/trace
 
 The step is the one training runs: `steps.compile_steps` (jit over the mesh,
 state donated). Prints one JSON line per measurement, the headline last. Several
-values of --remat or --schedule compile every combination and time one iteration
+values of --remat, --schedule or --method compile every combination and time one iteration
 of each in turn per round (like bench/compare.py), so that other load hits them
 alike; each variant's ratio to the first is printed, with the per-round spread.
 """
@@ -22,7 +24,7 @@ import jax
 import ml_collections
 
 from bench import common, flops
-from pmg_jax import kernels, parallel
+from pmg_jax import kernels, methods, parallel
 from pmg_jax import model as model_lib
 from pmg_jax import state as state_lib
 from pmg_jax import steps as steps_lib
@@ -37,7 +39,10 @@ def prepare(config: ml_collections.ConfigDict, kernel_choice: kernels.Kernels | 
     mesh = parallel.make_mesh()
     state = jax.device_put(state_lib.create_state(model, tx, config.seed, size), parallel.replicated(mesh))
     data = common.synthetic_batch(size, batch, config.dataset.num_classes)
-    data = jax.device_put({k: data[k] for k in ("image", "label")}, parallel.batch_sharding(mesh))
+    data = {k: data[k] for k in ("image", "label")}
+    if methods.get(config.method).pairs:  # each example's positive: another image of the batch (timing only)
+        data["positive"] = data["image"][::-1].copy()
+    data = jax.device_put(data, parallel.batch_sharding(mesh))
     train_step, _ = steps_lib.compile_steps(model, tx, config, mesh, kernel_choice)
     start = time.perf_counter()
     compiled = train_step.lower(state, data).compile()
@@ -96,6 +101,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         default=["progressive"],
         help="config.schedule; several, comma-separated, alternate in one process",
     )
+    parser.add_argument(
+        "--method",
+        type=_choices(tuple(methods.METHODS)),
+        default=["pmg"],
+        help="config.method; several, comma-separated, alternate in one process (a method's own schedules only)",
+    )
     parser.add_argument("--accumulation-steps", type=int, default=1, help="config.accumulation_steps")
     parser.add_argument(
         "--profile",
@@ -105,8 +116,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--profile-steps", type=int, default=2, help="iterations traced with --profile")
     args = parser.parse_args(argv)
-    if args.profile and len(args.remat) * len(args.schedule) > 1:
-        parser.error("--profile traces one variant: give one --remat and one --schedule")
+    if args.profile and len(args.remat) * len(args.schedule) * len(args.method) > 1:
+        parser.error("--profile traces one variant: give one --remat, one --schedule and one --method")
+    for m in args.method:
+        other = [s for s in args.schedule if s not in methods.get(m).schedules]
+        if other:
+            parser.error(f"--schedule {','.join(other)}: method {m} has only {', '.join(methods.get(m).schedules)}")
     return args
 
 
@@ -119,23 +134,24 @@ def kernel_choice(args: argparse.Namespace) -> kernels.Kernels:
     )
 
 
-def variant_config(args: argparse.Namespace, remat: str, schedule: str) -> ml_collections.ConfigDict:
-    """The benchmark's config with one remat setting and schedule."""
+def variant_config(args: argparse.Namespace, remat: str, schedule: str, method: str) -> ml_collections.ConfigDict:
+    """The benchmark's config with one remat setting, schedule and method."""
     config = common.make_config(
-        args, bn_stats=args.bn_stats, schedule=schedule, accumulation_steps=args.accumulation_steps
+        args, bn_stats=args.bn_stats, schedule=schedule, accumulation_steps=args.accumulation_steps, method=method
     )
     config.model.remat = remat
     return config
 
 
-def alternate(args: argparse.Namespace, variants: list[tuple[str, str]], tags: dict) -> dict:
-    """Compile every (remat, schedule) variant, then time one iteration of each in turn for --steps rounds
+def alternate(args: argparse.Namespace, variants: list[tuple[str, str, str]], tags: dict) -> dict:
+    """Compile every (remat, schedule, method) variant, then time one iteration of each in turn for --steps rounds
     (after --warmup); prints each timing, each variant's ratio to the first, and returns the headline."""
     prepared = {v: prepare(variant_config(args, *v), kernel_choice(args)) for v in variants}
-    name = {v: f"remat={v[0]},schedule={v[1]}" for v in variants}
+    methods_named = len(args.method) > 1  # the method joins the variants' names when it varies
+    name = {v: f"remat={v[0]},schedule={v[1]}" + (f",method={v[2]}" if methods_named else "") for v in variants}
     for v, p in prepared.items():
         common.emit({**tags, "kind": "compile", "variant": name[v], "seconds": p.compile_s, **p.compiled_memory})
-    times: dict[tuple[str, str], list[float]] = {v: [] for v in variants}
+    times: dict[tuple[str, str, str], list[float]] = {v: [] for v in variants}
     for r in range(args.warmup + args.steps):
         for v, p in prepared.items():
             seconds = common.timed(p.run)
@@ -205,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
         "accumulation_steps": args.accumulation_steps,
         "threads": common.cpu_threads(),
     }
-    variants = list(itertools.product(args.remat, args.schedule))
+    variants = list(itertools.product(args.remat, args.schedule, args.method))
     if len(variants) > 1:
         return alternate(
             args,
@@ -219,10 +235,15 @@ def main(argv: list[str] | None = None) -> dict:
                 **tags,
             },
         )
-    ((remat, schedule),) = variants
-    prepared = prepare(variant_config(args, remat, schedule), kernel_choice(args))
+    ((remat, schedule, method),) = variants
+    prepared = prepare(variant_config(args, remat, schedule, method), kernel_choice(args))
+    # the analytic count is PMG's iteration (bench/flops.py); XLA's own count is reported for every method
     model_flops = flops.train_iteration_flops(args.batch, size=args.size, **common.model_kwargs(args))
-    headline = common.measure("train", prepared, args, model_flops, remat=remat, schedule=schedule, **tags)
+    if method != "pmg":
+        model_flops = None
+    headline = common.measure(
+        "train", prepared, args, model_flops, remat=remat, schedule=schedule, method=method, **tags
+    )
     if args.profile:
         profile(prepared, args.profile, args.profile_steps)
     return headline

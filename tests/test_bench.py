@@ -381,3 +381,20 @@ def test_input_pipeline_bench_runs_and_its_goal_follows_from_its_figures():
         want = goal["images_per_s"] / (2 * goal["raw_1_thread_images_per_s"])
         assert goal["ratio"] == pytest.approx(want, abs=2e-3) and goal["met"] == (goal["ratio"] >= 0.8)
     assert lines[-1]["measurement"] == "goal_uint8_2_workers_vs_2x_raw_1_thread"  # the headline last
+
+
+@pytest.mark.slow
+def test_train_bench_times_the_two_methods_side_by_side(capsys):
+    """`--method pmg,pmg_v2` compiles each method's own step (PMG-V2's on anchors and positives) and times them in
+    turn, reporting PMG-V2's time as a ratio to PMG's."""
+    from bench import train as train_bench
+
+    headline = train_bench.main(
+        ["--size", "64", "--batch", "2", "--steps", "1", "--warmup", "0", *SMOKE, "--method", "pmg,pmg_v2"]
+    )
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    names = ["remat=none,schedule=progressive,method=pmg", "remat=none,schedule=progressive,method=pmg_v2"]
+    assert [l["variant"] for l in lines if l.get("kind") == "step"] == names
+    assert set(headline["time_ratios"]) == set(names) and headline["time_ratios"][names[0]] == 1.0
+    with pytest.raises(SystemExit):  # PMG-V2 has no joint schedule
+        train_bench.parse(["--method", "pmg_v2", "--schedule", "joint"])
