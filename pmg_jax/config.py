@@ -12,6 +12,7 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0  # seeds initialisation, jigsaw permutations, data order and augmentation
+    c.method = "pmg"  # pmg: jigsaw passes, 4 heads | pmg_v2: tiled stages, consistency loss, 3 heads (methods.py)
 
     c.dataset = ml_collections.ConfigDict()
     c.dataset.name = "cub"  # demo | cub | cars | aircraft | dogs | imagefolder | any TFDS builder (source='tfds')

@@ -42,7 +42,7 @@ def checkpointed(fn: Callable, train_argnum: int) -> Callable:
 
 
 class Conv(nn.Module):
-    """Bias-free conv with explicit symmetric padding (PyTorch semantics), NHWC."""
+    """Conv with explicit symmetric padding (PyTorch semantics), NHWC; bias-free unless `bias`."""
 
     features: int
     kernel_size: int
@@ -50,6 +50,7 @@ class Conv(nn.Module):
     padding: int = 0
     torch_default_init: bool = False  # True: PyTorch's default init (new layers); False: torchvision ResNet init
     dtype: Dtype = jnp.float32
+    bias: bool = False  # a bias, PyTorch's default init U(-1/sqrt(fan_in), 1/sqrt(fan_in))
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -57,7 +58,10 @@ class Conv(nn.Module):
         fan_in = x.shape[-1] * k * k
         init = torch_default_uniform(fan_in) if self.torch_default_init else kaiming_fan_out
         kernel = self.param("kernel", init, (k, k, x.shape[-1], self.features))
-        return kernels.conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, self.padding)
+        y = kernels.conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, self.padding)
+        if self.bias:
+            y = y + self.param("bias", torch_default_uniform(fan_in), (self.features,)).astype(self.dtype)
+        return y
 
 
 class Linear(nn.Module):
@@ -137,3 +141,22 @@ class BatchNorm(nn.Module):
         if self.group_stats == "first":
             return y.reshape(x.shape), mean[0], unbiased[0]
         return y.reshape(x.shape), jnp.mean(mean, axis=0), jnp.mean(unbiased, axis=0)
+
+
+def split_tiles(x: jax.Array, n: int) -> jax.Array:
+    """NHWC `x` cut into n x n equal tiles stacked along the batch: tile (i, j) (row i, column j) of every
+    image, for i then j, is batch block i * n + j (PMG-V2's block convolution order). n <= 1: `x` itself."""
+    if n <= 1:
+        return x
+    b, h, w, c = x.shape
+    tiles = x.reshape(b, n, h // n, n, w // n, c).transpose(1, 3, 0, 2, 4, 5)  # (i, j, b, tile h, tile w, c)
+    return tiles.reshape(n * n * b, h // n, w // n, c)
+
+
+def stitch_tiles(y: jax.Array, n: int) -> jax.Array:
+    """The inverse of `split_tiles`: the n x n tiles stacked along the batch put back side by side."""
+    if n <= 1:
+        return y
+    nb, th, tw, c = y.shape
+    tiles = y.reshape(n, n, nb // (n * n), th, tw, c).transpose(2, 0, 3, 1, 4, 5)  # (b, i, tile h, j, tile w, c)
+    return tiles.reshape(nb // (n * n), n * th, n * tw, c)

@@ -88,7 +88,7 @@ def feeds(head: int, path: Sequence[str], backbone: backbones.Backbone) -> bool:
 
 
 class BasicConv(nn.Module):
-    """conv (no bias) -> BN (PyTorch momentum 0.01) -> ReLU, as the reference's BasicConv."""
+    """conv (no bias unless `bias`, PMG-V2's) -> BN (PyTorch momentum 0.01) -> ReLU, as the reference's BasicConv."""
 
     features: int
     kernel_size: int
@@ -96,11 +96,19 @@ class BasicConv(nn.Module):
     dtype: Any = jnp.float32
     bn_group_size: int = 0
     bn_group_stats: str = "mean"
+    bias: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         x = Conv(
-            self.features, self.kernel_size, 1, self.padding, torch_default_init=True, dtype=self.dtype, name="conv"
+            self.features,
+            self.kernel_size,
+            1,
+            self.padding,
+            torch_default_init=True,
+            dtype=self.dtype,
+            bias=self.bias,
+            name="conv",
         )(x)
         bn = BatchNorm(
             momentum=0.01, dtype=self.dtype, group_size=self.bn_group_size, group_stats=self.bn_group_stats, name="bn"

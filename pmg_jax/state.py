@@ -10,15 +10,15 @@ import os
 from typing import Any
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 
 from pmg_jax import checkpoint as ckpt_lib
-from pmg_jax import validate
+from pmg_jax import methods, validate
 from pmg_jax.data import pipeline
-from pmg_jax.model import PMG
 
 
 @flax.struct.dataclass
@@ -32,10 +32,10 @@ class TrainState:
     rng: jax.Array
 
 
-def create_model(config: ml_collections.ConfigDict, num_classes: int | None = None) -> PMG:
-    """The PMG module a config describes."""
+def create_model(config: ml_collections.ConfigDict, num_classes: int | None = None) -> nn.Module:
+    """The module (PMG, or PMG-V2: config.method's) a config describes."""
     m = config.model
-    return PMG(
+    return methods.get(config.method).module(
         num_classes=num_classes or config.dataset.num_classes,
         backbone=m.backbone,
         feature_size=m.feature_size,
@@ -49,13 +49,13 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int | None = No
     )
 
 
-def init_variables(model: PMG, key: jax.Array, image_size: int) -> dict:
+def init_variables(model: nn.Module, key: jax.Array, image_size: int) -> dict:
     """params and batch_stats (float32), without the CAM-only collections."""
     variables = model.init(key, jnp.zeros((1, image_size, image_size, 3), jnp.float32), train=False)
     return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
 
 
-def create_state(model: PMG, tx: optax.GradientTransformation, seed: int, image_size: int) -> TrainState:
+def create_state(model: nn.Module, tx: optax.GradientTransformation, seed: int, image_size: int) -> TrainState:
     """A fresh state: PyTorch-style initialisation, zero momentum, step 0."""
     init_key, rng = jax.random.split(jax.random.PRNGKey(seed))
     variables = init_variables(model, init_key, image_size)
@@ -79,7 +79,7 @@ class Restored:
 
     run: str = flax.struct.field(pytree_node=False)
     step: int = flax.struct.field(pytree_node=False)
-    model: PMG = flax.struct.field(pytree_node=False)
+    model: nn.Module = flax.struct.field(pytree_node=False)
     variables: dict
     config: ml_collections.ConfigDict = flax.struct.field(pytree_node=False)
     meta: dict = flax.struct.field(pytree_node=False)

@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from pmg_jax import backbones, kernels, parallel, validate, xla_options
+from pmg_jax import backbones, kernels, methods, parallel, steps_v2, validate, xla_options
 from pmg_jax import jigsaw as jigsaw_lib
 from pmg_jax import model as model_lib
 from pmg_jax.data import pipeline
@@ -20,18 +20,6 @@ from pmg_jax.state import TrainState, transform_spec
 
 EVAL_NAMES = (*model_lib.HEADS, model_lib.COMBINED)  # the accuracies evaluation reports
 LOSS_NAMES = ("loss1", "loss2", "loss3", "loss_concat")  # one per head, in model_lib.HEADS order
-
-
-def _all_finite(tree) -> jax.Array:
-    """False when any leaf holds an inf or a nan.
-
-    A leaf's sum is non-finite exactly when it holds one (or when finite entries
-    overflow float32's 3e38, which is a blow-up too); summing with `channel_sum`
-    reads each leaf once, where XLA:CPU's elementwise-check-and-reduce of every
-    parameter-sized gradient costs a tree of slow reduce-windows.
-    """
-    sums = [kernels.channel_sum(jnp.atleast_1d(x)) for x in jax.tree.leaves(tree)]
-    return jnp.isfinite(jnp.sum(jnp.concatenate(sums)))
 
 
 def micro_batches(x: jax.Array, k: int) -> jax.Array:
@@ -154,7 +142,7 @@ def make_train_step(
                 (loss, (stats, losses, outs)), grads = grad_fn(params, stats, inputs, labels, dropout)
             else:
                 loss, (stats, losses, outs), grads = accumulate(grad_fn, params, stats, inputs, labels, dropout)
-            finite = jnp.isfinite(loss) & _all_finite(grads)
+            finite = jnp.isfinite(loss) & steps_v2.all_finite(grads)
             bad_pass = jnp.where((bad_pass == 0) & ~finite, u + 1, bad_pass)
             grad_updates, opt_state = tx.update(grads, opt_state, params)
             params = optax.apply_updates(params, grad_updates)
@@ -199,22 +187,28 @@ def compile_steps(
     on the device (config.data.normalize_on_device); float batches pass.
     """
     rep, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-    train_step = make_train_step(
-        model,
-        tx,
-        granularities=tuple(config.jigsaw.granularities),
-        jigsaw_mode=config.jigsaw.mode,
-        concat_weight=config.concat_loss_weight,
-        bn_stats=config.bn_stats,
-        schedule=config.schedule,
-        accumulation_steps=config.accumulation_steps,
+    method = methods.get(config.method)
+    train_step = (
+        steps_v2.make_train_step(model, tx, method.updates(config.schedule))
+        if method.pairs
+        else make_train_step(
+            model,
+            tx,
+            granularities=tuple(config.jigsaw.granularities),
+            jigsaw_mode=config.jigsaw.mode,
+            concat_weight=config.concat_loss_weight,
+            bn_stats=config.bn_stats,
+            schedule=config.schedule,
+            accumulation_steps=config.accumulation_steps,
+        )
     )
     spec = transform_spec(config)
     chosen = kernels.resolve(config.model.kernels if kernel_choice is None else kernel_choice)
 
     def prepared(step):
         def run(state, batch):
-            return step(state, {**batch, "image": pipeline.normalize_on_device(batch["image"], spec)})
+            images = {k: pipeline.normalize_on_device(batch[k], spec) for k in ("image", "positive") if k in batch}
+            return step(state, {**batch, **images})
 
         return kernels.traced(run, chosen)
 
@@ -228,18 +222,24 @@ def compile_steps(
         donate_argnums=0,
     )
     jit_eval = xla_options.jit(
-        prepared(make_eval_step(model)), platform=platform, in_shardings=(rep, data), out_shardings=rep
+        prepared(steps_v2.make_eval_step(model, method) if method.pairs else make_eval_step(model)),
+        platform=platform,
+        in_shardings=(rep, data),
+        out_shardings=rep,
     )
     return jit_train, jit_eval
 
 
-def evaluate(eval_step, state: TrainState, batches: Iterator[dict], sharding) -> dict[str, float]:
-    """Accuracy (%) of every head and of combined over a whole split, each example counted once."""
-    totals = np.zeros(len(EVAL_NAMES) + 1, np.float64)
+def evaluate(
+    eval_step, state: TrainState, batches: Iterator[dict], sharding, names: tuple[str, ...] = EVAL_NAMES
+) -> dict[str, float]:
+    """Accuracy (%) of every head and of combined over a whole split, each example counted once (`names`:
+    the eval step's outputs, a method's `eval_names`)."""
+    totals = np.zeros(len(names) + 1, np.float64)
     for batch in pipeline.prefetch_to_device(batches, sharding):
         totals += np.asarray(jax.device_get(eval_step(state, batch)), np.float64)
     count = totals[-1]
-    result = {name: 100.0 * totals[i] / max(count, 1) for i, name in enumerate(EVAL_NAMES)}
+    result = {name: 100.0 * totals[i] / max(count, 1) for i, name in enumerate(names)}
     result["count"] = int(count)
     return result
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ml_collections
 from flax.traverse_util import flatten_dict
 
-from pmg_jax import backbones, jigsaw, kernels
+from pmg_jax import backbones, jigsaw, kernels, methods
 from pmg_jax import checkpoint as ckpt_lib
 from pmg_jax import config as config_lib
 from pmg_jax import model as model_lib
@@ -18,6 +18,7 @@ def choices() -> dict[str, tuple]:
     """config field -> the values it may take, each from the module that owns the choice (the one table
     `check_choices` refuses a config by; the backbones are read now, as one may be registered late)."""
     return {
+        "method": tuple(methods.METHODS),
         "model.backbone": tuple(backbones.REGISTRY),
         "model.dtype": model_lib.DTYPES,
         "model.remat": model_lib.REMAT,
@@ -84,6 +85,29 @@ def check_known_keys(config: ml_collections.ConfigDict, reference: ml_collection
         raise ConfigError(f"config: unknown field(s) {', '.join(unknown)} (pmg_jax/config.py lists the fields)")
 
 
+def check_method(config: ml_collections.ConfigDict, backbone: backbones.Backbone) -> None:
+    """config.method's updates run on this config: its schedule exists, its tilings cut the backbone's stage
+    inputs at data.crop_size (the stage and the size named), and ghost BatchNorm is off where stages are tiled
+    (its groups would mix tiles of different images)."""
+    method = methods.get(config.method)
+    if config.schedule not in method.schedules:
+        raise ConfigError(
+            f"config.schedule={config.schedule!r}: method {method.name} has the schedules {tuple(method.schedules)}"
+        )
+    for update in method.updates(config.schedule):
+        tiles = getattr(update, "tiles", ())
+        if any(tiles) and "tiles" not in backbone.options:
+            raise ConfigError(f"config.method={method.name}: backbone {backbone.name} cannot tile its stages")
+        problem = backbone.tiling_error(config.data.crop_size, tiles)
+        if problem:
+            raise ConfigError(f"config.method={method.name}, config.data.crop_size: {problem}")
+        if any(tiles) and config.model.bn_group_size:
+            raise ConfigError(
+                f"config.model.bn_group_size={config.model.bn_group_size}: ghost BatchNorm does not work with "
+                f"method {method.name}'s tiled stages (set it to 0)"
+            )
+
+
 def check(config: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1) -> None:
     """Raise ConfigError for the first value that cannot work, before any data or model is built."""
     check_known_keys(config, config_lib.get_config())
@@ -137,6 +161,7 @@ def check(config: ml_collections.ConfigDict, num_devices: int, num_processes: in
         if value % num_processes:
             raise ConfigError(f"config.{field}={value} must be divisible by the {num_processes} processes")
     check_accelerator_options(config, backbone, num_devices)
+    check_method(config, backbone)
     for field in ("num_epochs", "eval_every_epochs", "log_every_steps", "dataset.num_classes", "checkpoint.keep"):
         if _value(config, field) < 1:
             raise ConfigError(f"config.{field}={_value(config, field)} must be at least 1")

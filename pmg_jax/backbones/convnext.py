@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pmg_jax.backbones.registry import Backbone, UnsupportedWeights
+from pmg_jax.layers import split_tiles, stitch_tiles
 
 # timm's convnext_* variants: (width = channels of the first stage, blocks per stage).
 VARIANTS: dict[str, tuple[int, tuple[int, ...]]] = {
@@ -133,6 +134,7 @@ class ConvNeXt(nn.Module):
     drop_path_rate: float = 0.0
     layer_scale_init: float | None = 1e-6
     dtype: Any = jnp.float32
+    tiles: Sequence[int] = ()
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, ...]:
@@ -145,6 +147,7 @@ class ConvNeXt(nn.Module):
         x = layer_norm(self.dtype, "stem_1")(x)
         stages, start = [], 0
         for i, (depth, dim) in enumerate(zip(self.depths, self.dims)):
+            n = self.tiles[i] if i < len(self.tiles) else 0
             x = Stage(
                 dim,
                 tuple(rates[start : start + depth]),
@@ -152,7 +155,8 @@ class ConvNeXt(nn.Module):
                 layer_scale_init=self.layer_scale_init,
                 dtype=self.dtype,
                 name=f"stages_{i}",
-            )(x, train)
+            )(split_tiles(x, n), train)
+            x = stitch_tiles(x, n)
             start += depth
             stages.append(x)
         return tuple(stages)
@@ -163,9 +167,18 @@ def stage_channels(width: int, stage_sizes: Sequence[int]) -> tuple[int, ...]:
     return tuple(width * 2**i for i in range(len(stage_sizes)))
 
 
-def build(width: int, stage_sizes: Sequence[int], dtype: Any, name: str, drop_path_rate: float = 0.0) -> ConvNeXt:
+def build(
+    width: int,
+    stage_sizes: Sequence[int],
+    dtype: Any,
+    name: str,
+    drop_path_rate: float = 0.0,
+    tiles: Sequence[int] = (),
+) -> ConvNeXt:
     """The registry's constructor: a ConvNeXt of `stage_sizes` blocks whose channels start at `width`."""
-    return ConvNeXt(tuple(stage_sizes), stage_channels(width, stage_sizes), drop_path_rate, dtype=dtype, name=name)
+    return ConvNeXt(
+        tuple(stage_sizes), stage_channels(width, stage_sizes), drop_path_rate, dtype=dtype, tiles=tiles, name=name
+    )
 
 
 def _stage_of(path: tuple[str, ...]) -> int:
@@ -210,7 +223,7 @@ BACKBONES = tuple(
         stage_of=_stage_of,
         infer=infer_convnext,
         torch_ignore=("head.", "norm_pre."),
-        options=("drop_path_rate",),
+        options=("drop_path_rate", "tiles"),
     )
     for name, (width, depths) in VARIANTS.items()
 )

@@ -31,7 +31,10 @@ class Backbone:
     saving only the stage outputs, with parameter names unchanged; bn_group_size / bn_group_stats
     are those of its BatchNorms (`layers.BatchNorm` group_size / group_stats).
     drop_path_rate is its stochastic depth (the rate of the last block; train-mode calls then draw
-    from the 'dropout' rng).
+    from the 'dropout' rng). tiles=(n1, n2, ...) runs stage s on the n_s x n_s tiles of its input stacked
+    along the batch and stitches its output tiles back (`layers.split_tiles` / `stitch_tiles`; 0: untiled),
+    in training only. `input_strides` are the input pixels per pixel of each stage's input (what `tiling_error`
+    checks tilings against).
     """
 
     name: str
@@ -44,10 +47,27 @@ class Backbone:
     torch_ignore: tuple[str, ...] = ()
     stride: int = 32  # input pixels per pixel of the last stage: the input side must be a multiple
     options: tuple[str, ...] = ()
+    input_strides: tuple[int, ...] = (4, 4, 8, 16)
 
     @property
     def num_stages(self) -> int:
         return len(self.stage_sizes)
+
+    def tiling_error(self, image_size: int, tiles: tuple[int, ...]) -> str:
+        """Why `tiles` cannot tile this backbone's stages at input side `image_size` ('' when they can): each
+        tiled stage's input must cut into n x n equal tiles each of whose sides the stage's stride divides
+        (so that the stitched output is the untiled one's size)."""
+        if len(tiles) > self.num_stages:
+            return f"{len(tiles)} tilings for the {self.num_stages} stages of {self.name}"
+        ends = (*self.input_strides[1:], self.stride)
+        for s, (n, into, out) in enumerate(zip(tiles, self.input_strides, ends, strict=False), start=1):
+            side = image_size // into
+            if n > 1 and (image_size % into or side % (n * (out // into))):
+                return (
+                    f"stage {s} of {self.name} gets a {side}-pixel input at image size {image_size}, which does "
+                    f"not cut into {n} x {n} tiles of a side its stride {out // into} divides"
+                )
+        return ""
 
 
 REGISTRY: dict[str, Backbone] = {}
@@ -56,6 +76,7 @@ OPTIONS = {
     "bn_group_size": 0,
     "bn_group_stats": "mean",
     "drop_path_rate": 0.0,
+    "tiles": (),
 }  # build options and their defaults
 
 

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from pmg_jax.backbones.registry import Backbone, UnsupportedWeights
 from pmg_jax.kernels import max_pool
-from pmg_jax.layers import BatchNorm, Conv, checkpointed
+from pmg_jax.layers import BatchNorm, Conv, checkpointed, split_tiles, stitch_tiles
 
 STAGE_SIZES: dict[str, tuple[int, ...]] = {
     "resnet18": (2, 2, 2, 2),
@@ -151,7 +151,8 @@ class ResNet(nn.Module):
     tiny test models; a ResNet-D's deep stem starts at width/2, timm's `stem_width`),
     `stage_sizes` overrides the blocks per stage of `arch`. `remat` recomputes the stem and
     each stage in the backward from the map it reads (only stage outputs are saved; the modules
-    keep their names); `bn_group_size` / `bn_group_stats` go to every BatchNorm.
+    keep their names); `bn_group_size` / `bn_group_stats` go to every BatchNorm. `tiles[i]` > 1 runs
+    stage i + 1 on that many squared tiles of its input and stitches them back (PMG-V2; 0: untiled).
     """
 
     arch: str = "resnet50"
@@ -161,6 +162,7 @@ class ResNet(nn.Module):
     remat: bool = False
     bn_group_size: int = 0
     bn_group_stats: str = "mean"
+    tiles: Sequence[int] = ()
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, ...]:
@@ -204,7 +206,8 @@ class ResNet(nn.Module):
                     )
                 )
                 in_ch = planes * block.expansion
-            x = stage(blocks[0], tuple(blocks[1:]), x, train)
+            n = self.tiles[i] if i < len(self.tiles) else 0
+            x = stitch_tiles(stage(blocks[0], tuple(blocks[1:]), split_tiles(x, n), train), n)
             stages.append(x)
         return tuple(stages)
 
@@ -262,7 +265,7 @@ BACKBONES = tuple(
         stage_of=_stage_of,
         infer=infer_resnet,
         torch_ignore=("fc.",),
-        options=("remat", "bn_group_size", "bn_group_stats"),
+        options=("remat", "bn_group_size", "bn_group_stats", "tiles"),
     )
     for name in (*STAGE_SIZES, *RESNET_D)
 )

@@ -1,0 +1,120 @@
+"""PMG-V2 (Du et al., T-PAMI 2021): a registered backbone whose stages may run on tiles of their input
+(category-consistent block convolution, the backbone build option `tiles`), three granularity blocks on its
+last three stages with a head each, and the consistency features of those stages.
+
+Parameter names are PMG's (`features`, `conv_block1_0`, `classifier1_4`, ...), which are the official
+PyTorch code's with `.k` written as `_k`; its BasicConvs carry a conv bias (`conv_block1_0/conv/bias`), and
+there is no concat head. The CAM points (`block1..3`, `layer2..4`) are PMG's, so `pmg_jax.cam` reads it alike.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from pmg_jax import backbones
+from pmg_jax.layers import BatchNorm, Linear, checkpointed
+from pmg_jax.model import BACKBONE, BLOCKS, STAGES, BasicConv
+
+HEADS = ("head1", "head2", "head3")  # the logits, in this order; their sum is the prediction
+CONSISTENCY_POOL = 7  # the consistency features' average pool (window and stride), the official code's
+CONSISTENCY_EPS = 1e-9  # added to the max - min of the min-max normalisation
+
+
+def consistency_feature(x: jax.Array) -> jax.Array:
+    """(B, C) of NHWC `x`: a 7x7 average pool with stride 7 (no padding; a map under 7 pixels is pooled
+    whole, where the official code fails), its global max, min-max normalised over the channels."""
+    window = (min(CONSISTENCY_POOL, x.shape[1]), min(CONSISTENCY_POOL, x.shape[2]))
+    pooled = nn.avg_pool(x.astype(jnp.promote_types(x.dtype, jnp.float32)), window, window, "VALID")
+    f = jnp.max(pooled, axis=(1, 2))
+    low, high = jnp.min(f, axis=-1, keepdims=True), jnp.max(f, axis=-1, keepdims=True)
+    return (f - low) / (high - low + CONSISTENCY_EPS)
+
+
+def _block(first: BasicConv, second: BasicConv, x: jax.Array, train: bool) -> jax.Array:
+    """A granularity block: its two basic convs."""
+    return second(first(x, train), train)
+
+
+def _classifier(bn0: BatchNorm, fc1: Linear, bn2: BatchNorm, fc4: Linear, x: jax.Array, train: bool) -> jax.Array:
+    """The official classifier Sequential: BN1d, Linear, BN1d, ReLU, Linear."""
+    return fc4(nn.relu(bn2(fc1(bn0(x, train)), train)))
+
+
+class PMGV2(nn.Module):
+    """PMG-V2 over a registered backbone; returns (head1, head2, head3) logits, and with `consistency=True`
+    also the consistency features of the three stage maps the blocks read: ((logits...), (f1, f2, f3)).
+
+    The fields are PMG's (`pmg_jax.model.PMG`). `tiles` (training only; evaluation never tiles) is the
+    tiling n of each backbone stage's input, 0 for none: the stage runs on its input's n x n tiles stacked
+    along the batch and its output tiles are stitched back (`layers.split_tiles` / `stitch_tiles`).
+    """
+
+    num_classes: int
+    backbone: str = "resnet50"
+    feature_size: int = 512
+    width: int = 0
+    stage_sizes: Sequence[int] | None = None
+    drop_path_rate: float = 0.0
+    dtype: Any = jnp.float32
+    remat: str = "none"
+    bn_group_size: int = 0
+    bn_group_stats: str = "mean"
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, train: bool = False, tiles: Sequence[int] = (), consistency: bool = False
+    ) -> tuple:
+        remat = self.remat if train else "none"
+        groups = {"group_size": self.bn_group_size, "group_stats": self.bn_group_stats}
+        arch = backbones.resolve(self.backbone, self.width, self.stage_sizes)
+        stages = arch.build(
+            self.dtype,
+            name=BACKBONE,
+            remat=remat == "stages",
+            bn_group_size=self.bn_group_size,
+            bn_group_stats=self.bn_group_stats,
+            drop_path_rate=self.drop_path_rate,
+            tiles=tuple(tiles) if train and any(tiles) else (),
+        )(x, train)
+        block = checkpointed(_block, 3) if remat != "none" else _block
+        classifier = checkpointed(_classifier, 5) if remat != "none" else _classifier
+        conv = functools.partial(
+            BasicConv,
+            dtype=self.dtype,
+            bn_group_size=self.bn_group_size,
+            bn_group_stats=self.bn_group_stats,
+            bias=True,
+        )
+        logits, features = [], []
+        for k, (stage_name, feat) in enumerate(zip(STAGES, stages[-len(BLOCKS) :]), start=1):
+            feat = self._expose(stage_name, feat)
+            features.append(consistency_feature(feat))
+            y = block(
+                conv(self.feature_size, 1, 0, name=f"conv_block{k}_0"),
+                conv(2 * self.feature_size, 3, 1, name=f"conv_block{k}_1"),
+                feat,
+                train,
+            )
+            y = self._expose(BLOCKS[k - 1], y)
+            out = classifier(
+                BatchNorm(momentum=0.1, dtype=self.dtype, name=f"classifier{k}_0", **groups),
+                Linear(self.feature_size, dtype=self.dtype, name=f"classifier{k}_1"),
+                BatchNorm(momentum=0.1, dtype=self.dtype, name=f"classifier{k}_2", **groups),
+                Linear(self.num_classes, dtype=self.dtype, name=f"classifier{k}_4"),
+                jnp.max(y, axis=(1, 2)),
+                train,
+            )
+            logits.append(out.astype(jnp.promote_types(out.dtype, jnp.float32)))  # bf16 -> f32 for the loss
+        return (tuple(logits), tuple(features)) if consistency else tuple(logits)
+
+    def _expose(self, name: str, y: jax.Array) -> jax.Array:
+        """Perturbation point (gradient of the map) and sown activation, for CAM."""
+        y = self.perturb(name, y)
+        self.sow("intermediates", name, y)
+        return y
