@@ -17,7 +17,7 @@ from torchvision_stand_in import import_beside_cpu_torch
 from truth import assert_near_truth
 
 from bench.parity import as_float64, flax_variables, nhwc, torch_pmg
-from pmg_jax import cam, localization
+from pmg_jax import cam, localization, methods
 from pmg_jax.data import pipeline, synthetic
 from pmg_jax.model import PMG
 
@@ -39,7 +39,9 @@ def finer_cam_maps(model_t, x, names, k, alpha, target_idx=None) -> dict[str, np
     modules = torch_modules(model_t)
     out = {}
     for name in names:
-        with gc.FinerCAM(HeadLogits(model_t, cam.HEAD_OF[name]), [modules[name]], base_method=gc.GradCAM) as finer:
+        with gc.FinerCAM(
+            HeadLogits(model_t, cam.head_of(methods.PMG, name)), [modules[name]], base_method=gc.GradCAM
+        ) as finer:
             out[name] = finer(x, alpha=alpha, comparison_categories=list(range(1, k + 1)), target_idx=target_idx)
     return out
 
