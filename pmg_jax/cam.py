@@ -301,7 +301,7 @@ class CamOptions:
         if missing := [m for m in self.maps if m not in method.cam_maps]:
             raise CamOptionsError(
                 "maps",
-                f"maps: {', '.join(missing)} is not a map of {method.name} (its maps: {', '.join(method.cam_maps)})",
+                f"maps {', '.join(missing)}: not a map of {method.name} (its maps: {', '.join(method.cam_maps)})",
             )
         return self
 
