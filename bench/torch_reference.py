@@ -1,4 +1,5 @@
-"""Self-contained PyTorch reference of PMG (ECCV 2020), written from the project's behaviour spec.
+"""Self-contained PyTorch reference of PMG (ECCV 2020) and of PMG-V2 (T-PAMI 2021), written from the project's
+behaviour spec (PMG-V2: docs of issue "PMG-V2 beside PMG": tiled stages, three heads, the consistency loss).
 
 Used by the parity tests against the Flax model and by the benchmarks. No torchvision:
 the ResNet below reproduces torchvision's module names so its state dicts load.
@@ -32,6 +33,12 @@ __all__ = [
     "set_lr",
     "train_iteration",
     "evaluate_logits",
+    "split_block",
+    "concat_block",
+    "consistency_feature",
+    "PMGV2",
+    "V2_UPDATES",
+    "train_iteration_v2",
 ]
 
 JIGSAW_STEPS: tuple[tuple[int, int], ...] = ((8, 0), (4, 1), (2, 2))
@@ -358,3 +365,104 @@ def evaluate_logits(model: PMG, images: torch.Tensor) -> tuple[torch.Tensor, tor
     """Eval-mode forward without gradients; returns (head1, head2, head3, concat) logits."""
     model.eval()
     return model(images)
+
+
+# PMG-V2's updates: the tiling of (layer1, layer2, layer3, layer4), the head trained, the consistency weight.
+V2_UPDATES: tuple[tuple[tuple[int, int, int, int], int, float], ...] = (
+    ((8, 8, 0, 0), 0, 0.01),
+    ((4, 4, 4, 0), 1, 0.05),
+    ((2, 2, 2, 2), 2, 0.1),
+)
+
+
+def split_block(x: torch.Tensor, n: int) -> torch.Tensor:
+    """NCHW `x` cut into n x n tiles concatenated along the batch, tile row i outer, column j inner (0: x)."""
+    if n == 0:
+        return x
+    th, tw = x.shape[2] // n, x.shape[3] // n
+    return torch.cat([x[:, :, i * th : (i + 1) * th, j * tw : (j + 1) * tw] for i in range(n) for j in range(n)])
+
+
+def concat_block(y: torch.Tensor, n: int) -> torch.Tensor:
+    """The inverse of split_block: batch chunk i * n + j goes back to tile row i, column j."""
+    if n == 0:
+        return y
+    chunks = y.chunk(n * n)
+    rows = [torch.cat(chunks[i * n : (i + 1) * n], dim=3) for i in range(n)]
+    return torch.cat(rows, dim=2)
+
+
+def consistency_feature(x: torch.Tensor) -> torch.Tensor:
+    """(B, C): 7x7 stride-7 average pool (the whole map when under 7), global max, min-max over the channels."""
+    k = (min(7, x.shape[2]), min(7, x.shape[3]))
+    f = F.avg_pool2d(x, k, k).amax(dim=(2, 3))
+    low, high = f.min(dim=1, keepdim=True)[0], f.max(dim=1, keepdim=True)[0]
+    return (f - low) / (high - low + 1e-9)
+
+
+class BiasedBasicConv(BasicConv):
+    """PMG-V2's BasicConv: the conv has a bias."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int, padding: int = 0) -> None:
+        super().__init__(in_ch, out_ch, kernel_size, padding=padding)
+        self.conv = nn.Conv2d(in_ch, out_ch, kernel_size, padding=padding, bias=True)
+
+
+class PMGV2(nn.Module):
+    """PMG-V2: three blocks (biased convs) and heads (BN1d, Linear, BN1d, ReLU, Linear) on layer2..4; in
+    training, stage s runs on tiles[s] x tiles[s] tiles of its input (split_block -> stage -> concat_block)."""
+
+    def __init__(self, features: ResNet, feature_size: int = 512, num_classes: int = 200) -> None:
+        super().__init__()
+        self.features = features
+        hidden = 2 * feature_size
+        for k, c in enumerate(features.stage_channels[1:], start=1):
+            block = nn.Sequential(
+                BiasedBasicConv(c, feature_size, 1), BiasedBasicConv(feature_size, hidden, 3, padding=1)
+            )
+            head = nn.Sequential(
+                nn.BatchNorm1d(hidden),
+                nn.Linear(hidden, feature_size),
+                nn.BatchNorm1d(feature_size),
+                nn.ReLU(inplace=True),
+                nn.Linear(feature_size, num_classes),
+            )
+            setattr(self, f"conv_block{k}", block)
+            setattr(self, f"classifier{k}", head)
+
+    def forward(self, x: torch.Tensor, tiles: Sequence[int] = (0, 0, 0, 0)) -> tuple[torch.Tensor, ...]:
+        """(head1, head2, head3, f1, f2, f3): the logits and the consistency features of layer2..4."""
+        r = self.features
+        x = r.maxpool(r.relu(r.bn1(r.conv1(x))))
+        maps = []
+        for layer, n in zip((r.layer1, r.layer2, r.layer3, r.layer4), tiles):
+            n = n if self.training else 0
+            x = concat_block(layer(split_block(x, n)), n)
+            maps.append(x)
+        logits = [
+            getattr(self, f"classifier{k}")(getattr(self, f"conv_block{k}")(m).amax(dim=(2, 3)))
+            for k, m in enumerate(maps[1:], start=1)
+        ]
+        return (*logits, *(consistency_feature(m) for m in maps[1:]))
+
+
+def train_iteration_v2(
+    model: PMGV2, optimizer: torch.optim.Optimizer, images: torch.Tensor, positives: torch.Tensor, labels: torch.Tensor
+) -> dict[str, float]:
+    """One PMG-V2 iteration: three SGD steps, each on anchors + positives (2B) with its tiling, CE of its head
+    plus alpha * (CE / MSE, a constant) * MSE of its consistency features between anchors and positives."""
+    model.train()
+    _ensure_grads(optimizer)
+    x, y, b = torch.cat([images, positives]), torch.cat([labels, labels]), images.shape[0]
+    losses: dict[str, float] = {}
+    for tiles, head, alpha in V2_UPDATES:
+        optimizer.zero_grad(set_to_none=False)
+        out = model(x, tiles)
+        ce = F.cross_entropy(out[head], y)
+        f = out[3 + head]
+        mse = F.mse_loss(f[:b], f[b:])
+        loss = ce + mse * (ce.item() / mse.item()) * alpha
+        loss.backward()
+        optimizer.step()
+        losses[f"loss{head + 1}"] = loss.item()
+    return losses
