@@ -195,3 +195,129 @@ def test_onnx_export_equals_jax_under_onnxruntime(v2_run, tmp_path):
         got = session.run(None, {"images": crops[:n]})
         assert export.max_relative_difference(got[1:], [w[:n] for w in want[1:]]) <= 1e-4
         np.testing.assert_allclose(got[0], want[0][:n], atol=1e-5)
+
+
+# Stand-ins for the official PMG-V2 code's files (model.py, Resnet_CCBC.py), so that torch.save pickles its class
+# names: model.PMG_V2, model.BasicConv, Resnet_CCBC.ResNet, Resnet_CCBC.Bottleneck, and the pooling modules the
+# official classes hold (max1, block_wise_pool) and the ResNet's unused fc.
+OFFICIAL_SOURCES = {
+    "model.py": """
+from torch import nn
+
+from bench import torch_reference as ref
+
+
+class BasicConv(ref.BiasedBasicConv):
+    pass
+
+
+class PMG_V2(ref.PMGV2):
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.max1 = nn.MaxPool2d(kernel_size=8, stride=8)
+        for m in self.modules():
+            if type(m) is ref.BiasedBasicConv:
+                m.__class__ = BasicConv
+""",
+    "Resnet_CCBC.py": """
+from torch import nn
+
+from bench import torch_reference as ref
+
+
+class Bottleneck(ref.Bottleneck):
+    pass
+
+
+class ResNet(ref.ResNet):
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.block_wise_pool = nn.AvgPool2d(kernel_size=7, stride=7, padding=0)
+        self.fc = nn.Linear(8, 10)
+""",
+}
+V2_ARCH = convert.Architecture("resnet50", 8, (1, 1, 1, 1), 16, 5, "pmg_v2")
+
+
+def torch_logits(model, x) -> list[np.ndarray]:
+    """The three heads' logits of a PyTorch PMG-V2 in evaluation mode."""
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        return [t.numpy() for t in model(x)[:3]]
+
+
+def nhwc(x) -> np.ndarray:
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+@pytest.fixture(scope="module")
+def official_files(tmp_path_factory):
+    """A PyTorch PMG-V2 (calibrated BatchNorm) saved as the official code does (the whole model, zip and legacy
+    formats) and as a state dict, with a batch and its logits; the official classes' sources are gone after."""
+    import importlib
+    import sys
+
+    import torch
+
+    from bench.parity import randomize_bn
+
+    d = tmp_path_factory.mktemp("official")
+    for name, text in OFFICIAL_SOURCES.items():
+        (d / name).write_text(text)
+    sys.path.insert(0, str(d))
+    try:
+        model_py, resnet_py = importlib.import_module("model"), importlib.import_module("Resnet_CCBC")
+        torch.manual_seed(4)
+        net = model_py.PMG_V2(resnet_py.ResNet(resnet_py.Bottleneck, (1, 1, 1, 1), 8), 16, 5)
+        randomize_bn(net, seed=4, size=64)
+        torch.save(net, d / "model.pth")
+        torch.save(net, d / "legacy.pth", _use_new_zipfile_serialization=False)
+        torch.save(net.state_dict(), d / "state_dict.pth")
+        x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+        want = torch_logits(net, x)
+    finally:
+        sys.path.remove(str(d))
+        for name in ("model", "Resnet_CCBC"):
+            sys.modules.pop(name)
+    return d, nhwc(x), want
+
+
+def test_official_whole_pickles_load_without_their_source(official_files):
+    d, x, want = official_files
+    state_dict = convert.load_state_dict(str(d / "model.pth"))
+    legacy = convert.load_state_dict(str(d / "legacy.pth"))
+    assert legacy.keys() == state_dict.keys() and all(np.array_equal(legacy[k], state_dict[k]) for k in legacy)
+    assert "features.fc.weight" in state_dict and "conv_block1.0.conv.bias" in state_dict
+    assert convert.infer_architecture(state_dict) == V2_ARCH
+
+
+@pytest.mark.parametrize("name", ["model.pth", "state_dict.pth"])
+def test_converted_pmg_v2_gives_the_pytorch_logits(official_files, name, tmp_path, capsys):
+    from pmg_jax.cli import convert as convert_cli
+
+    d, x, want = official_files
+    convert_cli.main([str(d / name), "--out", str(tmp_path / "run")])
+    assert "converted" in capsys.readouterr().out
+    restored = state_lib.restore(str(tmp_path / "run"))
+    assert restored.config.method == "pmg_v2" and type(restored.model).__name__ == "PMGV2"
+    got = restored.model.apply(restored.variables, x)
+    assert export.max_relative_difference(got, want) <= 1e-4
+
+
+def test_the_method_flag_is_checked_against_the_weights(official_files, tmp_path):
+    """--method pmg on PMG-V2 weights lists what does not fit, in one line; heads of neither method are refused."""
+    from pmg_jax.cli import convert as convert_cli
+
+    d, _, _ = official_files
+    with pytest.raises(SystemExit) as e:
+        convert_cli.main([str(d / "state_dict.pth"), "--out", str(tmp_path / "run"), "--method", "pmg"])
+    message = e.value.code  # a string code exits with status 1
+    assert isinstance(message, str) and "\n" not in message, message
+    assert "classifier_concat" in message and "conv/bias" in message, message
+    state_dict = convert.load_state_dict(str(d / "state_dict.pth"))
+    del state_dict["conv_block1.0.conv.bias"]
+    with pytest.raises(convert.ConversionError, match="heads of neither PMG nor PMG-V2"):
+        convert.infer_architecture(state_dict)
+    assert convert.infer_architecture(state_dict, "pmg_v2").method == "pmg_v2"
