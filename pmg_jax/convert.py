@@ -156,7 +156,7 @@ class Architecture:
     stage_sizes: tuple[int, ...]  # () when the backbone's standard block counts
     feature_size: int | None  # None: a bare backbone, no PMG blocks
     num_classes: int | None  # None: no heads
-    method: str | None = "pmg"  # config.method; None: a bare backbone
+    method: str | None = None  # config.method; None: a bare backbone
 
     def describe(self) -> str:
         """E.g. 'a resnet50d backbone (blocks (3, 4, 6, 3), channels (256, 512, 1024, 2048))'."""

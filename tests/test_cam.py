@@ -197,7 +197,7 @@ def test_targets_and_concat_head_match_pytorch(tiny_pair, target, concat):
     got = cam.make_explainer(model_j, cam.CamOptions(PMG_MAPS, "gradcam", target, concat))(variables, nhwc(x), classes)
     assert_near_truth(dict(got.maps), torch32, truth, floor=MAP_TOL, what=f"{target} {concat} maps")
     if target == "class":
-        np.testing.assert_array_equal(got.targets, np.repeat(classes[:, None], 4, axis=1))
+        np.testing.assert_array_equal(got.targets, np.repeat(classes[:, None], 5, axis=1))  # 4 heads, their sum
 
 
 def test_seed_target_and_concat_reproduce_the_seed(tiny_pair):

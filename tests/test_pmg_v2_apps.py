@@ -64,7 +64,7 @@ def by_hand(restored, x: np.ndarray, score) -> tuple[dict, dict]:
         logits, sown = model.apply({**variables, "perturbations": perturbations}, x, mutable=["intermediates"])
         return score(logits), sown["intermediates"]
 
-    grads, sown = jax.grad(f, has_aux=True)(zeros)
+    grads, sown = jax.jit(jax.grad(f, has_aux=True))(zeros)
     return {k: v[0] for k, v in sown.items()}, grads
 
 
@@ -182,6 +182,7 @@ def test_stablehlo_export_equals_jax(v2_run, tmp_path):
     np.testing.assert_allclose(got[0], want[0], atol=1e-5)
 
 
+@pytest.mark.slow  # the conversion, as the PMG one in tests/test_predict_export.py
 def test_onnx_export_equals_jax_under_onnxruntime(v2_run, tmp_path):
     import onnxruntime
 
