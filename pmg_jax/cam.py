@@ -56,23 +56,18 @@ def method_of(model: nn.Module) -> methods.Method:
     raise TypeError(f"{type(model).__name__} is the module of no method in pmg_jax.methods")
 
 
-def outputs(method: methods.Method) -> tuple[str, ...]:
-    """What can explain a map: the method's heads, then their combined prediction (model.COMBINED)."""
-    return (*method.heads, COMBINED)
-
-
 def output_logits(method: methods.Method, logits: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
-    """The logits of `outputs(method)`: the heads', then their combined prediction (`method.combined`)."""
+    """The logits of `method.eval_names`: the heads', then their combined prediction (`method.combined`)."""
     return (*logits, method.combined(logits))
 
 
 def head_of(method: methods.Method, name: str) -> int:
-    """Index in outputs(method) of what explains map `name`: block k and the stage map under it by head k, a map
-    named after an output (PMG's concat, the combined prediction) by that output."""
+    """Index in method.eval_names (the heads, then their combined prediction) of what explains map `name`: block
+    k and the stage map under it by head k, a map named after one of those (PMG's concat, combined) by it."""
     for group in (BLOCKS, STAGES):
         if name in group:
             return group.index(name)
-    return outputs(method).index(name)
+    return method.eval_names.index(name)
 
 
 def default_maps(method: methods.Method) -> tuple[str, ...]:
@@ -89,8 +84,8 @@ class Captured(NamedTuple):
 
 
 class Explanation(NamedTuple):
-    """Maps (B, H, W) float32 in [0, 1] at input resolution, the logits of `outputs(method)` (the heads', then the
-    combined prediction's) and the class each of them explains (B, outputs)."""
+    """Maps (B, H, W) float32 in [0, 1] at input resolution, the logits of the method's `eval_names` (the heads',
+    then the combined prediction's) and the class each of them explains (B, outputs)."""
 
     maps: dict[str, jax.Array]
     logits: tuple[jax.Array, ...]
@@ -328,7 +323,7 @@ def capture(
     classes: jax.Array | None = None,
 ) -> Captured:
     """One forward pass, and for each (map, output) request the gradient of that output's summed target score
-    (`options`' target, and its Finer-CAM k and alpha); outputs are `outputs(method_of(model))`.
+    (`options`' target, and its Finer-CAM k and alpha); outputs are `method_of(model).eval_names`.
 
     The backward pass is the reverse-mode Jacobian of one scalar per distinct output, so gradients
     driven by different heads never mix (layer2 feeds all three heads); only the requested maps

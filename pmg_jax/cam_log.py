@@ -83,7 +83,7 @@ class CamLog:
                 indices=np.asarray(self.indices, np.int32),
                 class_names=np.asarray(self.class_names),
                 map_names=np.asarray(self.maps),
-                output_names=np.asarray(cam.outputs(self.method)),
+                output_names=np.asarray(self.method.eval_names),
                 map_outputs=np.asarray([cam.head_of(self.method, name) for name in self.maps], np.int32),
                 epoch=np.int32(epoch),
             )

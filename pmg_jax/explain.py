@@ -178,7 +178,7 @@ def _titles(
         first[1] += f", true: {class_names[item.label]}"
     titles = {"input": first}
     for name, m in maps.items():
-        head = cam.outputs(method)[cam.head_of(method, name)]
+        head = method.eval_names[cam.head_of(method, name)]
         second, *predicted = class_lines(result.probabilities[head], result.explained_class(head), class_names)
         if not np.any(m > 0):
             second = "all zero: no positive evidence"
@@ -241,9 +241,9 @@ def explained(
     model_method: methods.Method,
 ) -> list[Explained]:
     """The results of a batch's images (`items`, at `slots` of the batch) from its explanations by method: the maps
-    of options.maps, and from the first method's logits each output's (cam.outputs(model_method)) probabilities,
+    of options.maps, and from the first method's logits each output's (model_method.eval_names) probabilities,
     the class it explains and, for target 'finer', the classes it is contrasted with."""
-    first, names = next(iter(outs.values())), cam.outputs(model_method)
+    first, names = next(iter(outs.values())), model_method.eval_names
     probabilities = [np.asarray(jax.nn.softmax(z)) for z in first.logits]
     targets = np.asarray(first.targets)
     contrasted = contrasts(names, first.logits, targets, options.finer_k) if options.target == "finer" else None

@@ -19,7 +19,7 @@ from pmg_jax.errors import PMGError
 _EPOCH_FILE = re.compile(r"epoch_(\d+)\.npz$")
 _FIELDS = ("maps", "images", "labels", "probabilities", "indices", "class_names", "map_names")
 # Records written before PMG-V2 name no outputs: they are all PMG's
-_PMG_OUTPUTS = {"output_names": cam.outputs(methods.PMG), "map_outputs": None}
+_PMG_OUTPUTS = {"output_names": methods.PMG.eval_names, "map_outputs": None}
 
 
 class NoHistory(PMGError, FileNotFoundError):

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pmg_jax import cam, xla_options
+from pmg_jax import cam, methods, xla_options
 from pmg_jax.data import pipeline
 
 THRESHOLDS = np.arange(100) / 100.0
@@ -116,9 +116,11 @@ def deletion_insertion(
     classes: jax.Array,
     head: jax.Array,
     steps: int = 16,
+    *,
+    method: methods.Method,
 ) -> tuple[jax.Array, jax.Array]:
-    """Probability curves (B, steps + 1) of `classes` under output `head` (of cam.outputs: a head or the combined
-    prediction) as salient pixels are deleted / inserted.
+    """Probability curves (B, steps + 1) of `classes` under output `head` (of method.eval_names, `model`'s
+    method: a head or the combined prediction) as salient pixels are deleted / inserted.
 
     Step i acts on the round(i * H * W / steps) most salient pixels of each map; deleted
     pixels become 0 (the normalisation mean), inserted ones come from `blurred`.
@@ -133,7 +135,7 @@ def deletion_insertion(
         """The class probabilities with the `count` most salient pixels deleted, and inserted."""
         salient = ranks < count
         x = jnp.concatenate([jnp.where(salient, 0.0, images), jnp.where(salient, images, blurred)])
-        logits = jnp.stack(cam.output_logits(cam.method_of(model), model.apply(variables, x, train=False)))[head]
+        logits = jnp.stack(cam.output_logits(method, model.apply(variables, x, train=False)))[head]
         p = jnp.take_along_axis(jax.nn.softmax(logits), jnp.tile(classes, 2)[:, None], axis=-1)[:, 0]
         return p[:b], p[b:]
 
@@ -189,9 +191,9 @@ def evaluate(
     method = cam.method_of(model)
     options = options.for_method(method)
     explainers = {m: cam.make_explainer(model, one) for m, one in options.per_method().items()}
-    maps, methods = options.maps, options.methods
-    curves = xla_options.jit(functools.partial(deletion_insertion, model, steps=auc_steps))
-    records = {(m, name): {} for m in methods for name in maps}
+    maps, cam_methods = options.maps, options.methods
+    curves = xla_options.jit(functools.partial(deletion_insertion, model, steps=auc_steps, method=method))
+    records = {(m, name): {} for m in cam_methods for name in maps}
     centre, count = [], 0
     for batch in batches:
         keep = np.asarray(batch["mask"]) > 0
@@ -227,7 +229,7 @@ def evaluate(
         raise ValueError("no examples to evaluate")
     if not centre:
         return {"count": count, "centre_pointing": None, "results": None}
-    results = {m: {name: summarize(records[(m, name)]) for name in maps} for m in methods}
+    results = {m: {name: summarize(records[(m, name)]) for name in maps} for m in cam_methods}
     return {"count": count, "centre_pointing": float(np.mean(np.concatenate(centre))), "results": results}
 
 
