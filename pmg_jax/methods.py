@@ -54,6 +54,10 @@ class Method:
         """The updates of one training iteration under config.schedule `schedule`."""
         return self.schedules[schedule]
 
+    def updates_per_iteration(self, schedule: str) -> int:
+        """Optimizer updates per training iteration under `schedule` (what a per-epoch lr schedule counts)."""
+        return len(self.updates(schedule))
+
     @property
     def eval_names(self) -> tuple[str, ...]:
         """What evaluation reports, in the eval step's order: every head, then their combined prediction."""
@@ -61,8 +65,7 @@ class Method:
 
     def combined(self, logits: Sequence[jax.Array]) -> jax.Array:
         """The prediction's logits: the sum of the `prediction` heads' logits."""
-        picked = [logits[i] for i in self.prediction]
-        return sum(picked[1:], picked[0])
+        return model.combined_logits([logits[i] for i in self.prediction])
 
 
 PMG = Method(

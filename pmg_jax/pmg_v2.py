@@ -17,11 +17,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pmg_jax import backbones
+from pmg_jax import backbones, model
 from pmg_jax.layers import BatchNorm, Linear, checkpointed
 from pmg_jax.model import BACKBONE, BLOCKS, STAGES, BasicConv
 
-HEADS = ("head1", "head2", "head3")  # the logits, in this order; their sum is the prediction
+HEADS = model.HEADS[: len(model.BLOCKS)]  # PMG's block heads, in this order (no concat); their sum is the prediction
 CONSISTENCY_POOL = 7  # the consistency features' average pool (window and stride), the official code's
 CONSISTENCY_EPS = 1e-9  # added to the max - min of the min-max normalisation
 

@@ -13,7 +13,7 @@ from truth import assert_near_truth
 
 from bench import parity
 from bench import torch_reference as ref
-from pmg_jax import backbones, config, methods, validate
+from pmg_jax import backbones, config, methods, parallel, state, steps, validate
 from pmg_jax.backbones.convnext import Stage
 from pmg_jax.errors import ConfigError
 from pmg_jax.layers import split_tiles, stitch_tiles
@@ -201,6 +201,27 @@ BREAKS = {
 def test_the_iteration_check_fails_for_a_broken_step(updates):
     _, variables = pair()
     assert iteration_error(jax_iteration(variables, updates), torch_iteration()) > 100 * ITERATION_TOLERANCE
+
+
+@pytest.mark.slow  # compiling the mesh-sharded steps costs ~45 s here
+def test_compile_steps_trains_the_configs_method_on_uint8_anchors_and_positives():
+    """config.method picks PMG-V2's steps; positives are normalised like the anchors (identical ones give
+    identical consistency features, where raw uint8 positives would not)."""
+    c = config.for_dataset("demo")
+    c.method, c.data.crop_size, c.dataset.num_classes = "pmg_v2", SIZE, TINY["num_classes"]
+    c.model.update(backbone="resnet18", width=8, stage_sizes=(1, 1, 1, 1), feature_size=16, kernels="xla")
+    model = state.create_model(c)
+    assert isinstance(model, PMGV2) and model.width == 8
+    tx = make_optimizer(lr_new=0.005, lr_backbone=0.0005, num_epochs=2, steps_per_epoch=10)
+    params, stats = pair()[1]["params"], pair()[1]["batch_stats"]
+    before = TrainState(jnp.zeros((), jnp.int32), params, stats, tx.init(params), jax.random.PRNGKey(0))
+    train_step, eval_step = steps.compile_steps(model, tx, c, parallel.make_mesh())
+    images = np.random.default_rng(0).integers(0, 255, (2, SIZE, SIZE, 3), np.uint8)
+    after, metrics = train_step(before, {"image": images, "positive": images.copy(), "label": np.array([0, 1])})
+    assert int(metrics["nonfinite_pass"]) == 0 and int(after.step) == 1
+    assert all(float(metrics[f"mse{k}"]) < 1e-12 for k in (1, 2, 3))
+    counts = eval_step(after, {"image": images, "label": np.array([0, 1]), "mask": np.ones(2)})
+    assert counts.shape == (len(methods.PMG_V2.eval_names) + 1,) and int(counts[-1]) == 2
 
 
 def test_validate_names_the_stage_a_tiling_does_not_divide():
