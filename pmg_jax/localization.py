@@ -188,11 +188,11 @@ def evaluate(
     more from the same pass (parts, disagreement); batches without 'box' skip the box metrics, and then
     'centre_pointing' and 'results' are None.
     """
-    method = cam.method_of(model)
-    options = options.for_method(method)
+    model_method = cam.method_of(model)
+    options = options.for_method(model_method)
     explainers = {m: cam.make_explainer(model, one) for m, one in options.per_method().items()}
     maps, cam_methods = options.maps, options.methods
-    curves = xla_options.jit(functools.partial(deletion_insertion, model, steps=auc_steps, method=method))
+    curves = xla_options.jit(functools.partial(deletion_insertion, model, steps=auc_steps, method=model_method))
     records = {(m, name): {} for m in cam_methods for name in maps}
     centre, count = [], 0
     for batch in batches:
@@ -208,7 +208,7 @@ def evaluate(
             if on_maps is not None:
                 on_maps(method, out, batch, keep)
             for name in maps if boxes is not None else ():
-                head = cam.head_of(method, name)
+                head = cam.head_of(model_method, name)
                 m = np.asarray(out.maps[name])
                 ious = [iou_curves(m[i], boxes[i]) for i in np.flatnonzero(keep)]
                 new = {
