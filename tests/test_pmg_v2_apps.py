@@ -128,6 +128,20 @@ def test_explain_cli_default_maps_are_the_blocks_and_the_combined_map(v2_run, bi
     assert overlays == ["combined_bird.jpg", "conv_block1_bird.jpg", "conv_block2_bird.jpg", "conv_block3_bird.jpg"]
 
 
+def test_evaluate_scores_the_blocks_and_the_combined_map(v2_run, tmp_path, capsys):
+    """explain.py --evaluate on the demo split's boxes and parts: every default map of PMG-V2, deletion and
+    insertion of the combined map under the prediction's probabilities."""
+    run, _ = v2_run
+    argv = ["--ckpt", run, "--evaluate", "--max-images", "4", "--auc-steps", "2", "--batch-size", "4"]
+    assert explain_cli.main([*argv, "--report-images", "1", "--out", str(tmp_path)]) == 0
+    saved = json.load(open(tmp_path / "localization_test.json"))
+    results = saved["results"]["gradcam"]
+    assert list(results) == ["block1", "block2", "block3", "combined"] and saved["count"] == 4
+    assert all(0 <= results[m]["Deletion"] <= 1 and 0 <= results[m]["Insertion"] <= 1 for m in results)
+    assert list(saved["parts"]["gradcam"]["peak"]) == list(results)
+    assert (tmp_path / "report.html").is_file()
+
+
 def test_a_map_the_method_lacks_is_refused_in_one_line(v2_run, bird, tmp_path, capsys):
     run, _ = v2_run
     assert explain_cli.main(["--ckpt", run, "--block", "concat", "--images", bird[0], "--out", str(tmp_path)]) == 1
