@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench import common
-from pmg_jax import backbones, cam, kernels, xla_options
+from pmg_jax import backbones, cam, kernels, methods, xla_options
 from pmg_jax.model import PMG
 
 MAPS = ("block1", "block2", "block3", "concat")
@@ -51,7 +51,7 @@ def seconds(fn: Callable[[], Any]) -> float:
 
 def block_pass(model: PMG, block: str, with_param_grads: bool) -> Callable:
     """One image, one block: forward, backward of that block's head's seed score, raw Grad-CAM map."""
-    head = cam.HEAD_OF[block]
+    head = cam.head_of(methods.PMG, block)
 
     def run(variables: dict, image: jax.Array):
         zeros = cam.perturbation_zeros(model, variables, image)

@@ -4,10 +4,12 @@ Activations are the maps the model `sow`s under 'intermediates'; their gradients
 reverse-mode autodiff through the model's `perturb` points (zeros added to each map), so there
 is no second, hand-written forward. BatchNorm runs in inference mode.
 
-Which logit drives a map: block k and layer(k+1) are explained by head k (block k feeds only
-head k and the concat head; layer(k+1) is block k's input), and the concat map is either the
-seed's sum of the three block maps ('seed') or the concat head's gradient through each block
-('head'). Target 'finer' is Finer-CAM (Zhang et al., CVPR 2025), as pytorch-grad-cam's FinerCAM
+Which logit drives a map comes from the model's method (`pmg_jax.methods`, read from the run's config):
+block k and layer(k+1) are explained by head k (block k feeds head k, and PMG's concat head;
+layer(k+1) is block k's input); PMG's concat map is either the seed's sum of the three block maps
+('seed') or the concat head's gradient through each block ('head'); the 'combined' map (PMG-V2's) is
+the prediction's Grad-CAM: the summed heads' score back-propagated into each block, the three block
+maps summed. Target 'finer' is Finer-CAM (Zhang et al., CVPR 2025), as pytorch-grad-cam's FinerCAM
 defines it: the explained class's logit contrasted with its k nearest classes by logit (see
 `finer_score`), so a map shows what tells the class apart from those it is most confused with.
 Every map is ReLU'd, divided by its maximum (an all-zero map stays zero) and resized
@@ -27,27 +29,54 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pmg_jax import methods, xla_options
 from pmg_jax import model as model_lib
-from pmg_jax import xla_options
 from pmg_jax.data import transforms
 from pmg_jax.errors import PMGError
 
-MAP_NAMES = model_lib.CAM_MAPS
 TARGETS = ("predicted", "class", "seed", "finer")
 CONCAT_MODES = ("seed", "head")
-BLOCKS = model_lib.BLOCKS
-CONCAT_HEAD = model_lib.CONCAT
-# Index (into the model's (head1, head2, head3, concat) logits) of the head that explains each map.
-HEAD_OF = model_lib.CAM_HEAD
+BLOCKS, STAGES, COMBINED = model_lib.BLOCKS, model_lib.STAGES, model_lib.COMBINED
+# every map some method can show (each method's own: its cam_maps), in one order: the backbone stages last
+MAP_NAMES = tuple(
+    sorted(dict.fromkeys(name for m in methods.METHODS.values() for name in m.cam_maps), key=lambda n: n in STAGES)
+)
 _EPS = 1e-7
 FINER_K, FINER_ALPHA = 3, 1.0  # pytorch-grad-cam's FinerCAM defaults: comparison classes 1-3, alpha 1
 _FINER_EPS = 1e-9  # FinerWeightedTarget's guard on the sum of the comparison weights
 
-Request = tuple[str, int]  # (map name, head index) whose gradient is wanted
+Request = tuple[str, int]  # (map name, output index) whose gradient is wanted
+
+
+def method_of(model: nn.Module) -> methods.Method:
+    """The method whose module `model` is (state.create_model builds config.method's)."""
+    for method in methods.METHODS.values():
+        if type(model) is method.module:
+            return method
+    raise TypeError(f"{type(model).__name__} is the module of no method in pmg_jax.methods")
+
+
+def output_logits(method: methods.Method, logits: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
+    """The logits of `method.eval_names`: the heads', then their combined prediction (`method.combined`)."""
+    return (*logits, method.combined(logits))
+
+
+def head_of(method: methods.Method, name: str) -> int:
+    """Index in method.eval_names (the heads, then their combined prediction) of what explains map `name`: block
+    k and the stage map under it by head k, a map named after one of those (PMG's concat, combined) by it."""
+    for group in (BLOCKS, STAGES):
+        if name in group:
+            return group.index(name)
+    return method.eval_names.index(name)
+
+
+def default_maps(method: methods.Method) -> tuple[str, ...]:
+    """The maps drawn unless others are asked for: the method's maps but the backbone stages."""
+    return tuple(n for n in method.cam_maps if n not in STAGES)
 
 
 class Captured(NamedTuple):
-    """Activations (B, h, w, C) by map name, gradients by (map name, head), and the four logits."""
+    """Activations (B, h, w, C) by map name, gradients by (map name, output), and the outputs' logits."""
 
     acts: dict[str, jax.Array]
     grads: dict[Request, jax.Array]
@@ -55,7 +84,8 @@ class Captured(NamedTuple):
 
 
 class Explanation(NamedTuple):
-    """Maps (B, H, W) float32 in [0, 1] at input resolution, the four logits, the class each head explains (B, 4)."""
+    """Maps (B, H, W) float32 in [0, 1] at input resolution, the logits of the method's `eval_names` (the heads',
+    then the combined prediction's) and the class each of them explains (B, outputs)."""
 
     maps: dict[str, jax.Array]
     logits: tuple[jax.Array, ...]
@@ -213,12 +243,13 @@ class CamOptionsError(PMGError, ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class CamOptions:
-    """What a CAM request explains, checked once when made: the maps (kept in model order), the methods (each
-    computed by its own explainer: `per_method`), the target (predicted | class | seed | finer), the concat map
+    """What a CAM request explains, checked once when made: the maps (kept in MAP_NAMES order; None: the model's
+    method's `default_maps`; `for_method` fills them in and checks them against the method), the methods (each
+    computed by its own explainer: `per_method`), the target (predicted | class | seed | finer), PMG's concat map
     (seed: the block maps' sum; head: the concat head's gradient) and Finer-CAM's k and alpha (used by target
     'finer' only). A CamOptionsError names the field that cannot work."""
 
-    maps: Sequence[str] = (*BLOCKS, "concat")
+    maps: Sequence[str] | None = None
     methods: Sequence[str] | str = ("gradcam",)
     target: str = "predicted"
     concat: str = "seed"
@@ -228,11 +259,11 @@ class CamOptions:
     def __post_init__(self) -> None:
         maps, methods = [self.maps] if isinstance(self.maps, str) else self.maps, self.methods
         methods = tuple(dict.fromkeys([methods] if isinstance(methods, str) else methods))
-        if not maps or any(m not in MAP_NAMES for m in maps):
+        if maps is not None and (not maps or any(m not in MAP_NAMES for m in maps)):
             raise CamOptionsError(
                 "maps", f"maps must be a non-empty subset of {', '.join(MAP_NAMES)}; got {list(maps)}"
             )
-        object.__setattr__(self, "maps", tuple(n for n in MAP_NAMES if n in maps))
+        object.__setattr__(self, "maps", None if maps is None else tuple(n for n in MAP_NAMES if n in maps))
         object.__setattr__(self, "methods", methods)
         for field, value, allowed in (("target", self.target, TARGETS), ("concat", self.concat, CONCAT_MODES)):
             if value not in allowed:
@@ -257,6 +288,18 @@ class CamOptions:
         if not np.isfinite(self.finer_alpha):
             raise CamOptionsError("finer_alpha", f"finer_alpha must be a finite number, not {self.finer_alpha!r}")
 
+    def for_method(self, method: methods.Method) -> CamOptions:
+        """These options for a model of `method`: no maps means its default maps; a map it does not have is a
+        CamOptionsError naming the method's maps."""
+        if self.maps is None:
+            return dataclasses.replace(self, maps=default_maps(method))
+        if missing := [m for m in self.maps if m not in method.cam_maps]:
+            raise CamOptionsError(
+                "maps",
+                f"maps {', '.join(missing)}: not a map of {method.name} (its maps: {', '.join(method.cam_maps)})",
+            )
+        return self
+
     def one_method(self) -> str:
         """The method of options that hold one (what cam.explain computes); `per_method` splits several."""
         if len(self.methods) != 1:
@@ -268,7 +311,7 @@ class CamOptions:
         return {m: dataclasses.replace(self, methods=(m,)) for m in self.methods}
 
 
-DEFAULT = CamOptions()  # the four maps by Grad-CAM, each head's prediction explained
+DEFAULT = CamOptions()  # the method's default maps by Grad-CAM, each head's prediction explained
 
 
 def capture(
@@ -279,23 +322,24 @@ def capture(
     options: CamOptions = DEFAULT,
     classes: jax.Array | None = None,
 ) -> Captured:
-    """One forward pass, and for each (map, head) request the gradient of that head's summed target score
-    (`options`' target, and its Finer-CAM k and alpha).
+    """One forward pass, and for each (map, output) request the gradient of that output's summed target score
+    (`options`' target, and its Finer-CAM k and alpha); outputs are `method_of(model).eval_names`.
 
-    The backward pass is the reverse-mode Jacobian of one scalar per distinct head, so gradients
+    The backward pass is the reverse-mode Jacobian of one scalar per distinct output, so gradients
     driven by different heads never mix (layer2 feeds all three heads); only the requested maps
     are differentiated, so nothing below them is back-propagated.
     """
-    variables = _variables(variables)
+    variables, method = _variables(variables), method_of(model)
     zeros = perturbation_zeros(model, variables, images)
     names = sorted({name for name, _ in requests})
     heads = sorted({head for _, head in requests})
 
     def scores(perturbed: dict[str, jax.Array]):
-        """Summed target score per requested head, with the logits and sown maps as aux."""
+        """Summed target score per requested output, with the outputs' logits and sown maps as aux."""
         logits, state = model.apply(
             {**variables, "perturbations": {**zeros, **perturbed}}, images, train=False, mutable=["intermediates"]
         )
+        logits = output_logits(method, logits)
         per_head = jnp.stack([jnp.sum(target_score(logits[h], options, classes)) for h in heads])
         return per_head, (logits, state["intermediates"])
 
@@ -324,32 +368,45 @@ def upsample(m: jax.Array, size: tuple[int, int]) -> jax.Array:
     return jax.image.resize(m, (m.shape[0], *size), method="bilinear")
 
 
-def requests_for(maps: Sequence[str], concat: str = "seed") -> tuple[Request, ...]:
-    """The (map, head) gradients the given maps need."""
+def summed_parts(method: methods.Method, name: str, concat: str = "seed") -> tuple[Request, ...] | None:
+    """The (block, output) maps that a summed map adds up (PMG's concat: each block by its own head, or with
+    concat='head' by the concat head; combined: each block by the prediction), None for any other map."""
+    if name == "concat":
+        return tuple((b, head_of(method, "concat" if concat == "head" else b)) for b in BLOCKS)
+    if name == COMBINED:
+        return tuple((b, head_of(method, COMBINED)) for b in BLOCKS)
+    return None
+
+
+def requests_for(method: methods.Method, maps: Sequence[str], concat: str = "seed") -> tuple[Request, ...]:
+    """The (map, output) gradients the given maps of a `method` model need."""
     out = set()
     for name in maps:
-        if name == "concat":
-            out |= {(b, CONCAT_HEAD if concat == "head" else HEAD_OF[b]) for b in BLOCKS}
-        else:
-            out.add((name, HEAD_OF[name]))
+        out |= set(summed_parts(method, name, concat) or [(name, head_of(method, name))])
     return tuple(sorted(out))
 
 
 def maps_from_capture(
-    captured: Captured, method: str, maps: Sequence[str], size: tuple[int, int], concat: str = "seed"
+    captured: Captured,
+    method: str,
+    maps: Sequence[str],
+    size: tuple[int, int],
+    concat: str = "seed",
+    model_method: methods.Method = methods.PMG,
 ) -> dict[str, jax.Array]:
-    """Final maps at `size`; 'concat' is ReLU + normalise of the sum of the upsampled raw block maps."""
+    """Final maps at `size` of CAM `method` for a `model_method` model; a summed map (concat, combined) is ReLU +
+    normalise of the sum of its upsampled raw block maps."""
     raw = {
         (name, head): raw_map(method, captured.acts[name], captured.grads.get((name, head)))
-        for name, head in requests_for(maps, concat)
+        for name, head in requests_for(model_method, maps, concat)
     }
     out = {}
     for name in maps:
-        if name == "concat":
-            parts = [raw[(b, CONCAT_HEAD if concat == "head" else HEAD_OF[b])] for b in BLOCKS]
-            out[name] = normalize(sum(upsample(p, size) for p in parts))
+        parts = summed_parts(model_method, name, concat)
+        if parts:
+            out[name] = normalize(sum(upsample(raw[p], size) for p in parts))
         else:
-            out[name] = upsample(normalize(raw[(name, HEAD_OF[name])]), size)
+            out[name] = upsample(normalize(raw[(name, head_of(model_method, name))]), size)
     return out
 
 
@@ -363,23 +420,28 @@ def explain(
     """Maps of a batch of normalised NHWC images for `options` (of one method); `classes` (B,) are the targets
     when its target is 'class'.
 
-    Target 'finer' contrasts each head's explained class (`classes` if given, else the head's prediction) with
-    its options.finer_k nearest classes by that head's logits, weighted by options.finer_alpha.
+    Target 'finer' contrasts each output's explained class (`classes` if given, else its prediction) with
+    its options.finer_k nearest classes by that output's logits, weighted by options.finer_alpha.
     """
+    model_method = method_of(model)
+    options = options.for_method(model_method)
     method, maps, concat = options.one_method(), options.maps, options.concat
     if options.target == "class" and classes is None:
         raise ValueError("target='class' needs `classes` (one class id per image)")
+    requests = requests_for(model_method, maps, concat)
     if not _METHODS[method].uses_gradients:
         logits, sown = forward(model, variables, images)
-        captured = Captured({name: sown[name] for name, _ in requests_for(maps, concat)}, {}, logits)
+        captured = Captured({name: sown[name] for name, _ in requests}, {}, output_logits(model_method, logits))
     else:
-        captured = capture(model, variables, images, requests_for(maps, concat), options, classes)
-    out = maps_from_capture(captured, method, maps, images.shape[1:3], concat)
+        captured = capture(model, variables, images, requests, options, classes)
+    out = maps_from_capture(captured, method, maps, images.shape[1:3], concat, model_method)
     targets = jnp.stack([explained_class(z, options.target, classes) for z in captured.logits], axis=-1)
     return Explanation(out, captured.logits, targets)
 
 
 def make_explainer(model: nn.Module, options: CamOptions = DEFAULT) -> Callable[..., Explanation]:
-    """`explain` jitted for `options` (of one method): fn(variables, images, classes=None) -> Explanation."""
-    options.one_method()  # options of several methods are refused here, not when first traced
+    """`explain` jitted for `options` (of one method; its maps those of `model`'s method, or none for their defaults):
+    fn(variables, images, classes=None) -> Explanation."""
+    options.one_method()  # options of several methods, or maps the model lacks, are refused here, not when traced
+    options = options.for_method(method_of(model))
     return xla_options.jit(functools.partial(explain, model, options=options))

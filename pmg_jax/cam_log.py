@@ -5,11 +5,13 @@ images spread over the split, prepares them as explain.py does (the whole image 
 normalised) and jits the explainer once (Grad-CAM of each block from its own head's predicted class, and the
 seed's concat map). After each evaluation it runs that one pass on the current weights and writes
 
-- to TensorBoard, one image per map (`cams/block1` ... `cams/concat`): the n overlays side by side;
+- to TensorBoard, one image per map (`cams/block1` ... `cams/concat`, or PMG-V2's `cams/combined`): the n
+  overlays side by side;
 - `<workdir>/cams/epoch_<e>.png`: a grid, one row per image (the image, then each map titled with its
   head's predicted class and probability);
-- `<workdir>/cams/epoch_<e>.npz`: the maps (n, maps, H, W) in [0, 1], the display images, the labels and each
-  head's predictions, which `python -m pmg_jax.explain_history` turns into one image's strip over the epochs.
+- `<workdir>/cams/epoch_<e>.npz`: the maps (n, maps, H, W) in [0, 1], the display images, the labels, each
+  output's predictions and which output explains each map, which `python -m pmg_jax.explain_history` turns
+  into one image's strip over the epochs.
 
 With `log_cams = 0` nothing of this is made: `for_config` returns None and no explainer is traced.
 """
@@ -25,11 +27,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from pmg_jax import cam, viz
-from pmg_jax import model as model_lib
+from pmg_jax import cam, methods, viz
 from pmg_jax.data import decode, transforms
 
-MAPS = (*model_lib.BLOCKS, "concat")  # the maps logged: each block's, and the seed's concat map
 FOLDER = "cams"
 TILE = 160  # pixels of a tile's side in the logged pictures (room for a class name in its title)
 
@@ -58,7 +58,10 @@ class CamLog:
         self.display = np.stack([transforms.resize(e["image"], size) for e in examples])  # uint8, what the maps cover
         x = np.stack([cam.prepare(e["image"], size, mean, std) for e in examples]).astype(np.float32)
         self.inputs = x if sharding is None else jax.device_put(x, sharding)
-        self.explainer = cam.make_explainer(model, cam.CamOptions(MAPS))  # jitted once; every evaluation reuses it
+        # the maps logged: the run's method's default ones (each block's, and PMG's concat or PMG-V2's combined map)
+        self.method = methods.get(config.method)
+        self.maps = cam.default_maps(self.method)
+        self.explainer = cam.make_explainer(model, cam.CamOptions(self.maps))  # jitted once; every evaluation reuses it
         self.folder = os.path.join(workdir, FOLDER)
 
     def __call__(self, epoch: int, variables: dict, writer=None, step: int = 0) -> float:
@@ -66,8 +69,8 @@ class CamLog:
         and cams/); returns the seconds it took."""
         start = time.perf_counter()
         out = jax.device_get(self.explainer(variables, self.inputs))
-        maps = np.stack([np.asarray(out.maps[name], np.float32) for name in MAPS], axis=1)  # (n, maps, H, W)
-        probs = np.stack([np.asarray(jax.nn.softmax(z)) for z in out.logits], axis=1)  # (n, heads, classes)
+        maps = np.stack([np.asarray(out.maps[name], np.float32) for name in self.maps], axis=1)  # (n, maps, H, W)
+        probs = np.stack([np.asarray(jax.nn.softmax(z)) for z in out.logits], axis=1)  # (n, outputs, classes)
         if jax.process_index() == 0:
             os.makedirs(self.folder, exist_ok=True)
             stem = os.path.join(self.folder, epoch_stem(epoch))
@@ -79,12 +82,14 @@ class CamLog:
                 probabilities=probs,
                 indices=np.asarray(self.indices, np.int32),
                 class_names=np.asarray(self.class_names),
-                map_names=np.asarray(MAPS),
+                map_names=np.asarray(self.maps),
+                output_names=np.asarray(self.method.eval_names),
+                map_outputs=np.asarray([cam.head_of(self.method, name) for name in self.maps], np.int32),
                 epoch=np.int32(epoch),
             )
             viz.write_image(stem + ".png", self.grid(maps, probs, epoch))
             if writer is not None:
-                for m, name in enumerate(MAPS):
+                for m, name in enumerate(self.maps):
                     row = np.concatenate([_tile(viz.overlay(im, mp[m])) for im, mp in zip(self.display, maps)], 1)
                     writer.add_image(f"cams/{name}", row, step, dataformats="HWC")
                 writer.flush()
@@ -95,8 +100,8 @@ class CamLog:
         rows = []
         for i, image in enumerate(self.display):
             tiles = [(_tile(image), [f"epoch {epoch}, test #{self.indices[i]}", self.class_names[self.labels[i]]])]
-            for m, name in enumerate(MAPS):
-                head = cam.HEAD_OF[name]
+            for m, name in enumerate(self.maps):
+                head = cam.head_of(self.method, name)
                 top = int(np.argmax(probs[i, head]))
                 label = f"{self.class_names[top]} {100 * probs[i, head, top]:.0f}%"
                 tiles.append((_tile(viz.overlay(image, maps[i, m])), [viz.map_label(name), label]))

@@ -1,4 +1,4 @@
-"""PyTorch weights -> Flax variables and checkpoints for PMG.
+"""PyTorch weights -> Flax variables and checkpoints for PMG and PMG-V2.
 
 Names are mapped mechanically: a numeric path component joins the one before it
 (`layer1.0.conv1` -> `layer1_0/conv1`, `classifier1.4` -> `classifier1_4`), which
@@ -6,8 +6,9 @@ is how the Flax modules are named. Leaves: conv weight OIHW -> kernel HWIO (a de
 (C, 1, k, k) becomes (k, k, 1, C), Flax's grouped layout), linear weight (out, in) ->
 kernel (in, out), BN and LayerNorm weight/bias -> scale/bias, running stats ->
 batch_stats mean/var, a layer scale `gamma` -> gamma. Accepted spellings: the reference
-PMG's names, the names of any registered backbone's PyTorch state dicts (torchvision
-ResNets, timm ResNet-D and ConvNeXt) with or without `features.`, and a DataParallel
+PMG's and the official PMG-V2's names (the same, with conv biases in PMG-V2's blocks and no
+concat head), the names of any registered backbone's PyTorch state dicts (torchvision ResNets,
+timm ResNet-D and ConvNeXt) with or without `features.`, and a DataParallel
 `module.` prefix. What a bare backbone's registry entry ignores (its classifier) is dropped.
 
 Files are read by pmg_jax.weightfile, by content and never running code from them: safetensors
@@ -31,7 +32,7 @@ import ml_collections
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from pmg_jax import backbones, optim, weightfile
+from pmg_jax import backbones, methods, optim, weightfile
 from pmg_jax import checkpoint as ckpt_lib
 from pmg_jax import config as config_lib
 from pmg_jax import model as model_lib
@@ -148,18 +149,19 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
 
 @dataclasses.dataclass(frozen=True)
 class Architecture:
-    """The PMG (or bare backbone) that a state dict holds, in config.model terms."""
+    """The PMG or PMG-V2 (or bare backbone) that a state dict holds, in config terms (config.method, config.model)."""
 
     backbone: str
     width: int
     stage_sizes: tuple[int, ...]  # () when the backbone's standard block counts
     feature_size: int | None  # None: a bare backbone, no PMG blocks
     num_classes: int | None  # None: no heads
+    method: str | None = None  # config.method; None: a bare backbone
 
     def describe(self) -> str:
         """E.g. 'a resnet50d backbone (blocks (3, 4, 6, 3), channels (256, 512, 1024, 2048))'."""
         arch = backbones.resolve(self.backbone, self.width, self.stage_sizes)
-        pmg = "" if self.feature_size is None else f"PMG (feature size {self.feature_size}) on "
+        pmg = "" if self.feature_size is None else f"{self.method} (feature size {self.feature_size}) on "
         return f"a {pmg}{self.backbone} backbone (blocks {arch.stage_sizes}, channels {arch.channels})"
 
 
@@ -168,14 +170,35 @@ def _canonical_shapes(state_dict: Mapping[str, Any]) -> dict[str, tuple[int, ...
 
 
 def infer_num_classes(state_dict: Mapping[str, Any]) -> int | None:
-    """Classes of the concat head's last Linear, or None when there are no heads (a bare ResNet)."""
-    shape = _canonical_shapes(state_dict).get("classifier_concat.4.weight")
+    """Classes of the first head's last Linear (PMG's and PMG-V2's), or None when there are no heads (a bare
+    ResNet)."""
+    shape = _canonical_shapes(state_dict).get("classifier1.4.weight")
     return None if shape is None else shape[0]
 
 
-def infer_architecture(state_dict: Mapping[str, Any]) -> Architecture:
-    """Backbone, width, block counts, feature size and classes, read from the tensor names and shapes
-    (each registered backbone's `infer` recognises its own)."""
+# What tells the methods' state dicts apart, by their keys: PMG-V2's blocks' convolutions have a bias and it has
+# no concat head; PMG's have neither bias and it has one.
+METHOD_KEYS = {"pmg": ("classifier_concat.4.weight",), "pmg_v2": ("conv_block1.0.conv.bias", "classifier3.4.weight")}
+
+
+def infer_method(state_dict: Mapping[str, Any]) -> str | None:
+    """The config.method whose state dicts have the keys this one has (METHOD_KEYS), None for no heads (a bare
+    backbone); ConversionError for heads of neither."""
+    names = {canonical_name(k) for k in state_dict}
+    found = [m for m, keys in METHOD_KEYS.items() if all(k in names for k in keys)]
+    if len(found) == 1:
+        return found[0]
+    if found or any(n and n.startswith(("conv_block", "classifier")) for n in names):
+        raise ConversionError(
+            f"heads of neither PMG nor PMG-V2 (PMG has {', '.join(METHOD_KEYS['pmg'])}; PMG-V2 "
+            f"{', '.join(METHOD_KEYS['pmg_v2'])}): pass --method to say which"
+        )
+    return None
+
+
+def infer_architecture(state_dict: Mapping[str, Any], method: str | None = None) -> Architecture:
+    """Backbone, width, block counts, feature size, classes and method (`method` if given, else `infer_method`),
+    read from the tensor names and shapes (each registered backbone's `infer` recognises its own)."""
     shapes = _canonical_shapes(state_dict)
     prefix = f"{model_lib.BACKBONE}."
     inner = {k[len(prefix) :]: v for k, v in shapes.items() if k.startswith(prefix)}
@@ -198,6 +221,7 @@ def infer_architecture(state_dict: Mapping[str, Any]) -> Architecture:
         stage_sizes=tuple(found["stage_sizes"]),
         feature_size=None if block is None else block[0],
         num_classes=infer_num_classes(state_dict),
+        method=methods.get(method).name if method else infer_method(state_dict),
     )
 
 
@@ -322,15 +346,17 @@ def convert_to_run(
     backbone: str | None = None,
     feature_size: int | None = None,
     data_dir: str | None = None,
+    method: str | None = None,
 ) -> Converted:
-    """Convert a PMG file into a run directory that explain.py and evaluation restore like a trained run.
+    """Convert a PMG or PMG-V2 file into a run directory that explain.py and evaluation restore like a trained run.
 
-    The architecture is read from the weights; `backbone`, `feature_size` and
-    `num_classes` are checks against it. The config is the library preset of `dataset` (pmg_jax.config.for_dataset;
-    the defaults without a dataset) with the model fields and class count of the weights.
+    The architecture and the method are read from the weights (`method`, config.method's name, says it instead);
+    `backbone`, `feature_size` and `num_classes` are checks against it. The config is the library preset of
+    `dataset` (pmg_jax.config.for_dataset; the defaults without a dataset) with the method, the model fields and the
+    class count of the weights.
     """
     state_dict = load_state_dict(src)
-    arch = infer_architecture(state_dict)
+    arch = infer_architecture(state_dict, method)
     if arch.num_classes is None:
         raise ConversionError(
             f"{src} holds a bare {arch.backbone} backbone, not a PMG model: use it to initialise "
@@ -345,7 +371,7 @@ def convert_to_run(
             f"the weights' heads have {arch.num_classes} classes but the {dataset} preset has "
             f"{config.dataset.num_classes}: weights for another dataset?"
         )
-    config.dataset.num_classes = arch.num_classes
+    config.dataset.num_classes, config.method = arch.num_classes, arch.method
     if data_dir is not None:
         config.dataset.data_dir = data_dir
     config.model.backbone, config.model.width = arch.backbone, arch.width

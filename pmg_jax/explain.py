@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import jax
 import numpy as np
 
-from pmg_jax import cam, localization, parts, report, viz
+from pmg_jax import cam, localization, methods, parts, report, viz
 from pmg_jax import model as model_lib
 from pmg_jax.data import decode, pipeline, sources
 from pmg_jax.state import Restored, transform_spec
@@ -46,9 +46,10 @@ class Item:
 
 @dataclasses.dataclass
 class Explained:
-    """One image's results: maps by method and map name ((H, W) in [0, 1] at the network input size), each
-    head's probabilities, the grids written (by method), for target 'finer' the classes each head's map
-    contrasts its class with (by head), and the class each head's maps explain (by head; none: its prediction)."""
+    """One image's results: maps by method and map name ((H, W) in [0, 1] at the network input size), the
+    probabilities of each output (the model's heads, then the combined prediction: cam.outputs), the grids written
+    (by method), for target 'finer' the classes each output's map contrasts its class with (by output), and the
+    class each output's maps explain (by output; none: its prediction)."""
 
     item: Item
     maps: dict[str, dict[str, np.ndarray]]
@@ -161,19 +162,23 @@ def _batches(
 
 
 def _titles(
-    result: Explained, maps: dict[str, np.ndarray], class_names: Sequence[str], concat: str = "seed"
+    result: Explained,
+    maps: dict[str, np.ndarray],
+    class_names: Sequence[str],
+    method: methods.Method,
+    concat: str = "seed",
 ) -> dict[str, list[str]]:
     """Grid titles: the image (and its true class), then each map with the class it explains (and its head's
     prediction when that is another class, last); an all-zero map says so (the head saw no positive evidence at
     that map), rather than showing a silent flat panel. With Finer-CAM contrasts, a third line names the classes
-    the map is contrasted with."""
+    the map is contrasted with. The input's title names the model's method (`method`, whose maps these are)."""
     item = result.item
-    first = [os.path.basename(item.origin), "{}x{}".format(*item.size)]
+    first = [f"{os.path.basename(item.origin)} ({method.name})", "{}x{}".format(*item.size)]
     if item.label is not None:
         first[1] += f", true: {class_names[item.label]}"
     titles = {"input": first}
     for name, m in maps.items():
-        head = model_lib.HEADS[cam.HEAD_OF[name]]
+        head = method.eval_names[cam.head_of(method, name)]
         second, *predicted = class_lines(result.probabilities[head], result.explained_class(head), class_names)
         if not np.any(m > 0):
             second = "all zero: no positive evidence"
@@ -194,51 +199,62 @@ def write_grid(
     result: Explained,
     method: str,
     class_names: Sequence[str],
+    model_method: methods.Method,
     *,
     concat: str = "seed",
     save_npy: bool = False,
     caption: Sequence[str] = (),
 ) -> str:
     """Write one image's overlays and titled grid of one method into `folder`; returns the grid's path (also
-    recorded in result.grids). The caption (stored in the grid) defaults to its origin and heads' top classes."""
+    recorded in result.grids) of a `model_method` model. The caption (stored in the grid) defaults to its origin,
+    the model's method and its outputs' top classes."""
     os.makedirs(folder, exist_ok=True)
-    top = {h: result.top(h, 1, class_names)[0] for h in model_lib.HEADS}
-    caption = caption or [result.item.origin, *(f"{h}: {n} {100 * q:.1f}%" for h, (n, q) in top.items())]
+    top = {h: result.top(h, 1, class_names)[0] for h in result.probabilities}
+    caption = caption or [
+        f"{result.item.origin} ({model_method.name})",
+        *(f"{h}: {n} {100 * q:.1f}%" for h, (n, q) in top.items()),
+    ]
     maps = result.maps[method]
-    grid = viz.save_explanation(
-        folder, result.item.tag, result.item.image, maps, _titles(result, maps, class_names, concat), save_npy, caption
-    )
+    titles = _titles(result, maps, class_names, model_method, concat)
+    grid = viz.save_explanation(folder, result.item.tag, result.item.image, maps, titles, save_npy, caption)
     result.grids[method] = os.path.join(folder, grid)
     return result.grids[method]
 
 
-def contrasts(logits: Sequence[np.ndarray], targets: np.ndarray, k: int = cam.FINER_K) -> list[dict[str, tuple]]:
-    """Per image, by head: the classes Finer-CAM contrasts that head's explained class (`targets` (B, 4)) with."""
+def contrasts(
+    names: Sequence[str], logits: Sequence[np.ndarray], targets: np.ndarray, k: int = cam.FINER_K
+) -> list[dict[str, tuple]]:
+    """Per image, by output (`names`): the classes Finer-CAM contrasts that output's explained class (`targets`
+    (B, outputs)) with."""
     similar = {
         h: np.asarray(cam.similar_classes(np.asarray(z), np.asarray(targets[:, i]), k))
-        for i, (h, z) in enumerate(zip(model_lib.HEADS, logits, strict=True))
+        for i, (h, z) in enumerate(zip(names, logits, strict=True))
     }
     return [{h: tuple(int(c) for c in s[b]) for h, s in similar.items()} for b in range(len(targets))]
 
 
 def explained(
-    items: Sequence[Item], slots: Iterable[int], outs: dict[str, cam.Explanation], options: cam.CamOptions
+    items: Sequence[Item],
+    slots: Iterable[int],
+    outs: dict[str, cam.Explanation],
+    options: cam.CamOptions,
+    model_method: methods.Method,
 ) -> list[Explained]:
     """The results of a batch's images (`items`, at `slots` of the batch) from its explanations by method: the maps
-    of options.maps, and from the first method's logits each head's probabilities, the class it explains and,
-    for target 'finer', the classes it is contrasted with."""
-    first = next(iter(outs.values()))
+    of options.maps, and from the first method's logits each output's (model_method.eval_names) probabilities,
+    the class it explains and, for target 'finer', the classes it is contrasted with."""
+    first, names = next(iter(outs.values())), model_method.eval_names
     probabilities = [np.asarray(jax.nn.softmax(z)) for z in first.logits]
     targets = np.asarray(first.targets)
-    contrasted = contrasts(first.logits, targets, options.finer_k) if options.target == "finer" else None
+    contrasted = contrasts(names, first.logits, targets, options.finer_k) if options.target == "finer" else None
     return [
         Explained(
             item,
             {m: {n: np.asarray(out.maps[n][slot]) for n in options.maps} for m, out in outs.items()},
-            {h: p[slot] for h, p in zip(model_lib.HEADS, probabilities, strict=True)},
+            {h: p[slot] for h, p in zip(names, probabilities, strict=True)},
             {},
             contrasted[slot] if contrasted else {},
-            {h: int(t) for h, t in zip(model_lib.HEADS, targets[slot], strict=True)},
+            {h: int(t) for h, t in zip(names, targets[slot], strict=True)},
         )
         for item, slot in zip(items, slots, strict=True)
     ]
@@ -261,12 +277,18 @@ def explain(
     batch is done, and each folder's index.html is rebuilt. With keep=False the results are only written and
     passed to `on_result`, not returned, so that memory holds one batch whatever the number of images.
     options.target is predicted | seed | class (then `class_id`) | finer (each head's prediction against its
-    finer_k nearest classes, see cam.explain)."""
+    finer_k nearest classes, see cam.explain). options.maps must be maps of the run's method (config.method); none
+    means its default maps."""
     if options.target == "class" and (class_id is None or not 0 <= class_id < len(restored.class_names)):
         raise ValueError(f"class target {class_id}: the model has {len(restored.class_names)} classes")
-    config, names, methods = restored.config, restored.class_names, options.methods
+    model_method = methods.get(restored.config.method)
+    options = options.for_method(model_method)
+    config, names, cam_methods = restored.config, restored.class_names, options.methods
     explainers = {m: cam.make_explainer(restored.model, one) for m, one in options.per_method().items()}
-    outs = {m: None if out_dir is None else out_dir if len(methods) == 1 else os.path.join(out_dir, m) for m in methods}
+    outs = {
+        m: None if out_dir is None else out_dir if len(cam_methods) == 1 else os.path.join(out_dir, m)
+        for m in cam_methods
+    }
     size, mean, std = config.data.crop_size, tuple(config.data.mean), tuple(config.data.std)
     # Only a class target takes classes: for 'finer' they would replace each head's prediction.
     classes = np.full(batch_size, class_id, np.int32) if options.target == "class" else None
@@ -279,10 +301,10 @@ def explain(
         per_method = {
             m: jax.device_get(explainer(restored.variables, x, classes)) for m, explainer in explainers.items()
         }
-        for result in explained(batch, range(len(batch)), per_method, options):
+        for result in explained(batch, range(len(batch)), per_method, options, model_method):
             for method, folder in outs.items():
                 if folder is not None:
-                    write_grid(folder, result, method, names, concat=options.concat, save_npy=save_npy)
+                    write_grid(folder, result, method, names, model_method, concat=options.concat, save_npy=save_npy)
             count += 1
             if keep:
                 results.append(result)
@@ -349,6 +371,7 @@ class _Gatherer:
         keep_top: int,
     ):
         self.restored, self.source, self.split, self.layout = restored, source, split, layout
+        self.method = methods.get(restored.config.method)
         self.options, self.maps = options, options.maps
         self.part_names = pipeline.part_names(source)
         self.blocks = tuple(b for b in model_lib.BLOCKS if b in self.maps)
@@ -393,7 +416,7 @@ class _Gatherer:
             index = self.layout.global_position(number, int(slot))
             origin = _origin(self.source[index], config, self.split, index)
             items.append(Item(f"{self.split}_{index:05d}", origin, pictures[slot].copy(), int(batch["label"][slot])))
-        return explained(items, slots, {method: out}, self.options)
+        return explained(items, slots, {method: out}, self.options, self.method)
 
     def part_tables(self, size: tuple[int, int]) -> dict[str, dict] | None:
         """parts.tables by method over every image seen, with its uniform-map baseline and per class."""
@@ -426,7 +449,9 @@ def evaluate(
 ) -> Evaluation:
     """One explain pass over a split through the checkpoint's own eval transform: the localisation metrics
     (pmg_jax.localization.evaluate) where it has boxes, the part tables where it has parts, and the
-    `report_images` images whose blocks disagree most. ValueError when the split has neither boxes nor parts."""
+    `report_images` images whose blocks disagree most. ValueError when the split has neither boxes nor parts;
+    CamOptionsError for options.maps that the run's method (config.method) does not have."""
+    options = options.for_method(methods.get(restored.config.method))
     source = sources.make_source(restored.config, split)
     boxes, part_names = has_boxes(source), pipeline.part_names(source)
     if not boxes and not part_names:
@@ -457,10 +482,10 @@ def write_report(evaluation: Evaluation, restored: Restored, out_dir: str, *, ti
     """report.html of an evaluation in `out_dir` (in <out_dir>/<method>/ for each of several methods), with the
     most disagreeing images' grids in its report_images/ subfolder; returns the reports' paths."""
     located = evaluation.localization
-    methods = list(located["results"] or evaluation.parts or evaluation.disagreeing)
+    cam_methods = list(located["results"] or evaluation.parts or evaluation.disagreeing)
     paths = []
-    for method in methods:
-        folder = out_dir if len(methods) == 1 else os.path.join(out_dir, method)
+    for method in cam_methods:
+        folder = out_dir if len(cam_methods) == 1 else os.path.join(out_dir, method)
         grids = [
             (
                 write_grid(
@@ -468,6 +493,7 @@ def write_report(evaluation: Evaluation, restored: Restored, out_dir: str, *, ti
                     result,
                     method,
                     restored.class_names,
+                    methods.get(restored.config.method),
                     concat=evaluation.options.concat,
                     caption=[result.item.origin, f"disagreement {score:.3f}"],
                 ),

@@ -12,13 +12,14 @@ import re
 
 import numpy as np
 
-from pmg_jax import cam, cam_log, viz
+from pmg_jax import cam, cam_log, methods, viz
 from pmg_jax import checkpoint as ckpt_lib
-from pmg_jax import model as model_lib
 from pmg_jax.errors import PMGError
 
 _EPOCH_FILE = re.compile(r"epoch_(\d+)\.npz$")
 _FIELDS = ("maps", "images", "labels", "probabilities", "indices", "class_names", "map_names")
+# Records written before PMG-V2 name no outputs: they are all PMG's
+_PMG_OUTPUTS = {"output_names": methods.PMG.eval_names, "map_outputs": None}
 
 
 class NoHistory(PMGError, FileNotFoundError):
@@ -36,7 +37,7 @@ def read_history(run: str) -> list[dict[str, np.ndarray]]:
     for path in sorted(paths, key=lambda p: int(_EPOCH_FILE.search(p)[1])):
         try:
             with np.load(path, allow_pickle=False) as f:
-                record = {k: f[k] for k in _FIELDS}
+                record = {k: f[k] for k in _FIELDS} | {k: f.get(k, v) for k, v in _PMG_OUTPUTS.items()}
         except (OSError, ValueError, KeyError) as e:
             raise NoHistory(f"{path}: not a CAM record of pmg_jax ({e})") from e
         record["epoch"] = int(_EPOCH_FILE.search(path)[1])
@@ -65,12 +66,13 @@ def strip(history: list[dict[str, np.ndarray]], image: int) -> np.ndarray:
     names = [str(c) for c in last["class_names"]]
     picture, label = last["images"][image], names[int(last["labels"][image])]
     rows = []
+    outputs = [str(o) for o in last["output_names"]]
     for m, name in enumerate(str(n) for n in last["map_names"]):
-        head = cam.HEAD_OF[name]
+        head = cam.head_of(methods.PMG, name) if last["map_outputs"] is None else int(last["map_outputs"][m])
         tiles = [(picture, [f"test #{int(last['indices'][image])}", f"true: {label}"])]
         for record in history:
             top = int(np.argmax(record["probabilities"][image, head]))
-            title = [f"{viz.map_label(name)}, epoch {record['epoch']}", f"{model_lib.HEADS[head]}: {names[top]}"]
+            title = [f"{viz.map_label(name)}, epoch {record['epoch']}", f"{outputs[head]}: {names[top]}"]
             tiles.append((viz.overlay(record["images"][image], record["maps"][image, m]), title))
         rows.append(viz.grid(tiles, height=cam_log.TILE))
     return cam_log.stack_rows(rows)

@@ -1,9 +1,10 @@
 """Export a trained run as one function of uint8 images, as StableHLO (jax.export) or ONNX, with a model card.
 
 The function takes RGB uint8 images, NHWC, already resized and centre-cropped to the crop size (the caller
-resizes: DIR/model.json says how), with any batch size, and returns the softmax of the sum of the four
-heads' logits ('probabilities') and the four logits ('head1', 'head2', 'head3', 'concat'). Normalisation
-happens inside. DIR/model.json holds the class names, sizes, mean/std, input and outputs and the source.
+resizes: DIR/model.json says how), with any batch size, and returns the softmax of the sum of the heads' logits
+('probabilities': PMG's four heads, PMG-V2's three, as the run's config.method says) and each head's logits
+('head1', 'head2', 'head3', and PMG's 'concat'). Normalisation happens inside. DIR/model.json holds the class
+names, sizes, mean/std, input and outputs, the method and the source.
 The command line is pmg_jax/cli/export.py (`python -m pmg_jax.export`).
 """
 
@@ -22,15 +23,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pmg_jax import kernels
-from pmg_jax import model as model_lib
+from pmg_jax import kernels, methods
 from pmg_jax.data import pipeline
 from pmg_jax.errors import PMGError
 from pmg_jax.state import Restored, transform_spec
 
 FORMATS = {"stablehlo": "model.stablehlo", "onnx": "model.onnx"}
 INPUT_NAME = "images"
-OUTPUT_NAMES = ("probabilities", *model_lib.HEADS)
 # jax.export lowers for these; the exported model holds no platform-specific code, so it runs on any of them
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 
@@ -39,17 +38,24 @@ class ExportError(PMGError, RuntimeError):
     """An export that cannot be done as asked (e.g. a missing converter); the message is one line."""
 
 
+def output_names(restored: Restored) -> tuple[str, ...]:
+    """The exported function's outputs: 'probabilities', then the run's method's heads (config.method)."""
+    return ("probabilities", *methods.get(restored.config.method).heads)
+
+
 def inference_function(restored: Restored) -> Callable[[jax.Array], tuple[jax.Array, ...]]:
-    """uint8 NHWC crops -> (softmax of the summed logits, head1, head2, head3, concat), the weights as constants.
+    """uint8 NHWC crops -> (softmax of the prediction's logits, then each head's: `output_names`), the weights as
+    constants.
 
     Computes in float32 (the parameters' dtype) whatever the run trained in, so that every runtime can run it.
     """
     model, spec = restored.model.clone(dtype=jnp.float32), transform_spec(restored.config)
+    method = methods.get(restored.config.method)
     variables = restored.variables
 
     def infer(images: jax.Array) -> tuple[jax.Array, ...]:
         logits = model.apply(variables, pipeline.normalize_on_device(images, spec), train=False)
-        return (jax.nn.softmax(model_lib.combined_logits(logits), axis=-1), *logits)
+        return (jax.nn.softmax(method.combined(logits), axis=-1), *logits)
 
     return infer
 
@@ -108,9 +114,9 @@ def onnx_model(restored: Restored, path: str | None = None) -> Any:
         return to_onnx(
             _portable(inference_function(restored)),
             [_input_spec(restored)],
-            model_name="pmg",
+            model_name=restored.config.method,
             input_names=[INPUT_NAME],
-            output_names=list(OUTPUT_NAMES),
+            output_names=list(output_names(restored)),
             return_mode="proto" if path is None else "file",
             output_path=path,
         )
@@ -118,7 +124,7 @@ def onnx_model(restored: Restored, path: str | None = None) -> Any:
 
 def model_card(restored: Restored, fmt: str, files: Sequence[str]) -> dict:
     """What a caller needs besides the model file: classes, the preprocessing to do, input and outputs, source."""
-    d, n = restored.config.data, len(restored.class_names)
+    d, n, method = restored.config.data, len(restored.class_names), methods.get(restored.config.method)
     resize, crop = int(d.resize_size), int(d.crop_size)
     return {
         "format": fmt,
@@ -141,13 +147,10 @@ def model_card(restored: Restored, fmt: str, files: Sequence[str]) -> dict:
                 "name": "probabilities",
                 "dtype": "float32",
                 "shape": ["batch", n],
-                "meaning": "softmax of the sum of the four heads' logits (the combined prediction)",
+                "meaning": f"softmax of the sum of the {len(method.prediction)} heads' logits (the prediction)",
             }
         ]
-        + [
-            {"name": h, "dtype": "float32", "shape": ["batch", n], "meaning": f"logits of {h}"}
-            for h in OUTPUT_NAMES[1:]
-        ],
+        + [{"name": h, "dtype": "float32", "shape": ["batch", n], "meaning": f"logits of {h}"} for h in method.heads],
         "preprocessing": {
             "done_by": "the caller: the model takes crops and normalises them itself",
             "steps": [
@@ -167,6 +170,7 @@ def model_card(restored: Restored, fmt: str, files: Sequence[str]) -> dict:
             "step": restored.step,
             "checkpoint": os.path.join(restored.run, "checkpoints", str(restored.step)),
             "backbone": restored.config.model.backbone,
+            "method": method.name,
         },
     }
 

@@ -24,13 +24,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pmg_jax import cam, xla_options
+from pmg_jax import cam, methods, xla_options
 from pmg_jax.data import pipeline
 
 THRESHOLDS = np.arange(100) / 100.0
 CAM_THRESHOLD_INDEX = 20  # THRESHOLDS[20] = 0.2, the CAM paper's fixed threshold
 IOU_V2 = (0.3, 0.5, 0.7)
-LABELS = cam.CamOptions(target="class")  # evaluate's default: the four maps by Grad-CAM, of the true label
+LABELS = cam.CamOptions(target="class")  # evaluate's default: the method's default maps by Grad-CAM, of the true label
 METRICS = ("MaxBoxAcc", "MaxBoxAccV2", "GT-known", "Top-1 Loc", "Top-1 Cls", "Pointing", "Deletion", "Insertion")
 
 
@@ -116,8 +116,11 @@ def deletion_insertion(
     classes: jax.Array,
     head: jax.Array,
     steps: int = 16,
+    *,
+    method: methods.Method,
 ) -> tuple[jax.Array, jax.Array]:
-    """Probability curves (B, steps + 1) of `classes` under `head` as salient pixels are deleted / inserted.
+    """Probability curves (B, steps + 1) of `classes` under output `head` (of method.eval_names, `model`'s
+    method: a head or the combined prediction) as salient pixels are deleted / inserted.
 
     Step i acts on the round(i * H * W / steps) most salient pixels of each map; deleted
     pixels become 0 (the normalisation mean), inserted ones come from `blurred`.
@@ -132,7 +135,7 @@ def deletion_insertion(
         """The class probabilities with the `count` most salient pixels deleted, and inserted."""
         salient = ranks < count
         x = jnp.concatenate([jnp.where(salient, 0.0, images), jnp.where(salient, images, blurred)])
-        logits = jnp.stack(model.apply(variables, x, train=False))[head]
+        logits = jnp.stack(cam.output_logits(method, model.apply(variables, x, train=False)))[head]
         p = jnp.take_along_axis(jax.nn.softmax(logits), jnp.tile(classes, 2)[:, None], axis=-1)[:, 0]
         return p[:b], p[b:]
 
@@ -185,10 +188,12 @@ def evaluate(
     more from the same pass (parts, disagreement); batches without 'box' skip the box metrics, and then
     'centre_pointing' and 'results' are None.
     """
+    model_method = cam.method_of(model)
+    options = options.for_method(model_method)
     explainers = {m: cam.make_explainer(model, one) for m, one in options.per_method().items()}
-    maps, methods = options.maps, options.methods
-    curves = xla_options.jit(functools.partial(deletion_insertion, model, steps=auc_steps))
-    records = {(m, name): {} for m in methods for name in maps}
+    maps, cam_methods = options.maps, options.methods
+    curves = xla_options.jit(functools.partial(deletion_insertion, model, steps=auc_steps, method=model_method))
+    records = {(m, name): {} for m in cam_methods for name in maps}
     centre, count = [], 0
     for batch in batches:
         keep = np.asarray(batch["mask"]) > 0
@@ -203,7 +208,7 @@ def evaluate(
             if on_maps is not None:
                 on_maps(method, out, batch, keep)
             for name in maps if boxes is not None else ():
-                head = cam.HEAD_OF[name]
+                head = cam.head_of(model_method, name)
                 m = np.asarray(out.maps[name])
                 ious = [iou_curves(m[i], boxes[i]) for i in np.flatnonzero(keep)]
                 new = {
@@ -224,7 +229,7 @@ def evaluate(
         raise ValueError("no examples to evaluate")
     if not centre:
         return {"count": count, "centre_pointing": None, "results": None}
-    results = {m: {name: summarize(records[(m, name)]) for name in maps} for m in methods}
+    results = {m: {name: summarize(records[(m, name)]) for name in maps} for m in cam_methods}
     return {"count": count, "centre_pointing": float(np.mean(np.concatenate(centre))), "results": results}
 
 

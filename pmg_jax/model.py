@@ -28,9 +28,8 @@ CONCAT = HEADS.index("concat")
 COMBINED = "combined"  # the prediction PMG is judged by (the paper's number): see combined_logits
 BLOCKS = ("block1", "block2", "block3")  # granularity block k feeds head k and the concat head
 STAGES = ("layer2", "layer3", "layer4")  # the backbone stage maps the blocks read, named as in ResNet
-# The head whose logits explain each map a CAM can show: a block and the stage map under it by its own head;
-# 'concat' is the concat head (or the seed's sum of the block maps, see pmg_jax.cam).
-CAM_HEAD = {**{b: k for k, b in enumerate(BLOCKS)}, **{s: k for k, s in enumerate(STAGES)}, "concat": CONCAT}
+# The maps a CAM can show (pmg_jax.cam says which head explains each): the blocks, 'concat' (the seed's sum of the
+# block maps, or the concat head's gradient through them) and the backbone stage maps the blocks read.
 CAM_MAPS = (*BLOCKS, "concat", *STAGES)
 
 

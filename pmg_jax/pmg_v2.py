@@ -94,7 +94,8 @@ class PMGV2(nn.Module):
         logits, features = [], []
         for k, (stage_name, feat) in enumerate(zip(STAGES, stages[-len(BLOCKS) :]), start=1):
             feat = self._expose(stage_name, feat)
-            features.append(consistency_feature(feat))
+            if consistency:  # training's only: inference (and export: jax2onnx cannot convert flax's avg_pool) skips it
+                features.append(consistency_feature(feat))
             y = block(
                 conv(self.feature_size, 1, 0, name=f"conv_block{k}_0"),
                 conv(2 * self.feature_size, 3, 1, name=f"conv_block{k}_1"),

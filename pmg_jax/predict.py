@@ -2,7 +2,8 @@
 
 Images get the checkpoint's own evaluation transform (resize, centre crop, normalise) and run in fixed-size
 batches (the last one padded) through one jitted function, the batch sharded over every local device.
-"combined" is the softmax of the sum of the four heads' logits (the paper's prediction). Rows go out as CSV,
+"combined" is the softmax of the method's prediction (config.method: the sum of PMG's four heads' logits, or of
+PMG-V2's three), then each head's. Rows go out as CSV,
 JSON lines or a table (RowWriter). The command line is pmg_jax/cli/predict.py (`python -m pmg_jax.predict`).
 """
 
@@ -22,13 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from pmg_jax import methods, parallel, xla_options
 from pmg_jax import model as model_lib
-from pmg_jax import parallel, xla_options
 from pmg_jax.data import decode, pipeline, sources, transforms
 from pmg_jax.errors import PMGError
 from pmg_jax.state import Restored, transform_spec
 
-OUTPUTS = (model_lib.COMBINED, *model_lib.HEADS)  # order of the jitted function's outputs
 FORMATS = (".csv", ".jsonl")  # what RowWriter writes, by --out's extension
 
 
@@ -42,7 +42,12 @@ class Predictor:
 
     restored: Restored
     batch_size: int
-    run_batch: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # images -> (logits, probs), (B, 5, C)
+    run_batch: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # images -> (logits, probs), (B, outputs, C)
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """The names of run_batch's outputs, in order (`outputs`)."""
+        return outputs(self.restored)
 
     @property
     def spec(self) -> pipeline.TransformSpec:
@@ -51,6 +56,11 @@ class Predictor:
     @property
     def class_names(self) -> list[str]:
         return self.restored.class_names
+
+
+def outputs(restored: Restored) -> tuple[str, ...]:
+    """What a run predicts, in order: the combined prediction, then each head of its method (config.method)."""
+    return (model_lib.COMBINED, *methods.get(restored.config.method).heads)
 
 
 def default_batch_size(restored: Restored) -> int:
@@ -63,7 +73,8 @@ def make_predictor(restored: Restored, batch_size: int | None = None) -> Predict
     """Jit the model over a mesh of the local devices: variables replicated, the batch sharded on 'data'.
 
     The function takes uint8 crops (normalised inside, as evaluation does on the device) or normalised
-    float32 crops, and returns the logits and softmax probabilities of OUTPUTS, shape (batch, 5, classes).
+    float32 crops, and returns the logits and softmax probabilities of `outputs(restored)`, shape
+    (batch, outputs, classes).
     """
     batch_size = batch_size or default_batch_size(restored)
     devices = jax.local_devices()
@@ -73,11 +84,11 @@ def make_predictor(restored: Restored, batch_size: int | None = None) -> Predict
         )
     mesh = parallel.make_mesh(devices)
     rep, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-    spec, model = transform_spec(restored.config), restored.model
+    spec, model, method = transform_spec(restored.config), restored.model, methods.get(restored.config.method)
 
     def forward(variables, images):
         logits = model.apply(variables, pipeline.normalize_on_device(images, spec), train=False)
-        stacked = jnp.stack([model_lib.combined_logits(logits), *logits], axis=1)
+        stacked = jnp.stack([method.combined(logits), *logits], axis=1)
         return stacked, jax.nn.softmax(stacked, axis=-1)
 
     jitted = xla_options.jit(forward, platform=devices[0].platform, in_shardings=(rep, data), out_shardings=data)
@@ -125,7 +136,7 @@ def predict_files(
     the previous one runs on the devices.
     """
     spec, n, names = predictor.spec, predictor.batch_size, predictor.class_names
-    wanted = OUTPUTS if heads else OUTPUTS[:1]
+    wanted = predictor.outputs if heads else predictor.outputs[:1]
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
         pending = None
         for start in range(0, len(paths), n):
@@ -134,34 +145,37 @@ def predict_files(
             errors = list(pool.map(_crop, chunk, [spec] * len(chunk), list(images[: len(chunk)])))
             probs = predictor.run_batch(images)[1] if any(e is None for e in errors) else None
             if pending is not None:
-                yield from _rows(*pending, wanted, names, k)
+                yield from _rows(*pending, predictor.outputs, wanted, names, k)
             pending = (chunk, errors, probs)
         if pending is not None:
-            yield from _rows(*pending, wanted, names, k)
+            yield from _rows(*pending, predictor.outputs, wanted, names, k)
 
 
 def _rows(
     chunk: Sequence[str],
     errors: Sequence[str | None],
     probs: jax.Array | None,
+    computed: Sequence[str],
     wanted: Sequence[str],
     names: Sequence[str],
     k: int,
 ) -> Iterator[dict]:
-    """The rows of one batch: its readable images' top classes from `probs`, its unreadable ones' errors."""
+    """The rows of one batch: its readable images' top classes of the `wanted` outputs from `probs` (of the
+    `computed` ones), its unreadable ones' errors."""
     probs = None if probs is None else np.asarray(jax.device_get(probs))
     for i, (path, error) in enumerate(zip(chunk, errors)):
         if error is not None:
             yield {"path": path, "error": error}
         else:
-            yield {"path": path, **{o: top_rows(probs[i, OUTPUTS.index(o)], names, k) for o in wanted}}
+            yield {"path": path, **{o: top_rows(probs[i, computed.index(o)], names, k) for o in wanted}}
 
 
 @dataclasses.dataclass
 class SplitResult:
     """Counts over a split: hits per output and class, the combined confusion matrix, unreadable images."""
 
-    hits: np.ndarray  # (5, classes): correct predictions of OUTPUTS per true class
+    outputs: tuple[str, ...]  # the names of the outputs counted (predict.outputs)
+    hits: np.ndarray  # (outputs, classes): correct predictions of each output per true class
     counts: np.ndarray  # (classes,): readable examples per true class
     confusion: np.ndarray  # (classes, classes): [true, predicted] of combined
     unreadable: int
@@ -169,7 +183,7 @@ class SplitResult:
     def accuracy(self) -> dict[str, float]:
         """Top-1 % of every output over the readable examples (the keys of steps.evaluate)."""
         total = max(int(self.counts.sum()), 1)
-        result = {o: 100.0 * float(self.hits[i].sum()) / total for i, o in enumerate(OUTPUTS)}
+        result = {o: 100.0 * float(self.hits[i].sum()) / total for i, o in enumerate(self.outputs)}
         return {**result, "count": int(self.counts.sum())}
 
 
@@ -188,9 +202,9 @@ def predict_split(
     (its name, label and top-k; or an error for an unreadable one), in order.
     """
     source = sources.make_source(predictor.restored.config, split)
-    names, c = predictor.class_names, len(predictor.class_names)
-    hits, counts, confusion = np.zeros((len(OUTPUTS), c), np.int64), np.zeros(c, np.int64), np.zeros((c, c), np.int64)
-    wanted = OUTPUTS if heads else OUTPUTS[:1]
+    names, c, computed = predictor.class_names, len(predictor.class_names), predictor.outputs
+    hits, counts, confusion = np.zeros((len(computed), c), np.int64), np.zeros(c, np.int64), np.zeros((c, c), np.int64)
+    wanted = computed if heads else computed[:1]
     unreadable = 0
     _, batches = pipeline.eval_batches(
         source, predictor.spec, pipeline.Layout(predictor.batch_size), workers=predictor.restored.config.data.workers
@@ -215,31 +229,31 @@ def predict_split(
                     row = {
                         "path": name,
                         "label": names[label],
-                        **{o: top_rows(probs[i, OUTPUTS.index(o)], names, k) for o in wanted},
+                        **{o: top_rows(probs[i, computed.index(o)], names, k) for o in wanted},
                     }
                 if on_row is not None:
                     on_row(row)
             position += predictor.batch_size
             if progress is not None:
                 progress(real)
-    return SplitResult(hits, counts, confusion, unreadable)
+    return SplitResult(computed, hits, counts, confusion, unreadable)
 
 
 def format_accuracy(result: SplitResult, class_names: Sequence[str], title: str) -> str:
     """The overall table (every output) and the per-class table (readable images, accuracy of every output)."""
-    acc = result.accuracy()
+    acc, outs = result.accuracy(), result.outputs
     lines = [
         f"{title}: {acc['count']} images (top-1 %)"
         + (f", {result.unreadable} unreadable" if result.unreadable else ""),
-        *(f"  {line}" for line in model_lib.accuracy_table({o: acc[o] for o in OUTPUTS})),
+        *(f"  {line}" for line in model_lib.accuracy_table({o: acc[o] for o in outs})),
         "",
         "per class (top-1 %)",
     ]
     width = max([len("class"), *map(len, class_names)])
-    lines.append(f"  {'class':<{width}} | {'images':>6} | " + " | ".join(f"{o:>8}" for o in OUTPUTS))
+    lines.append(f"  {'class':<{width}} | {'images':>6} | " + " | ".join(f"{o:>8}" for o in outs))
     for j, name in enumerate(class_names):
         n = result.counts[j]
-        vals = " | ".join(f"{100.0 * result.hits[i, j] / n:8.2f}" if n else f"{'-':>8}" for i in range(len(OUTPUTS)))
+        vals = " | ".join(f"{100.0 * result.hits[i, j] / n:8.2f}" if n else f"{'-':>8}" for i in range(len(outs)))
         lines.append(f"  {name:<{width}} | {n:>6} | {vals}")
     return "\n".join(lines)
 

@@ -3,7 +3,7 @@
 The reader is chosen by the file's first bytes, never by its name. A pickle (inside a PyTorch file) is first
 scanned with pickletools, which executes nothing: every global it names must be on an exact allow-list
 (`ALLOWED_GLOBALS`: tensor rebuilders, storage types, two containers and the module classes of a pickled
-PMG) and it may use only the opcodes of torch's weights-only unpickler. Then it is unpickled without any
+PMG or PMG-V2) and it may use only the opcodes of torch's weights-only unpickler. Then it is unpickled without any
 import: the zip format by `torch.load(weights_only=True)`, the legacy (pre-1.6) format by `_LegacyUnpickler`,
 which looks every global up in the same table (torch's weights-only unpickler refuses the class references
 of a legacy whole pickled model). The classes of a whole pickled model become inert stand-ins that keep
@@ -32,13 +32,18 @@ ZIP_MAGIC = b"PK\x03\x04"
 # Keys under which training scripts commonly nest the weights in a saved dict.
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net")
 # The classes of a whole pickled model that come back as stand-ins: the reference PMG's (its model.py and
-# Resnet.py), torchvision's ResNet, and the torch.nn layers they are built from.
+# Resnet.py), the official PMG-V2's (its model.py and Resnet_CCBC.py), torchvision's ResNet, and the torch.nn
+# layers they are built from.
 MODULE_CLASSES = (
     "model.PMG",
+    "model.PMG_V2",
     "model.BasicConv",
     "Resnet.ResNet",
     "Resnet.Bottleneck",
     "Resnet.BasicBlock",
+    "Resnet_CCBC.ResNet",
+    "Resnet_CCBC.Bottleneck",
+    "Resnet_CCBC.BasicBlock",
     "torchvision.models.resnet.ResNet",
     "torchvision.models.resnet.Bottleneck",
     "torchvision.models.resnet.BasicBlock",
@@ -53,6 +58,7 @@ MODULE_CLASSES = (
     "torch.nn.modules.pooling.MaxPool2d",
     "torch.nn.modules.pooling.AdaptiveMaxPool2d",
     "torch.nn.modules.pooling.AdaptiveAvgPool2d",
+    "torch.nn.modules.pooling.AvgPool2d",
     "torch.nn.modules.dropout.Dropout",
 )
 # torch.save's storage classes (one per dtype) by the dtype name they hold.
@@ -222,8 +228,8 @@ def check_pickle(stream: IO[bytes], path: str) -> None:
     for name in found:
         if name not in ALLOWED_GLOBALS:
             raise WeightFileError(
-                f"{path}: refuses to load: it calls {name}, which no model file needs "
-                "(only tensors, plain containers and the layers of a pickled PMG are read; see docs/convert.md)"
+                f"{path}: refuses to load: it calls {name}, which no model file needs (only tensors, plain "
+                "containers and the layers of a pickled PMG or PMG-V2 are read; see docs/convert.md)"
             )
     if extra := sorted(opcodes - ALLOWED_OPCODES):
         raise WeightFileError(

@@ -16,10 +16,12 @@ import torch.nn.functional as F
 from truth import assert_near_truth
 
 from bench.parity import as_float64, flax_variables, nhwc, torch_pmg
-from pmg_jax import cam
+from pmg_jax import cam, methods
 from pmg_jax.data import synthetic
 from pmg_jax.errors import PMGError
 from pmg_jax.model import PMG
+
+PMG_MAPS = methods.PMG.cam_maps  # every map of a PMG
 
 GRADIENT_METHODS = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam")
 ACT_FLOOR, GRAD_FLOOR, MAP_TOL = 1e-5, 1e-5, 1e-4
@@ -31,7 +33,7 @@ TINY_SIZE = 64
 
 
 def torch_modules(model) -> dict:
-    """The torch modules whose outputs are the maps of cam.MAP_NAMES (concat aside)."""
+    """The torch modules whose outputs are the maps of PMG_MAPS (concat aside)."""
     return {
         **{f"block{k}": getattr(model, f"conv_block{k}") for k in (1, 2, 3)},
         **{f"layer{k}": getattr(model.features, f"layer{k}") for k in (2, 3, 4)},
@@ -88,20 +90,20 @@ def torch_finish(raw: torch.Tensor, size: int) -> torch.Tensor:
 
 def torch_maps(model, x, maps, method, target="predicted", classes=None, concat="seed") -> dict[str, np.ndarray]:
     """The maps explain() should produce, computed in PyTorch."""
-    acts, grads = torch_capture(model, x, cam.requests_for(maps, concat), target, classes)
+    acts, grads = torch_capture(model, x, cam.requests_for(methods.PMG, maps, concat), target, classes)
     size = x.shape[-1]
     raw = {req: torch_raw(method, acts[req[0]], g) for req, g in grads.items()}
     out = {}
     for name in maps:
         if name == "concat":
-            parts = [raw[(b, 3 if concat == "head" else cam.HEAD_OF[b])] for b in cam.BLOCKS]
+            parts = [raw[(b, 3 if concat == "head" else cam.head_of(methods.PMG, b))] for b in cam.BLOCKS]
             up = sum(
                 F.interpolate(p[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0] for p in parts
             )
             m = F.relu(up)
             out[name] = m / torch.where(m.amax((1, 2), keepdim=True) > 0, m.amax((1, 2), keepdim=True), 1.0)
         else:
-            out[name] = torch_finish(raw[(name, cam.HEAD_OF[name])], size)
+            out[name] = torch_finish(raw[(name, cam.head_of(methods.PMG, name))], size)
     return {k: v.detach().numpy() for k, v in out.items()}
 
 
@@ -143,7 +145,7 @@ def test_resnet50_gradients_and_maps_match_pytorch():
     model_j = PMG(num_classes=200)
     variables = flax_variables(model_t, model_j, 224)
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
-    requests = cam.requests_for(cam.BLOCKS)
+    requests = cam.requests_for(methods.PMG, cam.BLOCKS)
 
     (acts_32, grads_32), (acts_64, grads_64) = in_float32_and_float64(torch_capture, model_t, x, requests)
     captured = jax.jit(lambda v, x: cam.capture(model_j, v, x, requests))(variables, nhwc(x))
@@ -180,9 +182,9 @@ def test_resnet50_gradients_and_maps_match_pytorch():
 def test_every_map_matches_pytorch(tiny_pair, method):
     """Blocks, backbone stages and the seed concat, each explained by its own head only."""
     model_t, model_j, variables, x = tiny_pair
-    torch32, truth = in_float32_and_float64(torch_maps, model_t, x, cam.MAP_NAMES, method)
-    got = cam.make_explainer(model_j, cam.CamOptions(cam.MAP_NAMES, method))(variables, nhwc(x))
-    for name in cam.MAP_NAMES:
+    torch32, truth = in_float32_and_float64(torch_maps, model_t, x, PMG_MAPS, method)
+    got = cam.make_explainer(model_j, cam.CamOptions(PMG_MAPS, method))(variables, nhwc(x))
+    for name in PMG_MAPS:
         assert got.maps[name].shape == (3, TINY_SIZE, TINY_SIZE)
     assert_near_truth(dict(got.maps), torch32, truth, floor=MAP_TOL, what=f"{method} maps")
 
@@ -191,13 +193,11 @@ def test_every_map_matches_pytorch(tiny_pair, method):
 def test_targets_and_concat_head_match_pytorch(tiny_pair, target, concat):
     model_t, model_j, variables, x = tiny_pair
     classes = np.array([4, 0, 2], np.int32)
-    torch32, truth = in_float32_and_float64(torch_maps, model_t, x, cam.MAP_NAMES, "gradcam", target, classes, concat)
-    got = cam.make_explainer(model_j, cam.CamOptions(cam.MAP_NAMES, "gradcam", target, concat))(
-        variables, nhwc(x), classes
-    )
+    torch32, truth = in_float32_and_float64(torch_maps, model_t, x, PMG_MAPS, "gradcam", target, classes, concat)
+    got = cam.make_explainer(model_j, cam.CamOptions(PMG_MAPS, "gradcam", target, concat))(variables, nhwc(x), classes)
     assert_near_truth(dict(got.maps), torch32, truth, floor=MAP_TOL, what=f"{target} {concat} maps")
     if target == "class":
-        np.testing.assert_array_equal(got.targets, np.repeat(classes[:, None], 4, axis=1))
+        np.testing.assert_array_equal(got.targets, np.repeat(classes[:, None], 5, axis=1))  # 4 heads, their sum
 
 
 def test_seed_target_and_concat_reproduce_the_seed(tiny_pair):
@@ -232,11 +232,11 @@ def seed_maps(model_t, image: torch.Tensor) -> dict[str, np.ndarray]:
 
 def test_any_batch_size_gives_per_image_maps(tiny_pair):
     _, model_j, variables, x = tiny_pair
-    explainer = cam.make_explainer(model_j, cam.CamOptions(cam.MAP_NAMES))
+    explainer = cam.make_explainer(model_j, cam.CamOptions(PMG_MAPS))
     batch = explainer(variables, nhwc(x))
     for i in range(3):
         single = explainer(variables, nhwc(x[i : i + 1]))
-        for name in cam.MAP_NAMES:
+        for name in PMG_MAPS:
             np.testing.assert_allclose(single.maps[name][0], batch.maps[name][i], atol=1e-5, err_msg=name)
 
 
@@ -247,7 +247,7 @@ def test_a_dead_block_gives_zero_maps_not_nan(tiny_pair):
     bn = dead["params"]["conv_block3_1"]["bn"]
     bn["bias"] = jnp.full_like(bn["bias"], -1e4)
     for method in cam.METHODS:
-        out = cam.make_explainer(model_j, cam.CamOptions(cam.MAP_NAMES, method))(dead, nhwc(x))
+        out = cam.make_explainer(model_j, cam.CamOptions(PMG_MAPS, method))(dead, nhwc(x))
         for name, m in out.maps.items():
             assert np.all(np.isfinite(m)) and m.min() >= 0 and m.max() <= 1, (method, name)
         assert np.all(out.maps["block3"] == 0), method
@@ -271,7 +271,7 @@ def test_eigencam_is_the_first_principal_component(tiny_pair):
 def test_bfloat16_model_gives_valid_maps(tiny_pair):
     _, _, variables, x = tiny_pair
     model = PMG(**TINY, dtype=jnp.bfloat16)
-    out = cam.make_explainer(model, cam.CamOptions(cam.MAP_NAMES))(variables, nhwc(x))
+    out = cam.make_explainer(model, cam.CamOptions(PMG_MAPS))(variables, nhwc(x))
     for name, m in out.maps.items():
         assert m.dtype == jnp.float32 and np.all(np.isfinite(m)) and m.min() >= 0 and m.max() <= 1, name
 

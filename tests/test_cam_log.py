@@ -11,7 +11,7 @@ from conftest import tiny_demo_config
 from PIL import Image
 from tensorboardX.proto import event_pb2
 
-from pmg_jax import cam, cam_log, loop, validate
+from pmg_jax import cam, cam_log, loop, methods, validate
 from pmg_jax import state as state_lib
 from pmg_jax.cli import explain_history as explain_history_cli
 from pmg_jax.data import decode, sources
@@ -70,16 +70,17 @@ def test_every_evaluation_logs_each_map_to_tensorboard_and_cams_with_one_explain
     loop.train_and_evaluate(config, workdir)
 
     assert len(explainer_calls) == 1  # built once, reused by both evaluations
+    maps = cam.default_maps(methods.PMG)  # the run's method's: each block's map and the concat map
     images = tensorboard_images(workdir)
     steps = [r["step"] for r in epoch_records(workdir)]
-    assert sorted(images) == [f"cams/{m}" for m in sorted(cam_log.MAPS)]
+    assert sorted(images) == [f"cams/{m}" for m in sorted(maps)]
     for tag, logged in images.items():
         assert [s for s, _ in logged] == steps, tag  # one image per map per evaluation, at its step
         assert all(shape == (cam_log.TILE, 2 * cam_log.TILE) for _, shape in logged), tag  # 2 images side by side
     pngs = sorted(os.listdir(os.path.join(workdir, "cams")))
     assert pngs == [f"epoch_{e:04d}.{x}" for e in range(1, EPOCHS + 1) for x in ("npz", "png")]
     grid = Image.open(os.path.join(workdir, "cams", "epoch_0002.png"))
-    assert grid.width > (1 + len(cam_log.MAPS)) * cam_log.TILE and grid.height > 2 * cam_log.TILE
+    assert grid.width > (1 + len(maps)) * cam_log.TILE and grid.height > 2 * cam_log.TILE
     assert all(r["cams_seconds"] > 0 and r["eval_seconds"] > 0 for r in epoch_records(workdir))
 
     # The last record's maps are those of the final weights on the same test images, explained afresh.
@@ -90,8 +91,8 @@ def test_every_evaluation_logs_each_map_to_tensorboard_and_cams_with_one_explain
     test = sources.make_source(restored.config, "test")
     size, mean, std = config.data.crop_size, config.data.mean, config.data.std
     x = np.stack([cam.prepare(decode.load_example(test[i])["image"], size, mean, std) for i in indices])
-    fresh = cam.make_explainer(restored.model, cam.CamOptions(cam_log.MAPS))(restored.variables, x)
-    expected = np.stack([np.asarray(fresh.maps[m]) for m in cam_log.MAPS], axis=1)
+    fresh = cam.make_explainer(restored.model, cam.CamOptions(maps))(restored.variables, x)
+    expected = np.stack([np.asarray(fresh.maps[m]) for m in maps], axis=1)
     np.testing.assert_allclose(logged_maps, expected, atol=1e-5)
 
     # One image's strip over the epochs: a row per map, the image then one tile per evaluation.
@@ -99,7 +100,7 @@ def test_every_evaluation_logs_each_map_to_tensorboard_and_cams_with_one_explain
     explain_history_cli.main(["--run", workdir, "--image", "1", "--out", out])
     strip = Image.open(out)
     assert (1 + EPOCHS) * cam_log.TILE < strip.width < (2 + EPOCHS) * cam_log.TILE
-    assert len(cam_log.MAPS) * cam_log.TILE < strip.height < (len(cam_log.MAPS) + 1) * (cam_log.TILE + 60)
+    assert len(maps) * cam_log.TILE < strip.height < (len(maps) + 1) * (cam_log.TILE + 60)
     with pytest.raises(SystemExit, match="--image 2: the run logged 2 images"):
         explain_history_cli.main(["--run", workdir, "--image", "2"])
 

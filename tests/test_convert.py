@@ -28,7 +28,7 @@ torch.set_num_threads(2)
 
 # Tiny PMG (ResNet50-style, width 8, one block per stage) for everything but the two 224 comparisons.
 TINY = dict(backbone="resnet50", width=8, stage_sizes=(1, 1, 1, 1), feature_size=16, num_classes=5)
-TINY_ARCH = convert.Architecture("resnet50", 8, (1, 1, 1, 1), 16, 5)
+TINY_ARCH = convert.Architecture("resnet50", 8, (1, 1, 1, 1), 16, 5, "pmg")
 
 # Stand-ins for the reference code's files, so that torch.save pickles `model.PMG`, `Resnet.ResNet`, ...
 REFERENCE_SOURCES = {

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
-from pmg_jax import cam, viz
+from pmg_jax import cam, methods, viz
 from pmg_jax import explain as explain_lib
 from pmg_jax.cli import explain
 from pmg_jax.data import synthetic
@@ -237,11 +237,11 @@ def explained(probabilities: list[float], targets: dict[str, int] | None = None)
 def test_each_panel_is_titled_with_the_class_it_explains_and_the_prediction_when_another():
     names = ["ant", "bee", "cat", "dog", "eel", "fox"]
     asked = explained([0.05, 0.1, 0.6, 0.1, 0.05, 0.1], dict.fromkeys(("head1", "head2", "head3", "concat"), 5))
-    titles = explain_lib._titles(asked, asked.maps["gradcam"], names)
+    titles = explain_lib._titles(asked, asked.maps["gradcam"], names, methods.PMG)
     for name in ("block1", "block2", "block3", "concat"):
         assert titles[name][1:] == ["fox 10%", "predicted: cat 60%"], titles[name]
     plain = explained([0.05, 0.1, 0.6, 0.1, 0.05, 0.1])  # no target asked: the prediction, once
-    assert explain_lib._titles(plain, plain.maps["gradcam"], names)["block2"][1:] == ["cat 60%"]
+    assert explain_lib._titles(plain, plain.maps["gradcam"], names, methods.PMG)["block2"][1:] == ["cat 60%"]
 
 
 def test_a_class_target_reaches_the_titles_through_explain(tmp_path):
@@ -262,7 +262,7 @@ def test_a_class_target_reaches_the_titles_through_explain(tmp_path):
     results = explain_lib.explain(restored, items, options=options, class_id=5, batch_size=2, out_dir=str(tmp_path))
     names, other = restored.class_names, 0
     for result in results:
-        titles = explain_lib._titles(result, result.maps["gradcam"], names)
+        titles = explain_lib._titles(result, result.maps["gradcam"], names, methods.PMG)
         for name, head in (("block1", "head1"), ("block2", "head2"), ("block3", "head3"), ("concat", "concat")):
             predicted = int(np.argmax(result.probabilities[head]))
             assert titles[name][1].startswith(f"{names[5]} "), titles[name]

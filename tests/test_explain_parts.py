@@ -11,7 +11,7 @@ from test_report import Page
 from test_sources import CLASSES, write_cub, write_lines
 
 from bench.parity import torch_pmg
-from pmg_jax import cam, parts, state
+from pmg_jax import cam, methods, parts, state
 from pmg_jax import explain as explain_lib
 from pmg_jax.cli import convert as convert_cli
 from pmg_jax.cli import explain
@@ -183,7 +183,7 @@ def test_finer_maps_contrast_each_heads_prediction(demo_run, tmp_path):
         for name in cam.BLOCKS:
             differ += float(np.abs(f.maps["gradcam"][name] - p.maps["gradcam"][name]).max()) > 0.1
         assert os.path.isfile(f.grids["gradcam"])
-        titles = explain_lib._titles(f, f.maps["gradcam"], names)
+        titles = explain_lib._titles(f, f.maps["gradcam"], names, methods.PMG)
         assert titles["block2"][2] == "vs " + ", ".join(names[c] for c in f.contrasts["head2"])
     print(f"{differ} of 12 maps differ by more than 0.1 somewhere")
     assert differ >= 4, differ  # of 4 images x 3 blocks

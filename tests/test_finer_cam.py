@@ -17,7 +17,7 @@ from torchvision_stand_in import import_beside_cpu_torch
 from truth import assert_near_truth
 
 from bench.parity import as_float64, flax_variables, nhwc, torch_pmg
-from pmg_jax import cam, localization
+from pmg_jax import cam, localization, methods
 from pmg_jax.data import pipeline, synthetic
 from pmg_jax.model import PMG
 
@@ -39,7 +39,9 @@ def finer_cam_maps(model_t, x, names, k, alpha, target_idx=None) -> dict[str, np
     modules = torch_modules(model_t)
     out = {}
     for name in names:
-        with gc.FinerCAM(HeadLogits(model_t, cam.HEAD_OF[name]), [modules[name]], base_method=gc.GradCAM) as finer:
+        with gc.FinerCAM(
+            HeadLogits(model_t, cam.head_of(methods.PMG, name)), [modules[name]], base_method=gc.GradCAM
+        ) as finer:
             out[name] = finer(x, alpha=alpha, comparison_categories=list(range(1, k + 1)), target_idx=target_idx)
     return out
 
@@ -92,7 +94,7 @@ def tiny_pair():
     return model_t, model_j, flax_variables(model_t, model_j, TINY_SIZE), x
 
 
-SINGLE_HEAD_MAPS = tuple(n for n in cam.MAP_NAMES if n != "concat")
+SINGLE_HEAD_MAPS = tuple(n for n in methods.PMG.cam_maps if n != "concat")
 
 
 @pytest.mark.parametrize("k,alpha,target_idx", [(2, 0.5, None), (3, 1.0, 3)])
@@ -105,7 +107,7 @@ def test_k_alpha_and_a_given_class_match_pytorch_grad_cam_at_every_map(tiny_pair
     explainer = cam.make_explainer(model_j, options)
     out = explainer(variables, nhwc(x), classes)
     assert_near_truth({n: min_max(out.maps[n]) for n in want}, torch32, want, floor=MAP_TOL, what="Finer-CAM maps")
-    main = np.stack([np.argmax(z, -1) for z in out.logits], -1) if classes is None else np.full((3, 4), target_idx)
+    main = np.stack([np.argmax(z, -1) for z in out.logits], -1) if classes is None else np.full((3, 5), target_idx)
     np.testing.assert_array_equal(out.targets, main)
 
 

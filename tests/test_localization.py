@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pmg_jax import cam
+from pmg_jax import cam, methods
 from pmg_jax import checkpoint as ckpt_lib
 from pmg_jax import localization as loc
 from pmg_jax import state as state_lib
@@ -85,7 +85,15 @@ def test_deletion_and_insertion_reward_the_right_pixels():
     wrong = 1.0 - right
     curves = {
         name: loc.deletion_insertion(
-            RegionScorer(), {"params": {}, "batch_stats": {}}, images, blurred, m, jnp.zeros(2, jnp.int32), 0, steps=8
+            RegionScorer(),
+            {"params": {}, "batch_stats": {}},
+            images,
+            blurred,
+            m,
+            jnp.zeros(2, jnp.int32),
+            0,
+            steps=8,
+            method=methods.PMG,
         )
         for name, m in [("right", right), ("wrong", wrong)]
     }

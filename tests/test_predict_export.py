@@ -87,7 +87,7 @@ def test_predict_a_folder_writes_a_row_per_file_and_reports_the_corrupt_one(run,
     assert grey["combined_top1"] and not grey["error"]
     restored = state_lib.restore(run[0])
     want = reference_outputs(restored, crop(restored, colour)[None])
-    for i, name in enumerate(predict.OUTPUTS):
+    for i, name in enumerate(predict.outputs(restored)):
         probs = want[0][0] if name == "combined" else np.exp(want[i][0]) / np.exp(want[i][0]).sum()
         order = np.argsort(-probs)[:3]
         assert [bird[f"{name}_top{r}"] for r in (1, 2, 3)] == [restored.class_names[j] for j in order]
@@ -97,7 +97,7 @@ def test_predict_a_folder_writes_a_row_per_file_and_reports_the_corrupt_one(run,
     assert predict_cli.main([*args, "--out", str(jsonl)]) == 0
     lines = [json.loads(line) for line in open(jsonl)]
     assert [os.path.basename(r["path"]) for r in lines] == ["bird.png", "broken.jpg", "grey.jpg"]
-    assert "error" in lines[1] and set(lines[2]) == {"path", *predict.OUTPUTS}
+    assert "error" in lines[1] and set(lines[2]) == {"path", *predict.outputs(restored)}
     assert [e["class"] for e in lines[0]["combined"]] == [bird[f"combined_top{r}"] for r in (1, 2, 3)]
 
 
@@ -127,7 +127,7 @@ def test_split_accuracy_equals_evaluation(run, tmp_path, capsys):
     )
     restored = state_lib.restore(workdir)
     result = predict.predict_split(predict.make_predictor(restored, 8), "test")
-    assert result.accuracy() == {k: evaluated[k] for k in (*predict.OUTPUTS, "count")}
+    assert result.accuracy() == {k: evaluated[k] for k in (*predict.outputs(restored), "count")}
     assert result.confusion.sum() == config.dataset.demo_test_size
 
     out = tmp_path / "split" / "preds.jsonl"
@@ -181,7 +181,7 @@ def test_stablehlo_export_runs_without_pmg_jax(batch, run, tmp_path):
     card = json.load(open(out / "model.json"))
     assert card["class_names"] == restored.class_names and card["files"] == ["model.stablehlo"]
     assert (card["crop_size"], card["resize_size"], card["input"]["dtype"]) == (32, 40, "uint8")
-    assert [o["name"] for o in card["outputs"]] == list(export.OUTPUT_NAMES)
+    assert [o["name"] for o in card["outputs"]] == list(export.output_names(restored))
     assert "caller" in card["preprocessing"]["done_by"]
     for n in (3, 1):  # any batch size
         np.save(tmp_path / "x.npy", crops[:n])
@@ -218,7 +218,7 @@ def test_onnx_export_matches_jax_under_onnxruntime(batch, run, tmp_path):
     card = json.load(open(out / "model.json"))
     session = onnxruntime.InferenceSession(str(out / card["files"][0]), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == [card["input"]["name"]]
-    assert [o.name for o in session.get_outputs()] == list(export.OUTPUT_NAMES)
+    assert [o.name for o in session.get_outputs()] == list(export.output_names(restored))
     for n in (3, 1):
         got = session.run(None, {"images": crops[:n]})
         assert export.max_relative_difference(got[1:], [w[:n] for w in want[1:]]) <= 1e-4

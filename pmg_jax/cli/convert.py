@@ -1,9 +1,10 @@
-"""Convert one PyTorch/safetensors/npz PMG file into a run directory that explain, predict and export restore.
+"""Convert one PyTorch/safetensors/npz PMG or PMG-V2 file into a run directory that explain, predict and export restore.
 
   python -m pmg_jax.convert model.pth --out runs/pmg_cub --dataset cub
 
-The architecture (backbone, width, feature size, classes) is read from the weights; --backbone, --feature-size and
---num-classes are checks against it. Files are read by content and never run code (docs/convert.md).
+The architecture (method, backbone, width, feature size, classes) is read from the weights (the method from its
+keys: PMG-V2's blocks have conv biases and it has no concat head); --method says it instead; --backbone,
+--feature-size and --num-classes are checks against it. Files are read by content and never run code (docs/convert.md).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import argparse
 from collections.abc import Sequence
 
 from pmg_jax import config as config_lib
-from pmg_jax import convert
+from pmg_jax import convert, methods
 from pmg_jax.cli import common
 from pmg_jax.errors import check_writable
 
@@ -34,6 +35,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--num-classes", type=int, help="expected classes (default: read from the heads)")
     p.add_argument("--backbone", help="expected backbone, e.g. resnet50 (default: read from the weights)")
     p.add_argument("--feature-size", type=int, help="expected block feature size (default: from the weights)")
+    p.add_argument("--method", choices=tuple(methods.METHODS), help="the weights' method (default: from their keys)")
     return p.parse_args(argv)
 
 
@@ -50,10 +52,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             backbone=args.backbone,
             feature_size=args.feature_size,
             data_dir=args.data_dir,
+            method=args.method,
         )
     a = done.architecture
     print(
-        f"converted {args.src}: PMG {a.backbone} (width {a.width}, feature size {a.feature_size}, "
+        f"converted {args.src}: {a.method} {a.backbone} (width {a.width}, feature size {a.feature_size}, "
         f"{a.num_classes} classes) -> {done.checkpoint_dir}"
     )
     print(f"class names: {done.class_names_origin}")

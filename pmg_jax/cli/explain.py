@@ -15,26 +15,27 @@ measures localisation on a split with boxes and part attribution on one with par
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 
 from tqdm import tqdm
 
-from pmg_jax import cam, explain, localization, parts
+from pmg_jax import cam, explain, localization, methods, parts
 from pmg_jax import model as model_lib
 from pmg_jax.cli import common
 from pmg_jax.data import sources
 from pmg_jax.errors import check_writable
 
 PROG = "explain.py"
-# --block values: blocks by number, the concat map, every block map, or a backbone stage by name
+# --block values: blocks by number, PMG's concat map, the combined prediction's map (PMG-V2), the run's method's
+# default maps (all: the blocks and its summed map; `cam.default_maps`), or a backbone stage by name
 BLOCK_CHOICES = {
-    "1": ("block1",),
-    "2": ("block2",),
-    "3": ("block3",),
+    **{str(k): (b,) for k, b in enumerate(model_lib.BLOCKS, start=1)},
     "concat": ("concat",),
-    "all": (*model_lib.BLOCKS, "concat"),
+    "combined": (model_lib.COMBINED,),
+    "all": (),
     **{s: (s,) for s in model_lib.STAGES},
 }
 
@@ -54,7 +55,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--block",
         action="append",
         choices=tuple(BLOCK_CHOICES),
-        help="map(s) to compute, repeatable (default: all = blocks 1-3 and concat)",
+        help="map(s) to compute, repeatable (default: all = blocks 1-3 and the run's summed map: concat for "
+        "PMG, combined for PMG-V2); concat is PMG's, combined PMG-V2's",
     )
     p.add_argument(
         "--method",
@@ -137,13 +139,14 @@ OPTION_FLAGS = {
 
 def cam_options(p: argparse.ArgumentParser, args: argparse.Namespace) -> cam.CamOptions:
     """The CAM options of the flags (Finer-CAM's only with --target finer), refused as a usage error naming the
-    flag when they cannot work."""
+    flag when they cannot work. Its maps are those --block names but `all` (None for --block all alone or none:
+    `maps_for` adds the run's method's defaults and checks the maps against its method once it is restored)."""
     given = {f: getattr(args, f) for f in ("finer_k", "finer_alpha") if getattr(args, f) is not None}
     if given and args.target != "finer":
         p.error(f"{OPTION_FLAGS[next(iter(given))]} needs --target finer")
     try:
         return cam.CamOptions(
-            maps=tuple(n for n in cam.MAP_NAMES if any(n in BLOCK_CHOICES[b] for b in (args.block or ["all"]))),
+            maps=tuple(n for n in cam.MAP_NAMES if any(n in BLOCK_CHOICES[b] for b in args.block or ())) or None,
             methods=tuple(args.method or ["gradcam"]),
             target="class" if args.target == "label" or args.target.isdigit() else args.target,
             concat=args.concat,
@@ -153,11 +156,24 @@ def cam_options(p: argparse.ArgumentParser, args: argparse.Namespace) -> cam.Cam
         p.error(OPTION_FLAGS[e.field] + str(e).removeprefix(e.field))
 
 
+def maps_for(args: argparse.Namespace, method: methods.Method) -> cam.CamOptions:
+    """args.options for a run of `method`: --block all (or none) adds the method's default maps; a map the method
+    does not have is refused in one line naming --block and the method's maps."""
+    options = args.options
+    if "all" in (args.block or ["all"]):
+        options = dataclasses.replace(options, maps=(*(options.maps or ()), *cam.default_maps(method)))
+    try:
+        return options.for_method(method)
+    except cam.CamOptionsError as e:
+        raise cam.CamOptionsError(e.field, OPTION_FLAGS[e.field] + str(e).removeprefix(e.field)) from None
+
+
 def _print_top5(result: explain.Explained, class_names: list[str]) -> None:
-    """The image's origin, then one line per head with its five most probable classes."""
+    """The image's origin, then one line per output (the heads, then the combined prediction) with its five most
+    probable classes."""
     lines = [
-        f"  {head:<7} " + " | ".join(f"{name} {100 * q:.1f}%" for name, q in result.top(head, 5, class_names))
-        for head in model_lib.HEADS
+        f"  {head:<8} " + " | ".join(f"{name} {100 * q:.1f}%" for name, q in result.top(head, 5, class_names))
+        for head in result.probabilities
     ]
     tqdm.write("\n".join([result.item.origin, *lines]))
 
@@ -280,6 +296,7 @@ def evaluate(args: argparse.Namespace, restored) -> int:
 def _explain(args: argparse.Namespace) -> int:
     """Restore, check the output folder, then explain the images or evaluate the split; returns the exit status."""
     restored = common.restore(args, PROG)
+    args.options = maps_for(args, methods.get(restored.config.method))
     args.out = args.out or os.path.join(restored.run, "explain")
     check_writable(args.out, "pass --out DIR")
     return evaluate(args, restored) if args.evaluate else explain_images(args, restored)

@@ -5,8 +5,8 @@
 
 Images get the checkpoint's own evaluation transform (resize, centre crop, normalise) and run in fixed-size
 batches (the last one padded) through one jitted function, the batch sharded over every local device.
-"combined" is the softmax of the sum of the four heads' logits (the paper's prediction); --heads adds each
-head's own softmax. --out's extension picks the format (.csv or .jsonl; default: a table on stdout).
+"combined" is the softmax of the run's prediction (the sum of PMG's four heads' logits, or of PMG-V2's three);
+--heads adds each head's own softmax. --out's extension picks the format (.csv or .jsonl; default: a table on stdout).
 Unreadable files are reported on stderr and written with an `error` field; the run goes on.
 """
 
@@ -121,7 +121,7 @@ def _predict(args: argparse.Namespace) -> int:
     check_outputs(args, restored)
     predictor = predict.make_predictor(restored, args.batch_size)
     print(f"batch {predictor.batch_size} over {jax.local_device_count()} device(s)", file=sys.stderr)
-    outputs = predict.OUTPUTS if args.heads else predict.OUTPUTS[:1]
+    outputs = predictor.outputs if args.heads else predictor.outputs[:1]
     k = min(args.top_k, len(restored.class_names))
     writer = predict.RowWriter(args.out, k, outputs, with_label=bool(args.split))
     try:
