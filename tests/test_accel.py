@@ -225,6 +225,7 @@ def test_accumulation_averages_the_micro_batch_gradients_of_each_pass(x64):
     _assert_trees_close(stats, new.batch_stats, 1e-10, 1e-12, "batch_stats")
 
 
+@pytest.mark.slow  # two float64 compilations: the joint training step and the summed loss's gradient
 def test_joint_is_one_sgd_step_on_the_summed_loss(x64):
     """One update: the gradient of CE(head1 | jigsaw 8) + CE(head2 | 4) + CE(head3 | 2) + 2 CE(concat | x),
     all four inputs through the network as one batch (BatchNorm over the 4B images, statistics moved once)."""

@@ -133,6 +133,7 @@ def test_peak_flops_table():
     assert flops.peak_flops("cpu", "float32") is None
 
 
+@pytest.mark.slow  # compiles two full training steps for their cost analysis
 def test_bn_stats_used_keeps_learning_and_skips_dead_forward():
     """Same parameters after an iteration (BN normalises with batch statistics in training), fewer FLOPs,
     and only the running statistics of the trunk up to layer2 (which feeds every pass) left as 'all' has them."""

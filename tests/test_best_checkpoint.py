@@ -14,6 +14,8 @@ from pmg_jax import state as state_lib
 from pmg_jax import steps as steps_lib
 from pmg_jax.cli import common
 
+pytestmark = pytest.mark.slow  # every test reads the module's run trained through the loop
+
 # combined accuracy per epoch: up, down, up again but not as high, then a tie with the best
 SCRIPTED = (30.0, 60.0, 40.0, 50.0, 60.0, 20.0)
 BEST_EPOCH = 5  # 60.0 first at epoch 2, again at epoch 5: a tie goes to the later checkpoint

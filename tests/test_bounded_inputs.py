@@ -226,6 +226,7 @@ def test_explaining_a_split_skips_its_bombs(bombs, tmp_path):
         list(explain_lib.from_split(config, "test", 8)[1])
 
 
+@pytest.mark.slow  # trains through the loop
 def test_training_skips_bombs_in_its_training_set(bombs, tmp_path):
     """ImageFolder training with both PNGs among the training images: each reported once, the run finishes.
     The model and flags are those of test_sources.py's train.py run, so the compilation cache serves both."""

@@ -64,6 +64,7 @@ def explainer_calls(monkeypatch) -> list:
     return calls
 
 
+@pytest.mark.slow  # trains through the loop
 def test_every_evaluation_logs_each_map_to_tensorboard_and_cams_with_one_explainer(tmp_path, explainer_calls):
     workdir = str(tmp_path / "run")
     config = tiny_demo_config(**TINY, log_cams=2)
@@ -105,6 +106,7 @@ def test_every_evaluation_logs_each_map_to_tensorboard_and_cams_with_one_explain
         explain_history_cli.main(["--run", workdir, "--image", "2"])
 
 
+@pytest.mark.slow  # trains through the loop
 def test_log_cams_zero_builds_no_explainer_and_writes_no_cams(tmp_path, explainer_calls):
     workdir = str(tmp_path / "run")
     loop.train_and_evaluate(tiny_demo_config(**TINY, log_cams=0, log_every_steps=1), workdir)

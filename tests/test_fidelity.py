@@ -6,12 +6,14 @@ import signal
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT
 
 from bench import fidelity
 from pmg_jax.data import synthetic
 
 
+@pytest.mark.slow  # trains a tiny model on both sides
 def test_tiny_run_trains_both_sides_on_the_same_files(tmp_path):
     out = tmp_path / "fidelity"
     cmd = [sys.executable, "-m", "bench.fidelity", "--tiny", "--seeds", "0", "--out", str(out)]

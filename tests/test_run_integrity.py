@@ -107,6 +107,7 @@ DAMAGE = {
 }
 
 
+@pytest.mark.slow  # trains a run through the loop (the module's `finished` fixture or its own)
 @pytest.mark.parametrize("damage", DAMAGE)
 def test_a_damaged_latest_checkpoint_is_reported_and_the_newest_intact_one_used(finished, tmp_path, capsys, damage):
     run = copy_run(finished, tmp_path)
@@ -122,6 +123,7 @@ def test_a_damaged_latest_checkpoint_is_reported_and_the_newest_intact_one_used(
     assert "\n" not in str(named.value)
 
 
+@pytest.mark.slow  # trains a run through the loop (the module's `finished` fixture or its own)
 def test_predict_says_which_checkpoint_it_used_and_refuses_when_none_is_intact(finished, tmp_path, capsys):
     run = copy_run(finished, tmp_path)
     flip_bytes(os.path.join(run, "checkpoints", str(LAST)))
@@ -139,6 +141,7 @@ def test_predict_says_which_checkpoint_it_used_and_refuses_when_none_is_intact(f
     assert command.endswith("predict") and message.startswith(f"no intact checkpoint in {run}/checkpoints (newest: ")
 
 
+@pytest.mark.slow  # trains a run through the loop (the module's `finished` fixture or its own)
 def test_a_run_with_no_intact_checkpoint_is_refused_not_trained_from_scratch(finished, tmp_path):
     run = copy_run(finished, tmp_path)
     for step in ckpt_lib.Checkpoints(os.path.join(run, "checkpoints"), read_only=True).manager.all_steps():
@@ -166,6 +169,7 @@ def test_a_checkpoint_without_digests_restores_and_is_checked_for_non_finite_val
         ckpts.restore(step=2)
 
 
+@pytest.mark.slow  # trains a run through the loop (the module's `finished` fixture or its own)
 def test_resume_passes_over_a_damaged_checkpoint_and_ends_as_an_uninterrupted_run(finished, tmp_path, capsys):
     run = copy_run(finished, tmp_path)
     flip_bytes(os.path.join(run, "checkpoints", str(LAST)))
@@ -192,6 +196,7 @@ def test_trim_metrics_drops_a_torn_line_and_the_rows_after_the_resumed_step(tmp_
     assert [json.loads(line) for line in open(path)] == rows[:3]
 
 
+@pytest.mark.slow  # trains a run through the loop (the module's `finished` fixture or its own)
 def test_a_resume_that_changes_the_batch_size_is_refused_unless_the_override_names_it(finished, tmp_path):
     run = copy_run(finished, tmp_path)
     files = [os.path.join(r, f) for r, _, fs in os.walk(run) for f in fs if f != runguard.LOCK_NAME]
@@ -287,6 +292,7 @@ def logged_step(workdir) -> int:
     return max((json.loads(line)["step"] for line in open(path) if line.endswith("}\n")), default=0)
 
 
+@pytest.mark.slow  # trains a run through the loop (the module's `finished` fixture or its own)
 def test_a_second_training_is_refused_and_ctrl_c_stops_the_first_after_its_iteration(finished, tmp_path):
     """Training A runs in a subprocess; B on its workdir is refused before writing anything; Ctrl-C stops A
     after the iteration with a checkpoint; the resumed run ends bit for bit as the uninterrupted one."""
@@ -315,6 +321,7 @@ def _mount_small_disk(path, size: str) -> bool:
     return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)]).returncode == 0
 
 
+@pytest.mark.slow  # trains a run through the loop (the module's `finished` fixture or its own)
 def test_a_full_disk_ends_the_run_in_one_line_and_the_checkpoints_resume_exactly(
     finished, tmp_path, caplog, monkeypatch
 ):
@@ -358,6 +365,7 @@ def test_a_full_disk_ends_the_run_in_one_line_and_the_checkpoints_resume_exactly
             subprocess.run(["umount", "--lazy", str(disk)])  # lazy: the failed attempt may still hold files
 
 
+@pytest.mark.slow  # trains a run through the loop (the module's `finished` fixture or its own)
 def test_explain_streams_its_results(finished, tmp_path):
     """keep=False: every image's files are written and handed to on_result, none is held in the returned list."""
     from pmg_jax import explain
