@@ -312,6 +312,7 @@ def test_ghost_batchnorm_is_two_separate_batchnorms(x64, shape, group_stats):
         run(ghost, variables["params"], x[:12])
 
 
+@pytest.mark.slow  # compiles a whole ghost-BatchNorm PMG step
 def test_ghost_batchnorm_reaches_every_batchnorm_of_pmg(x64):
     """With groups of half the batch, the first half's logits and (first-group) running statistics are those of
     the ungrouped PMG on that half alone: every BatchNorm, backbone, blocks and heads, normalised by groups."""

@@ -84,7 +84,8 @@ def reference_iteration(name: str):
     return case, parity.torch_iteration(case, torch.float64), parity.torch_iteration(case, torch.float32)
 
 
-@pytest.mark.parametrize("name", [pytest.param("resnet50", marks=pytest.mark.slow), "resnet18"])
+@pytest.mark.slow  # whole iterations beside PyTorch in float64: the parity tier
+@pytest.mark.parametrize("name", ["resnet50", "resnet18"])
 def test_one_training_iteration_matches_pytorch(name):
     case, truth, torch32 = reference_iteration(name)
     ours = parity.jax_iteration(case)
@@ -103,6 +104,7 @@ BREAKS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change", list(BREAKS.values()), ids=list(BREAKS))
 def test_the_iteration_check_fails_for_a_broken_step(change):
     """The tolerances are tight enough to see a dropped weight decay, two swapped passes or a wrong momentum, on

@@ -99,6 +99,7 @@ def test_tiled_training_forward_equals_split_stage_concat(tiles):
         np.testing.assert_allclose(v, stats_truth[k], rtol=1e-12, atol=1e-12, err_msg=k)
 
 
+@pytest.mark.slow  # three ConvNeXt compilations; the ResNet tilings are checked in the fast tier
 @pytest.mark.parametrize("tiles", TILINGS)
 def test_convnext_runs_each_tiled_stage_on_its_tiles(tiles):
     """ConvNeXt's tiled stages: each stage's input (the stem's output, then the stitched stage before) cut into
@@ -179,6 +180,7 @@ def iteration_error(ours: dict, truth: dict) -> float:
 ITERATION_TOLERANCE = 1e-8
 
 
+@pytest.mark.slow  # a whole float64 iteration beside PyTorch: the parity tier
 def test_one_float64_iteration_equals_the_references():
     _, variables = pair()
     ours, truth = jax_iteration(variables), torch_iteration()
@@ -199,7 +201,7 @@ BREAKS = {
 
 @pytest.mark.parametrize(
     "updates",
-    [BREAKS["tilings swapped"], pytest.param(BREAKS["no consistency loss"], marks=pytest.mark.slow)],
+    [pytest.param(BREAKS[name], marks=pytest.mark.slow) for name in ("tilings swapped", "no consistency loss")],
     ids=list(BREAKS),
 )
 def test_the_iteration_check_fails_for_a_broken_step(updates):

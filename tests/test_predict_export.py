@@ -225,6 +225,7 @@ def test_onnx_export_matches_jax_under_onnxruntime(batch, run, tmp_path):
         np.testing.assert_allclose(got[0], want[0][:n], atol=1e-5)
 
 
+@pytest.mark.slow  # a whole ONNX export
 def test_a_successful_onnx_export_says_only_what_it_did(run, tmp_path):
     """The converter's chatter (its plugins' skipped-import tracebacks, debugging prints) is held back."""
     done = subprocess.run(

@@ -6,7 +6,6 @@ import sys
 
 from conftest import ROOT
 from pytest import mark as pytest_mark
-from pytest import param as pytest_param
 
 ONE_TEST = "test_jigsaw.py::test_n2_reaches_exactly_the_six_four_cycles"
 
@@ -19,7 +18,8 @@ def pytest(*args: str) -> subprocess.CompletedProcess:
 
 
 # the whole suite (its check left to the whole suite: it collects every file on two workers) and its fast tier
-@pytest_mark.parametrize("tier", [pytest_param((), marks=pytest_mark.slow), ("-m", "not slow")])
+@pytest_mark.slow  # each case runs a whole tier in a subprocess
+@pytest_mark.parametrize("tier", [(), ("-m", "not slow")])
 def test_the_whole_suite_runs_on_two_workers(tier):
     done = pytest("-k", "test_n2_reaches_exactly_the_six_four_cycles", "-p", "no:cacheprovider", *tier)
     assert done.returncode == 0, done.stdout[-2000:]

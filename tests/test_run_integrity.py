@@ -220,6 +220,7 @@ def test_a_resume_that_changes_the_batch_size_is_refused_unless_the_override_nam
         validate.check(tiny_config(resume_changes="batch"), num_devices=1)
 
 
+@pytest.mark.slow  # uses the trained `finished` run
 def test_a_resume_that_changes_the_method_is_refused_whatever_resume_changes_says(finished, tmp_path):
     run = copy_run(finished, tmp_path)
     v2 = {"method": "pmg_v2", "data.resize_size": 64, "data.crop_size": 64, "dataset.demo_image_size": 64}
