@@ -143,6 +143,7 @@ def test_remat_gives_the_same_iteration(remat_iterations, remat):
     _assert_trees_close(trace, rematted.opt_state[1].trace, 0, 1e-4 * scale, "momentum")
 
 
+@pytest.mark.slow  # two whole-step compilations for their memory analysis
 def test_remat_stages_saves_memory_in_the_training_steps_compilation():
     """XLA's buffer assignment for one forward and backward, compiled as the training step is: 'stages' keeps
     only stage outputs, so its temporaries shrink (on XLA:CPU only because the step keeps its optimisation

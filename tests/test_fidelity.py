@@ -69,6 +69,7 @@ def test_summary_compares_final_means_with_the_spread_and_names_epochs_outside_t
     assert fidelity.summarize(one_sided)["curves"]["test_combined"]["epochs_outside_other_band"] == [1]
 
 
+@pytest.mark.slow  # builds both sides' networks
 def test_initial_weight_scales_match_the_reference():
     """A whole run starts from each side's own random weights: their scales must agree layer by layer."""
     import jax
