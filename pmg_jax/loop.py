@@ -355,7 +355,7 @@ def announce(plan: Plan) -> None:
     print(parallel.describe(plan.mesh))
     sizes = " / ".join(f"{len(s)} {n}" for n, s in {"train": plan.train_src, **plan.eval_srcs}.items())
     print(
-        f"training {config.model.backbone} {plan.method.name} on {config.dataset.name} ({sizes} images, "
+        f"training {config.model.backbone} {plan.method.title} on {config.dataset.name} ({sizes} images, "
         f"{len(plan.train_src.class_names)} classes): {plan.steps_per_epoch} steps x {config.num_epochs} epochs, "
         f"global batch {config.batch_size}"
         + ("; the best checkpoint is chosen on val" if plan.ranked_on == "val" else "")

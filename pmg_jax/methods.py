@@ -41,6 +41,7 @@ class Method:
     epochs after which the step schedule divides the rate by 10; `module`: the Flax module class."""
 
     name: str
+    title: str  # how messages name it (the paper's name)
     schedules: Mapping[str, tuple]
     heads: tuple[str, ...]
     prediction: tuple[int, ...]
@@ -70,6 +71,7 @@ class Method:
 
 PMG = Method(
     name="pmg",
+    title="PMG",
     schedules=model.SCHEDULES,
     heads=model.HEADS,
     prediction=tuple(range(len(model.HEADS))),
@@ -88,6 +90,7 @@ V2_UPDATES = (
 )
 PMG_V2 = Method(
     name="pmg_v2",
+    title="PMG-V2",
     schedules={"progressive": V2_UPDATES},
     heads=pmg_v2.HEADS,
     prediction=tuple(range(len(pmg_v2.HEADS))),

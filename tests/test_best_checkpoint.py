@@ -26,8 +26,8 @@ def _scripted_evaluate(saved_params: dict):
     real = steps_lib.evaluate
     calls = []
 
-    def evaluate(p_eval, state, batches, sharding):
-        result = real(p_eval, state, batches, sharding)
+    def evaluate(p_eval, state, batches, sharding, *names):
+        result = real(p_eval, state, batches, sharding, *names)
         result["combined"] = SCRIPTED[len(calls)]
         calls.append(int(state.step))
         saved_params[int(state.step)] = jax.tree.map(np.asarray, jax.device_get(state.params))

@@ -56,8 +56,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
     a = done.architecture
     print(
-        f"converted {args.src}: {a.method} {a.backbone} (width {a.width}, feature size {a.feature_size}, "
-        f"{a.num_classes} classes) -> {done.checkpoint_dir}"
+        f"converted {args.src}: {methods.get(a.method).title} {a.backbone} (width {a.width}, "
+        f"feature size {a.feature_size}, {a.num_classes} classes) -> {done.checkpoint_dir}"
     )
     print(f"class names: {done.class_names_origin}")
     print(f"use it with: python explain.py --ckpt {args.out}")
