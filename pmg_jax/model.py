@@ -115,7 +115,7 @@ class BasicConv(nn.Module):
         return nn.relu(bn(x, train))
 
 
-def _block(first: BasicConv, second: BasicConv, x: jax.Array, train: bool) -> jax.Array:
+def granularity_block(first: BasicConv, second: BasicConv, x: jax.Array, train: bool) -> jax.Array:
     """A granularity block: its two basic convs."""
     return second(first(x, train), train)
 
@@ -168,7 +168,7 @@ class PMG(nn.Module):
             bn_group_stats=self.bn_group_stats,
             drop_path_rate=self.drop_path_rate,
         )(x, train)
-        block = checkpointed(_block, 3) if remat != "none" else _block
+        block = checkpointed(granularity_block, 3) if remat != "none" else granularity_block
         classifier = checkpointed(_classifier, 5) if remat != "none" else _classifier
         conv = functools.partial(
             BasicConv, dtype=self.dtype, bn_group_size=self.bn_group_size, bn_group_stats=self.bn_group_stats

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -19,7 +18,7 @@ import jax.numpy as jnp
 
 from pmg_jax import backbones, model
 from pmg_jax.layers import BatchNorm, Linear, checkpointed
-from pmg_jax.model import BACKBONE, BLOCKS, STAGES, BasicConv
+from pmg_jax.model import BACKBONE, BLOCKS, PMG, STAGES, BasicConv, granularity_block
 
 HEADS = model.HEADS[: len(model.BLOCKS)]  # PMG's block heads, in this order (no concat); their sum is the prediction
 CONSISTENCY_POOL = 7  # the consistency features' average pool (window and stride), the official code's
@@ -36,35 +35,20 @@ def consistency_feature(x: jax.Array) -> jax.Array:
     return (f - low) / (high - low + CONSISTENCY_EPS)
 
 
-def _block(first: BasicConv, second: BasicConv, x: jax.Array, train: bool) -> jax.Array:
-    """A granularity block: its two basic convs."""
-    return second(first(x, train), train)
-
-
 def _classifier(bn0: BatchNorm, fc1: Linear, bn2: BatchNorm, fc4: Linear, x: jax.Array, train: bool) -> jax.Array:
     """The official classifier Sequential: BN1d, Linear, BN1d, ReLU, Linear."""
     return fc4(nn.relu(bn2(fc1(bn0(x, train)), train)))
 
 
-class PMGV2(nn.Module):
+class PMGV2(PMG):
     """PMG-V2 over a registered backbone; returns (head1, head2, head3) logits, and with `consistency=True`
     also the consistency features of the three stage maps the blocks read: ((logits...), (f1, f2, f3)).
 
-    The fields are PMG's (`pmg_jax.model.PMG`). `tiles` (training only; evaluation never tiles) is the
+    Its fields and CAM points are PMG's (it extends `pmg_jax.model.PMG`, overriding only the forward).
+    `tiles` (training only; evaluation never tiles) is the
     tiling n of each backbone stage's input, 0 for none: the stage runs on its input's n x n tiles stacked
     along the batch and its output tiles are stitched back (`layers.split_tiles` / `stitch_tiles`).
     """
-
-    num_classes: int
-    backbone: str = "resnet50"
-    feature_size: int = 512
-    width: int = 0
-    stage_sizes: Sequence[int] | None = None
-    drop_path_rate: float = 0.0
-    dtype: Any = jnp.float32
-    remat: str = "none"
-    bn_group_size: int = 0
-    bn_group_stats: str = "mean"
 
     @nn.compact
     def __call__(
@@ -82,7 +66,7 @@ class PMGV2(nn.Module):
             drop_path_rate=self.drop_path_rate,
             tiles=tuple(tiles) if train and any(tiles) else (),
         )(x, train)
-        block = checkpointed(_block, 3) if remat != "none" else _block
+        block = checkpointed(granularity_block, 3) if remat != "none" else granularity_block
         classifier = checkpointed(_classifier, 5) if remat != "none" else _classifier
         conv = functools.partial(
             BasicConv,
@@ -113,9 +97,3 @@ class PMGV2(nn.Module):
             )
             logits.append(out.astype(jnp.promote_types(out.dtype, jnp.float32)))  # bf16 -> f32 for the loss
         return (tuple(logits), tuple(features)) if consistency else tuple(logits)
-
-    def _expose(self, name: str, y: jax.Array) -> jax.Array:
-        """Perturbation point (gradient of the map) and sown activation, for CAM."""
-        y = self.perturb(name, y)
-        self.sow("intermediates", name, y)
-        return y
