@@ -2,6 +2,10 @@
 
 python -m bench.demo --seeds 0 1 2 [--config configs/demo.py] [--override field=value ...] [--workdirs DIR]
 
+Without --config, the method decides the config: configs/demo.py for PMG, and for `--override method=pmg_v2`
+configs/demo_pmg_v2.py (the same net and schedule length at 128 px: PMG-V2's tiles need a crop divisible by 64,
+so the 96-px demo is refused).
+
 Each seed runs `python train.py --config CONFIG --workdir <new temporary dir> --config.<field>=<value> ...
 --config.seed=N` and its whole wall time is taken, compilation included (`--workdirs DIR` keeps the
 runs as DIR/seed<N> instead of removing them). The accuracies come from the
@@ -23,6 +27,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO_CONFIGS = {"pmg": "configs/demo.py", "pmg_v2": "configs/demo_pmg_v2.py"}  # method -> its demo config
 
 
 def read_metrics(path: str) -> dict:
@@ -93,12 +98,13 @@ def commit() -> str:
     return head + ("+dirty" if dirty else "")
 
 
-def summarize(runs: list[dict]) -> dict:
+def summarize(runs: list[dict], config: str) -> dict:
     """Mean, min and max of the final combined accuracy over the seeds, and where and when they ran."""
     final = [r["combined"] for r in runs]
     return {
         "summary": True,
         "seeds": [r["seed"] for r in runs],
+        "config": os.path.relpath(config, ROOT),
         "mean": statistics.mean(final),
         "min": min(final),
         "max": max(final),
@@ -113,7 +119,10 @@ def summarize(runs: list[dict]) -> dict:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="config.seed of each run")
-    parser.add_argument("--config", default="configs/demo.py", help="config file (default configs/demo.py)")
+    parser.add_argument(
+        "--config",
+        help="config file (default: the method's demo, " + ", ".join(f"{m}: {c}" for m, c in DEMO_CONFIGS.items()) + ")",
+    )
     parser.add_argument(
         "--override",
         nargs="+",
@@ -124,12 +133,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--workdirs", help="keep the runs as WORKDIRS/seed<N> (default: temporary, removed)")
     args = parser.parse_args(argv)
-    if not os.path.isfile(args.config):
-        parser.error(f"--config {args.config}: no such config file")
-    args.config = os.path.abspath(args.config)
     for o in args.override:
         if "=" not in o or o.startswith("="):
             parser.error(f"--override {o!r}: expected FIELD=VALUE")
+    if args.config is None:
+        method = method_of(args.override)
+        if method not in DEMO_CONFIGS:
+            parser.error(f"--override method={method}: no demo config for it; pass --config FILE")
+        args.config = DEMO_CONFIGS[method]
+    path = args.config if os.path.isfile(args.config) else os.path.join(ROOT, args.config)  # defaults: from ROOT
+    if not os.path.isfile(path):
+        parser.error(f"--config {args.config}: no such config file")
+    args.config = os.path.abspath(path)
     if args.workdirs:
         args.workdirs = os.path.abspath(args.workdirs)  # train.py runs from the repository root
         if len(set(args.seeds)) < len(args.seeds):
@@ -138,6 +153,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             if os.path.exists(seed_dir(args.workdirs, seed)):
                 parser.error(f"--workdirs: {seed_dir(args.workdirs, seed)} already exists (train.py would resume it)")
     return args
+
+
+def method_of(overrides: list[str]) -> str:
+    """The method an `--override method=...` names (the last one wins, as in train.py), else PMG."""
+    methods = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == "method"]
+    return methods[-1] if methods else "pmg"
 
 
 def seed_dir(workdirs: str, seed: int) -> str:
@@ -155,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
             with tempfile.TemporaryDirectory(prefix=f"pmg_demo_seed{seed}_") as workdir:
                 runs.append(run_seed(args.config, args.override, seed, workdir))
         print(json.dumps(runs[-1]), flush=True)
-    print(json.dumps(summarize(runs)), flush=True)
+    print(json.dumps(summarize(runs, args.config)), flush=True)
 
 
 if __name__ == "__main__":

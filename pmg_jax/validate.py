@@ -95,13 +95,17 @@ def check_method(config: ml_collections.ConfigDict, backbone: backbones.Backbone
         raise ConfigError(
             f"config.schedule={config.schedule!r}: method {method.name} has the schedules {tuple(method.schedules)}"
         )
-    for update in method.updates(config.schedule):
-        tiles = getattr(update, "tiles", ())
+    tilings = [getattr(update, "tiles", ()) for update in method.updates(config.schedule)]
+    for tiles in tilings:
         if any(tiles) and "tiles" not in backbone.options:
             raise ConfigError(f"config.method={method.name}: backbone {backbone.name} cannot tile its stages")
         problem = backbone.tiling_error(config.data.crop_size, tiles)
         if problem:
-            raise ConfigError(f"config.method={method.name}, config.data.crop_size: {problem}")
+            multiple = backbone.tiling_multiple(tilings)
+            raise ConfigError(
+                f"config.method={method.name}, config.data.crop_size: {problem} (use a crop that is a multiple "
+                f"of {multiple})"
+            )
         if any(tiles) and config.model.bn_group_size:
             raise ConfigError(
                 f"config.model.bn_group_size={config.model.bn_group_size}: ghost BatchNorm does not work with "

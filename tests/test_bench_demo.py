@@ -26,7 +26,7 @@ TINY = [
     "log_every_steps=3",
 ]
 SEED_FIELDS = {"seed", "combined", "best_combined", "best_epoch", "seconds", "cpu_seconds", "epochs", "uptime"}
-SUMMARY_FIELDS = {"summary", "seeds", "mean", "min", "max", "mean_best", "max_seconds", "commit", "date", "uptime"}
+SUMMARY_FIELDS = {"summary", "seeds", "config", "mean", "min", "max", "mean_best", "max_seconds", "commit", "date", "uptime"}
 
 
 def bench(*args: str) -> subprocess.CompletedProcess:
@@ -69,6 +69,7 @@ def test_one_line_per_seed_then_a_summary_with_the_runs_own_accuracies(tmp_path)
         assert run["cpu_seconds"] > 0 and run["seconds"] > 0 and "load average" in run["uptime"]
     finals = [r["combined"] for r in runs]
     assert set(summary) == SUMMARY_FIELDS and summary["summary"] is True and summary["seeds"] == [0, 1]
+    assert summary["config"] == os.path.join("configs", "demo.py")
     assert summary["mean"] == pytest.approx(sum(finals) / 2)
     assert (summary["min"], summary["max"]) == (min(finals), max(finals))
     assert summary["mean_best"] == pytest.approx(sum(r["best_combined"] for r in runs) / 2)
@@ -102,3 +103,23 @@ def test_bad_input_is_one_line_naming_the_flag(tmp_path):
     done = bench("--seeds", "3", "--override", "optim.lr_nw=0.1")  # train.py refuses the field before any work
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr.strip().startswith("error: seed 3: train.py exited with status 1") and "lr_nw" in done.stderr
+
+
+def test_the_method_picks_its_demo_config_unless_one_is_given(tmp_path):
+    import importlib
+
+    from pmg_jax import methods, validate
+
+    assert set(demo.DEMO_CONFIGS) == set(methods.METHODS)  # every method has a demo
+    for method, path in demo.DEMO_CONFIGS.items():
+        chosen = demo.parse_args(["--override", "num_epochs=1", f"method={method}"]).config
+        assert chosen == os.path.join(ROOT, path)
+        c = importlib.import_module(path.removesuffix(".py").replace("/", ".")).get_config()
+        assert c.method == method  # the demo trains the method asked for, and validates
+        validate.check(c, num_devices=1)
+    assert demo.parse_args([]).config == os.path.join(ROOT, "configs", "demo.py")
+    given = tmp_path / "mine.py"
+    given.write_text("")
+    assert demo.parse_args(["--config", str(given), "--override", "method=pmg_v2"]).config == str(given)
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--override", "method=nope"])

@@ -236,9 +236,19 @@ def test_validate_names_the_stage_a_tiling_does_not_divide():
     c.data.resize_size = c.data.crop_size = 128
     validate.check(c, 1)
     c.data.resize_size = c.data.crop_size = 96
-    with pytest.raises(ConfigError, match="stage 2 of resnet18 gets a 24-pixel input at image size 96"):
+    with pytest.raises(ConfigError, match="stage 2 of resnet18 gets a 24-pixel input at image size 96.*multiple of 64"):
         validate.check(c, 1)
     c.data.resize_size = c.data.crop_size = 128
     c.model.bn_group_size = 2
     with pytest.raises(ConfigError, match="bn_group_size"):
         validate.check(c, 1)
+
+
+@pytest.mark.parametrize("name", [n for n, b in sorted(backbones.REGISTRY.items()) if "tiles" in b.options])
+def test_the_multiple_the_error_suggests_is_exactly_the_sizes_that_tile(name):
+    backbone = backbones.REGISTRY[name]
+    tilings = [u.tiles for u in methods.PMG_V2.updates("progressive")]
+    multiple = backbone.tiling_multiple(tilings)
+    for side in range(backbone.stride, 20 * multiple + 1, backbone.stride):
+        tiles_all = not any(backbone.tiling_error(side, tiles) for tiles in tilings)
+        assert tiles_all == (side % multiple == 0), side

@@ -5,7 +5,8 @@ state dicts are recognised)."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+import math
+from collections.abc import Callable, Iterable, Mapping
 
 import flax.linen as nn
 
@@ -68,6 +69,12 @@ class Backbone:
                     f"not cut into {n} x {n} tiles of a side its stride {out // into} divides"
                 )
         return ""
+
+    def tiling_multiple(self, tilings: Iterable[tuple[int, ...]]) -> int:
+        """The least input side every one of `tilings` can tile: sides that work are its multiples."""
+        ends = (*self.input_strides[1:], self.stride)
+        need = [n * out for tiles in tilings for n, out in zip(tiles, ends, strict=False) if n > 1]
+        return math.lcm(self.stride, *need)
 
 
 REGISTRY: dict[str, Backbone] = {}
