@@ -121,7 +121,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="config.seed of each run")
     parser.add_argument(
         "--config",
-        help="config file (default: the method's demo, " + ", ".join(f"{m}: {c}" for m, c in DEMO_CONFIGS.items()) + ")",
+        help="config file (default: the method's demo, "
+        + ", ".join(f"{m}: {c}" for m, c in DEMO_CONFIGS.items())
+        + ")",
     )
     parser.add_argument(
         "--override",
