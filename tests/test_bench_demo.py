@@ -26,8 +26,10 @@ TINY = [
     "log_every_steps=3",
 ]
 SEED_FIELDS = {"seed", "combined", "best_combined", "best_epoch", "seconds", "cpu_seconds", "epochs", "uptime"}
-SUMMARY_FIELDS = {"summary", "seeds", "config", "mean", "min", "max", "mean_best", "max_seconds", "commit", "date"}
-SUMMARY_FIELDS.add("uptime")
+SUMMARY_FIELDS = {
+    *("summary", "seeds", "config", "mean", "min", "max", "mean_best", "max_seconds"),
+    *("commit", "date", "uptime"),
+}
 
 
 def bench(*args: str) -> subprocess.CompletedProcess:
