@@ -1,13 +1,13 @@
 """Batch prediction speed: predict's jitted path (JAX) against the exported ONNX model under onnxruntime.
 
-    python -m bench.predict [--size 448] [--batch 8] [--rounds 5]
+    python -m bench.predict [--size 448] [--batch 8] [--rounds 5] [--method pmg|pmg_v2]
 
-ResNet50 PMG with random weights on one batch of uint8 crops. JAX runs `predict.make_predictor`'s function
-(transfer, normalisation, model, softmax); onnxruntime runs `export.onnx_model` on as many intra-op threads
-as XLA's CPU pool has. They alternate, one call each per round, so that load from other processes hits
-both alike. Also prints the largest logit difference of the ONNX and the StableHLO exports from JAX,
-relative to the logits' scale (`export.max_relative_difference`). One JSON line per measurement, the
-headline last (medians and their ratio, onnx over jax).
+ResNet50 PMG (or `--method`'s network) with random weights on one batch of uint8 crops. JAX runs
+`predict.make_predictor`'s function (transfer, normalisation, model, softmax); onnxruntime runs
+`export.onnx_model` on as many intra-op threads as XLA's CPU pool has. They alternate, one call each per
+round, so that load from other processes hits both alike. Also prints the largest logit difference of the ONNX
+and the StableHLO exports from JAX, relative to the logits' scale (`export.max_relative_difference`). One JSON
+line per measurement, the headline last (medians and their ratio, onnx over jax).
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ import jax
 import numpy as np
 
 from bench import common
-from pmg_jax import export, predict
+from pmg_jax import export, methods, predict
 from pmg_jax import state as state_lib
 
 
 def random_run(args: argparse.Namespace) -> predict.Restored:
     """A checkpoint-like PMG of `args` with random weights (PyTorch-style initialisation)."""
-    config = common.make_config(args)
+    config = common.make_config(args, method=args.method)
     model = state_lib.create_model(config)
     variables = state_lib.init_variables(model, jax.random.PRNGKey(config.seed), args.size)
     return predict.Restored(
@@ -46,18 +46,26 @@ def main(argv: list[str] | None = None) -> dict:
 
     parser = common.add_model_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.set_defaults(batch=8)
+    parser.add_argument("--method", choices=tuple(methods.METHODS), default="pmg", help="config.method")
     parser.add_argument("--rounds", type=int, default=5, help="timed calls of each, alternating")
     parser.add_argument("--pause", type=float, default=1.0, help="seconds idle between the two, so threads settle")
     args = parser.parse_args(argv)
     restored = random_run(args)
     images = np.random.default_rng(0).integers(0, 256, (args.batch, args.size, args.size, 3), dtype=np.uint8)
-    tags = {"bench": "predict", "size": args.size, "batch": args.batch, "dtype": args.dtype, "backbone": args.backbone}
+    tags = {
+        "bench": "predict",
+        "method": args.method,
+        "size": args.size,
+        "batch": args.batch,
+        "dtype": args.dtype,
+        "backbone": args.backbone,
+    }
 
     predictor = predict.make_predictor(restored, args.batch)
     run_jax = lambda: jax.block_until_ready(predictor.run_batch(images))  # noqa: E731
     first_s, (logits, _) = timed_s(run_jax)  # compiles
     common.emit({**tags, "kind": "compile", "impl": "jax", "first_call_s": first_s})
-    reference = [np.asarray(logits[:, i]) for i in range(1, 5)]  # OUTPUTS[1:]: head1..concat
+    reference = [np.asarray(logits[:, i]) for i in range(1, len(predictor.outputs))]  # each head's, after combined
 
     onnx_s, proto = timed_s(lambda: export.onnx_model(restored))
     options = onnxruntime.SessionOptions()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -157,23 +157,38 @@ class PMG(nn.Module):
         `bn_group_size` > 0: every BatchNorm normalises training batches in groups of that many images
         (`layers.BatchNorm`, ghost BatchNorm), keeping the running statistics `bn_group_stats` says.
         """
-        remat = self.remat if train else "none"
-        groups = {"group_size": self.bn_group_size, "group_stats": self.bn_group_stats}
+        pooled = [jnp.max(y, axis=(1, 2)) for _, y in self._blocks(self._stages(x, train), train)]
+        prefixes = [f"classifier{k}" for k in range(1, len(BLOCKS) + 1)] + ["classifier_concat"]
+        inputs = [*pooled, jnp.concatenate(pooled, axis=-1)]
+        return tuple(self._head(prefix, p, train) for prefix, p in zip(prefixes, inputs, strict=True))
+
+    def _remat(self, train: bool) -> str:
+        """`remat` in training; evaluation never remats."""
+        return self.remat if train else "none"
+
+    def _stages(self, x: jax.Array, train: bool, tiles: Sequence[int] = ()) -> tuple[jax.Array, ...]:
+        """The backbone's stage maps; `tiles` (PMG-V2's training) is each stage's tiling, 0 for none."""
         arch = backbones.resolve(self.backbone, self.width, self.stage_sizes)
-        stages = arch.build(
+        return arch.build(
             self.dtype,
             name=BACKBONE,
-            remat=remat == "stages",
+            remat=self._remat(train) == "stages",
             bn_group_size=self.bn_group_size,
             bn_group_stats=self.bn_group_stats,
             drop_path_rate=self.drop_path_rate,
+            **({"tiles": tuple(tiles)} if any(tiles) else {}),
         )(x, train)
-        block = checkpointed(granularity_block, 3) if remat != "none" else granularity_block
-        classifier = checkpointed(_classifier, 5) if remat != "none" else _classifier
+
+    def _blocks(
+        self, stages: Sequence[jax.Array], train: bool, bias: bool = False
+    ) -> list[tuple[jax.Array, jax.Array]]:
+        """(stage map, block map) of each granularity block on the last stages, both exposed for CAM
+        (`bias`: the convs carry one, PMG-V2's)."""
+        block = checkpointed(granularity_block, 3) if self._remat(train) != "none" else granularity_block
         conv = functools.partial(
-            BasicConv, dtype=self.dtype, bn_group_size=self.bn_group_size, bn_group_stats=self.bn_group_stats
+            BasicConv, dtype=self.dtype, bn_group_size=self.bn_group_size, bn_group_stats=self.bn_group_stats, bias=bias
         )
-        pooled = []
+        maps = []
         for k, (stage_name, feat) in enumerate(zip(STAGES, stages[-len(BLOCKS) :]), start=1):
             feat = self._expose(stage_name, feat)
             y = block(
@@ -182,22 +197,24 @@ class PMG(nn.Module):
                 feat,
                 train,
             )
-            y = self._expose(BLOCKS[k - 1], y)
-            pooled.append(jnp.max(y, axis=(1, 2)))
-        inputs = [*pooled, jnp.concatenate(pooled, axis=-1)]
-        logits = []
-        prefixes = [f"classifier{k}" for k in range(1, len(BLOCKS) + 1)] + ["classifier_concat"]
-        for prefix, p in zip(prefixes, inputs, strict=True):
-            out = classifier(
-                BatchNorm(momentum=0.1, dtype=self.dtype, name=f"{prefix}_0", **groups),
-                Linear(self.feature_size, dtype=self.dtype, name=f"{prefix}_1"),
-                BatchNorm(momentum=0.1, dtype=self.dtype, name=f"{prefix}_2", **groups),
-                Linear(self.num_classes, dtype=self.dtype, name=f"{prefix}_4"),
-                p,
-                train,
-            )
-            logits.append(out.astype(jnp.promote_types(out.dtype, jnp.float32)))  # bf16 -> f32 for the loss
-        return tuple(logits)
+            maps.append((feat, self._expose(BLOCKS[k - 1], y)))
+        return maps
+
+    def _head(self, prefix: str, x: jax.Array, train: bool, classifier: Callable = _classifier) -> jax.Array:
+        """One head's classifier (BN1d, Linear, BN1d, activation, Linear: `classifier`) on pooled features,
+        its logits in float32 (bf16 -> f32 for the loss)."""
+        if self._remat(train) != "none":
+            classifier = checkpointed(classifier, 5)
+        groups = {"group_size": self.bn_group_size, "group_stats": self.bn_group_stats}
+        out = classifier(
+            BatchNorm(momentum=0.1, dtype=self.dtype, name=f"{prefix}_0", **groups),
+            Linear(self.feature_size, dtype=self.dtype, name=f"{prefix}_1"),
+            BatchNorm(momentum=0.1, dtype=self.dtype, name=f"{prefix}_2", **groups),
+            Linear(self.num_classes, dtype=self.dtype, name=f"{prefix}_4"),
+            x,
+            train,
+        )
+        return out.astype(jnp.promote_types(out.dtype, jnp.float32))
 
     def _expose(self, name: str, y: jax.Array) -> jax.Array:
         """Perturbation point (gradient of the map) and sown activation, for CAM."""

@@ -9,16 +9,15 @@ there is no concat head. The CAM points (`block1..3`, `layer2..4`) are PMG's, so
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pmg_jax import backbones, model
-from pmg_jax.layers import BatchNorm, Linear, checkpointed
-from pmg_jax.model import BACKBONE, BLOCKS, PMG, STAGES, BasicConv, granularity_block
+from pmg_jax import model
+from pmg_jax.layers import BatchNorm, Linear
+from pmg_jax.model import PMG
 
 HEADS = model.HEADS[: len(model.BLOCKS)]  # PMG's block heads, in this order (no concat); their sum is the prediction
 CONSISTENCY_POOL = 7  # the consistency features' average pool (window and stride), the official code's
@@ -44,56 +43,21 @@ class PMGV2(PMG):
     """PMG-V2 over a registered backbone; returns (head1, head2, head3) logits, and with `consistency=True`
     also the consistency features of the three stage maps the blocks read: ((logits...), (f1, f2, f3)).
 
-    Its fields and CAM points are PMG's (it extends `pmg_jax.model.PMG`, overriding only the forward).
-    `tiles` (training only; evaluation never tiles) is the
-    tiling n of each backbone stage's input, 0 for none: the stage runs on its input's n x n tiles stacked
-    along the batch and its output tiles are stitched back (`layers.split_tiles` / `stitch_tiles`).
+    It extends `pmg_jax.model.PMG` and overrides only the forward: its fields, CAM points, backbone (`_stages`),
+    granularity blocks (`_blocks`, with a conv bias) and heads (`_head`, with a ReLU) are PMG's. `tiles`
+    (training only; evaluation never tiles) is the tiling n of each backbone stage's input, 0 for none: the
+    stage runs on its input's n x n tiles stacked along the batch and its output tiles are stitched back
+    (`layers.split_tiles` / `stitch_tiles`).
     """
 
     @nn.compact
     def __call__(
         self, x: jax.Array, train: bool = False, tiles: Sequence[int] = (), consistency: bool = False
     ) -> tuple:
-        remat = self.remat if train else "none"
-        groups = {"group_size": self.bn_group_size, "group_stats": self.bn_group_stats}
-        arch = backbones.resolve(self.backbone, self.width, self.stage_sizes)
-        stages = arch.build(
-            self.dtype,
-            name=BACKBONE,
-            remat=remat == "stages",
-            bn_group_size=self.bn_group_size,
-            bn_group_stats=self.bn_group_stats,
-            drop_path_rate=self.drop_path_rate,
-            tiles=tuple(tiles) if train and any(tiles) else (),
-        )(x, train)
-        block = checkpointed(granularity_block, 3) if remat != "none" else granularity_block
-        classifier = checkpointed(_classifier, 5) if remat != "none" else _classifier
-        conv = functools.partial(
-            BasicConv,
-            dtype=self.dtype,
-            bn_group_size=self.bn_group_size,
-            bn_group_stats=self.bn_group_stats,
-            bias=True,
-        )
+        stages = self._stages(x, train, tiles if train else ())
         logits, features = [], []
-        for k, (stage_name, feat) in enumerate(zip(STAGES, stages[-len(BLOCKS) :]), start=1):
-            feat = self._expose(stage_name, feat)
+        for k, (feat, y) in enumerate(self._blocks(stages, train, bias=True), start=1):
             if consistency:  # training's only: inference (and export: jax2onnx cannot convert flax's avg_pool) skips it
                 features.append(consistency_feature(feat))
-            y = block(
-                conv(self.feature_size, 1, 0, name=f"conv_block{k}_0"),
-                conv(2 * self.feature_size, 3, 1, name=f"conv_block{k}_1"),
-                feat,
-                train,
-            )
-            y = self._expose(BLOCKS[k - 1], y)
-            out = classifier(
-                BatchNorm(momentum=0.1, dtype=self.dtype, name=f"classifier{k}_0", **groups),
-                Linear(self.feature_size, dtype=self.dtype, name=f"classifier{k}_1"),
-                BatchNorm(momentum=0.1, dtype=self.dtype, name=f"classifier{k}_2", **groups),
-                Linear(self.num_classes, dtype=self.dtype, name=f"classifier{k}_4"),
-                jnp.max(y, axis=(1, 2)),
-                train,
-            )
-            logits.append(out.astype(jnp.promote_types(out.dtype, jnp.float32)))  # bf16 -> f32 for the loss
+            logits.append(self._head(f"classifier{k}", jnp.max(y, axis=(1, 2)), train, _classifier))
         return (tuple(logits), tuple(features)) if consistency else tuple(logits)
