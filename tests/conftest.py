@@ -21,20 +21,6 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-# XLA:CPU compiles the suite's programs with LLVM's cheap passes only (subprocesses inherit it): most of the
-# suite's time is compiling tiny programs, and these flags take about 40% off it. They change how fast the
-# code XLA emits runs, not what the program computes beyond float rounding that every tolerance already
-# allows; no test times anything (speed is measured by bench/, outside pytest, with XLA's defaults).
-TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
-
-
-def xla_flags(*extra: str) -> str:
-    """XLA_FLAGS for a subprocess: the suite's compile flags (TEST_XLA_FLAGS) and `extra`."""
-    return " ".join((*TEST_XLA_FLAGS, *extra))
-
-
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {xla_flags()}".strip()
 
 
 WORKERS = 2  # much of the suite is single-threaded XLA compilation

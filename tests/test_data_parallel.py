@@ -7,7 +7,7 @@ import sys
 import textwrap
 
 import pytest
-from conftest import ROOT, xla_flags
+from conftest import ROOT
 
 SCRIPT = textwrap.dedent("""
     import json
@@ -65,7 +65,7 @@ def test_four_devices_match_one_device():
     """
     env = {
         **os.environ,
-        "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=4"),
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
         "JAX_PLATFORMS": "cpu",
         "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]),
     }

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import portpicker
 import pytest
-from conftest import ROOT, xla_flags
+from conftest import ROOT
 
 WORKER = os.path.join(ROOT, "tests", "steps_worker.py")
 
@@ -15,7 +15,7 @@ WORKER = os.path.join(ROOT, "tests", "steps_worker.py")
 def env_with_devices(n: int) -> dict:
     return {
         **os.environ,
-        "XLA_FLAGS": xla_flags(f"--xla_force_host_platform_device_count={n}"),
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}",
         "JAX_PLATFORMS": "cpu",
         "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]),
     }
