@@ -14,7 +14,8 @@ from pmg_jax import state as state_lib
 from pmg_jax import steps as steps_lib
 from pmg_jax.cli import common
 
-pytestmark = pytest.mark.slow  # every test reads the module's run trained through the loop
+# every test reads the module's run trained through the loop: on one worker, so that it is trained once
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("best_checkpoint")]
 
 # combined accuracy per epoch: up, down, up again but not as high, then a tie with the best
 SCRIPTED = (30.0, 60.0, 40.0, 50.0, 60.0, 20.0)

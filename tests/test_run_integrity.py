@@ -23,6 +23,8 @@ from pmg_jax import state as state_lib
 from pmg_jax.cli import predict as predict_cli
 from pmg_jax.errors import PMGError
 
+pytestmark = pytest.mark.xdist_group("run_integrity")  # one worker: the finished run is trained once
+
 # 48 images in batches of 8: 6 steps an epoch, 12 in all; a checkpoint every 2 steps (the latest 3 are kept).
 TINY = {
     "dataset.demo_train_size": 48,
