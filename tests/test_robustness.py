@@ -115,6 +115,7 @@ def test_sigterm_checkpoints_and_exits_zero(tmp_path):
     assert int(state["step"]) == stopped_at and meta["data_state"]["step"] == stopped_at
 
 
+@pytest.mark.slow  # compiles a whole training step
 def test_nonfinite_step_is_not_applied():
     config = tiny_demo_config(**{"model.width": 8, "model.feature_size": 16, "data.crop_size": 32})
     model = state_lib.create_model(config)
