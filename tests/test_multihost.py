@@ -81,5 +81,6 @@ def test_two_processes_four_devices_and_one_device_train_alike(tmp_path):
     moved = max(float(np.abs(b[k] - b[f"init/{k}"]).max()) for k in trained if k.startswith("['params']"))
     assert moved > 1e-3  # the iterations really trained
     for k in trained:
-        np.testing.assert_allclose(a[k], b[k], rtol=0, atol=1e-8, err_msg=f"two processes vs four devices: {k}")
+        tight = 1e-9 if k.startswith("['params']") else 1e-8  # the parameters as tight as before
+        np.testing.assert_allclose(a[k], b[k], rtol=0, atol=tight, err_msg=f"two processes vs four devices: {k}")
         np.testing.assert_allclose(b[f"one/{k}"], b[k], rtol=0, atol=1e-8, err_msg=f"one device vs four: {k}")
