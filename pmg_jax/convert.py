@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -242,15 +242,18 @@ def with_backbone(state_dict: Mapping[str, Any], variables: Mapping) -> dict:
     return {c: {**tree, scope: loaded[c][scope]} if c in collections else tree for c, tree in variables.items()}
 
 
-def load_backbone(path: str, variables: Mapping) -> dict:
+def load_backbone(path: str, variables: Mapping | Callable[[], Mapping]) -> dict:
     """`variables` with the backbone (weights, and BN statistics where it has them) read from a registered
     backbone's PyTorch file (torchvision ResNet, timm ResNet-D or ConvNeXt) or a PMG file; a file that
-    cannot be read, holds no known backbone or does not fit raises one line naming it."""
+    cannot be read, holds no known backbone or does not fit raises one line naming it. A callable `variables` is
+    called once the file is read and named a backbone (a refused file costs no initialisation)."""
     state_dict = load_state_dict(path)
     try:
         found = infer_architecture(state_dict)
     except ConversionError as e:
         raise ConversionError(f"{path}: {e}") from None
+    if callable(variables):
+        variables = variables()
     try:
         return with_backbone(state_dict, variables)
     except ConversionError as e:

@@ -130,9 +130,10 @@ class FiniteGuard:
             )
 
 
-def initial_variables(config: ml_collections.ConfigDict, state: TrainState) -> dict:
-    """Starting weights: init.checkpoint's, then init.backbone's, over the fresh ones."""
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
+def initial_variables(config: ml_collections.ConfigDict, fresh: Callable[[], dict]) -> dict:
+    """Starting weights: init.checkpoint's, else the seed's (`fresh()`, drawn only then), with init.backbone's
+    backbone over them. The files are read first: one that is refused costs no initialisation."""
+    variables = fresh
     if config.init.checkpoint:
         variables = state_lib.load_variables(config.init.checkpoint, config, config.init.which)
     if config.init.backbone:
@@ -140,7 +141,7 @@ def initial_variables(config: ml_collections.ConfigDict, state: TrainState) -> d
 
         variables = convert.load_backbone(config.init.backbone, variables)
         print(f"backbone initialised from {config.init.backbone}")
-    return variables
+    return variables() if callable(variables) else variables
 
 
 def evaluate_only(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -328,9 +329,9 @@ def plan_run(config: ml_collections.ConfigDict, mesh: Any) -> Plan:
 def fresh_state(plan: Plan) -> TrainState:
     """A new run's state: the seed's weights under the starting weights of init.*, a new optimizer state."""
     config = plan.config
-    state = state_lib.create_state(plan.model, plan.tx, config.seed, config.data.crop_size)
-    variables = initial_variables(config, state)
-    state = state.replace(**variables, opt_state=plan.tx.init(variables["params"]))
+    init_key, rng = state_lib.seed_keys(config.seed)
+    variables = initial_variables(config, lambda: state_lib.init_variables(plan.model, init_key, config.data.crop_size))
+    state = TrainState(step=jnp.zeros((), jnp.int32), opt_state=plan.tx.init(variables["params"]), rng=rng, **variables)
     return jax.device_put(state, parallel.replicated(plan.mesh))
 
 

@@ -239,7 +239,7 @@ def test_whole_pickled_reference_model_loads_without_its_source(tmp_path):
     assert convert.infer_architecture(state_dict) == TINY_ARCH
     model_j = tiny_flax_pmg()
     variables = convert.variables_from_torch(state_dict, target=abstract_variables(model_j, 64))
-    assert_all_close(model_j.apply(variables, nhwc(x), train=False), want)
+    assert_all_close(jax.jit(lambda v, x: model_j.apply(v, x, train=False))(variables, nhwc(x)), want)
 
 
 def test_safetensors_and_npz_convert_without_torch(tiny_files, tmp_path):
@@ -369,19 +369,16 @@ def test_converted_checkpoint_runs_through_evaluation_and_explain(tmp_path, caps
 
 def test_training_starts_from_a_torchvision_backbone(tmp_path):
     """config.init.backbone loads the ResNet weights and BN statistics before training; heads stay fresh."""
-    from conftest import tiny_demo_config
+    from conftest import random_variables, tiny_demo_config
 
     from pmg_jax import state as state_lib
-    from pmg_jax.optim import make_optimizer
 
     resnet = ref.make_resnet("resnet50", 8, (1, 1, 1, 1))
     path = str(tmp_path / "resnet.pth")
     torch.save(resnet.state_dict(), path)  # torchvision names, fc included
     config = tiny_demo_config(**{"init.backbone": path, "model.width": 8, "model.feature_size": 16})
-    model = state_lib.create_model(config)
-    tx = make_optimizer(lr_new=0.1, lr_backbone=0.1, num_epochs=1, steps_per_epoch=1)
-    fresh = state_lib.create_state(model, tx, config.seed, config.data.crop_size)
-    variables = loop.initial_variables(config, fresh)
+    fresh = random_variables(state_lib.create_model(config), config.data.crop_size)
+    variables = loop.initial_variables(config, lambda: fresh)
     want = convert.variables_from_torch(resnet.state_dict())
     for collection in ("params", "batch_stats"):
         got = flatten_dict(jax.device_get(variables[collection])["features"])
@@ -390,5 +387,5 @@ def test_training_starts_from_a_torchvision_backbone(tmp_path):
         for k in got:
             np.testing.assert_array_equal(got[k], expected[k], err_msg="/".join(k))
     np.testing.assert_array_equal(
-        variables["params"]["classifier1_4"]["kernel"], fresh.params["classifier1_4"]["kernel"]
+        variables["params"]["classifier1_4"]["kernel"], fresh["params"]["classifier1_4"]["kernel"]
     )
