@@ -7,11 +7,10 @@ import subprocess
 import sys
 
 import cv2
-import jax
 import numpy as np
 import pytest
 from big_images import write_grey_png, write_noise_jpeg
-from conftest import ROOT, tiny_demo_config
+from conftest import ROOT, random_variables, tiny_demo_config
 from PIL import Image
 
 from pmg_jax import convert, validate, viz
@@ -42,7 +41,7 @@ def run(tmp_path_factory) -> str:
     """A run directory holding a tiny PMG with random weights for the demo's 8 classes."""
     config = tiny_demo_config(**TINY)
     model = state_lib.create_model(config)
-    variables = state_lib.init_variables(model, jax.random.PRNGKey(0), config.data.crop_size)
+    variables = random_variables(model, config.data.crop_size, seed=0)
     out = str(tmp_path_factory.mktemp("runs") / "tiny")
     convert.write_checkpoint(variables, out, config, synthetic.class_names(8))
     return out
@@ -179,6 +178,7 @@ def test_max_pixels_flag_overrides_the_checkpoints_cap(run, tmp_path, capsys):
         assert "--max-pixels" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a whole command in a subprocess over large files
 def test_explain_reports_bombs_and_explains_the_rest_in_bounded_memory(run, bombs, tmp_path):
     good = good_images(tmp_path / "good")
     out = tmp_path / "out"
@@ -192,6 +192,7 @@ def test_explain_reports_bombs_and_explains_the_rest_in_bounded_memory(run, bomb
     assert done["peak_kb"] < PEAK_LIMIT_KB, done["peak_kb"]
 
 
+@pytest.mark.slow  # a whole command in a subprocess over large files
 def test_a_100_megapixel_photo_is_predicted_and_explained_in_bounded_memory(run, photo, tmp_path):
     out = tmp_path / "preds.jsonl"
     done = measured(sys.executable, "-m", "pmg_jax.predict", "--ckpt", run, "--images", photo, "--out", str(out))

@@ -104,8 +104,7 @@ def test_metrics_are_in_percent_everywhere(demo_run):
 def tiny_run(tmp_path_factory):
     """A run directory of a tiny PMG with random weights for the demo's 8 classes, and a demo image file."""
     import cv2
-    import jax
-    from conftest import tiny_demo_config
+    from conftest import random_variables, tiny_demo_config
 
     from pmg_jax import convert
     from pmg_jax import state as state_lib
@@ -113,7 +112,7 @@ def tiny_run(tmp_path_factory):
 
     config = tiny_demo_config(**{"model.width": 8, "model.feature_size": 16, "data.crop_size": 32})
     model = state_lib.create_model(config)
-    variables = state_lib.init_variables(model, jax.random.PRNGKey(0), config.data.crop_size)
+    variables = random_variables(model, config.data.crop_size, seed=0)
     root = tmp_path_factory.mktemp("cli")
     convert.write_checkpoint(variables, str(root / "run"), config, synthetic.class_names(8))
     image = synthetic.make_example(synthetic.DemoSpec(8, 48), "test", 0)["image"]
@@ -156,7 +155,10 @@ COMMANDS = {  # how each command is run, then its arguments for: a missing check
 }
 
 
-@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize(
+    "command",  # three commands in fresh processes each: one in the fast tier, all five in the whole suite
+    [c if c == "explain" else pytest.param(c, marks=pytest.mark.slow) for c in COMMANDS],
+)
 def test_every_command_helps_and_refuses_a_missing_checkpoint_or_unwritable_output_in_one_line(tiny_run, command):
     """--help exits 0; a checkpoint (or source) that is not there and an output under a file (which even root
     cannot write) each exit 1 with one line 'error: ...' naming the path, the output's with the flag that moves

@@ -89,9 +89,9 @@ def test_tiled_training_forward_equals_split_stage_concat(tiles):
         truth = [t.numpy() for t in model_64(nchw(x), tiles)]
     stats_truth = parity.flat(parity.convert.variables_from_torch(model_64.state_dict(), dtype=np.float64))
     with jax.enable_x64(True):
-        (logits, feats), updated = PMGV2(**TINY, dtype=jnp.float64).apply(
-            as64(variables), jnp.asarray(x), train=True, tiles=tiles, consistency=True, mutable=["batch_stats"]
-        )
+        model = PMGV2(**TINY, dtype=jnp.float64)
+        forward = lambda v, x: model.apply(v, x, train=True, tiles=tiles, consistency=True, mutable=["batch_stats"])
+        (logits, feats), updated = jax.jit(forward)(as64(variables), jnp.asarray(x))  # one program, not op by op
     for got, want in zip([*logits, *feats], truth, strict=True):
         np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-11)
     stats = parity.flat({"batch_stats": updated["batch_stats"]})
@@ -130,9 +130,10 @@ def test_eval_logits_are_within_float32_error_and_never_tiled():
         torch32 = [t.numpy() for t in model_t(nchw(x))[:3]]
         truth = [t.numpy() for t in parity.as_float64(model_t).eval()(nchw(x).double())[:3]]
     model = PMGV2(**TINY)
-    ours = model.apply(variables, jnp.asarray(x), train=False)
+    evaluate = jax.jit(lambda v, x, tiles: model.apply(v, x, train=False, tiles=tiles), static_argnums=2)
+    ours = evaluate(variables, jnp.asarray(x), ())
     assert_near_truth(ours, torch32, truth, floor=2e-5, what="PMG-V2 eval logits")
-    np.testing.assert_array_equal(np.asarray(model.apply(variables, jnp.asarray(x), tiles=(2, 2, 2, 2))[0]), ours[0])
+    np.testing.assert_array_equal(np.asarray(evaluate(variables, jnp.asarray(x), (2, 2, 2, 2))[0]), ours[0])
     state = TrainState(jnp.zeros((), jnp.int32), variables["params"], variables["batch_stats"], (), None)
     labels = np.argmax(truth[0] + truth[1] + truth[2], -1)
     counts = make_eval_step(model)(state, {"image": jnp.asarray(x), "label": labels, "mask": np.ones(4)})

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_demo_config
+from conftest import random_variables, tiny_demo_config
 from PIL import Image
 
 from pmg_jax import cam, convert, export, methods, viz
@@ -38,7 +38,7 @@ def v2_run(tmp_path_factory):
     """(run directory, restored run) of a tiny PMG-V2 with random weights for the demo's 8 classes."""
     config = tiny_demo_config(**TINY_V2)
     model = state_lib.create_model(config)
-    variables = state_lib.init_variables(model, jax.random.PRNGKey(5), config.data.crop_size)
+    variables = random_variables(model, config.data.crop_size, seed=5)
     out = str(tmp_path_factory.mktemp("runs") / "v2")
     convert.write_checkpoint(variables, out, config, synthetic.class_names(8))
     return out, state_lib.restore(out)
@@ -79,6 +79,7 @@ def finish(m, size: int) -> np.ndarray:
     return m / np.max(m, axis=(1, 2), keepdims=True)
 
 
+@pytest.mark.slow  # over the restored PMG-V2 run
 def test_block_maps_and_the_combined_map_are_explained_by_the_method(v2_run):
     """Block 3 by head 3's prediction; 'combined' (PMG-V2's summed map) by the prediction, the sum of the three
     heads, back-propagated into every block, the upsampled raw maps summed."""
@@ -106,6 +107,7 @@ def test_block_maps_and_the_combined_map_are_explained_by_the_method(v2_run):
     np.testing.assert_allclose(out.maps["combined"], finish(summed, 32), atol=1e-5)
 
 
+@pytest.mark.slow  # over the restored PMG-V2 run
 def test_explain_cli_block_3_writes_pmg_v2_block_3(v2_run, bird, tmp_path, capsys):
     """`explain.py --block 3`: conv_block3's overlay and grid, titled with the method and head3."""
     run, restored = v2_run
@@ -121,6 +123,7 @@ def test_explain_cli_block_3_writes_pmg_v2_block_3(v2_run, bird, tmp_path, capsy
     assert "(block3; gradcam" in printed and "concat" not in printed and "combined" in printed
 
 
+@pytest.mark.slow  # over the restored PMG-V2 run
 def test_explain_cli_default_maps_are_the_blocks_and_the_combined_map(v2_run, bird, tmp_path):
     run, _ = v2_run
     assert explain_cli.main(["--ckpt", run, "--images", bird[0], "--out", str(tmp_path)]) == 0
@@ -128,6 +131,7 @@ def test_explain_cli_default_maps_are_the_blocks_and_the_combined_map(v2_run, bi
     assert overlays == ["combined_bird.jpg", "conv_block1_bird.jpg", "conv_block2_bird.jpg", "conv_block3_bird.jpg"]
 
 
+@pytest.mark.slow  # over the restored PMG-V2 run
 def test_evaluate_scores_the_blocks_and_the_combined_map(v2_run, tmp_path, capsys):
     """explain.py --evaluate on the demo split's boxes and parts: every default map of PMG-V2, deletion and
     insertion of the combined map under the prediction's probabilities."""
@@ -142,6 +146,7 @@ def test_evaluate_scores_the_blocks_and_the_combined_map(v2_run, tmp_path, capsy
     assert (tmp_path / "report.html").is_file()
 
 
+@pytest.mark.slow  # over the restored PMG-V2 run
 def test_a_map_the_method_lacks_is_refused_in_one_line(v2_run, bird, tmp_path, capsys):
     run, _ = v2_run
     assert explain_cli.main(["--ckpt", run, "--block", "concat", "--images", bird[0], "--out", str(tmp_path)]) == 1
@@ -155,6 +160,7 @@ def test_a_map_the_method_lacks_is_refused_in_one_line(v2_run, bird, tmp_path, c
         cam.CamOptions(("block1", "combined")).for_method(methods.PMG)
 
 
+@pytest.mark.slow  # over the restored PMG-V2 run
 def test_predict_gives_the_three_heads_and_their_sum(v2_run, bird, tmp_path, capsys):
     run, restored = v2_run
     out = tmp_path / "preds.jsonl"
@@ -183,6 +189,7 @@ def reference(restored, crops: np.ndarray) -> list[np.ndarray]:
     return [np.asarray(jax.nn.softmax(sum(logits))), *logits]
 
 
+@pytest.mark.slow  # over the restored PMG-V2 run
 def test_stablehlo_export_equals_jax(v2_run, tmp_path):
     run, restored = v2_run
     assert export_cli.main(["--ckpt", run, "--format", "stablehlo", "--out", str(tmp_path)]) == 0
@@ -317,7 +324,7 @@ def test_converted_pmg_v2_gives_the_pytorch_logits(official_files, name, tmp_pat
     assert "converted" in capsys.readouterr().out
     restored = state_lib.restore(str(tmp_path / "run"))
     assert restored.config.method == "pmg_v2" and type(restored.model).__name__ == "PMGV2"
-    got = restored.model.apply(restored.variables, x)
+    got = jax.jit(restored.model.apply)(restored.variables, x)
     assert export.max_relative_difference(got, want) <= 1e-4
 
 

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, tiny_demo_config
+from conftest import ROOT, random_variables, tiny_demo_config
 
 from pmg_jax import convert, export, kernels, loop, predict
 from pmg_jax import state as state_lib
@@ -39,7 +39,7 @@ def run(tmp_path_factory):
     """(run directory, config) of a tiny PMG with random weights for the demo's 8 classes."""
     config = tiny_demo_config(**TINY)
     model = state_lib.create_model(config)
-    variables = state_lib.init_variables(model, jax.random.PRNGKey(3), config.data.crop_size)
+    variables = random_variables(model, config.data.crop_size, seed=3)
     out = str(tmp_path_factory.mktemp("runs") / "tiny")
     convert.write_checkpoint(variables, out, config, synthetic.class_names(8))
     return out, config
@@ -174,6 +174,7 @@ STABLEHLO_RUNNER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # exports, then runs it in a fresh process
 def test_stablehlo_export_runs_without_pmg_jax(batch, run, tmp_path):
     restored, crops, want = batch
     out = tmp_path / "shlo"
