@@ -20,12 +20,17 @@ TRAINING = ("pmg_jax.loop", "pmg_jax.steps", "pmg_jax.optim")
 @pytest.mark.parametrize(
     "module",
     [
-        "pmg_jax.state",
-        "pmg_jax.explain",
-        "pmg_jax.predict",
-        "pmg_jax.export",
-        "pmg_jax.cli.explain",
-        "pmg_jax.explain_history",
+        "pmg_jax.explain_history",  # the fast tier's: it imports cam, viz and the checkpoint module
+        *(
+            pytest.param(m, marks=pytest.mark.slow)  # each a fresh process importing jax
+            for m in (
+                "pmg_jax.state",
+                "pmg_jax.explain",
+                "pmg_jax.predict",
+                "pmg_jax.export",
+                "pmg_jax.cli.explain",
+            )
+        ),
     ],
 )
 def test_importing_an_inference_module_loads_no_training_code(module):

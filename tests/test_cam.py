@@ -178,7 +178,10 @@ def test_resnet50_gradients_and_maps_match_pytorch():
         assert_near_truth({n: got[n] for n in truth}, torch32, truth, floor=MAP_TOL, what=f"{method} maps")
 
 
-@pytest.mark.parametrize("method", GRADIENT_METHODS)
+@pytest.mark.parametrize(
+    "method",  # Grad-CAM in the fast tier; the other methods each compile their own explainer
+    [m if m == "gradcam" else pytest.param(m, marks=pytest.mark.slow) for m in GRADIENT_METHODS],
+)
 def test_every_map_matches_pytorch(tiny_pair, method):
     """Blocks, backbone stages and the seed concat, each explained by its own head only."""
     model_t, model_j, variables, x = tiny_pair
@@ -189,7 +192,14 @@ def test_every_map_matches_pytorch(tiny_pair, method):
     assert_near_truth(dict(got.maps), torch32, truth, floor=MAP_TOL, what=f"{method} maps")
 
 
-@pytest.mark.parametrize("target,concat", [("class", "head"), ("seed", "seed"), ("seed", "head")])
+@pytest.mark.parametrize(
+    "target,concat",  # one in the fast tier, each pair compiles its own explainer
+    [
+        ("class", "head"),
+        pytest.param("seed", "seed", marks=pytest.mark.slow),
+        pytest.param("seed", "head", marks=pytest.mark.slow),
+    ],
+)
 def test_targets_and_concat_head_match_pytorch(tiny_pair, target, concat):
     model_t, model_j, variables, x = tiny_pair
     classes = np.array([4, 0, 2], np.int32)
@@ -230,6 +240,7 @@ def seed_maps(model_t, image: torch.Tensor) -> dict[str, np.ndarray]:
     return seed
 
 
+@pytest.mark.slow  # compiles its own explainer
 def test_any_batch_size_gives_per_image_maps(tiny_pair):
     _, model_j, variables, x = tiny_pair
     explainer = cam.make_explainer(model_j, cam.CamOptions(PMG_MAPS))
@@ -240,19 +251,23 @@ def test_any_batch_size_gives_per_image_maps(tiny_pair):
             np.testing.assert_allclose(single.maps[name][0], batch.maps[name][i], atol=1e-5, err_msg=name)
 
 
-def test_a_dead_block_gives_zero_maps_not_nan(tiny_pair):
+@pytest.mark.parametrize(
+    "method",  # Grad-CAM++ (ratios of gradients) in the fast tier; each method compiles its own explainer
+    [m if m == "gradcam++" else pytest.param(m, marks=pytest.mark.slow) for m in cam.METHODS],
+)
+def test_a_dead_block_gives_zero_maps_not_nan(tiny_pair, method):
     """A block whose output is all zero (ReLU of a very negative BN bias) explains nothing, without NaN."""
     _, model_j, variables, x = tiny_pair
     dead = jax.tree.map(lambda a: a, variables)
     bn = dead["params"]["conv_block3_1"]["bn"]
     bn["bias"] = jnp.full_like(bn["bias"], -1e4)
-    for method in cam.METHODS:
-        out = cam.make_explainer(model_j, cam.CamOptions(PMG_MAPS, method))(dead, nhwc(x))
-        for name, m in out.maps.items():
-            assert np.all(np.isfinite(m)) and m.min() >= 0 and m.max() <= 1, (method, name)
-        assert np.all(out.maps["block3"] == 0), method
+    out = cam.make_explainer(model_j, cam.CamOptions(PMG_MAPS, method))(dead, nhwc(x))
+    for name, m in out.maps.items():
+        assert np.all(np.isfinite(m)) and m.min() >= 0 and m.max() <= 1, (method, name)
+    assert np.all(out.maps["block3"] == 0), method
 
 
+@pytest.mark.slow  # compiles its own explainer
 def test_eigencam_is_the_first_principal_component(tiny_pair):
     _, model_j, variables, x = tiny_pair
     _, sown = cam.forward(model_j, variables, nhwc(x))
@@ -268,6 +283,7 @@ def test_eigencam_is_the_first_principal_component(tiny_pair):
         np.testing.assert_allclose(got[i], want, atol=MAP_TOL)
 
 
+@pytest.mark.slow  # compiles its own explainer
 def test_bfloat16_model_gives_valid_maps(tiny_pair):
     _, _, variables, x = tiny_pair
     model = PMG(**TINY, dtype=jnp.bfloat16)

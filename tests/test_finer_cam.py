@@ -97,7 +97,10 @@ def tiny_pair():
 SINGLE_HEAD_MAPS = tuple(n for n in methods.PMG.cam_maps if n != "concat")
 
 
-@pytest.mark.parametrize("k,alpha,target_idx", [(2, 0.5, None), (3, 1.0, 3)])
+@pytest.mark.parametrize(
+    "k,alpha,target_idx",
+    [pytest.param(2, 0.5, None, marks=pytest.mark.slow), (3, 1.0, 3)],  # each compiles its own
+)
 def test_k_alpha_and_a_given_class_match_pytorch_grad_cam_at_every_map(tiny_pair, k, alpha, target_idx):
     """Blocks and backbone stages, explaining the prediction or a given class (whose nearest need not be larger)."""
     model_t, model_j, variables, x = tiny_pair

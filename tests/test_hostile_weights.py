@@ -305,9 +305,13 @@ def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 CLI_CASES = [
-    ("builtins.exec", "torch zip, whole model", "weights.safetensors.bak"),
-    ("STACK_GLOBAL os.system", "torch legacy, whole model", "weights.NPZ"),
-    ("numpy runstring", "state dict pickle", "weights.npz"),
+    pytest.param("builtins.exec", "torch zip, whole model", "weights.safetensors.bak", marks=pytest.mark.slow),
+    pytest.param("STACK_GLOBAL os.system", "torch legacy, whole model", "weights.NPZ", marks=pytest.mark.slow),
+    (
+        "numpy runstring",
+        "state dict pickle",
+        "weights.npz",
+    ),  # the fast tier's; every payload is refused in process above
 ]
 
 
@@ -335,7 +339,13 @@ TINY_TRAIN = [
 @pytest.mark.parametrize(
     "flag,payload,container,expected",
     [
-        ("init.backbone", "os.system", "torch legacy, whole model", "refuses to load: it calls os.system,"),
+        pytest.param(
+            "init.backbone",
+            "os.system",
+            "torch legacy, whole model",
+            "refuses to load: it calls os.system,",
+            marks=pytest.mark.slow,  # a train command in a fresh process; the other one is the fast tier's
+        ),
         ("init.checkpoint", "builtins.exec", "torch zip, state dict", "weights.pth: no checkpoints found"),
     ],
 )

@@ -26,6 +26,7 @@ def test_the_whole_suite_runs_on_two_workers():
     assert "created: 2/2 workers" in done.stdout and "1 passed" in done.stdout
 
 
+@pytest_mark.slow  # two pytest runs in fresh processes
 def test_a_single_file_runs_in_process_and_keeps_the_users_flags():
     for extra in ((), ("-p", "no:xdist")):
         done = pytest(f"tests/{ONE_TEST}", "-q", *extra)
