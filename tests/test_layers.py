@@ -136,8 +136,13 @@ def _conv3x3(x, w):
 
 
 @pytest.mark.parametrize(
-    "shape,features",  # partial tiles, one tile, smaller than a tile; a larger map in the whole suite
-    [((2, 9, 7, 3), 5), ((1, 4, 4, 2), 2), pytest.param((2, 13, 16, 8), 6, marks=pytest.mark.slow), ((1, 2, 3, 1), 1)],
+    "shape,features",  # one tile and less than one in the fast tier; maps of several tiles, partial ones at the
+    [  # edges, in the whole suite (each case compiles a float64 Winograd gradient, seconds here)
+        pytest.param((2, 9, 7, 3), 5, marks=pytest.mark.slow),
+        ((1, 4, 4, 2), 2),
+        pytest.param((2, 13, 16, 8), 6, marks=pytest.mark.slow),
+        ((1, 2, 3, 1), 1),
+    ],
 )
 def test_winograd_conv3x3_is_the_convolution_and_has_its_gradients(shape, features):
     """In float64 F(4x4, 3x3) equals the direct convolution to rounding, also where the map is
