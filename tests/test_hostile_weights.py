@@ -361,6 +361,23 @@ def test_train_refuses_before_training_and_runs_nothing(tmp_path, flag, payload,
     assert not (workdir / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("flag", ["init.backbone", "init.checkpoint"])
+def test_a_refused_init_file_costs_no_initialisation(tmp_path, flag):
+    """train reads init.* before it draws the seed's weights (for a ResNet50 at 448, minutes of compiling on a
+    CPU): a hostile or unreadable file is refused first, and the fresh weights are never asked for."""
+    from conftest import tiny_demo_config
+
+    from pmg_jax import loop
+    from pmg_jax.errors import PMGError
+
+    path = tmp_path / "weights.pth"
+    path.write_bytes(CONTAINERS["torch legacy, whole model"](PAYLOADS["os.system"], tmp_path))
+    drawn = []
+    with pytest.raises(PMGError, match="weights.pth"):
+        loop.initial_variables(tiny_demo_config(**{flag: str(path)}), lambda: drawn.append(flag))
+    assert drawn == [] and not (tmp_path / MARKER).exists()
+
+
 @pytest.mark.parametrize("kind", ["legacy", "whole_legacy", "zip"])
 def test_truncated_torch_files_are_refused(honest_files, tmp_path, kind):
     d, _ = honest_files
