@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import random_variables, tiny_demo_config
+from conftest import tiny_demo_config
 from PIL import Image
 
 from pmg_jax import cam, convert, export, methods, viz
@@ -38,7 +38,8 @@ def v2_run(tmp_path_factory):
     """(run directory, restored run) of a tiny PMG-V2 with random weights for the demo's 8 classes."""
     config = tiny_demo_config(**TINY_V2)
     model = state_lib.create_model(config)
-    variables = random_variables(model, config.data.crop_size, seed=5)
+    # The library's own initial weights: a test needs their predictions (a head whose class differs from the sum's).
+    variables = state_lib.init_variables(model, jax.random.PRNGKey(5), config.data.crop_size)
     out = str(tmp_path_factory.mktemp("runs") / "v2")
     convert.write_checkpoint(variables, out, config, synthetic.class_names(8))
     return out, state_lib.restore(out)
