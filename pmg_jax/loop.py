@@ -329,9 +329,8 @@ def plan_run(config: ml_collections.ConfigDict, mesh: Any) -> Plan:
 def fresh_state(plan: Plan) -> TrainState:
     """A new run's state: the seed's weights under the starting weights of init.*, a new optimizer state."""
     config = plan.config
-    init_key, rng = state_lib.seed_keys(config.seed)
-    variables = initial_variables(config, lambda: state_lib.init_variables(plan.model, init_key, config.data.crop_size))
-    state = TrainState(step=jnp.zeros((), jnp.int32), opt_state=plan.tx.init(variables["params"]), rng=rng, **variables)
+    starting = functools.partial(initial_variables, config)
+    state = state_lib.create_state(plan.model, plan.tx, config.seed, config.data.crop_size, starting)
     return jax.device_put(state, parallel.replicated(plan.mesh))
 
 

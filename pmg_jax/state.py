@@ -7,6 +7,7 @@ training loop or the optimizer.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import flax
@@ -55,16 +56,17 @@ def init_variables(model: nn.Module, key: jax.Array, image_size: int) -> dict:
     return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
 
 
-def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
-    """(the key of the initial weights, the training state's first rng) of a run's seed."""
+def create_state(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    seed: int,
+    image_size: int,
+    starting: Callable[[Callable[[], dict]], dict] = lambda seeds: seeds(),
+) -> TrainState:
+    """A fresh state: PyTorch-style initialisation, zero momentum, step 0. `starting` gives the starting weights
+    from a function that draws the seed's (by default, those), which it need call only when it uses them."""
     init_key, rng = jax.random.split(jax.random.PRNGKey(seed))
-    return init_key, rng
-
-
-def create_state(model: nn.Module, tx: optax.GradientTransformation, seed: int, image_size: int) -> TrainState:
-    """A fresh state: PyTorch-style initialisation, zero momentum, step 0."""
-    init_key, rng = seed_keys(seed)
-    variables = init_variables(model, init_key, image_size)
+    variables = starting(lambda: init_variables(model, init_key, image_size))
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=variables["params"],
