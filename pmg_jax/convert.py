@@ -280,7 +280,7 @@ def write_checkpoint(
         raise ConversionError(f"{len(class_names)} class names for a model with {num_classes} classes")
     model = state_lib.create_model(config)
     tx = optim.from_config(config, steps_per_epoch=1)  # the schedule does not shape the state
-    abstract = jax.eval_shape(lambda: state_lib.init_variables(model, jax.random.PRNGKey(0), config.data.crop_size))
+    abstract = state_lib.abstract_variables(model, config.data.crop_size)
     check_against(flatten_dict({c: variables[c] for c in ("params", "batch_stats")}), abstract)
     params = jax.tree.map(jnp.asarray, variables["params"])
     state = state_lib.TrainState(

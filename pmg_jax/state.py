@@ -56,6 +56,11 @@ def init_variables(model: nn.Module, key: jax.Array, image_size: int) -> dict:
     return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
 
 
+def abstract_variables(model: nn.Module, image_size: int) -> dict:
+    """The shapes and dtypes of `init_variables`' result, traced: nothing is computed or compiled."""
+    return jax.eval_shape(lambda: init_variables(model, jax.random.PRNGKey(0), image_size))
+
+
 def create_state(
     model: nn.Module,
     tx: optax.GradientTransformation,

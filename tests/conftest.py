@@ -92,7 +92,7 @@ def random_variables(model, image_size: int, seed: int = 0) -> dict:
 
     from pmg_jax import state as state_lib
 
-    shapes = jax.eval_shape(lambda: state_lib.init_variables(model, jax.random.PRNGKey(0), image_size))
+    shapes = state_lib.abstract_variables(model, image_size)
     rng = np.random.default_rng(seed)
 
     def draw(path, leaf):

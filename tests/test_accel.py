@@ -22,7 +22,7 @@ from pmg_jax.errors import ConfigError
 from pmg_jax.layers import BatchNorm
 from pmg_jax.model import PMG
 from pmg_jax.optim import make_optimizer
-from pmg_jax.state import TrainState, init_variables
+from pmg_jax.state import TrainState, abstract_variables, init_variables
 from pmg_jax.steps import make_train_step
 
 TINY = {"num_classes": 3, "backbone": "resnet18", "width": 4, "feature_size": 8, "stage_sizes": (1, 1, 1, 1)}
@@ -99,7 +99,7 @@ def _checkpoint_regions(model: PMG, variables: dict, train: bool) -> int:
 def test_remat_wraps_the_declared_regions_in_training_only(remat, regions):
     """blocks: the 3 granularity blocks and 4 heads; stages: also the stem and the 4 backbone stages."""
     model = PMG(**TINY, remat=remat)
-    variables = jax.eval_shape(lambda: init_variables(model, jax.random.PRNGKey(0), SIZE))
+    variables = abstract_variables(model, SIZE)
     assert _checkpoint_regions(model, variables, train=True) == regions
     assert _checkpoint_regions(model, variables, train=False) == 0
 
@@ -152,7 +152,7 @@ def test_remat_stages_saves_memory_in_the_training_steps_compilation():
     temps = {}
     for remat in ("none", "stages"):
         model = PMG(**{**TINY, "width": 8}, remat=remat)
-        variables = jax.eval_shape(lambda model=model: init_variables(model, jax.random.PRNGKey(0), size))
+        variables = abstract_variables(model, size)
 
         def loss(params, stats, x, y, model=model):
             logits, _ = model.apply({"params": params, "batch_stats": stats}, x, train=True, mutable=["batch_stats"])

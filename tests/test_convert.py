@@ -98,10 +98,6 @@ def tiny_flax_pmg() -> PMG:
     return PMG(**TINY)
 
 
-def abstract_variables(model: PMG, size: int) -> dict:
-    return jax.eval_shape(lambda: state_lib.init_variables(model, jax.random.PRNGKey(0), size))
-
-
 def numpy_state_dict(model: torch.nn.Module) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in model.state_dict().items()}
 
@@ -159,7 +155,7 @@ def test_torchvision_resnet50_backbone_matches_torch(reference_resnet50_pmg, tmp
     model_t, x = reference_resnet50_pmg
     path = tmp_path / "resnet50.pth"
     torch.save(model_t.features.state_dict(), path)  # torchvision names, fc included
-    target = abstract_variables(PMG(num_classes=200), 224)
+    target = state_lib.abstract_variables(PMG(num_classes=200), 224)
 
     variables = convert.load_backbone(str(path), target)
 
@@ -238,7 +234,7 @@ def test_whole_pickled_reference_model_loads_without_its_source(tmp_path):
     assert legacy.keys() == state_dict.keys() and all(np.array_equal(legacy[k], state_dict[k]) for k in legacy)
     assert convert.infer_architecture(state_dict) == TINY_ARCH
     model_j = tiny_flax_pmg()
-    variables = convert.variables_from_torch(state_dict, target=abstract_variables(model_j, 64))
+    variables = convert.variables_from_torch(state_dict, target=state_lib.abstract_variables(model_j, 64))
     assert_all_close(jax.jit(lambda v, x: model_j.apply(v, x, train=False))(variables, nhwc(x)), want)
 
 
@@ -299,7 +295,7 @@ def test_bad_inputs_give_one_line_and_a_nonzero_exit(tiny_files, tmp_path, file,
 
 def test_load_backbone_of_another_architecture_lists_the_mismatch(tiny_files):
     d, _ = tiny_files
-    target = abstract_variables(PMG(**{**TINY, "backbone": "resnet18"}), 64)
+    target = state_lib.abstract_variables(PMG(**{**TINY, "backbone": "resnet18"}), 64)
     with pytest.raises(
         convert.ConversionError,
         match=r"^weights do not match the model: unexpected \d+: "
