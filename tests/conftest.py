@@ -82,6 +82,12 @@ def tiny_demo_config(**overrides):
     return c
 
 
+def one_fast(cases, fast) -> list:
+    """`cases` for pytest.mark.parametrize with only `fast` left in the fast tier and the others marked slow: for
+    checks repeated per command, method or input, where each case costs its own compilation or process."""
+    return [c if c == fast else pytest.param(c, marks=pytest.mark.slow) for c in cases]
+
+
 def random_variables(model, image_size: int, seed: int = 0) -> dict:
     """Random params and batch_stats for `model`, drawn in NumPy in the shapes its initialisation gives (He-normal
     kernels, zero biases, unit scales, BatchNorm's starting statistics): for tests that need a model that runs, not

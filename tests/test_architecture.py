@@ -10,7 +10,7 @@ import sys
 import tomllib
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, one_fast
 
 import pmg_jax
 
@@ -18,20 +18,18 @@ TRAINING = ("pmg_jax.loop", "pmg_jax.steps", "pmg_jax.optim")
 
 
 @pytest.mark.parametrize(
-    "module",
-    [
-        "pmg_jax.explain_history",  # the fast tier's: it imports cam, viz and the checkpoint module
-        *(
-            pytest.param(m, marks=pytest.mark.slow)  # each a fresh process importing jax
-            for m in (
-                "pmg_jax.state",
-                "pmg_jax.explain",
-                "pmg_jax.predict",
-                "pmg_jax.export",
-                "pmg_jax.cli.explain",
-            )
-        ),
-    ],
+    "module",  # each a fresh process importing jax: explain_history (cam, viz, checkpoint) in the fast tier
+    one_fast(
+        [
+            "pmg_jax.state",
+            "pmg_jax.explain",
+            "pmg_jax.predict",
+            "pmg_jax.export",
+            "pmg_jax.cli.explain",
+            "pmg_jax.explain_history",
+        ],
+        "pmg_jax.explain_history",
+    ),
 )
 def test_importing_an_inference_module_loads_no_training_code(module):
     code = f"import sys, {module}; print(' '.join(m for m in {TRAINING!r} if m in sys.modules))"

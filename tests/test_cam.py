@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import one_fast
 from truth import assert_near_truth
 
 from bench.parity import as_float64, flax_variables, nhwc, torch_pmg
@@ -180,7 +181,7 @@ def test_resnet50_gradients_and_maps_match_pytorch():
 
 @pytest.mark.parametrize(
     "method",  # Grad-CAM in the fast tier; the other methods each compile their own explainer
-    [m if m == "gradcam" else pytest.param(m, marks=pytest.mark.slow) for m in GRADIENT_METHODS],
+    one_fast(GRADIENT_METHODS, "gradcam"),
 )
 def test_every_map_matches_pytorch(tiny_pair, method):
     """Blocks, backbone stages and the seed concat, each explained by its own head only."""
@@ -253,7 +254,7 @@ def test_any_batch_size_gives_per_image_maps(tiny_pair):
 
 @pytest.mark.parametrize(
     "method",  # Grad-CAM++ (ratios of gradients) in the fast tier; each method compiles its own explainer
-    [m if m == "gradcam++" else pytest.param(m, marks=pytest.mark.slow) for m in cam.METHODS],
+    one_fast(cam.METHODS, "gradcam++"),
 )
 def test_a_dead_block_gives_zero_maps_not_nan(tiny_pair, method):
     """A block whose output is all zero (ReLU of a very negative BN bias) explains nothing, without NaN."""

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, one_fast
 from test_robustness import start_and_wait
 
 from pmg_jax import checkpoint as ckpt_lib
@@ -157,7 +157,7 @@ COMMANDS = {  # how each command is run, then its arguments for: a missing check
 
 @pytest.mark.parametrize(
     "command",  # three commands in fresh processes each: one in the fast tier, all five in the whole suite
-    [c if c == "explain" else pytest.param(c, marks=pytest.mark.slow) for c in COMMANDS],
+    one_fast(COMMANDS, "explain"),
 )
 def test_every_command_helps_and_refuses_a_missing_checkpoint_or_unwritable_output_in_one_line(tiny_run, command):
     """--help exits 0; a checkpoint (or source) that is not there and an output under a file (which even root

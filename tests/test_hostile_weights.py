@@ -307,11 +307,8 @@ def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 CLI_CASES = [
     pytest.param("builtins.exec", "torch zip, whole model", "weights.safetensors.bak", marks=pytest.mark.slow),
     pytest.param("STACK_GLOBAL os.system", "torch legacy, whole model", "weights.NPZ", marks=pytest.mark.slow),
-    (
-        "numpy runstring",
-        "state dict pickle",
-        "weights.npz",
-    ),  # the fast tier's; every payload is refused in process above
+    # The fast tier's; every payload is refused in process above.
+    ("numpy runstring", "state dict pickle", "weights.npz"),
 ]
 
 
